@@ -1,0 +1,58 @@
+"""One attention entry point for every encoder, with a backend per platform.
+
+Layout is ``[B, T, N, H]`` (batch, tokens, heads, head dim) for q, k, v and the output, the layout of
+`jax.nn.dot_product_attention`. Attention is bidirectional; ``window`` is the half-width of
+ModernBERT's sliding window: a query at position i sees keys j with ``|i - j| <= window``
+(ModernBERT's ``local_attention = 128`` is ``window = 64``). ``valid`` marks real tokens; padded keys
+are never attended to, and outputs at padded query positions are unspecified (as in HF).
+
+Backends:
+  * ``xla``    `jax.nn.dot_product_attention(implementation="xla")` with a key-padding mask and
+               ``local_window_size``; the CPU path and the fallback everywhere.
+  * ``cudnn``  cuDNN fused attention on GPU. cuDNN rejects a two-sided ``local_window_size``, so the
+               window and padding go in as one explicit boolean mask.
+  * ``splash`` TPU Pallas splash attention with ``LocalMask`` and segment ids for padding
+               (runs on CPU only in interpret mode, for tests).
+"""
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+Backend = Literal["xla", "cudnn", "splash"]
+BACKENDS: tuple[str, ...] = ("xla", "cudnn", "splash")
+
+
+def default_backend(platform: str | None = None) -> Backend:
+  """The backend a platform should use unless the config says otherwise."""
+  platform = platform or jax.default_backend()
+  return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(platform, "xla")
+
+
+def window_mask(valid: Bool[Array, "B T"], window: int | None) -> Bool[Array, "B 1 T T"]:
+  """Boolean mask [B, 1, Tq, Tk]: key is a real token and (if windowed) within the window."""
+  t = valid.shape[1]
+  mask = jnp.broadcast_to(valid[:, None, None, :], (valid.shape[0], 1, t, t))
+  if window is not None:
+    pos = jnp.arange(t)
+    mask = mask & (jnp.abs(pos[:, None] - pos[None, :]) <= window)[None, None]
+  return mask
+
+
+def attention(q: Float[Array, "B T N H"], k: Float[Array, "B T N H"], v: Float[Array, "B T N H"], *,
+              valid: Bool[Array, "B T"], window: int | None = None,
+              backend: Backend = "xla") -> Float[Array, "B T N H"]:
+  """Bidirectional multi-head attention with padding and an optional symmetric window."""
+  if backend == "xla":
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=valid[:, None, None, :],
+        local_window_size=None if window is None else (window, window), implementation="xla")
+  if backend == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, mask=window_mask(valid, window),
+                                        implementation="cudnn")
+  if backend == "splash":
+    from saejax import splash  # Pallas import is slow and TPU-specific: only when asked for.
+    return splash.attention(q, k, v, valid=valid, window=window)
+  raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")

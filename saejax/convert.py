@@ -1,0 +1,235 @@
+"""Hugging Face <-> saejax weights, torch-free on the saejax side.
+
+Each encoder module describes its weights once as a list of `TensorMap` rows (HF key, path in the
+nnx state, whether the matrix is a torch ``Linear`` weight stored ``[out, in]``). This file does the
+rest for every architecture alike: read ``config.json`` and ``model.safetensors`` (single or sharded
+with ``model.safetensors.index.json``) from a directory or a hub id, check that the checkpoint has
+exactly the expected tensors with the expected shapes, build the nnx model, and write it back as a
+directory that ``transformers.AutoModel.from_pretrained`` loads.
+"""
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from saejax.errors import CheckpointError, ConfigError
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+  """One weight: its HF state-dict key and where it lives in the saejax model."""
+  hf_key: str             # key in the base model (e.g. ModernBertModel), or in the task model
+  path: Path_             # path in nnx.state(model), e.g. ("layers", 0, "attn", "wqkv")
+  transpose: bool = False  # torch Linear weight [out, in] <-> saejax kernel [in, out]
+  in_base: bool = True    # False for task-head tensors, which sit outside the base-model prefix
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """How to build one encoder family from an HF config and where its tensors go.
+
+  ``config_cls`` has ``from_hf_config(dict)``, ``to_hf_config()`` and a boolean field named
+  ``head_field`` that switches the optional head (ModernBERT's MLM head, BERT's pooler).
+  """
+  model_type: str           # config.json "model_type"
+  base_architecture: str    # e.g. "ModernBertModel"; other "architectures" prefix the base keys
+  prefix: str               # base-model prefix inside task models, e.g. "model." or "bert."
+  config_cls: type
+  head_field: str
+  build: Callable[..., nnx.Module]              # build(cfg, *, rngs, param_dtype) -> model
+  tensor_map: Callable[[Any], list[TensorMap]]  # tensor_map(cfg) -> one row per parameter
+  ignored_keys: tuple[str, ...] = ()  # buffers some checkpoints carry (e.g. position_ids)
+
+  def with_head(self, cfg, on: bool):
+    return dataclasses.replace(cfg, **{self.head_field: on})
+
+
+def _registry() -> dict[str, Architecture]:
+  from saejax import bert, modernbert  # imported here: the registry is the only cycle
+  return {a.model_type: a for a in (modernbert.ARCHITECTURE, bert.ARCHITECTURE)}
+
+
+def architecture(hf_config: dict, where: str = "config.json") -> Architecture:
+  """The architecture of an HF config, or a ConfigError naming the supported ones."""
+  registry = _registry()
+  model_type = hf_config.get("model_type")
+  if model_type not in registry:
+    supported = ", ".join(f"{a.model_type} ({a.base_architecture} and its task models)"
+                          for a in registry.values())
+    raise ConfigError(f"{where}: model_type {model_type!r} (architectures "
+                      f"{hf_config.get('architectures')}) is not supported; supported: {supported}")
+  return registry[model_type]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+def resolve(path_or_id: str | os.PathLike) -> Path:
+  """A local directory, or a hub id downloaded with huggingface_hub where a hub is reachable."""
+  path = Path(path_or_id)
+  if path.is_dir():
+    return path
+  if path.exists():
+    raise CheckpointError(f"{path} is a file; expected a model directory with config.json")
+  if str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") > 1:
+    raise CheckpointError(f"model directory {path} does not exist")
+  try:
+    from huggingface_hub import snapshot_download
+  except ImportError as e:
+    raise CheckpointError(f"{path_or_id!r} is not a local directory and huggingface_hub is not "
+                          "installed to fetch it from the hub") from e
+  try:
+    return Path(snapshot_download(str(path_or_id), allow_patterns=[
+        "*.json", "*.safetensors", "*.txt", "*.model"]))
+  except Exception as e:  # noqa: BLE001 - hub errors come in many types; name the id and cause.
+    raise CheckpointError(f"could not fetch {path_or_id!r} from the Hugging Face hub "
+                          f"(is it reachable?): {type(e).__name__}: {e}") from e
+
+
+def read_config(model_dir: Path) -> dict:
+  file = model_dir / "config.json"
+  if not file.exists():
+    raise CheckpointError(f"{model_dir} has no config.json")
+  try:
+    return json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+
+
+def read_tensors(model_dir: Path) -> dict[str, np.ndarray]:
+  """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  index = model_dir / "model.safetensors.index.json"
+  if index.exists():
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+  elif (model_dir / "model.safetensors").exists():
+    files = ["model.safetensors"]
+  else:
+    raise CheckpointError(f"{model_dir} has neither model.safetensors nor "
+                          "model.safetensors.index.json (PyTorch .bin files are not read: convert "
+                          "them with transformers' save_pretrained(safe_serialization=True))")
+  tensors = {}
+  for name in files:
+    file = model_dir / name
+    if not file.exists():
+      raise CheckpointError(f"shard {file} listed in {index.name} is missing")
+    try:
+      tensors.update(load_file(file))
+    except (SafetensorError, OSError, ValueError) as e:
+      raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e
+  return tensors
+
+
+def _strip_prefix(tensors: dict[str, np.ndarray], arch: Architecture) -> dict[str, np.ndarray]:
+  """Task-model checkpoints (e.g. ModernBertForMaskedLM) nest the base model under a prefix."""
+  return {k.removeprefix(arch.prefix): v for k, v in tensors.items()}
+
+
+def params_from_tensors(model: nnx.Module, rows: list[TensorMap], tensors: dict[str, np.ndarray],
+                        *, ignored: tuple[str, ...] = (), where: str = "checkpoint") -> nnx.Module:
+  """Fill an (abstract or concrete) model with HF tensors, checking names, shapes and dtypes."""
+  expected = {r.hf_key for r in rows}
+  missing = sorted(expected - tensors.keys())
+  extra = sorted(k for k in tensors.keys() - expected if k not in ignored)
+  if missing or extra:
+    raise CheckpointError(f"{where} does not match the model: missing tensors {missing[:10]}"
+                          f"{' ...' if len(missing) > 10 else ''}; unexpected tensors {extra[:10]}"
+                          f"{' ...' if len(extra) > 10 else ''}")
+  graphdef, state = nnx.split(model)
+  flat = dict(nnx.to_flat_state(state))
+  for row in rows:
+    var = flat.get(row.path)
+    if var is None:
+      raise CheckpointError(f"internal: {row.hf_key} maps to {row.path}, not a model parameter")
+    value = np.asarray(tensors[row.hf_key])
+    if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
+      raise CheckpointError(f"{where}: tensor {row.hf_key} has dtype {value.dtype}, expected floats")
+    if row.transpose:
+      if value.ndim != 2:
+        raise CheckpointError(f"{where}: tensor {row.hf_key} has shape {value.shape}, "
+                              "expected a 2-D Linear weight")
+      value = value.T
+    target = var.get_value()
+    if tuple(value.shape) != tuple(target.shape):
+      shown = value.T.shape if row.transpose else value.shape
+      raise CheckpointError(f"{where}: tensor {row.hf_key} has shape {tuple(shown)} but parameter "
+                            f"{'.'.join(map(str, row.path))} needs "
+                            f"{tuple(target.shape[::-1] if row.transpose else target.shape)}")
+    var.set_value(jnp.asarray(value, dtype=target.dtype))
+  unset = [p for p, v in flat.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+  if unset:
+    raise CheckpointError(f"internal: parameters {unset[:5]} have no HF tensor in the map")
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load_hf(path_or_id: str | os.PathLike, *, head: bool | None = None,
+            param_dtype=jnp.float32, **overrides) -> tuple[Any, nnx.Module]:
+  """Load an HF encoder directory (or hub id) into a saejax model: returns (config, model).
+
+  Args:
+    head: keep the task head (e.g. ModernBERT's MLM head) if the checkpoint has one. None keeps it
+      when present; False drops its tensors (encoder only).
+    overrides: config fields to replace (e.g. ``attention_backend="splash"``).
+  """
+  model_dir = resolve(path_or_id)
+  hf_config = read_config(model_dir)
+  arch = architecture(hf_config, str(model_dir / "config.json"))
+  cfg = arch.config_cls.from_hf_config(hf_config)
+  tensors = _strip_prefix(read_tensors(model_dir), arch)
+  head_keys = ({r.hf_key for r in arch.tensor_map(arch.with_head(cfg, True))}
+               - {r.hf_key for r in arch.tensor_map(arch.with_head(cfg, False))})
+  has_head = bool(head_keys) and head_keys <= tensors.keys()
+  if head and not has_head:
+    raise CheckpointError(f"{model_dir} lacks the head tensors {sorted(head_keys - tensors.keys())}"
+                          " but head=True was asked for")
+  cfg = arch.with_head(cfg, has_head if head is None else head)
+  ignored = arch.ignored_keys + (tuple(head_keys) if has_head and head is False else ())
+  if overrides:
+    cfg = dataclasses.replace(cfg, **overrides)
+  abstract = nnx.eval_shape(lambda: arch.build(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
+  model = params_from_tensors(abstract, arch.tensor_map(cfg), tensors, ignored=ignored,
+                              where=str(model_dir))
+  return cfg, model
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+def tensors_from_params(model: nnx.Module, rows: list[TensorMap]) -> dict[str, np.ndarray]:
+  flat = dict(nnx.to_flat_state(nnx.state(model)))
+  out = {}
+  for row in rows:
+    value = np.asarray(jax.device_get(flat[row.path].get_value()))
+    out[row.hf_key] = np.ascontiguousarray(value.T if row.transpose else value)
+  return out
+
+
+def save_hf(cfg: Any, model: nnx.Module, out_dir: str | os.PathLike) -> Path:
+  """Write config.json + model.safetensors that transformers' AutoModel loads with no warnings."""
+  from safetensors.numpy import save_file
+  arch = next((a for a in _registry().values() if isinstance(cfg, a.config_cls)), None)
+  if arch is None:
+    raise ConfigError(f"no Hugging Face architecture is registered for {type(cfg).__name__}")
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  hf_config = cfg.to_hf_config()
+  rows = arch.tensor_map(cfg)
+  prefix = "" if hf_config["architectures"] == [arch.base_architecture] else arch.prefix
+  tensors = tensors_from_params(model, rows)
+  tensors = {(prefix if r.in_base else "") + r.hf_key: tensors[r.hf_key] for r in rows}
+  tmp = out / "model.safetensors.tmp"
+  save_file(tensors, tmp, metadata={"format": "pt"})
+  os.replace(tmp, out / "model.safetensors")  # never leave a half-written weights file behind
+  (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+  return out

@@ -1,0 +1,47 @@
+"""How every weight is declared: shape, dtype, logical axes and initialiser in one place.
+
+Each parameter carries logical axis names (``axes`` metadata, e.g. ``("embed", "mlp")``).
+`saejax.sharding` maps those names to mesh axes with one rules table, so sharding has a single
+source of truth and a parameter without axes is an error there, never silently replicated.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], axes: Axes,
+          dtype=jnp.float32) -> nnx.Param:
+  """A parameter of `shape` initialised by `init`, annotated with logical `axes`."""
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {axes} do not match shape {shape}")
+  return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
+
+
+def normal(stddev: float = 0.02) -> Callable:
+  """Truncated-normal initialiser (ModernBERT and BERT both use a small normal init)."""
+  return jax.nn.initializers.truncated_normal(stddev)
+
+
+def ones() -> Callable:
+  return jax.nn.initializers.ones
+
+
+def zeros() -> Callable:
+  return jax.nn.initializers.zeros
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float) -> jax.Array:
+  """LayerNorm in fp32 with the exact (two-pass) variance that PyTorch uses."""
+  dtype = x.dtype
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  y = (x - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(dtype)
