@@ -1,0 +1,240 @@
+"""ModernBERT parity with transformers' PyTorch implementation on tiny random models."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from saejax import convert, modernbert
+from saejax.errors import CheckpointError, ConfigError
+
+TINY = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+            num_attention_heads=4, local_attention=8, max_position_embeddings=128, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+TOL = 1e-4  # fp32, max abs on valid tokens; never loosened
+
+
+def _hf_model(tmp_path, mlm: bool, seed: int = 0, **overrides):
+  torch.manual_seed(seed)
+  hc = transformers.ModernBertConfig(**{**TINY, **overrides})
+  model = (transformers.ModernBertForMaskedLM if mlm else transformers.ModernBertModel)(hc).eval()
+  with torch.no_grad():  # HF inits norms to 1; perturb them so a missed norm would show.
+    for name, p in model.named_parameters():
+      if "norm" in name or "decoder.bias" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(tmp_path)
+  return model
+
+
+def _inputs(batch=3, length=40, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, TINY["vocab_size"], (batch, length))
+  mask = np.ones((batch, length), np.int64)
+  mask[1, 25:] = 0   # padding
+  mask[2, 7:] = 0    # short: shorter than the local window
+  return ids, mask
+
+
+def _compare(hf, saejax_model, ids, mask):
+  with torch.no_grad():
+    out = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+             output_hidden_states=True)
+  valid = mask.astype(bool)
+  base = saejax_model
+  x = base.emb_norm(base.tok_embeddings[...][jnp.asarray(ids)])
+  np.testing.assert_allclose(np.asarray(x)[valid], out.hidden_states[0].numpy()[valid], atol=TOL)
+  for i, block in enumerate(base.layers):  # per-block comparison
+    x = block(x, jnp.asarray(valid))
+    if i + 1 < len(base.layers):
+      err = np.abs(np.asarray(x)[valid] - out.hidden_states[i + 1].numpy()[valid]).max()
+      assert err < TOL, f"block {i}: max abs error {err}"
+  last = saejax_model(jnp.asarray(ids), jnp.asarray(valid))
+  hf_last = out.last_hidden_state.numpy()
+  assert np.abs(np.asarray(last)[valid] - hf_last[valid]).max() < TOL
+  return last, out
+
+
+def test_parity_with_padding_and_windows(tmp_path):
+  hf = _hf_model(tmp_path, mlm=False)
+  cfg, model = convert.load_hf(tmp_path)
+  assert cfg.window == 4 and cfg.layer_types == ("full_attention", "sliding_attention",
+                                                 "sliding_attention", "full_attention")
+  ids, mask = _inputs(length=40)  # 40 tokens: 10x the half-window
+  _compare(hf, model, ids, mask)
+
+
+def test_parity_mlm_head_logits(tmp_path):
+  hf = _hf_model(tmp_path, mlm=True, seed=1)
+  cfg, model = convert.load_hf(tmp_path)
+  assert cfg.mlm_head
+  ids, mask = _inputs(length=24, seed=1)
+  last, _ = _compare(hf.model, model, ids, mask)
+  valid = mask.astype(bool)
+  with torch.no_grad():
+    hf_logits = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  logits = np.asarray(model.mlm_logits(last))
+  assert np.abs(logits[valid] - hf_logits[valid]).max() < TOL
+
+
+def test_encoder_only_from_mlm_checkpoint(tmp_path):
+  _hf_model(tmp_path, mlm=True)
+  cfg, model = convert.load_hf(tmp_path, head=False)
+  assert not cfg.mlm_head and not hasattr(model, "head_dense")
+
+
+def test_global_every_n_and_thetas(tmp_path):
+  hf = _hf_model(tmp_path, mlm=False, seed=2, num_hidden_layers=5, global_attn_every_n_layers=2,
+                 global_rope_theta=50_000.0, local_rope_theta=500.0)
+  cfg, model = convert.load_hf(tmp_path)
+  assert cfg.layer_types == tuple("full_attention" if i % 2 == 0 else "sliding_attention"
+                                  for i in range(5))
+  assert (cfg.global_rope_theta, cfg.local_rope_theta) == (50_000.0, 500.0)
+  _compare(hf, model, *_inputs(length=33, seed=2))
+
+
+def test_old_config_dialect_reads_the_same():
+  """Older config.json files: global_attn_every_n_layers + global/local_rope_theta."""
+  old = {"model_type": "modernbert", **TINY, "num_hidden_layers": 7,
+         "global_attn_every_n_layers": 3, "global_rope_theta": 80_000.0,
+         "local_rope_theta": 5_000.0}
+  new = transformers.ModernBertConfig(**{k: v for k, v in old.items() if k != "model_type"})
+  a = modernbert.ModernBertConfig.from_hf_config(old)
+  b = modernbert.ModernBertConfig.from_hf_config(new.to_dict())
+  assert a == b
+  assert a.layer_types[:4] == ("full_attention", "sliding_attention", "sliding_attention",
+                               "full_attention")
+  assert (a.global_rope_theta, a.local_rope_theta) == (80_000.0, 5_000.0)
+
+
+def test_to_hf_config_round_trips_through_transformers():
+  cfg = modernbert.ModernBertConfig.from_hf_config({"model_type": "modernbert", **TINY})
+  hc = transformers.ModernBertConfig(**cfg.to_hf_config())
+  assert modernbert.ModernBertConfig.from_hf_config(hc.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("mlm", [False, True])
+def test_round_trip_bit_identical(tmp_path, mlm):
+  hf = _hf_model(tmp_path / "in", mlm=mlm, seed=3)
+  cfg, model = convert.load_hf(tmp_path / "in")
+  convert.save_hf(cfg, model, tmp_path / "out")
+  a, b = convert.read_tensors(tmp_path / "in"), convert.read_tensors(tmp_path / "out")
+  a.pop("decoder.weight", None)  # tied to the embeddings; transformers may or may not store it
+  assert a.keys() == b.keys()
+  for k in a:
+    assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+  cls = transformers.ModernBertForMaskedLM if mlm else transformers.AutoModel
+  reloaded, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  ids, mask = _inputs(length=20, seed=3)
+  with torch.no_grad():
+    x = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    y = reloaded.eval()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+  key = "logits" if mlm else "last_hidden_state"
+  assert torch.equal(x[key], y[key])
+  if mlm:  # the decoder stays tied to the embeddings
+    assert reloaded.decoder.weight.data_ptr() == reloaded.model.embeddings.tok_embeddings.weight.data_ptr()
+
+
+def test_sharded_checkpoint(tmp_path):
+  hf = _hf_model(tmp_path / "in", mlm=False, seed=4)
+  hf.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+  assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+  _, model = convert.load_hf(tmp_path / "sharded")
+  _compare(hf, model, *_inputs(length=16, seed=4))
+
+
+def test_real_sizes_by_eval_shape():
+  base = nnx.eval_shape(lambda: modernbert.ModernBert(modernbert.ModernBertConfig(),
+                                                      rngs=nnx.Rngs(0)))
+  assert modernbert.num_params(base) == 149_014_272
+  large_cfg = modernbert.ModernBertConfig.from_hf_config({
+      "model_type": "modernbert", "hidden_size": 1024, "intermediate_size": 2624,
+      "num_hidden_layers": 28, "num_attention_heads": 16, "global_attn_every_n_layers": 3})
+  large = nnx.eval_shape(lambda: modernbert.ModernBert(large_cfg, rngs=nnx.Rngs(0)))
+  assert modernbert.num_params(large) == 394_781_696
+  leaves = jax.tree.leaves(nnx.state(large))
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
+
+
+def test_every_parameter_has_logical_axes():
+  model = nnx.eval_shape(lambda: modernbert.ModernBert(
+      modernbert.ModernBertConfig.from_hf_config({**TINY, "mlm_head": True}), rngs=nnx.Rngs(0)))
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    axes = var.get_metadata().get("axes")
+    assert axes is not None and len(axes) == var.get_value().ndim, path
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+def _rewrite(model_dir, fn):
+  from safetensors.numpy import save_file
+  tensors = convert.read_tensors(model_dir)
+  fn(tensors)
+  save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(tmp_path):
+  _hf_model(tmp_path, mlm=False)
+  _rewrite(tmp_path, lambda t: t.pop("layers.2.mlp.Wi.weight"))
+  with pytest.raises(CheckpointError, match=r"missing tensors \['layers.2.mlp.Wi.weight'\]"):
+    convert.load_hf(tmp_path)
+
+
+def test_extra_tensor_is_named(tmp_path):
+  _hf_model(tmp_path, mlm=False)
+  _rewrite(tmp_path, lambda t: t.update({"layers.9.attn.Wqkv.weight": np.zeros((2, 2), np.float32)}))
+  with pytest.raises(CheckpointError, match=r"unexpected tensors \['layers.9.attn.Wqkv.weight'\]"):
+    convert.load_hf(tmp_path)
+
+
+def test_shape_mismatch_names_parameter_and_shapes(tmp_path):
+  _hf_model(tmp_path, mlm=False)
+  _rewrite(tmp_path, lambda t: t.update({"layers.1.attn.Wo.weight": np.zeros((64, 32), np.float32)}))
+  with pytest.raises(CheckpointError, match=r"layers.1.attn.Wo.weight has shape \(64, 32\).*"
+                                            r"layers.1.attn.wo needs \(64, 64\)"):
+    convert.load_hf(tmp_path)
+
+
+def test_unknown_architecture_lists_supported(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2",
+                                                    "architectures": ["GPT2LMHeadModel"]}))
+  with pytest.raises(ConfigError, match="gpt2.*not supported; supported: modernbert.*bert"):
+    convert.load_hf(tmp_path)
+
+
+def test_unsupported_variants_are_refused():
+  with pytest.raises(ConfigError, match="biases"):
+    modernbert.ModernBertConfig.from_hf_config({**TINY, "mlp_bias": True})
+  with pytest.raises(ConfigError, match="rope_type 'yarn'"):
+    modernbert.ModernBertConfig.from_hf_config({**TINY, "rope_parameters": {
+        "full_attention": {"rope_type": "yarn", "rope_theta": 1.0}}})
+  with pytest.raises(ConfigError, match="layer_types has 2 entries"):
+    modernbert.ModernBertConfig(num_hidden_layers=3, layer_types=("full_attention",) * 2)
+
+
+def test_missing_directory_and_weights(tmp_path):
+  with pytest.raises(CheckpointError, match="does not exist"):
+    convert.load_hf(tmp_path / "nope")
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "modernbert", **TINY}))
+  with pytest.raises(CheckpointError, match="neither model.safetensors"):
+    convert.load_hf(tmp_path)
+
+
+def test_truncated_safetensors(tmp_path):
+  _hf_model(tmp_path, mlm=False)
+  f = tmp_path / "model.safetensors"
+  f.write_bytes(f.read_bytes()[:1000])
+  with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+    convert.load_hf(tmp_path)
+
+
+def test_too_long_sequence_is_refused(tmp_path):
+  _hf_model(tmp_path, mlm=False)
+  _, model = convert.load_hf(tmp_path)
+  with pytest.raises(ValueError, match="exceeds max_position_embeddings 128"):
+    model(jnp.zeros((1, 129), jnp.int32))
