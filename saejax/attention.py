@@ -50,8 +50,13 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B T N H"], v: Float[A
         q, k, v, mask=valid[:, None, None, :],
         local_window_size=None if window is None else (window, window), implementation="xla")
   if backend == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, mask=window_mask(valid, window),
-                                        implementation="cudnn")
+    # cuDNN's fused kernel takes fp16/bf16/fp8 only: fp32 callers are computed in bf16.
+    dtype = q.dtype
+    if dtype == jnp.float32:
+      q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, mask=window_mask(valid, window),
+                                       implementation="cudnn")
+    return out.astype(dtype)
   if backend == "splash":
     from saejax import splash  # Pallas import is slow and TPU-specific: only when asked for.
     return splash.attention(q, k, v, valid=valid, window=window)

@@ -1,0 +1,205 @@
+"""Attention backends against an explicit-softmax reference, with padding and ModernBERT's window.
+
+The reference is float64 numpy: logits, a boolean mask (key is real and ``|i - j| <= window``), softmax,
+weighted sum. Only valid query rows are compared: padded rows are unspecified by contract. Splash runs
+in Pallas interpret mode here (CPU); cuDNN runs only on a GPU.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saejax import attention as attn
+from saejax import splash
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reference_mask(valid: np.ndarray, window: int | None) -> np.ndarray:
+  """[B, 1, Tq, Tk] True where the key is a real token inside the query's window."""
+  t = valid.shape[1]
+  pos = np.arange(t)
+  near = np.ones((t, t), bool) if window is None else np.abs(pos[:, None] - pos[None, :]) <= window
+  return valid[:, None, None, :] & near[None, None]
+
+
+def reference_attention(q, k, v, valid, window):
+  """Explicit softmax attention in float64; returns [B, T, N, H]."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(reference_mask(np.asarray(valid), window), logits, -np.inf)
+  # A padded query whose window holds no real key has an all -inf row: NaN there, never compared.
+  with np.errstate(invalid="ignore"):
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+  return np.einsum("bnts,bsnh->btnh", weights, v)
+
+
+def make_inputs(seed: int, lengths: tuple[int, ...], t: int, n: int, h: int):
+  """Random q, k, v [B, T, N, H] (fp32) and valid [B, T] with a real prefix of each given length."""
+  q, k, v = jax.random.normal(jax.random.key(seed), (3, len(lengths), t, n, h), jnp.float32)
+  valid = jnp.arange(t)[None, :] < jnp.asarray(lengths)[:, None]
+  return q, k, v, valid
+
+
+def max_error_on_valid_rows(out, ref, valid) -> float:
+  """Largest |out - ref| over real query positions."""
+  diff = np.abs(np.asarray(out, np.float64) - np.asarray(ref, np.float64))
+  return float(diff[np.asarray(valid)].max())
+
+
+@pytest.mark.parametrize("window", [None, 4, 0, 40])
+def test_xla_matches_reference(window):
+  q, k, v, valid = make_inputs(0, lengths=(24, 17, 5), t=24, n=2, h=8)
+  out = attn.attention(q, k, v, valid=valid, window=window, backend="xla")
+  assert out.shape == q.shape and out.dtype == jnp.float32
+  ref = reference_attention(q, k, v, valid, window)
+  assert max_error_on_valid_rows(out, ref, valid) < 1e-5
+
+
+def test_xla_window_changes_the_output():
+  # Guards the comparison above against a window that is silently ignored.
+  q, k, v, valid = make_inputs(1, lengths=(24,), t=24, n=1, h=8)
+  local = attn.attention(q, k, v, valid=valid, window=4, backend="xla")
+  full = attn.attention(q, k, v, valid=valid, window=None, backend="xla")
+  assert max_error_on_valid_rows(local, full, valid) > 1e-2
+
+
+@pytest.mark.parametrize("window", [None, 0, 4, 30])
+def test_window_mask_matches_reference(window):
+  valid = jnp.arange(12)[None, :] < jnp.asarray([12, 7])[:, None]
+  mask = attn.window_mask(valid, window)
+  np.testing.assert_array_equal(np.asarray(mask), reference_mask(np.asarray(valid), window))
+
+
+@pytest.mark.parametrize("t, window, lengths", [
+    (128, None, (128, 70)),
+    (128, 8, (128, 70)),
+    (200, 16, (200, 33)),  # runs padded to 256 with one 256-wide tile
+])
+def test_splash_matches_xla(t, window, lengths):
+  q, k, v, valid = make_inputs(2, lengths=lengths, t=t, n=2, h=32)
+  out = attn.attention(q, k, v, valid=valid, window=window, backend="splash")
+  assert out.shape == q.shape and out.dtype == q.dtype
+  want = attn.attention(q, k, v, valid=valid, window=window, backend="xla")
+  assert max_error_on_valid_rows(out, want, valid) < 1e-4
+
+
+def test_splash_gradients_match_xla():
+  q, k, v, valid = make_inputs(3, lengths=(128, 50), t=128, n=2, h=32)
+  cotangent = jax.random.normal(jax.random.key(4), q.shape) * valid[:, :, None, None]
+
+  def loss(backend, q, k, v):
+    # Padded query rows are unspecified, so the cotangent is zero there.
+    return jnp.sum(attn.attention(q, k, v, valid=valid, window=8, backend=backend) * cotangent)
+
+  got = jax.grad(lambda *x: loss("splash", *x), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(lambda *x: loss("xla", *x), argnums=(0, 1, 2))(q, k, v)
+  for name, g, w in zip("qkv", got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, err_msg=f"d{name}")
+
+
+def test_splash_kernel_is_cached_and_reusable_outside_jit():
+  splash._kernel.cache_clear()
+  q, k, v, valid = make_inputs(5, lengths=(128,), t=128, n=2, h=16)
+  # First build happens inside a trace; a leaked tracer would fail the eager call after it.
+  jitted = jax.jit(lambda q, k, v: splash.attention(q, k, v, valid=valid, window=4))(q, k, v)
+  eager = splash.attention(q, k, v, valid=valid, window=4)
+  info = splash._kernel.cache_info()
+  assert (info.misses, info.hits) == (1, 1)
+  np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), atol=1e-6)
+
+
+@pytest.mark.parametrize("t, padded, block", [(1, 128, 128), (128, 128, 128), (129, 256, 256),
+                                              (384, 384, 128), (1024, 1024, 512)])
+def test_splash_padded_length_and_block(t, padded, block):
+  assert splash.padded_length(t) == padded
+  assert splash.block_size(padded) == block
+
+
+def test_splash_rejects_mismatched_inputs():
+  q, k, v, valid = make_inputs(6, lengths=(8,), t=8, n=2, h=4)
+  with pytest.raises(splash.AttentionInputError, match=r"k shape \(1, 7, 2, 4\).*\(1, 8, 2, 4\)"):
+    splash.attention(q, k[:, :7], v, valid=valid, window=None)
+  with pytest.raises(splash.AttentionInputError, match=r"valid shape \(1, 7\).*\(1, 8\)"):
+    splash.attention(q, k, v, valid=valid[:, :7], window=None)
+  with pytest.raises(splash.AttentionInputError, match="window must be None or an int >= 0"):
+    splash.attention(q, k, v, valid=valid, window=-1)
+
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import jax
+    jax.config.update("jax_num_cpu_devices", 4)
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+    from saejax import attention as attn
+
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 4, 128, 2, 16))
+    valid = jnp.arange(128)[None, :] < jnp.asarray([128, 90, 40, 1])[:, None]
+    cot = jax.random.normal(jax.random.key(1), q.shape) * valid[:, :, None, None]
+    mesh = jax.make_mesh((2, 2), ("data", "model"))  # Explicit axes, as the trainer sets them
+
+    def loss(backend, q, k, v, valid, cot):
+      out = attn.attention(q, k, v, valid=valid, window=8, backend=backend)
+      return jnp.sum(out * cot), out
+
+    with jax.set_mesh(mesh):
+      qkv = [jax.device_put(x, P("data", None, "model", None)) for x in (q, k, v, cot)]
+      valid = jax.device_put(valid, P("data", None))
+      results = {}
+      for backend in ("splash", "xla"):
+        grad = jax.jit(jax.grad(lambda *a: loss(backend, *a), argnums=(0, 1, 2), has_aux=True))
+        results[backend] = grad(qkv[0], qkv[1], qkv[2], valid, qkv[3])
+    (g_s, out_s), (g_x, out_x) = results["splash"], results["xla"]
+    print("SPEC", tuple(out_s.sharding.spec))
+    print("OUT", float(jnp.max(jnp.abs(out_s - out_x) * valid[:, :, None, None])))
+    print("GRAD", max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(g_s, g_x)))
+""")
+
+
+def test_splash_under_explicit_mesh_matches_xla():
+  # A fresh process: the fake CPU device count must be set before the backend starts.
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+  run = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  lines = dict(line.split(" ", 1) for line in run.stdout.splitlines() if " " in line)
+  assert lines["SPEC"] == "('data', None, 'model', None)"
+  assert float(lines["OUT"]) < 1e-4
+  assert float(lines["GRAD"]) < 1e-4
+
+
+def test_cudnn_matches_xla():
+  if jax.default_backend() != "gpu":
+    pytest.skip(f"cuDNN attention needs a CUDA GPU; this run's backend is {jax.default_backend()!r}")
+  q, k, v, valid = make_inputs(7, lengths=(256, 100), t=256, n=4, h=64)
+  # cuDNN fused attention takes fp16/bf16 only: compare against xla on the same rounded inputs.
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  for window in (None, 16):
+    out = attn.attention(q, k, v, valid=valid, window=window, backend="cudnn")
+    want = attn.attention(*(x.astype(jnp.float32) for x in (q, k, v)), valid=valid, window=window,
+                          backend="xla")
+    assert max_error_on_valid_rows(out, want, valid) < 2e-2, f"window={window}"
+
+
+@pytest.mark.parametrize("platform, backend", [("cpu", "xla"), ("gpu", "cudnn"), ("cuda", "cudnn"),
+                                               ("tpu", "splash"), ("rocm", "xla")])
+def test_default_backend_per_platform(platform, backend):
+  assert attn.default_backend(platform) == backend
+
+
+def test_default_backend_follows_this_platform():
+  assert attn.default_backend() == attn.default_backend(jax.default_backend())
+
+
+def test_unknown_backend_names_the_choices():
+  q, k, v, valid = make_inputs(8, lengths=(4,), t=4, n=1, h=4)
+  with pytest.raises(ValueError, match=r"'flash'.*\('xla', 'cudnn', 'splash'\)"):
+    attn.attention(q, k, v, valid=valid, backend="flash")
