@@ -233,3 +233,47 @@ def save_hf(cfg: Any, model: nnx.Module, out_dir: str | os.PathLike) -> Path:
   os.replace(tmp, out / "model.safetensors")  # never leave a half-written weights file behind
   (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
   return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt")
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+  """Copy the tokenizer files that exist in `src` to `dst` (the model is useless without them)."""
+  import shutil
+  copied = []
+  for name in TOKENIZER_FILES:
+    if (src / name).exists():
+      shutil.copyfile(src / name, dst / name)
+      copied.append(name)
+  return copied
+
+
+def main(argv: list[str] | None = None) -> None:
+  """``python -m saejax.convert {hf-to-saejax,saejax-to-hf} SRC OUT``."""
+  import argparse
+
+  from saejax import checkpoint
+  parser = argparse.ArgumentParser(prog="python -m saejax.convert", description=main.__doc__)
+  parser.add_argument("direction", choices=["hf-to-saejax", "saejax-to-hf"])
+  parser.add_argument("src", help="HF model directory or hub id / saejax checkpoint directory")
+  parser.add_argument("out", help="output directory")
+  parser.add_argument("--no-head", action="store_true", help="drop the task head (encoder only)")
+  args = parser.parse_args(argv)
+  if args.direction == "hf-to-saejax":
+    src = resolve(args.src)
+    cfg, model = load_hf(src, head=False if args.no_head else None)
+    out = checkpoint.save_encoder(cfg, model, args.out)
+  else:
+    src = Path(args.src)
+    cfg, model = checkpoint.restore_encoder(src)
+    if args.no_head:
+      raise ConfigError("--no-head applies to hf-to-saejax only")
+    out = save_hf(cfg, model, args.out)
+  copied = copy_tokenizer(src, out)
+  print(f"wrote {out} ({type(cfg).__name__}, tokenizer files: {copied or 'none found'})")
+
+
+if __name__ == "__main__":
+  main()

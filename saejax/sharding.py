@@ -1,0 +1,115 @@
+"""The one source of truth for sharding: a mesh from config and a logical-axis rules table.
+
+Every parameter declares logical axes (`saejax.params.param`); `RULES` maps each logical axis to
+mesh axes. Parameter shardings, batch shardings and the checks that nothing large is replicated by
+accident all derive from here. The mesh uses Auto axes (GSPMD propagation, as MaxText and Levanter
+do): jit gets explicit in/out shardings and XLA places the collectives, e.g. the all-gather that
+gives the contrastive loss every negative of the global batch.
+"""
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from saejax.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. FSDP shards the model dimension of every matrix; tensor parallelism
+# splits attention heads, the MLP and the SAE latents; the SAE latent axis also takes fsdp so the
+# 16k x D matrices are spread over every device that holds a model shard.
+RULES: dict[str, tuple[str, ...] | None] = {
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "latent": ("tensor",),
+    "position": None,
+    "type": None,
+}
+BATCH_AXES = ("data", "fsdp")  # the batch is split over every data-parallel device
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh shape; one axis may be -1 meaning "all remaining devices"."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all), resolving the -1 axis."""
+  devices = jax.devices() if devices is None else devices
+  shape = [cfg.data, cfg.fsdp, cfg.tensor]
+  if shape.count(-1) > 1:
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))}: at most one axis may be -1")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} does not divide {len(devices)} devices")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices; "
+                      f"{len(devices)} are available")
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
+                    where: str = "") -> P:
+  """PartitionSpec for logical `axes`; a mesh axis is used once and only where it divides."""
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(axes, shape):
+    if name is not None and name not in RULES:
+      raise ConfigError(f"parameter {where}: logical axis {name!r} has no sharding rule; "
+                        f"known: {sorted(RULES)}")
+    mesh_axes = tuple(a for a in (RULES.get(name) or ()) if a not in used and mesh.shape[a] > 1)
+    if mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+      used.update(mesh_axes)
+      spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    else:
+      spec.append(None)
+  return P(*spec)
+
+
+def param_specs(state: nnx.State, mesh: Mesh) -> nnx.State:
+  """A PartitionSpec per parameter from its `axes` metadata; a parameter without axes is an error."""
+  def spec(path, var):
+    axes = var.get_metadata().get("axes")
+    value = var.get_value()
+    name = ".".join(map(str, path))
+    if axes is None:
+      raise ConfigError(f"parameter {name} {value.shape} declares no logical axes")
+    return var.replace(logical_to_spec(axes, value.shape, mesh, name))
+  return nnx.map_state(spec, state)
+
+
+def shardings(specs, mesh: Mesh):
+  """NamedShardings from a pytree of PartitionSpecs (Variables unwrapped)."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading axis over the data-parallel mesh axes, the rest whole."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def replicated_large_params(state: nnx.State, mesh: Mesh, min_size: int = 1 << 16) -> list[str]:
+  """Names of parameters with at least `min_size` elements that the rules leave fully replicated."""
+  specs = param_specs(state, mesh)
+  out = []
+  for (path, var), (_, spec) in zip(nnx.to_flat_state(state), nnx.to_flat_state(specs)):
+    value = var.get_value()
+    if np.prod(value.shape) >= min_size and all(s is None for s in spec.get_value()):
+      out.append(f"{'.'.join(map(str, path))} {tuple(value.shape)}")
+  return out

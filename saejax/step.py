@@ -1,0 +1,241 @@
+"""The training step: a pure function `train_step(state, batch) -> (state, metrics)`.
+
+One step embeds every query, positive and hard negative with the encoder, encodes all of them with
+the TopK SAE, and sums the weighted losses (each a pure function in `saejax.losses`):
+
+  total = w_contrastive * InfoNCE(z_q, z_pos, z_neg)            in-batch + hard negatives
+        + w_fvu * FVU(v, v_hat) [+ w_multi_k * FVU(v, v_hat_{m k})] reconstruction (Gao et al. 2024)
+        + w_auxk * AuxK(dead latents -> residual)                  revives dead latents
+        + flops_weight(step) * (FLOPS(z_q) + FLOPS(z_d))           SPLADE-style sparsity of use
+        + w_spread_out * GOR(z_q, z_pos)                           optional
+
+Then the SAE invariants (sparsify / OpenAI): the decoder gradient's component parallel to each
+decoder row is removed before the optimiser, and decoder rows are renormalised after it. The
+per-latent "texts since fired" counter is explicit TrainState, updated from the global batch (under
+jit the reduction over batch shards is XLA's), never mutated inside the forward pass. A step whose
+loss or gradients are not finite leaves parameters and optimiser state untouched and is counted.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from saejax import losses, sae as sae_lib
+from saejax.embedder import Embedder
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Loss weights; every coefficient lives here, none in the loss code."""
+  temperature: float = 0.05        # InfoNCE logit scale 1/tau on sparse dot products
+  w_contrastive: float = 1.0
+  w_fvu: float = 1.0
+  w_multi_k: float = 0.0           # Gao et al. sec 5.3 use 1/8 with multi_k_factor 4
+  multi_k_factor: int = 4
+  w_auxk: float = 1 / 32           # Gao et al. appendix A.2
+  w_flops_q: float = 0.0
+  w_flops_d: float = 0.0
+  flops_warmup_steps: int = 0      # quadratic ramp of the FLOPS weights (SPLADE)
+  w_spread_out: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with warm-up + cosine decay, global-norm clipping, per-group learning rates."""
+  lr_encoder: float = 2e-5
+  lr_sae: float = 1e-4
+  warmup_steps: int = 100
+  total_steps: int = 10_000        # warm-up counts inside (optax.warmup_cosine_decay_schedule)
+  end_lr_fraction: float = 0.1
+  weight_decay_encoder: float = 0.01
+  weight_decay_sae: float = 0.0    # OpenAI's TopK SAEs train without weight decay
+  b1: float = 0.9
+  b2: float = 0.999
+  clip_norm: float = 1.0
+  freeze_encoder: bool = False     # CSR-style ablation: train the SAE on a frozen backbone
+  grad_accum: int = 1              # micro-batches per step (in-batch negatives per micro-batch)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; checkpointed whole."""
+  step: jax.Array                  # int32 scalar
+  params: nnx.State
+  opt_state: Any
+  since_fired: jax.Array           # int32 [S]: texts since each latent last fired
+  fire_rate: jax.Array             # float32 [S]: EMA of each latent's firing rate per text
+  skipped: jax.Array               # int32: steps skipped for non-finite loss/grads, in total
+  consecutive_skips: jax.Array     # int32: skipped steps in a row (the loop stops past a limit)
+
+
+def _group(path) -> str:
+  return "encoder" if path[0] == "encoder" else "sae"
+
+
+def make_optimizer(cfg: OptimConfig, params: nnx.State) -> optax.GradientTransformation:
+  """Clip by global norm, then AdamW per group (encoder / sae), or freeze the encoder."""
+  def schedule(peak):
+    return optax.warmup_cosine_decay_schedule(0.0, peak, cfg.warmup_steps, cfg.total_steps,
+                                              peak * cfg.end_lr_fraction)
+  enc = (optax.set_to_zero() if cfg.freeze_encoder else
+         optax.adamw(schedule(cfg.lr_encoder), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay_encoder))
+  sae = optax.adamw(schedule(cfg.lr_sae), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay_sae)
+  labels = nnx.map_state(lambda path, _: _group(path), params)
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                     optax.partition({"encoder": enc, "sae": sae}, labels))
+
+
+def learning_rates(cfg: OptimConfig, step) -> dict[str, jax.Array]:
+  sched = lambda peak: optax.warmup_cosine_decay_schedule(  # noqa: E731
+      0.0, peak, cfg.warmup_steps, cfg.total_steps, peak * cfg.end_lr_fraction)(step)
+  return {"lr_encoder": 0.0 * step if cfg.freeze_encoder else sched(cfg.lr_encoder),
+          "lr_sae": sched(cfg.lr_sae)}
+
+
+def init_state(model: Embedder, tx: optax.GradientTransformation) -> TrainState:
+  params = nnx.state(model, nnx.Param)
+  s = model.sae.config.num_latents
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    since_fired=jnp.zeros((s,), jnp.int32), fire_rate=jnp.zeros((s,), jnp.float32),
+                    skipped=jnp.zeros((), jnp.int32), consecutive_skips=jnp.zeros((), jnp.int32))
+
+
+def compute_loss(model: Embedder, batch: dict, since_fired: jax.Array, step: jax.Array,
+                 cfg: LossConfig) -> tuple[jax.Array, dict]:
+  """Total loss and every component for one (micro-)batch. Pure: reads `since_fired`, no writes."""
+  q_ids, q_valid = batch["q_ids"], batch["q_valid"]
+  b, n_docs, t_d = batch["d_ids"].shape
+  q = model(q_ids, q_valid)
+  d = model(batch["d_ids"].reshape(b * n_docs, t_d), batch["d_valid"].reshape(b * n_docs, t_d))
+  s = model.sae.config.num_latents
+  z_q = sae_lib.densify(q.code.values, q.code.indices, s)
+  z_d = sae_lib.densify(d.code.values, d.code.indices, s)
+  z_d3 = z_d.reshape(b, n_docs, s)
+  metrics = {}
+
+  def add(name, weight, loss_and_metrics, prefix=""):
+    loss, m = loss_and_metrics
+    metrics.update({prefix + k: v for k, v in m.items()})
+    metrics[f"weighted/{name}"] = weight * loss
+    return weight * loss
+
+  v = jnp.concatenate([q.v, d.v])
+  v_hat = jnp.concatenate([q.v_hat, d.v_hat])
+  pre = jnp.concatenate([q.pre, d.pre])
+  total = add("contrastive", cfg.w_contrastive,
+              losses.info_nce(z_q, z_d3[:, 0], z_d3[:, 1:], cfg.temperature))
+  total += add("fvu", cfg.w_fvu, losses.fvu(v, v_hat))
+  if cfg.w_multi_k:
+    k_big = min(model.sae.config.k * cfg.multi_k_factor, s)
+    big = sae_lib.topk_relu(pre, k_big)
+    total += add("multi_k", cfg.w_multi_k,
+                 losses.fvu(v, model.sae.decode(big.values, big.indices)), prefix="multi_k/")
+  dead = sae_lib.dead_mask(since_fired, model.sae.config.dead_after_tokens)
+  aux_values, aux_indices = sae_lib.auxk(pre, dead, model.sae.config.k_aux)
+  aux_recon = sae_lib.decode_sparse(aux_values, aux_indices, model.sae.w_dec[...])
+  total += add("auxk", cfg.w_auxk, losses.auxk_loss(v - v_hat, aux_recon, dead))
+  flops_w = lambda w: losses.flops_weight(step, w, cfg.flops_warmup_steps)  # noqa: E731
+  total += add("flops_q", flops_w(cfg.w_flops_q), losses.flops(z_q), prefix="q/")
+  total += add("flops_d", flops_w(cfg.w_flops_d), losses.flops(z_d), prefix="d/")
+  if cfg.w_spread_out:
+    total += add("spread_out", cfg.w_spread_out, losses.spread_out(z_q, z_d3[:, 0]))
+  metrics["loss"] = total
+  codes = (jnp.concatenate([q.code.values, d.code.values]),
+           jnp.concatenate([q.code.indices, d.code.indices]))
+  return total, (metrics, codes)
+
+
+def _project_decoder_grad(grads: nnx.State, params: nnx.State) -> nnx.State:
+  g = grads["sae"]["w_dec"]
+  g.set_value(sae_lib.project_out_parallel_grad(params["sae"]["w_dec"].get_value(), g.get_value()))
+  return grads
+
+
+def _tree_norm(tree) -> jax.Array:
+  return optax.global_norm(jax.tree.leaves(tree))
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, loss_cfg: LossConfig, optim_cfg: OptimConfig,
+               fire_rate_decay: float = 0.99) -> tuple[TrainState, dict]:
+  """One optimiser step on a global batch (jit it with shardings; see `saejax.train`)."""
+
+  def loss_fn(params, micro):
+    model = nnx.merge(graphdef, params)
+    return compute_loss(model, micro, state.since_fired, state.step, loss_cfg)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  accum = optim_cfg.grad_accum
+  if accum == 1:
+    (loss, (metrics, codes)), grads = grad_fn(state.params, batch)
+  else:  # scan over micro-batches: memory of one micro-batch, gradients summed in fp32
+    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+    def body(carry, mb):
+      (loss, (metrics, codes)), grads = grad_fn(state.params, mb)
+      return jax.tree.map(jnp.add, carry, grads), (loss, metrics, codes)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (loss, metrics, codes) = jax.lax.scan(body, zeros, micro)
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    loss, metrics = loss.mean(), jax.tree.map(jnp.mean, metrics)
+    codes = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), codes)
+
+  grads = _project_decoder_grad(grads, state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  w_dec = params["sae"]["w_dec"]
+  w_dec.set_value(sae_lib.normalize_decoder(w_dec.get_value()))
+
+  finite = jnp.isfinite(loss) & jnp.isfinite(_tree_norm(grads))
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+  params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+
+  values, indices = codes
+  s = state.since_fired.shape[0]
+  n_texts = values.shape[0]
+  hits = jnp.zeros((s,), jnp.float32).at[indices.reshape(-1)].add(
+      (values > 0).reshape(-1).astype(jnp.float32))
+  has_fired = hits > 0
+  since_fired = jnp.where(finite, sae_lib.update_since_fired(state.since_fired, has_fired, n_texts),
+                          state.since_fired)
+  rate = hits / n_texts
+  fire_rate = jnp.where(finite, fire_rate_decay * state.fire_rate + (1 - fire_rate_decay) * rate,
+                        state.fire_rate)
+  new_state = TrainState(
+      step=state.step + 1, params=params, opt_state=opt_state, since_fired=since_fired,
+      fire_rate=fire_rate, skipped=state.skipped + (~finite).astype(jnp.int32),
+      consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1))
+
+  metrics = {**metrics,  # dead_fraction comes from auxk_loss (the mask this step trained with)
+             "l0": jnp.mean(jnp.sum(values > 0, -1).astype(jnp.float32)),
+             "hot_fraction": jnp.mean((fire_rate > 0.01).astype(jnp.float32)),
+             "grad_norm": _tree_norm(grads), "param_norm": _tree_norm(params),
+             "update_norm": _tree_norm(updates), "finite": finite.astype(jnp.float32),
+             "skipped": new_state.skipped,
+             **learning_rates(optim_cfg, state.step)}
+  return new_state, metrics
+
+
+def flops_per_step(n_encoder_params: int, tokens: int, texts: int, d_model: int,
+                   num_latents: int) -> float:
+  """Training FLOPs of one step: 6 N per token for the encoder (Kaplan et al. 2020), plus the SAE
+  encoder matmul (6 D S per text); attention's T^2 term is left out (small at T <= 512)."""
+  return 6.0 * n_encoder_params * tokens + 6.0 * d_model * num_latents * texts
+
+
+PEAK_FLOPS = {  # dense bf16 peak per device, for the MFU estimate
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+

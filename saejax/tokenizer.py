@@ -1,0 +1,45 @@
+"""Tokenizers from a model directory or a tokenizer.json (the `tokenizers` library, no transformers).
+
+A tokenizer and a model belong together: every id the tokenizer can emit must index a row of the
+model's embedding table, so a mismatch is caught here, at load, not as garbage embeddings later.
+"""
+
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from saejax.errors import ConfigError
+
+
+def load_tokenizer(path: str | os.PathLike, *, vocab_size: int | None = None) -> Tokenizer:
+  """Load ``tokenizer.json`` from a directory (or the file itself) and check it fits the model.
+
+  Args:
+    path: a model directory holding tokenizer.json, or the path of a tokenizer.json.
+    vocab_size: the model's embedding rows; every token id of the tokenizer must be below it.
+  """
+  path = Path(path)
+  file = path / "tokenizer.json" if path.is_dir() else path
+  if not file.exists():
+    raise ConfigError(f"no tokenizer.json at {file}")
+  try:
+    tok = Tokenizer.from_file(str(file))
+  except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception on bad files.
+    raise ConfigError(f"{file} is not a valid tokenizer.json: {e}") from e
+  if vocab_size is not None:
+    largest = max(tok.get_vocab(with_added_tokens=True).values())
+    if largest >= vocab_size:
+      raise ConfigError(f"tokenizer {file} emits ids up to {largest} but the model has only "
+                        f"{vocab_size} embedding rows: tokenizer and model do not belong together")
+  tok.no_padding()
+  tok.no_truncation()
+  return tok
+
+
+def pad_id(tok: Tokenizer) -> int:
+  """The padding id: [PAD] / <pad> if the vocabulary has one, else 0."""
+  for name in ("[PAD]", "<pad>", "<|padding|>"):
+    if (i := tok.token_to_id(name)) is not None:
+      return i
+  return 0
