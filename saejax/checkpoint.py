@@ -59,3 +59,53 @@ def restore_encoder(directory: str | os.PathLike, *, shardings=None, **overrides
                           f"{e}") from e
   nnx.update(abstract, restored)
   return cfg, abstract
+
+
+class TrainCheckpointer:
+  """Orbax CheckpointManager for a training run: the TrainState plus the data iterator's state.
+
+  Saves are asynchronous (the step loop goes on while arrays are written) and atomic: Orbax writes
+  into a temporary directory and renames it when complete, so a run killed mid-save leaves either
+  the previous checkpoint or a temporary directory that is never restored. The newest `keep` are
+  kept. Every process calls every method: Orbax coordinates multi-host saves.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int,
+               async_save: bool = True):
+    import grain
+    self._grain = grain
+    self.directory = Path(directory).absolute()
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            save_interval_steps=save_every, max_to_keep=keep,
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=True),
+        item_names=("state", "data_iter"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
+    """Save if `step` is due (or `force`); returns whether a save started."""
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data_iter=self._grain.checkpoint.CheckpointSave(data_iter)), force=force)
+
+  def restore(self, abstract_state, data_iter, step: int | None = None):
+    """Restore `step` (default: latest) into `abstract_state`'s shapes and shardings; the data
+    iterator is set in place to continue at the exact next batch."""
+    step = self.latest_step() if step is None else step
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data_iter=self._grain.checkpoint.CheckpointRestore(data_iter)))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise CheckpointError(f"checkpoint {self.directory}/{step} cannot be restored into this "
+                            f"run's model and data (did the config change?): {e}") from e
+    return restored["state"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()

