@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = "float32"               # compute dtype; params stay fp32
 
   c.sae = ml_collections.ConfigDict()
+  c.sae.enabled = True                    # False: the dense ablation (InfoNCE on pooled v)
   c.sae.num_latents = 4096                # S: a small dictionary for a small run
   c.sae.k = 32                            # active latents per text
   c.sae.k_aux = 256                       # AuxK latents (Gao et al.: a power of two ~ D/2)
@@ -93,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 100
   c.train.keep_checkpoints = 2
   c.train.max_consecutive_skips = 5       # non-finite steps in a row before the run stops
+  c.train.log_batch_fingerprints = False  # write a hash of every batch (proves exact resume)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.enabled = True                   # after training: retrieval on the held-aside split

@@ -85,6 +85,10 @@ class TrainCheckpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def due(self, step: int) -> bool:
+    """Whether the save interval asks for a checkpoint at `step`."""
+    return self.manager.should_save(step)
+
   def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
     """Save if `step` is due (or `force`); returns whether a save started."""
     return self.manager.save(step, args=ocp.args.Composite(

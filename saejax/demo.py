@@ -12,13 +12,11 @@ import json
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from saejax import convert
-from saejax.embedder import mean_pool
-from saejax.tokenizer import load_tokenizer, pad_id
+from saejax.encode import EncodeConfig, encode_dense
+from saejax.tokenizer import load_tokenizer
 
 STSB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsbenchmark" / "test.jsonl"
 
@@ -30,22 +28,8 @@ def minilm_dir() -> Path:
 
 
 def encode(model, tok, texts: list[str], max_len: int = 256, batch: int = 64) -> np.ndarray:
-  """L2-normalised mean-pooled embeddings (jit once per padded length bucket)."""
-  fwd = jax.jit(lambda ids, valid: mean_pool(model(ids, valid), valid))
-  out = []
-  for i in range(0, len(texts), batch):
-    encs = tok.encode_batch(texts[i:i + batch])
-    length = min(max_len, max(len(e.ids) for e in encs))
-    length = 1 << (length - 1).bit_length()  # power-of-two buckets: few compiles
-    ids = np.full((len(encs), length), pad_id(tok), np.int32)
-    for j, e in enumerate(encs):
-      n = min(len(e.ids), max_len)
-      ids[j, :n] = e.ids[:n]
-    valid = np.zeros_like(ids, bool)
-    for j, e in enumerate(encs):
-      valid[j, :min(len(e.ids), max_len)] = True
-    out.append(np.asarray(fwd(jnp.asarray(ids), jnp.asarray(valid))))
-  emb = np.concatenate(out)
+  """L2-normalised mean-pooled embeddings (saejax.encode: length-sorted, bucketed, jitted)."""
+  emb = encode_dense(model, tok, texts, EncodeConfig(max_len=max_len, batch_size=batch)).v
   return emb / np.linalg.norm(emb, axis=1, keepdims=True)
 
 

@@ -30,9 +30,9 @@ class Output(NamedTuple):
 
 
 class Embedder(nnx.Module):
-  """An encoder whose embedding layer is a TopK SAE."""
+  """An encoder whose embedding layer is a TopK SAE (`sae=None`: the dense ablation)."""
 
-  def __init__(self, encoder: nnx.Module, sae: sae_lib.SAE):
+  def __init__(self, encoder: nnx.Module, sae: sae_lib.SAE | None):
     self.encoder = encoder
     self.sae = sae
 

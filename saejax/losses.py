@@ -56,8 +56,8 @@ def info_nce(q: Float[Array, "B S"], d_pos: Float[Array, "B S"], d_neg: Float[Ar
 
   Returns:
     Mean cross-entropy, and metrics: ``info_nce``; ``accuracy`` (own positive strictly above every
-    other candidate); ``pos_score`` and ``neg_score``, the mean raw dot score of the label and of all
-    other candidates; ``hard_neg_score`` (when H > 0), the mean score of each query's own hard
+    other candidate); ``pos_score`` and ``neg_score``, the mean raw dot score of the label and of
+    all other candidates; ``hard_neg_score`` (when H > 0), the mean score of each query's own hard
     negatives.
   """
   b, s = q.shape
@@ -121,10 +121,10 @@ def multi_k_fvu(v: Float[Array, "B D"], v_hat_by_k: Mapping[int, Float[Array, "B
                 eps: float = 1e-12) -> tuple[Float[Array, ""], Metrics]:
   """Multi-TopK: ``sum_k weight_k * fvu(v, v_hat_k)`` (Gao et al. sec. 5.3 use {k: 1, 4k: 1/8}).
 
-  The caller reconstructs once per k from the same pre-activations (``sae.topk_relu(code.pre, 4 * k)``
-  then ``SAE.decode``). Training the larger k too makes the code progressive: it still reconstructs
-  well when more latents are kept, as when queries are encoded with a larger k at inference.
-  Metrics: ``fvu_k{k}`` for each k.
+  The caller reconstructs once per k from the same pre-activations
+  (``sae.topk_relu(code.pre, 4 * k)`` then ``SAE.decode``). Training the larger k too makes the
+  code progressive: it still reconstructs well when more latents are kept, as when queries are
+  encoded with a larger k at inference. Metrics: ``fvu_k{k}`` for each k.
   """
   if set(v_hat_by_k) != set(weight_by_k):
     raise ConfigError(f"multi_k_fvu: reconstructions for k={sorted(v_hat_by_k)} but weights for "
@@ -134,8 +134,8 @@ def multi_k_fvu(v: Float[Array, "B D"], v_hat_by_k: Mapping[int, Float[Array, "B
   return jnp.asarray(loss, jnp.float32), metrics
 
 
-def auxk_loss(residual: Float[Array, "B D"], aux_recon: Float[Array, "B D"], is_dead: Bool[Array, "S"],
-              eps: float = 1e-12) -> tuple[Float[Array, ""], Metrics]:
+def auxk_loss(residual: Float[Array, "B D"], aux_recon: Float[Array, "B D"],
+              is_dead: Bool[Array, "S"], eps: float = 1e-12) -> tuple[Float[Array, ""], Metrics]:
   """AuxK: normalised MSE of the dead latents' reconstruction of the residual (Gao et al. A.2).
 
   Args:

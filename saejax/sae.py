@@ -45,27 +45,6 @@ class ShapeError(SaejaxError, ValueError):
   """Arrays handed to an SAE function or a loss have shapes that do not fit together."""
 
 
-def batch_sharding(x: Array, keep: int, add: int) -> NamedSharding | None:
-  """Under an Explicit mesh: x's sharding of its first ``keep`` axes followed by ``add`` whole axes.
-
-  Explicit mesh axes (`jax.make_mesh`'s default) make JAX refuse ops whose output sharding it cannot
-  infer, such as a gather of decoder rows at batch-sharded indices; this names the natural answer
-  (batch axes stay sharded, latent and model axes are whole). None under Auto axes or without a
-  mesh, where XLA's propagation decides.
-  """
-  sharding = jax.typeof(x).sharding
-  if not (isinstance(sharding, NamedSharding) and sharding.mesh.explicit_axes):
-    return None
-  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-  return NamedSharding(sharding.mesh, P(*spec[:keep], *(None,) * add))
-
-
-def _whole_last_axis(x: Array) -> Array:
-  """x with its last axis unsharded: `jax.lax.top_k` runs along an axis that must be whole."""
-  sharding = batch_sharding(x, x.ndim - 1, 1)
-  return x if sharding is None else jax.sharding.reshard(x, sharding)
-
-
 @dataclasses.dataclass(frozen=True)
 class SAEConfig:
   """The TopK SAE head.
@@ -81,7 +60,7 @@ class SAEConfig:
       defaults), so 1,000,000 texts is ~3,900 expected firings: a latent silent that long fires
       at under ~1/1000 of the average rate, while a rare but live concept (once per 100k texts)
       stays silent that long with probability e^-10. Short runs should lower it.
-    b_pre_init: how `init_b_pre` sets b_pre from a data sample (Gao et al. use the geometric median).
+    b_pre_init: how `init_b_pre` sets b_pre from a data sample (Gao et al.: geometric median).
   """
   d_model: int
   num_latents: int = 16384
@@ -111,6 +90,27 @@ class SparseCode(NamedTuple):
   pre: Float[Array, "... S"]
 
 
+def batch_sharding(x: Array, keep: int, add: int) -> NamedSharding | None:
+  """Under an Explicit mesh: x's sharding of its first ``keep`` axes followed by ``add`` whole axes.
+
+  Explicit mesh axes (`jax.make_mesh`'s default) make JAX refuse ops whose output sharding it cannot
+  infer, such as a gather of decoder rows at batch-sharded indices; this names the natural answer
+  (batch axes stay sharded, latent and model axes are whole). None under Auto axes or without a
+  mesh, where XLA's propagation decides.
+  """
+  sharding = jax.typeof(x).sharding
+  if not (isinstance(sharding, NamedSharding) and sharding.mesh.explicit_axes):
+    return None
+  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  return NamedSharding(sharding.mesh, P(*spec[:keep], *(None,) * add))
+
+
+def _whole_last_axis(x: Array) -> Array:
+  """x with its last axis unsharded: `jax.lax.top_k` runs along an axis that must be whole."""
+  sharding = batch_sharding(x, x.ndim - 1, 1)
+  return x if sharding is None else jax.sharding.reshard(x, sharding)
+
+
 def _check_k(name: str, k: int, num_latents: int):
   if not isinstance(k, int) or not 1 <= k <= num_latents:
     raise ConfigError(f"{name}={k!r} must be an int in [1, num_latents={num_latents}]")
@@ -130,6 +130,7 @@ def densify(values: Float[Array, "... K"], indices: Int[Array, "... K"],
   `decode_sparse`)."""
   if values.shape != indices.shape:
     raise ShapeError(f"densify: values {values.shape} and indices {indices.shape} differ")
+
   def scatter_row(row_values, row_indices):
     return jnp.zeros(num_latents, row_values.dtype).at[row_indices].add(row_values)
 
@@ -163,7 +164,8 @@ def auxk(z_pre: Float[Array, "... S"], is_dead: Bool[Array, "S"],
   receive no gradient. Decode with `decode_sparse` and train with `losses.auxk_loss`.
   """
   if is_dead.shape != z_pre.shape[-1:]:
-    raise ShapeError(f"auxk: dead mask {is_dead.shape} does not match pre-activations {z_pre.shape}")
+    raise ShapeError(f"auxk: dead mask {is_dead.shape} does not match pre-activations "
+                     f"{z_pre.shape}")
   _check_k("k_aux", k_aux, z_pre.shape[-1])
   values, indices = jax.lax.top_k(_whole_last_axis(jnp.where(is_dead, z_pre, -jnp.inf)), k_aux)
   return jax.nn.relu(values), indices.astype(jnp.int32)
@@ -185,7 +187,8 @@ def fired(indices: Int[Array, "... K"], values: Float[Array, "... K"],
 
 def update_since_fired(counter: Int[Array, "S"], has_fired: Bool[Array, "S"],
                        n_texts: int | Int[Array, ""]) -> Int[Array, "S"]:
-  """Texts since each latent last fired: 0 where it fired in this batch of ``n_texts``, else +n_texts.
+  """Texts since each latent last fired: 0 where it fired in this batch of ``n_texts``, else
+  ``+ n_texts``.
 
   The sum saturates at the dtype's maximum rather than wrapping to a negative (i.e. "alive") count.
   """
@@ -281,10 +284,12 @@ class SAE(nnx.Module):
     return (v - self.b_pre[...]) @ self.w_enc[...] + self.b_lat[...]
 
   def encode(self, v: Float[Array, "... D"], k: int | None = None) -> SparseCode:
-    """The TopK code of ``v``; ``k`` defaults to the training k (queries and documents may differ)."""
+    """The TopK code of ``v``; ``k`` defaults to the training k (queries and documents may
+    use different ones at inference)."""
     return topk_relu(self.pre_activations(v), self.config.k if k is None else k)
 
-  def decode(self, values: Float[Array, "... K"], indices: Int[Array, "... K"]) -> Float[Array, "... D"]:
+  def decode(self, values: Float[Array, "... K"],
+             indices: Int[Array, "... K"]) -> Float[Array, "... D"]:
     """``v_hat = z @ w_dec + b_pre``, computed sparsely (see `decode_sparse`)."""
     return decode_sparse(values, indices, self.w_dec[...]) + self.b_pre[...]
 

@@ -67,8 +67,8 @@ class TrainState:
   step: jax.Array                  # int32 scalar
   params: nnx.State
   opt_state: Any
-  since_fired: jax.Array           # int32 [S]: texts since each latent last fired
-  fire_rate: jax.Array             # float32 [S]: EMA of each latent's firing rate per text
+  since_fired: jax.Array | None    # int32 [S]: texts since each latent last fired (None: no SAE)
+  fire_rate: jax.Array | None      # float32 [S]: EMA of each latent's firing rate per text
   skipped: jax.Array               # int32: steps skipped for non-finite loss/grads, in total
   consecutive_skips: jax.Array     # int32: skipped steps in a row (the loop stops past a limit)
 
@@ -99,15 +99,32 @@ def learning_rates(cfg: OptimConfig, step) -> dict[str, jax.Array]:
 
 def init_state(model: Embedder, tx: optax.GradientTransformation) -> TrainState:
   params = nnx.state(model, nnx.Param)
-  s = model.sae.config.num_latents
+  s = model.sae.config.num_latents if model.sae is not None else None
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    since_fired=jnp.zeros((s,), jnp.int32), fire_rate=jnp.zeros((s,), jnp.float32),
+                    since_fired=None if s is None else jnp.zeros((s,), jnp.int32),
+                    fire_rate=None if s is None else jnp.zeros((s,), jnp.float32),
                     skipped=jnp.zeros((), jnp.int32), consecutive_skips=jnp.zeros((), jnp.int32))
+
+
+def dense_loss(model: Embedder, batch: dict, cfg: LossConfig) -> tuple[jax.Array, dict]:
+  """The dense ablation (no SAE): InfoNCE on L2-normalised pooled embeddings (cosine / tau)."""
+  b, n_docs, t_d = batch["d_ids"].shape
+  unit = lambda v: v / jnp.linalg.norm(v, axis=-1, keepdims=True).clip(1e-9)  # noqa: E731
+  q = unit(model.dense(batch["q_ids"], batch["q_valid"]))
+  d = unit(model.dense(batch["d_ids"].reshape(b * n_docs, t_d),
+                       batch["d_valid"].reshape(b * n_docs, t_d))).reshape(b, n_docs, -1)
+  loss, metrics = losses.info_nce(q, d[:, 0], d[:, 1:], cfg.temperature)
+  metrics = {**metrics, "weighted/contrastive": cfg.w_contrastive * loss,
+             "loss": cfg.w_contrastive * loss}
+  no_codes = (jnp.zeros((0, 1)), jnp.zeros((0, 1), jnp.int32))
+  return cfg.w_contrastive * loss, (metrics, no_codes)
 
 
 def compute_loss(model: Embedder, batch: dict, since_fired: jax.Array, step: jax.Array,
                  cfg: LossConfig) -> tuple[jax.Array, dict]:
   """Total loss and every component for one (micro-)batch. Pure: reads `since_fired`, no writes."""
+  if model.sae is None:
+    return dense_loss(model, batch, cfg)
   q_ids, q_valid = batch["q_ids"], batch["q_valid"]
   b, n_docs, t_d = batch["d_ids"].shape
   q = model(q_ids, q_valid)
@@ -151,13 +168,15 @@ def compute_loss(model: Embedder, batch: dict, since_fired: jax.Array, step: jax
 
 
 def _project_decoder_grad(grads: nnx.State, params: nnx.State) -> nnx.State:
+  if "sae" not in grads:
+    return grads
   g = grads["sae"]["w_dec"]
   g.set_value(sae_lib.project_out_parallel_grad(params["sae"]["w_dec"].get_value(), g.get_value()))
   return grads
 
 
 def _tree_norm(tree) -> jax.Array:
-  return optax.global_norm(jax.tree.leaves(tree))
+  return optax.tree.norm(tree)
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
@@ -189,32 +208,32 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
   grads = _project_decoder_grad(grads, state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  w_dec = params["sae"]["w_dec"]
-  w_dec.set_value(sae_lib.normalize_decoder(w_dec.get_value()))
+  if "sae" in params:
+    w_dec = params["sae"]["w_dec"]
+    w_dec.set_value(sae_lib.normalize_decoder(w_dec.get_value()))
 
   finite = jnp.isfinite(loss) & jnp.isfinite(_tree_norm(grads))
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
   params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
 
   values, indices = codes
-  s = state.since_fired.shape[0]
-  n_texts = values.shape[0]
-  hits = jnp.zeros((s,), jnp.float32).at[indices.reshape(-1)].add(
-      (values > 0).reshape(-1).astype(jnp.float32))
-  has_fired = hits > 0
-  since_fired = jnp.where(finite, sae_lib.update_since_fired(state.since_fired, has_fired, n_texts),
-                          state.since_fired)
-  rate = hits / n_texts
-  fire_rate = jnp.where(finite, fire_rate_decay * state.fire_rate + (1 - fire_rate_decay) * rate,
-                        state.fire_rate)
+  n_texts = max(values.shape[0], 1)
+  since_fired, fire_rate, sparse_metrics = state.since_fired, state.fire_rate, {}
+  if since_fired is not None:
+    hits = jnp.zeros(since_fired.shape, jnp.float32).at[indices.reshape(-1)].add(
+        (values > 0).reshape(-1).astype(jnp.float32))
+    since_fired = jnp.where(finite, sae_lib.update_since_fired(since_fired, hits > 0, n_texts),
+                            since_fired)
+    fire_rate = jnp.where(finite, fire_rate_decay * fire_rate
+                          + (1 - fire_rate_decay) * hits / n_texts, fire_rate)
+    sparse_metrics = {"l0": jnp.sum(values > 0).astype(jnp.float32) / n_texts,
+                      "hot_fraction": jnp.mean((fire_rate > 0.01).astype(jnp.float32))}
   new_state = TrainState(
       step=state.step + 1, params=params, opt_state=opt_state, since_fired=since_fired,
       fire_rate=fire_rate, skipped=state.skipped + (~finite).astype(jnp.int32),
       consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1))
 
-  metrics = {**metrics,  # dead_fraction comes from auxk_loss (the mask this step trained with)
-             "l0": jnp.mean(jnp.sum(values > 0, -1).astype(jnp.float32)),
-             "hot_fraction": jnp.mean((fire_rate > 0.01).astype(jnp.float32)),
+  metrics = {**metrics, **sparse_metrics,  # dead_fraction: from auxk_loss (this step's mask)
              "grad_norm": _tree_norm(grads), "param_norm": _tree_norm(params),
              "update_norm": _tree_norm(updates), "finite": finite.astype(jnp.float32),
              "skipped": new_state.skipped,

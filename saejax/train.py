@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from saejax import checkpoint, convert, data, sae as sae_lib, sharding, step as step_lib
+from saejax import attention, checkpoint, convert, data, sae as sae_lib, sharding, step as step_lib
 from saejax.data_sources import SourceConfig
 from saejax.embedder import Embedder
 from saejax.errors import ConfigError, SaejaxError
@@ -58,22 +58,39 @@ def data_config(config: ml_collections.ConfigDict) -> data.DataConfig:
   return _dataclass(data.DataConfig, ml_collections.ConfigDict(section), "data", sources=sources)
 
 
-def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
-  """(encoder config, Embedder) from converted HF weights or, without init_from, a random init."""
+def encoder_config(config: ml_collections.ConfigDict):
+  """(architecture, encoder config): config.model.hf_config, else init_from's config.json."""
   m = config.model
-  overrides = {"dtype": m.dtype}
-  if m.attention_backend:
-    overrides["attention_backend"] = m.attention_backend
-  if m.init_from:
-    enc_cfg, encoder = convert.load_hf(m.init_from, head=False, **overrides)
+  hf_config = m.hf_config.to_dict()
+  where = "config.model.hf_config"
+  if not hf_config:
+    if not m.init_from:
+      raise ConfigError("config.model needs init_from (HF weights) or hf_config (random init)")
+    model_dir = convert.resolve(m.init_from)
+    hf_config, where = convert.read_config(model_dir), str(model_dir / "config.json")
+  arch = convert.architecture(hf_config, where)
+  enc_cfg = dataclasses.replace(
+      arch.config_cls.from_hf_config(hf_config), dtype=m.dtype,
+      attention_backend=m.attention_backend or attention.default_backend())
+  return arch, arch.with_head(enc_cfg, False)
+
+
+def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs, *, load_weights: bool = True):
+  """(encoder config, Embedder): the encoder from converted HF weights (config.model.init_from)
+  or, without it or with `load_weights=False`, randomly initialised; then a fresh SAE."""
+  arch, enc_cfg = encoder_config(config)
+  if config.model.init_from and load_weights:
+    enc_cfg, encoder = convert.load_hf(config.model.init_from, head=False, dtype=enc_cfg.dtype,
+                                       attention_backend=enc_cfg.attention_backend)
   else:
-    arch = convert.architecture(m.hf_config.to_dict(), "config.model.hf_config")
-    enc_cfg = dataclasses.replace(arch.config_cls.from_hf_config(m.hf_config.to_dict()),
-                                  **overrides)
-    encoder = arch.build(arch.with_head(enc_cfg, False), rngs=rngs)
-  sae_section = ml_collections.ConfigDict(config.sae.to_dict())
-  del sae_section["b_pre_init_batches"]  # a training-loop setting, not part of the SAE
-  sae_cfg = _dataclass(sae_lib.SAEConfig, sae_section, "sae", d_model=enc_cfg.hidden_size)
+    encoder = arch.build(enc_cfg, rngs=rngs)
+  if not config.sae.get("enabled", True):
+    return enc_cfg, Embedder(encoder, None)
+  # b_pre_init_batches and enabled are training-loop settings, not part of the SAE.
+  sae_section = {k: v for k, v in config.sae.to_dict().items()
+                 if k not in ("b_pre_init_batches", "enabled")}
+  sae_cfg = _dataclass(sae_lib.SAEConfig, ml_collections.ConfigDict(sae_section), "sae",
+                       d_model=enc_cfg.hidden_size)
   return enc_cfg, Embedder(encoder, sae_lib.SAE(sae_cfg, rngs=rngs))
 
 
@@ -114,30 +131,47 @@ class Preemption:
 class MetricWriter:
   """Console lines and TensorBoard events, written by process 0 only."""
 
+  COLUMNS = (("loss", "loss", "{:.4f}", 1), ("info_nce", "nce", "{:.3f}", 1),
+             ("accuracy", "acc", "{:.2f}", 1), ("fvu", "fvu", "{:.3f}", 1),
+             ("auxk", "auxk", "{:.3f}", 1), ("l0", "L0", "{:.1f}", 1),
+             ("dead_fraction", "dead%", "{:.1f}", 100), ("hot_fraction", "hot%", "{:.1f}", 100),
+             ("tokens_per_s", "tok/s", "{:,.0f}", 1), ("mfu", "MFU%", "{:.1f}", 100))
+
   def __init__(self, workdir: Path, total_steps: int):
     self.active = jax.process_index() == 0
     self.total = total_steps
-    self.tb = None
+    self.tb = self.jsonl = None
     if self.active:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(str(workdir / "tensorboard"))
+      self.jsonl = open(workdir / "metrics.jsonl", "a")  # the same numbers, for scripts
 
   def write(self, step: int, metrics: dict, seconds_per_step: float):
     if not self.active:
       return
     for k, v in metrics.items():
       self.tb.add_scalar(k, v, step)
+    self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self.jsonl.flush()
     eta = (self.total - step) * seconds_per_step
-    print(f"step {step:>6}/{self.total}  loss {metrics['loss']:.4f}  nce {metrics['info_nce']:.3f}"
-          f"  acc {metrics['accuracy']:.2f}  fvu {metrics['fvu']:.3f}  auxk {metrics['auxk']:.3f}"
-          f"  L0 {metrics['l0']:.1f}  dead {100 * metrics['dead_fraction']:.1f}%"
-          f"  hot {100 * metrics['hot_fraction']:.1f}%  {metrics['tokens_per_s']:,.0f} tok/s"
-          + (f"  MFU {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else "")
-          + f"  ETA {eta / 60:.1f} min", flush=True)
+    shown = [f"{name} {fmt.format(scale * metrics[key])}" for key, name, fmt, scale in self.COLUMNS
+             if key in metrics]
+    print(f"step {step:>6}/{self.total}  " + "  ".join(shown) + f"  ETA {eta / 60:.1f} min",
+          flush=True)
 
   def close(self):
     if self.tb is not None:
       self.tb.close()
+      self.jsonl.close()
+
+
+def _fingerprint(batch: dict) -> str:
+  import hashlib
+  h = hashlib.sha256()
+  for k in sorted(batch):
+    h.update(k.encode())
+    h.update(np.ascontiguousarray(batch[k]).tobytes())
+  return h.hexdigest()[:16]
 
 
 def _global_batch(batch: dict, mesh) -> dict:
@@ -175,7 +209,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", save_every=tc.checkpoint_every,
                                       keep=tc.keep_checkpoints)
   resuming = ckpt.latest_step() is not None
-  if not resuming and config.sae.get("b_pre_init_batches", 0):
+  if not resuming and model.sae is not None and config.sae.get("b_pre_init_batches", 0):
     sample_iter = make_iter()
     init_b_pre_from_data(model, [next(sample_iter) for _ in range(config.sae.b_pre_init_batches)],
                          config.sae.b_pre_init)
@@ -199,15 +233,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
       in_shardings=(state_sh, None), out_shardings=(state_sh, sharding.replicated(mesh)),
       donate_argnums=0)
 
+  n_latents = config.sae.num_latents if config.sae.get("enabled", True) else 0
   n_encoder = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params["encoder"]))
   peak = step_lib.peak_flops(jax.devices()[0])
   writer = MetricWriter(workdir, tc.steps)
   preempt = Preemption()
   step = int(state.step)
+  fingerprints = (open(workdir / f"batches.process{jax.process_index()}.jsonl", "a")
+                  if tc.get("log_batch_fingerprints") else None)
   last, window_tokens, window_start = {}, 0, time.time()
   try:
     while step < tc.steps:
       local = next(data_iter)
+      if fingerprints is not None:  # what the step saw, to prove exact resumption
+        fingerprints.write(json.dumps({"step": step + 1, "batch": _fingerprint(local)}) + "\n")
+        fingerprints.flush()
       batch = _global_batch(local, mesh)
       state, metrics = train_step(state, batch)
       step += 1
@@ -219,7 +259,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         metrics["tokens_per_s"] = window_tokens / elapsed
         if peak:
           flops = step_lib.flops_per_step(n_encoder, window_tokens, texts * tc.log_every,
-                                          enc_cfg.hidden_size, config.sae.num_latents)
+                                          enc_cfg.hidden_size, n_latents)
           metrics["mfu"] = flops / elapsed / (peak * jax.device_count())
         writer.write(step, metrics, elapsed / tc.log_every)
         last, window_tokens, window_start = metrics, 0, time.time()
@@ -229,13 +269,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
               f"{int(state.consecutive_skips)} consecutive steps had a non-finite loss or gradient "
               f"(limit config.train.max_consecutive_skips={tc.max_consecutive_skips}); stopping. "
               f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
-      ckpt.save(step, state, data_iter, force=preempt.requested or step == tc.steps)
+      if preempt.requested or step == tc.steps or ckpt.due(step):
+        # Steps in a non-finite streak keep the old parameters, but a checkpoint taken there would
+        # still be named after a step that did not train: wait for a finite step (preemption and
+        # the last step save regardless, so nothing is lost).
+        if preempt.requested or step == tc.steps or int(state.consecutive_skips) == 0:
+          ckpt.save(step, state, data_iter, force=True)
       if preempt.requested:
         break
   finally:
     ckpt.wait()
     ckpt.close()
     writer.close()
+    if fingerprints is not None:
+      fingerprints.close()
   summary = {"step": step, "preempted": preempt.requested, "wall_s": time.time() - start,
              "checkpoints": str(ckpt.directory), "latest_checkpoint": ckpt.latest_step(),
              "last_metrics": last}
@@ -259,13 +306,16 @@ def _state_shardings(abstract: step_lib.TrainState, param_sh, mesh):
     return rep
 
   opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, abstract.opt_state)
-  return step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh, since_fired=rep,
-                             fire_rate=rep, skipped=rep, consecutive_skips=rep)
+  counters = None if abstract.since_fired is None else rep
+  return step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh, since_fired=counters,
+                             fire_rate=counters, skipped=rep, consecutive_skips=rep)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if _INIT_FROM.value:
     config.unlock()

@@ -52,7 +52,8 @@ def reference_info_nce(q, d_pos, d_neg, tau):
 @pytest.mark.parametrize("h", [0, 2])
 def test_info_nce_matches_loops(h):
   b, s, tau = 5, 12, 0.3
-  q, d_pos, d_neg = rand(0, b, s, sparse=True), rand(1, b, s, sparse=True), rand(2, b, h, s, sparse=True)
+  q, d_pos = rand(0, b, s, sparse=True), rand(1, b, s, sparse=True)
+  d_neg = rand(2, b, h, s, sparse=True)
   d_pos[:3] += q[:3]  # a few queries should win, so accuracy is not trivially 0
   loss, metrics = losses.info_nce(jnp.asarray(q), jnp.asarray(d_pos), jnp.asarray(d_neg), tau)
   ref_loss, ref_acc, ref_pos, ref_neg, ref_hard = reference_info_nce(q, d_pos, d_neg, tau)
@@ -157,7 +158,8 @@ def test_auxk_loss_is_zero_without_dead_latents():
   for residual in (res, jnp.zeros((5, 4))):  # also a residual without variance
     loss, metrics = losses.auxk_loss(residual, jnp.zeros((5, 4)), jnp.zeros(6, bool))
     assert float(loss) == 0.0 and float(metrics["dead_fraction"]) == 0.0
-    grad = jax.grad(lambda a: losses.auxk_loss(residual, a, jnp.zeros(6, bool))[0])(jnp.zeros((5, 4)))
+    grad = jax.grad(lambda a, r=residual: losses.auxk_loss(r, a, jnp.zeros(6, bool))[0])(
+        jnp.zeros((5, 4)))
     assert np.all(np.isfinite(grad)) and not np.any(np.asarray(grad))
   dead_but_flat, _ = losses.auxk_loss(jnp.zeros((5, 4)), jnp.zeros((5, 4)), jnp.ones(6, bool))
   assert np.isfinite(float(dead_but_flat))
@@ -178,13 +180,15 @@ def test_flops_weight_quadratic_ramp():
   for step, expect in [(0, 0.0), (25, 0.5 * 0.25 ** 2), (50, 0.5 * 0.25), (100, 0.5), (400, 0.5)]:
     np.testing.assert_allclose(losses.flops_weight(step, 0.5, 100), expect, rtol=1e-6)
   np.testing.assert_allclose(losses.flops_weight(0, 0.5, 0), 0.5)
-  np.testing.assert_allclose(jax.jit(losses.flops_weight, static_argnums=(1, 2))(jnp.asarray(50), 2.0, 100), 0.5)
+  ramp = jax.jit(losses.flops_weight, static_argnums=(1, 2))
+  np.testing.assert_allclose(ramp(jnp.asarray(50), 2.0, 100), 0.5)
 
 
 def reference_second_moment(x):
   b = x.shape[0]
   unit = [row / max(np.linalg.norm(row), 1e-6) for row in x.astype(np.float64)]
-  return sum(dot(unit[i], unit[j]) ** 2 for i in range(b) for j in range(b) if i != j) / (b * (b - 1))
+  pairs = [(i, j) for i in range(b) for j in range(b) if i != j]
+  return sum(dot(unit[i], unit[j]) ** 2 for i, j in pairs) / len(pairs)
 
 
 def test_spread_out_matches_loops():
@@ -192,7 +196,8 @@ def test_spread_out_matches_loops():
   d[0] = 0.0  # an all-zero code: counts as a zero vector, no NaN
   loss, metrics = losses.spread_out(jnp.asarray(q), jnp.asarray(d))
   mq, md = reference_second_moment(q), reference_second_moment(d)
-  np.testing.assert_allclose([metrics["spread_out_q"], metrics["spread_out_d"]], [mq, md], rtol=1e-5)
+  np.testing.assert_allclose([metrics["spread_out_q"], metrics["spread_out_d"]], [mq, md],
+                             rtol=1e-5)
   np.testing.assert_allclose(loss, mq + md, rtol=1e-5)
   disjoint = jnp.eye(4, 8)
   np.testing.assert_allclose(losses.spread_out(disjoint, disjoint)[0], 0.0, atol=1e-7)

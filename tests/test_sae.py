@@ -81,7 +81,8 @@ def test_encode_matches_numpy_topk_relu():
   assert code.indices.dtype == jnp.int32 and code.pre.shape == (3, 2, S)
   for i in range(3):
     for j in range(2):
-      pre = [sum((v[i, j, d] - b_pre[d]) * w_enc[d, s] for d in range(D)) + b_lat[s] for s in range(S)]
+      pre = [sum((v[i, j, d] - b_pre[d]) * w_enc[d, s] for d in range(D)) + b_lat[s]
+             for s in range(S)]
       np.testing.assert_allclose(code.pre[i, j], pre, rtol=1e-5, atol=1e-5)
       top = sorted(range(S), key=lambda s: -pre[s])[:K]
       assert sorted(np.asarray(code.indices[i, j]).tolist()) == sorted(top)
@@ -174,7 +175,8 @@ def test_fired_counter_and_dead_mask():
   np.testing.assert_array_equal(has_fired, expect)  # 5 and 7 were selected with value 0: not fired
   counter = jnp.asarray([4, 0, 9, 100, 3, 8, 8, 2, 1, 0, 7, 6], jnp.int32)
   new = np.asarray(sae_lib.update_since_fired(counter, jnp.asarray(has_fired), 3))
-  np.testing.assert_array_equal(new, [0 if f else c + 3 for c, f in zip(np.asarray(counter), expect)])
+  np.testing.assert_array_equal(new, [0 if f else c + 3
+                                      for c, f in zip(np.asarray(counter), expect)])
   np.testing.assert_array_equal(sae_lib.dead_mask(jnp.asarray(new), 10),
                                 [c >= 10 for c in new])
   top = jnp.iinfo(jnp.int32).max
@@ -320,7 +322,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
       (loss, (fired, metrics)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
       g_dec = sae_lib.project_out_parallel_grad(model.w_dec[...], grads["w_dec"][...])
-      return loss, metrics, g_dec, grads["w_enc"][...], sae_lib.update_since_fired(counter, fired, B)
+      new_counter = sae_lib.update_since_fired(counter, fired, B)
+      return loss, metrics, g_dec, grads["w_enc"][...], new_counter
 
     ref = nnx.jit(step)(make(), vq, vd, vn, counter)
     for axis_type, latent_axis in [(AxisType.Explicit, None), (AxisType.Explicit, "model"),

@@ -1,0 +1,257 @@
+"""Batch encoding of many texts with jitted forward passes and length buckets.
+
+Serving and evaluation embed corpora far larger than a training batch. This module tokenizes every
+text once (the model's own `tokenizers` Tokenizer, whose post-processor adds [CLS] ... [SEP]),
+sorts the texts by token length, cuts the sorted list into batches of `EncodeConfig.batch_size` and
+pads each batch to the smallest length bucket that holds its longest text. Sorting keeps texts of
+similar length together, so little compute goes to padding; buckets bound the number of distinct
+[B, T] shapes, and so of XLA compilations, by the number of buckets (the last batch is filled up to
+`batch_size` rows with copies of its first text, whose results are dropped, so it adds no shape).
+Results come back in the callers' order.
+
+Texts longer than `EncodeConfig.max_len` tokens are truncated by the tokenizer (the final [SEP]
+survives) and counted in `EncodeStats.num_truncated`: nothing is cut silently.
+
+Memory: each batch's outputs are copied to host numpy before the next batch is dispatched, so the
+device never holds more than one batch of activations; the host holds the outputs of all texts.
+
+Entry points: `encode` runs any jitted ``(ids, valid) -> arrays`` function; `encode_dense` gives
+mean-pooled vectors of any encoder module (sentence-transformers' Pooling(mean), the dense
+baseline); `encode_sparse` gives the TopK SAE codes of an `Embedder` with a chosen k (queries and
+documents may use different k, as in SPLADE-style asymmetric retrieval).
+
+Shape legend: N texts, B batch rows, T padded length (a bucket), D model width, K active latents.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from saejax.embedder import Embedder, mean_pool
+from saejax.errors import ConfigError, DataError
+from saejax.tokenizer import pad_id
+
+# A forward pass over one padded batch: one array, or a tuple of arrays, each with leading axis B.
+EncodeFn = Callable[[Int[Array, "B T"], Bool[Array, "B T"]], Array | tuple[Array, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeConfig:
+  """How texts are batched and padded.
+
+  Attributes:
+    max_len: token budget of a text, [CLS] and [SEP] included; longer texts are truncated.
+    batch_size: rows per forward pass (every batch has exactly this many rows).
+    buckets: allowed padded lengths, increasing. Buckets >= max_len are ignored and max_len itself
+      is always the last bucket, so any tuple works with any max_len.
+    progress: show a tqdm progress bar.
+  """
+  max_len: int = 256
+  batch_size: int = 64
+  buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+  progress: bool = True
+
+  def __post_init__(self):
+    if not isinstance(self.max_len, int) or self.max_len < 2:
+      raise ConfigError(f"EncodeConfig.max_len={self.max_len!r} must be an int >= 2 "
+                        "(room for [CLS] and [SEP])")
+    if not isinstance(self.batch_size, int) or self.batch_size < 1:
+      raise ConfigError(f"EncodeConfig.batch_size={self.batch_size!r} must be a positive int")
+    buckets = tuple(self.buckets)
+    if any(not isinstance(b, int) or b < 1 for b in buckets) or any(
+        b <= a for a, b in zip(buckets, buckets[1:])):
+      raise ConfigError(f"EncodeConfig.buckets={buckets!r} must be increasing positive ints")
+
+  @property
+  def lengths(self) -> tuple[int, ...]:
+    """The padded lengths in use: the buckets below max_len, then max_len."""
+    return tuple(b for b in self.buckets if b < self.max_len) + (self.max_len,)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeStats:
+  """What an encoding pass did to its texts."""
+  num_texts: int
+  num_truncated: int                   # texts that lost tokens to max_len
+  shapes: tuple[tuple[int, int], ...]  # distinct padded [B, T] batch shapes, in first-use order
+
+
+class DenseEmbeddings(NamedTuple):
+  """Pooled encoder outputs, in the order of the input texts."""
+  v: Float[np.ndarray, "N D"]
+  stats: EncodeStats
+
+
+class SparseCodes(NamedTuple):
+  """TopK SAE codes, in the order of the input texts. A value may be 0 (ReLU after TopK)."""
+  values: Float[np.ndarray, "N K"]
+  indices: Int[np.ndarray, "N K"]
+  stats: EncodeStats
+
+
+def _truncating_copy(tokenizer: Tokenizer, max_len: int) -> Tokenizer:
+  # A private copy: the caller's tokenizer (MiniLM's pads to 128 by default) must not change under
+  # it. Same settings as saejax.data's training batches, so texts are cut the way they were trained.
+  copy = Tokenizer.from_str(tokenizer.to_str())
+  copy.no_padding()
+  copy.enable_truncation(max_length=max_len)
+  return copy
+
+
+def tokenize(tokenizer: Tokenizer, texts: Sequence[str],
+             max_len: int) -> tuple[list[list[int]], Bool[np.ndarray, "N"]]:
+  """Token ids of each text, truncated to ``max_len``, and which texts were truncated.
+
+  Args:
+    tokenizer: the model's tokenizer; its post-processor must add the special tokens.
+    texts: the texts.
+    max_len: token budget per text, special tokens included.
+  """
+  # The post-processor is what adds [CLS] ... [SEP]; without it the encoder sees bare text.
+  if tokenizer.post_processor is None:
+    raise ConfigError("the tokenizer has no post-processor, so it would add no [CLS]/[SEP]; "
+                      "load the model's own tokenizer.json")
+  bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+  if bad is not None:
+    raise DataError(f"texts[{bad}] is a {type(texts[bad]).__name__}, not a str")
+  encodings = _truncating_copy(tokenizer, max_len).encode_batch(list(texts))
+  # Truncation with stride 0 moves the cut-off tokens into `overflowing`.
+  return [e.ids for e in encodings], np.asarray([bool(e.overflowing) for e in encodings], bool)
+
+
+def _bucket(longest: int, lengths: tuple[int, ...]) -> int:
+  return next(t for t in lengths if t >= longest)  # lengths end at max_len >= any truncated text
+
+
+def _pad(rows: list[list[int]], batch_size: int, width: int,
+         pad: int) -> tuple[Int[np.ndarray, "B T"], Bool[np.ndarray, "B T"]]:
+  """A [batch_size, width] batch; missing rows repeat the first row (their outputs are dropped)."""
+  rows = rows + [rows[0]] * (batch_size - len(rows))
+  ids = np.full((batch_size, width), pad, np.int32)
+  valid = np.zeros((batch_size, width), bool)
+  for i, row in enumerate(rows):
+    ids[i, :len(row)] = row
+    valid[i, :len(row)] = True
+  return ids, valid
+
+
+def encode(fn: EncodeFn, tokenizer: Tokenizer, texts: Sequence[str],
+           config: EncodeConfig = EncodeConfig(), *,
+           desc: str = "encode") -> tuple[tuple[np.ndarray, ...], EncodeStats]:
+  """Run ``fn`` over all texts in length-sorted, bucket-padded batches.
+
+  Args:
+    fn: ``(ids [B, T] int32, valid [B, T] bool) -> array or tuple of arrays [B, ...]``; pass a
+      jitted function (`mean_pooled`, `sparse_code`): it is called once per batch and compiles
+      once per distinct shape in `EncodeStats.shapes`.
+    tokenizer: the model's tokenizer.
+    texts: the texts to encode.
+    config: batching and padding.
+    desc: label of the progress bar.
+
+  Returns:
+    (outputs, stats): each output is a numpy array [N, ...] whose row i belongs to texts[i].
+  """
+  ids, truncated = tokenize(tokenizer, texts, config.max_len)
+  n, bs, pad = len(ids), config.batch_size, pad_id(tokenizer)
+  if n == 0:  # shapes from an abstract trace: nothing runs
+    probe = jax.ShapeDtypeStruct((1, config.lengths[0]), jnp.int32)
+    abstract = jax.eval_shape(fn, probe, jax.ShapeDtypeStruct(probe.shape, jnp.bool_))
+    outs = tuple(np.zeros((0, *a.shape[1:]), a.dtype) for a in _as_tuple(abstract))
+    return outs, EncodeStats(0, 0, ())
+  # Longest first: a batch too big for memory fails at once, and the progress bar's ETA is honest.
+  order = np.argsort([-len(x) for x in ids], kind="stable")
+  outs, shapes = None, {}
+  with tqdm(total=n, desc=desc, unit="text", disable=not config.progress) as bar:
+    for start in range(0, n, bs):
+      chosen = order[start:start + bs]
+      rows = [ids[i] for i in chosen]
+      batch_ids, batch_valid = _pad(rows, bs, _bucket(len(rows[0]), config.lengths), pad)
+      shapes[batch_ids.shape] = None
+      # device_get before the next dispatch: at most one batch of activations lives on device.
+      result = jax.device_get(_as_tuple(fn(jnp.asarray(batch_ids), jnp.asarray(batch_valid))))
+      if outs is None:
+        outs = tuple(np.empty((n, *r.shape[1:]), r.dtype) for r in result)
+      for out, r in zip(outs, result):
+        out[chosen] = r[:len(chosen)]
+      bar.update(len(chosen))
+  return outs, EncodeStats(n, int(truncated.sum()), tuple(shapes))
+
+
+def _as_tuple(x) -> tuple:
+  return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def mean_pooled(encoder: nnx.Module) -> EncodeFn:
+  """A jitted ``(ids, valid) -> v [B, D]``: masked mean of any encoder's last hidden state.
+
+  The encoder is any module called as ``encoder(ids, valid) -> [B, T, D]`` (saejax's BERT and
+  ModernBERT; an `Embedder`'s ``.encoder``). Parameters are captured once, as jit arguments, so
+  later calls reuse the compiled shapes.
+  """
+  graphdef, state = nnx.split(encoder)
+
+  @jax.jit
+  def forward(state, ids, valid):
+    return mean_pool(nnx.merge(graphdef, state)(ids, valid), valid)
+
+  return functools.partial(forward, state)
+
+
+def sparse_code(model: Embedder, k: int | None = None) -> EncodeFn:
+  """A jitted ``(ids, valid) -> (values [B, K], indices [B, K])``: the model's TopK SAE code.
+
+  Args:
+    model: the trained encoder + SAE.
+    k: active latents per text; None uses the training k (`SAEConfig.k`).
+  """
+  k = model.sae.config.k if k is None else k
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, ids, valid):
+    m = nnx.merge(graphdef, state)
+    code = m.sae.encode(m.dense(ids, valid), k)  # no decode: retrieval needs only the code
+    return code.values, code.indices
+
+  return functools.partial(forward, state)
+
+
+def encode_dense(encoder: nnx.Module, tokenizer: Tokenizer, texts: Sequence[str],
+                 config: EncodeConfig = EncodeConfig(), *, desc: str = "encode") -> DenseEmbeddings:
+  """Mean-pooled vectors of ``texts`` from any encoder module (not normalised).
+
+  Args:
+    encoder: called as ``encoder(ids, valid) -> [B, T, D]``.
+    tokenizer: the encoder's tokenizer.
+    texts: the texts.
+    config: batching and padding.
+    desc: label of the progress bar.
+  """
+  (v,), stats = encode(mean_pooled(encoder), tokenizer, texts, config, desc=desc)
+  return DenseEmbeddings(v, stats)
+
+
+def encode_sparse(model: Embedder, tokenizer: Tokenizer, texts: Sequence[str], k: int | None = None,
+                  config: EncodeConfig = EncodeConfig(), *, desc: str = "encode") -> SparseCodes:
+  """TopK SAE codes of ``texts``.
+
+  Args:
+    model: the encoder + SAE.
+    tokenizer: the encoder's tokenizer.
+    texts: the texts.
+    k: active latents per text; None uses the training k.
+    config: batching and padding.
+    desc: label of the progress bar.
+  """
+  (values, indices), stats = encode(sparse_code(model, k), tokenizer, texts, config, desc=desc)
+  return SparseCodes(values, indices, stats)

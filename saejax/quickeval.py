@@ -1,0 +1,422 @@
+"""Retrieval evaluation right after training, on a BEIR-format folder, next to two baselines.
+
+    python -m saejax.train --config configs/quickstart.py   # calls `run` if config.eval.enabled
+
+Systems, each ranking the top `RUN_DEPTH` (100) documents per query exactly:
+  * saejax: the trained `Embedder`'s TopK SAE codes (k may differ for queries and documents),
+    scored by sparse dot product, the similarity the model is trained with (scipy CSR matrices);
+  * "bm25": Okapi BM25 (Robertson & Zaragoza 2009) with bm25s (Lucene variant, k1=1.5, b=0.75),
+    lower-cased word tokens (regex ``\\w\\w+``), English stopwords removed and NO stemming:
+    PyStemmer is not a saejax dependency, so this baseline is a slightly conservative BM25;
+  * "dense": the untouched encoder the model was initialised from (`config.model.init_from`),
+    mean-pooled, cosine similarity (sentence-transformers' all-MiniLM-L6-v2 recipe).
+Documents with no score (no shared latent, no shared word) are not retrieved, so they never
+count as lucky ties.
+
+Metrics come from `ir_measures` (trec_eval's definitions through pytrec_eval): nDCG@10
+(Jarvelin & Kekalainen 2002), Recall@100 and MRR@10, averaged over every query with at least one
+relevant judgement (a query with nothing retrieved scores 0). Documents are embedded as "title text"
+like BEIR (and `saejax.data_sources`). With ``max_docs`` the corpus is subsampled: see `load_beir`.
+
+The pieces (`load_beir`, `eval_sparse`, `eval_bm25`, `eval_dense`, `evaluate`) are public for the
+full evaluation CLI in eval/; `run` prints an aligned table and writes ``workdir/eval.json``.
+"""
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, get_args
+
+import ir_measures
+import jax
+import ml_collections
+import numpy as np
+import scipy.sparse as sp
+from flax import nnx
+from ir_measures import RR, R, nDCG
+from jaxtyping import Float, Int
+from tokenizers import Tokenizer
+
+from saejax import convert
+from saejax.data_sources import _beir_document as beir_document
+from saejax.embedder import Embedder
+from saejax.encode import EncodeConfig, encode_dense, encode_sparse
+from saejax.errors import ConfigError, DataError
+from saejax.tokenizer import load_tokenizer
+
+Baseline = Literal["bm25", "dense"]
+RUN_DEPTH = 100  # documents ranked per query: Recall@100 needs the full 100
+MEASURES = {"ndcg@10": nDCG @ 10, "recall@100": R @ 100, "mrr@10": RR @ 10}
+# Scores held at once, as a dense [queries, docs] block: 2^24 float32 = 64 MiB.
+_SCORE_BLOCK = 1 << 24
+
+Run = dict[str, dict[str, float]]
+Qrels = dict[str, dict[str, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What to evaluate and how.
+
+  Attributes:
+    beir_dir: BEIR folder with corpus.jsonl, queries.jsonl and qrels/<split>.tsv.
+    split: qrels split.
+    max_docs: subsample the corpus to this many documents (0 = all); see `load_beir`.
+    baselines: systems to run beside the trained model.
+    k_query: active latents per query (0 = the model's training k).
+    k_doc: active latents per document (0 = the model's training k).
+    max_query_len: query token budget (training's `data.max_query_len` by default).
+    max_doc_len: document token budget (training's `data.max_doc_len` by default).
+    batch_size: texts per forward pass.
+    seed: seed of the subsample.
+    progress: show progress bars.
+  """
+  beir_dir: str
+  split: str = "test"
+  max_docs: int = 0
+  baselines: tuple[Baseline, ...] = ("bm25", "dense")
+  k_query: int = 0
+  k_doc: int = 0
+  max_query_len: int = 64
+  max_doc_len: int = 256
+  batch_size: int = 64
+  seed: int = 0
+  progress: bool = True
+
+  def __post_init__(self):
+    unknown = [b for b in self.baselines if b not in get_args(Baseline)]
+    if unknown:
+      raise ConfigError(f"eval.baselines has unknown entries {unknown}; choose from "
+                        f"{get_args(Baseline)}")
+    for name in ("max_docs", "k_query", "k_doc"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+        raise ConfigError(f"eval.{name}={getattr(self, name)!r} must be an int >= 0")
+
+  def encode_config(self, max_len: int) -> EncodeConfig:
+    return EncodeConfig(max_len=max_len, batch_size=self.batch_size, progress=self.progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class BeirData:
+  """A BEIR split in memory: texts in parallel with their ids, and graded relevance judgements."""
+  doc_ids: tuple[str, ...]
+  docs: tuple[str, ...]
+  query_ids: tuple[str, ...]
+  queries: tuple[str, ...]
+  qrels: Qrels  # query id -> {doc id: relevance}; every query has a relevance > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def _jsonl(path: Path, text_of) -> dict[str, str]:
+  if not path.is_file():
+    raise DataError(f"BEIR file {path} does not exist")
+  rows = {}
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        rows[str(row["_id"])] = text_of(row)
+      except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path} line {number}: not a JSON object with an _id ({e!r})") from None
+  return rows
+
+
+def read_qrels(path: Path) -> Qrels:
+  """BEIR qrels TSV (``query-id  corpus-id  score``, optional header) as {query: {doc: score}}."""
+  if not path.is_file():
+    raise DataError(f"BEIR qrels file {path} does not exist")
+  qrels: Qrels = {}
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      fields = line.rstrip("\r\n").split("\t")
+      if (number == 1 and fields[0] == "query-id") or not line.strip():
+        continue
+      if len(fields) != 3:
+        raise DataError(f"{path} line {number}: expected 3 tab-separated fields "
+                        f"(query-id, corpus-id, score), got {len(fields)}")
+      try:
+        score = int(fields[2])
+      except ValueError:
+        raise DataError(f"{path} line {number}: score {fields[2]!r} is not an integer") from None
+      qrels.setdefault(fields[0], {})[fields[1]] = score
+  return qrels
+
+
+def _subsample(doc_ids: list[str], qrels: Qrels, max_docs: int,
+               rng: np.random.Generator) -> tuple[set[str], Qrels]:
+  """(kept doc ids, kept qrels): every relevant doc of every kept query, then random distractors.
+
+  Relevant documents may fill at most half of the sample (else ranking would be trivial); when the
+  split has more, a random subset of queries is kept whose relevant documents fit.
+  """
+  relevant = {q: {d for d, s in judged.items() if s > 0} for q, judged in qrels.items()}
+  budget = max_docs // 2
+  if len(set().union(*relevant.values())) > budget:
+    kept_docs, kept_queries = set(), []
+    for q in rng.permutation(sorted(relevant)):
+      if len(kept_docs | relevant[q]) <= budget:
+        kept_docs |= relevant[q]
+        kept_queries.append(str(q))
+    if not kept_queries:
+      raise DataError(f"max_docs={max_docs} leaves no room for the relevant documents of any "
+                      f"query; raise max_docs")
+    qrels = {q: qrels[q] for q in sorted(kept_queries)}
+  keep = set().union(*({d for d, s in j.items() if s > 0} for j in qrels.values()))
+  others = [d for d in doc_ids if d not in keep]
+  extra = min(max_docs - len(keep), len(others))
+  keep |= {others[i] for i in rng.choice(len(others), extra, replace=False)}
+  return keep, qrels
+
+
+def load_beir(folder: str | Path, split: str, *, max_docs: int = 0, seed: int = 0) -> BeirData:
+  """Load a BEIR split, optionally subsampled to ``max_docs`` documents.
+
+  Only queries with at least one relevant judgement (score > 0) are kept. Subsampling keeps every
+  relevant document of the kept queries and fills the rest with random other documents; if the
+  relevant documents alone would take more than half of ``max_docs``, queries are first
+  subsampled at random until theirs fit in half.
+
+  Args:
+    folder: BEIR folder with corpus.jsonl, queries.jsonl and qrels/<split>.tsv.
+    split: qrels split name.
+    max_docs: documents to keep (0 = all).
+    seed: seed of the subsample.
+  """
+  folder = Path(folder)
+  if not folder.is_dir():
+    raise DataError(f"BEIR folder {folder} does not exist")
+  qrels_path = folder / "qrels" / f"{split}.tsv"
+  qrels = {q: j for q, j in read_qrels(qrels_path).items() if any(s > 0 for s in j.values())}
+  if not qrels:
+    raise DataError(f"{qrels_path} has no query with a relevant (score > 0) document")
+  corpus = _jsonl(folder / "corpus.jsonl", beir_document)
+  all_queries = _jsonl(folder / "queries.jsonl", lambda r: str(r.get("text") or "").strip())
+  for q, judged in qrels.items():
+    if q not in all_queries:
+      raise DataError(f"{qrels_path}: query-id {q!r} is not in {folder / 'queries.jsonl'}")
+    missing = [d for d in judged if d not in corpus]
+    if missing:
+      raise DataError(f"{qrels_path}: corpus-ids {missing[:3]} of query {q!r} are not in "
+                      f"{folder / 'corpus.jsonl'}")
+  doc_ids = list(corpus)
+  if max_docs and max_docs < len(doc_ids):
+    keep, qrels = _subsample(doc_ids, qrels, max_docs, np.random.default_rng(seed))
+    doc_ids = [d for d in doc_ids if d in keep]
+  query_ids = sorted(qrels)
+  return BeirData(tuple(doc_ids), tuple(corpus[d] for d in doc_ids), tuple(query_ids),
+                  tuple(all_queries[q] for q in query_ids), qrels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+def sparse_matrix(values: Float[np.ndarray, "N K"], indices: Int[np.ndarray, "N K"],
+                  num_latents: int) -> sp.csr_matrix:
+  """[N, S] CSR matrix of TopK codes; zero values (ReLU after TopK) are not stored."""
+  n, k = values.shape
+  m = sp.csr_matrix((values.reshape(-1).astype(np.float32), indices.reshape(-1),
+                     np.arange(0, n * k + 1, k)), shape=(n, num_latents))
+  m.sum_duplicates()
+  m.eliminate_zeros()
+  return m
+
+
+def _top(scores: Float[np.ndarray, "Q N"], depth: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per row, the ``depth`` highest scores and their columns, best first."""
+  depth = min(depth, scores.shape[1])
+  part = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+  part_scores = np.take_along_axis(scores, part, 1)
+  order = np.argsort(-part_scores, axis=1, kind="stable")
+  return np.take_along_axis(part, order, 1), np.take_along_axis(part_scores, order, 1)
+
+
+def _search(score_block, num_queries: int, num_docs: int,
+            depth: int) -> tuple[Int[np.ndarray, "Q R"], Float[np.ndarray, "Q R"]]:
+  rows = max(1, _SCORE_BLOCK // max(num_docs, 1))
+  tops = [_top(score_block(s, min(s + rows, num_queries)), depth)
+          for s in range(0, num_queries, rows)]
+  return np.concatenate([t[0] for t in tops]), np.concatenate([t[1] for t in tops])
+
+
+def search_sparse(q: sp.csr_matrix, d: sp.csr_matrix, depth: int = RUN_DEPTH
+                  ) -> tuple[Int[np.ndarray, "Q R"], Float[np.ndarray, "Q R"]]:
+  """Exact top-``depth`` documents per query by sparse dot product; -inf where nothing overlaps."""
+  if q.shape[1] != d.shape[1]:
+    raise ConfigError(f"query codes have {q.shape[1]} latents, document codes {d.shape[1]}")
+  dt = d.T.tocsc()
+
+  def block(start, stop):
+    scores = (q[start:stop] @ dt).toarray()
+    scores[scores <= 0] = -np.inf  # no shared active latent: not retrieved
+    return scores
+
+  return _search(block, q.shape[0], d.shape[0], depth)
+
+
+def search_dense(q: Float[np.ndarray, "Q D"], d: Float[np.ndarray, "N D"], depth: int = RUN_DEPTH
+                 ) -> tuple[Int[np.ndarray, "Q R"], Float[np.ndarray, "Q R"]]:
+  """Exact top-``depth`` documents per query by cosine similarity."""
+  if q.shape[1] != d.shape[1]:
+    raise ConfigError(f"query vectors {q.shape} and document vectors {d.shape} differ in width")
+  q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+  d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+  return _search(lambda start, stop: q[start:stop] @ d.T, q.shape[0], d.shape[0], depth)
+
+
+def to_run(data: BeirData, docs: Int[np.ndarray, "Q R"], scores: Float[np.ndarray, "Q R"]) -> Run:
+  """An ir_measures run {query id: {doc id: score}}; non-finite scores (not retrieved) left out."""
+  return {q: {data.doc_ids[d]: float(s) for d, s in zip(row_docs, row_scores) if np.isfinite(s)}
+          for q, row_docs, row_scores in zip(data.query_ids, docs, scores)}
+
+
+def evaluate(qrels: Qrels, run: Run) -> dict[str, float]:
+  """nDCG@10, Recall@100 and MRR@10, averaged over all queries of ``qrels`` (unranked ones: 0)."""
+  values = ir_measures.calc_aggregate(list(MEASURES.values()), qrels, run)
+  return {name: float(values[measure]) for name, measure in MEASURES.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Systems
+
+def eval_sparse(model: Embedder, tokenizer: Tokenizer, data: BeirData,
+                cfg: EvalConfig) -> dict[str, float]:
+  """Metrics of the model's sparse codes, with mean active latents and truncation counts."""
+  start = time.time()
+  k_q, k_d = cfg.k_query or model.sae.config.k, cfg.k_doc or model.sae.config.k
+  q = encode_sparse(model, tokenizer, data.queries, k_q, cfg.encode_config(cfg.max_query_len),
+                    desc="saejax queries")
+  d = encode_sparse(model, tokenizer, data.docs, k_d, cfg.encode_config(cfg.max_doc_len),
+                    desc="saejax docs")
+  s = model.sae.config.num_latents
+  q_m, d_m = sparse_matrix(q.values, q.indices, s), sparse_matrix(d.values, d.indices, s)
+  metrics = evaluate(data.qrels, to_run(data, *search_sparse(q_m, d_m)))
+  return {**metrics, "k_query": k_q, "k_doc": k_d,
+          "active_dims_query": float(np.diff(q_m.indptr).mean()),
+          "active_dims_doc": float(np.diff(d_m.indptr).mean()),
+          "truncated_queries": q.stats.num_truncated, "truncated_docs": d.stats.num_truncated,
+          "seconds": time.time() - start}
+
+
+def bm25_search(docs: Sequence[str], queries: Sequence[str],
+                depth: int = RUN_DEPTH) -> tuple[Int[np.ndarray, "Q R"], Float[np.ndarray, "Q R"]]:
+  """Top-``depth`` documents per query by BM25 (see the module docstring for the settings)."""
+  import bm25s  # pylint: disable=import-outside-toplevel  (only this baseline needs it)
+  logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s logs at DEBUG on import
+  retriever = bm25s.BM25()
+  retriever.index(bm25s.tokenize(list(docs), stopwords="en", show_progress=False),
+                  show_progress=False)
+  query_tokens = bm25s.tokenize(list(queries), stopwords="en", show_progress=False)
+  # numpy top-k, not bm25s' "auto" (which picks JAX): deterministic and leaves devices alone.
+  ranked, scores = retriever.retrieve(query_tokens, k=min(depth, len(docs)), show_progress=False,
+                                      backend_selection="numpy", n_threads=0)
+  return np.asarray(ranked), np.where(scores > 0, scores, -np.inf)  # no shared word: not retrieved
+
+
+def eval_bm25(data: BeirData) -> dict[str, float]:
+  """Metrics of the BM25 baseline."""
+  start = time.time()
+  metrics = evaluate(data.qrels, to_run(data, *bm25_search(data.docs, data.queries)))
+  return {**metrics, "seconds": time.time() - start}
+
+
+def eval_dense(encoder: nnx.Module, tokenizer: Tokenizer, data: BeirData,
+               cfg: EvalConfig) -> dict[str, float]:
+  """Metrics of mean-pooled cosine retrieval with ``encoder`` (the untouched-encoder baseline)."""
+  start = time.time()
+  q = encode_dense(encoder, tokenizer, data.queries, cfg.encode_config(cfg.max_query_len),
+                   desc="dense queries")
+  d = encode_dense(encoder, tokenizer, data.docs, cfg.encode_config(cfg.max_doc_len),
+                   desc="dense docs")
+  metrics = evaluate(data.qrels, to_run(data, *search_dense(q.v, d.v)))
+  return {**metrics, "truncated_queries": q.stats.num_truncated,
+          "truncated_docs": d.stats.num_truncated, "seconds": time.time() - start}
+
+
+# ---------------------------------------------------------------------------------------------
+# After training
+
+def eval_config(config: ml_collections.ConfigDict) -> EvalConfig:
+  """The typed `EvalConfig` of a training config's ``eval`` section.
+
+  Token budgets default to the training data's (``data.max_query_len`` / ``data.max_doc_len``).
+  """
+  section = {k: v for k, v in config.eval.to_dict().items() if k != "enabled"}
+  known = {f.name for f in dataclasses.fields(EvalConfig)}
+  unknown = sorted(set(section) - known)
+  if unknown:
+    raise ConfigError(f"config.eval has unknown keys {unknown}; EvalConfig takes {sorted(known)}")
+  data = config.get("data") or {}
+  for key in ("max_query_len", "max_doc_len"):
+    if key not in section and key in data:
+      section[key] = data[key]
+  section["baselines"] = tuple(section.get("baselines", ()))
+  return EvalConfig(**section)
+
+
+def _tokenizer(config: ml_collections.ConfigDict, vocab_size: int) -> Tokenizer:
+  # The same choice as saejax.train: model.tokenizer, else the init_from directory's.
+  path = config.model.get("tokenizer") or config.model.get("init_from")
+  if not path:
+    raise ConfigError("config.model.tokenizer is empty and there is no init_from to take it from")
+  path = path if str(path).endswith(".json") else convert.resolve(path)
+  return load_tokenizer(path, vocab_size=vocab_size)
+
+
+def format_table(result: dict) -> str:
+  """An aligned text table of `run`'s result."""
+  lines = [f"retrieval on {result['beir_dir']} [{result['split']}]: {result['num_queries']:,} "
+           f"queries x {result['num_docs']:,} documents",
+           f"{'system':<8} {'nDCG@10':>8} {'R@100':>8} {'MRR@10':>8} {'dims q/d':>12} {'time':>8}"]
+  for name, m in result["systems"].items():
+    dims = (f"{m['active_dims_query']:.1f}/{m['active_dims_doc']:.1f}"
+            if "active_dims_query" in m else "-")
+    lines.append(f"{name:<8} {m['ndcg@10']:>8.4f} {m['recall@100']:>8.4f} {m['mrr@10']:>8.4f} "
+                 f"{dims:>12} {m['seconds']:>7.1f}s")
+  return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, model: Embedder, workdir: str | Path) -> dict:
+  """Evaluate a trained model and the configured baselines; print a table, write eval.json.
+
+  Args:
+    config: the training config; reads ``eval``, ``model`` (tokenizer, init_from, dtype,
+      attention_backend) and ``data`` (token budgets).
+    model: the trained encoder + SAE.
+    workdir: where ``eval.json`` is written.
+
+  Returns:
+    {"beir_dir", "split", "num_queries", "num_docs", "systems": {name: metrics}}.
+  """
+  cfg = eval_config(config)
+  if jax.process_count() > 1:
+    raise ConfigError("quickeval runs in a single process; set config.eval.enabled=False for "
+                      "multi-process runs and evaluate the saved checkpoint afterwards")
+  init_from = config.model.get("init_from")
+  if "dense" in cfg.baselines and not init_from:
+    raise ConfigError("config.eval.baselines has 'dense' but config.model.init_from is empty: "
+                      "there is no untouched encoder to compare with")
+  tokenizer = _tokenizer(config, model.encoder.cfg.vocab_size)
+  data = load_beir(cfg.beir_dir, cfg.split, max_docs=cfg.max_docs, seed=cfg.seed)
+  systems = {"saejax": eval_sparse(model, tokenizer, data, cfg)}
+  if "bm25" in cfg.baselines:
+    systems["bm25"] = eval_bm25(data)
+  if "dense" in cfg.baselines:
+    overrides = {"dtype": config.model.get("dtype") or "float32"}
+    if config.model.get("attention_backend"):
+      overrides["attention_backend"] = config.model.attention_backend
+    _, encoder = convert.load_hf(init_from, head=False, **overrides)
+    systems["dense"] = eval_dense(encoder, tokenizer, data, cfg)
+  result = {"beir_dir": str(cfg.beir_dir), "split": cfg.split, "num_queries": len(data.query_ids),
+            "num_docs": len(data.doc_ids), "systems": systems}
+  print(format_table(result), flush=True)
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+  return result

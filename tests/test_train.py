@@ -1,0 +1,300 @@
+"""The training loop end to end: checkpoints, exact resume, sharding, configs, non-finite steps."""
+
+import functools
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from saejax import step as step_lib, train
+from saejax.errors import ConfigError, SaejaxError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "tiny_config.py"
+
+
+def _load_config(path: Path, arg=None):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _tiny(steps=6, **updates):
+  config = _load_config(TINY, str(steps))
+  for dotted, value in updates.items():
+    section, key = dotted.split(".")
+    config[section][key] = value
+  return config
+
+
+def _run(workdir: Path, *overrides, steps=6, env=None, wait=True):
+  cmd = [sys.executable, "-m", "saejax.train", f"--config={TINY}:{steps}", f"--workdir={workdir}",
+         *overrides]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env={**os.environ, **(env or {})})
+  if wait:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return out
+  return proc
+
+
+def _fingerprints(workdir: Path) -> dict[int, str]:
+  """step -> batch hash; a step seen twice (after a kill) must have seen the same batch."""
+  seen: dict[int, str] = {}
+  for line in (workdir / "batches.process0.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    assert seen.setdefault(row["step"], row["batch"]) == row["batch"], row
+  return seen
+
+
+def _final_params(workdir: Path, step: int):
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(workdir / "checkpoints" / str(step) / "state")["params"]
+
+
+def _assert_same_params(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _wait_for(predicate, proc, timeout=300):
+  start = time.time()
+  while not predicate():
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended before the event: {proc.communicate()[0]}")
+    if time.time() - start > timeout:
+      proc.kill()
+      raise AssertionError("timed out waiting for the run")
+    time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  out = _run(workdir, steps=40)
+  return workdir, out
+
+
+def test_run_writes_checkpoints_logs_and_summary(uninterrupted):
+  workdir, out = uninterrupted
+  assert "step     40/40" in out and "done: step 40" in out
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["step"] == 40 and summary["latest_checkpoint"] == 40
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [36, 38, 40]
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert {"loss", "info_nce", "fvu", "auxk", "l0", "dead_fraction", "hot_fraction", "grad_norm",
+          "param_norm", "update_norm", "lr_encoder", "lr_sae", "tokens_per_s"} <= rows[-1].keys()
+  assert rows[-1]["l0"] <= 8
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["sae"]["k"] == 8 and (workdir / "code_version.txt").read_text().strip()
+
+
+def test_resume_after_sigterm_is_exact(tmp_path, uninterrupted):
+  reference, _ = uninterrupted
+  proc = _run(tmp_path, steps=40, wait=False)
+  batches = tmp_path / "batches.process0.jsonl"
+  _wait_for(lambda: batches.exists() and len(batches.read_text().splitlines()) >= 5, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  stopped_at = json.loads((tmp_path / "summary.json").read_text())
+  assert stopped_at["preempted"] and 5 <= stopped_at["step"] < 40, out
+  assert stopped_at["latest_checkpoint"] == stopped_at["step"]  # saved on the way out
+  _run(tmp_path, steps=40)
+  assert _fingerprints(tmp_path) == _fingerprints(reference)
+  _assert_same_params(_final_params(tmp_path, 40), _final_params(reference, 40))
+
+
+def test_resume_after_kill9_is_exact(tmp_path, uninterrupted):
+  reference, _ = uninterrupted
+  proc = _run(tmp_path, steps=40, wait=False)
+  _wait_for(lambda: (tmp_path / "checkpoints" / "4").is_dir(), proc)  # renamed = complete
+  proc.kill()
+  proc.wait()
+  _run(tmp_path, steps=40)
+  assert _fingerprints(tmp_path) == _fingerprints(reference)
+  _assert_same_params(_final_params(tmp_path, 40), _final_params(reference, 40))
+
+
+SHARDED = """
+import json, sys
+import jax
+from saejax import train
+sys.path.insert(0, "tests")
+import tiny_config
+config = tiny_config.get_config("4")
+config.mesh.data, config.mesh.fsdp, config.mesh.tensor = {mesh}
+config.train.log_every = 1
+summary, state, _ = train.train(config, sys.argv[1])
+# Read the shardings the params actually have after training (not what the rules would say).
+unsharded = [f"{{jax.tree_util.keystr(path)}} {{x.shape}}"
+             for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
+             if x.size >= 1024 and x.sharding.is_fully_replicated]
+print("RESULT" + json.dumps({{"devices": jax.device_count(), "replicated": unsharded}}))
+"""
+
+
+@pytest.mark.parametrize("mesh", [(4, 2, 1), (2, 2, 2)])
+def test_sharded_run_matches_single_device(tmp_path, mesh):
+  def run(workdir, mesh, devices):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    out = subprocess.run([sys.executable, "-c", SHARDED.format(mesh=mesh), str(workdir)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.split("RESULT")[-1])
+    losses = [json.loads(x)["loss"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return result, losses
+
+  single, single_losses = run(tmp_path / "single", (1, 1, 1), 1)
+  sharded, sharded_losses = run(tmp_path / "sharded", mesh, 8)
+  assert single["devices"] == 1 and sharded["devices"] == 8
+  assert len(single_losses) == len(sharded_losses) == 4
+  np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-4)
+  assert sharded["replicated"] == []  # every parameter with >= 1024 elements is sharded
+
+
+def test_every_config_file_loads_and_builds():
+  """Each configs/*.py: get_config() and its runlocal variant build the model abstractly."""
+  files = sorted((REPO / "configs").glob("*.py"))
+  assert files
+  for file in files:
+    for arg in (None, "runlocal"):
+      config = _load_config(file, arg)
+      model = nnx.eval_shape(lambda: train.build_model(config, nnx.Rngs(0),
+                                                       load_weights=False)[1])
+      assert model.encoder is not None
+      train.data_config(config)  # sources and fields are valid
+      for section, cls in (("loss", step_lib.LossConfig), ("optim", step_lib.OptimConfig)):
+        train._dataclass(cls, config[section], section)
+      assert config.train.steps > 0, file
+
+
+def test_unknown_config_key_fails_at_start(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "saejax.train", f"--config={TINY}",
+                        f"--workdir={tmp_path}", "--config.sae.kk=3"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and "kk" in out.stderr
+  config = _tiny()
+  config.unlock()
+  config.loss.w_typo = 1.0
+  with pytest.raises(ConfigError, match=r"config.loss has unknown keys \['w_typo'\]"):
+    train._dataclass(step_lib.LossConfig, config.loss, "loss")
+
+
+def test_nonfinite_steps_are_skipped_and_counted():
+  config = _tiny()
+  _, model = train.build_model(config, nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  optim = step_lib.OptimConfig(warmup_steps=1, total_steps=10)
+  tx = step_lib.make_optimizer(optim, params)
+  state = step_lib.init_state(model, tx)
+  rng = np.random.default_rng(0)
+  batch = {"q_ids": rng.integers(1000, 2000, (4, 8)).astype(np.int32),
+           "q_valid": np.ones((4, 8), bool),
+           "d_ids": rng.integers(1000, 2000, (4, 1, 12)).astype(np.int32),
+           "d_valid": np.ones((4, 1, 12), bool)}
+  step = functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, optim_cfg=optim)
+  bad = step_lib.LossConfig(temperature=float("nan"))  # injected: NaN loss and gradients
+  new, metrics = jax.jit(functools.partial(step, loss_cfg=bad))(state, batch)
+  assert not np.isfinite(float(metrics["loss"])) and int(new.skipped) == 1
+  assert int(new.consecutive_skips) == 1 and int(new.step) == 1
+  _assert_same_params(new.params, state.params)
+  _assert_same_params(new.opt_state, state.opt_state)
+  good_step = jax.jit(functools.partial(step, loss_cfg=step_lib.LossConfig()))
+  good, _ = good_step(new, batch)  # the warm-up starts at lr 0: a second step moves the params
+  good, _ = good_step(good, batch)
+  assert int(good.consecutive_skips) == 0 and int(good.skipped) == 1
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(good.params),
+                                                       jax.tree.leaves(state.params))]
+  assert all(changed)
+
+
+def test_too_many_nonfinite_steps_stop_with_last_good_checkpoint(tmp_path):
+  config = _tiny(steps=12)
+  config.train.max_consecutive_skips = 3
+  config.train.log_every = 1
+  train.train(config, tmp_path)  # 12 good steps, checkpoints up to 12
+  config.train.steps = config.optim.total_steps = 30
+  config.loss.temperature = float("nan")  # injected fault: every later step is NaN
+  with pytest.raises(SaejaxError, match=r"3 consecutive steps had a non-finite loss.*"
+                                        r"last good checkpoint is step 12"):
+    train.train(config, tmp_path)
+  assert (tmp_path / "checkpoints" / "12").is_dir()
+
+
+def test_frozen_encoder_and_dense_ablation():
+  config = _tiny()
+  _, model = train.build_model(config, nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  optim = step_lib.OptimConfig(warmup_steps=1, total_steps=10, freeze_encoder=True)
+  tx = step_lib.make_optimizer(optim, params)
+  state = step_lib.init_state(model, tx)
+  rng = np.random.default_rng(1)
+  batch = {"q_ids": rng.integers(1000, 2000, (4, 8)).astype(np.int32),
+           "q_valid": np.ones((4, 8), bool),
+           "d_ids": rng.integers(1000, 2000, (4, 2, 12)).astype(np.int32),
+           "d_valid": np.ones((4, 2, 12), bool)}
+  new, _ = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
+                                     loss_cfg=step_lib.LossConfig(), optim_cfg=optim))(state, batch)
+  _assert_same_params(new.params["encoder"], state.params["encoder"])
+  assert not np.array_equal(new.params["sae"]["w_enc"].get_value(),
+                            state.params["sae"]["w_enc"].get_value())
+  w_dec = np.asarray(new.params["sae"]["w_dec"].get_value())
+  np.testing.assert_allclose(np.linalg.norm(w_dec, axis=1), 1.0, rtol=1e-5)
+
+  config.sae.enabled = False
+  _, dense = train.build_model(config, nnx.Rngs(0))
+  assert dense.sae is None
+  graphdef, params = nnx.split(dense, nnx.Param)
+  optim = step_lib.OptimConfig(warmup_steps=1, total_steps=10)
+  tx = step_lib.make_optimizer(optim, params)
+  state = step_lib.init_state(dense, tx)
+  new, metrics = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
+                                           loss_cfg=step_lib.LossConfig(), optim_cfg=optim))(
+      state, batch)
+  assert np.isfinite(float(metrics["info_nce"])) and new.since_fired is None
+
+
+def test_gradient_accumulation_averages_micro_batch_gradients():
+  config = _tiny()
+  _, model = train.build_model(config, nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  rng = np.random.default_rng(2)
+  batch = {"q_ids": rng.integers(1000, 2000, (4, 8)).astype(np.int32),
+           "q_valid": np.ones((4, 8), bool),
+           "d_ids": rng.integers(1000, 2000, (4, 1, 12)).astype(np.int32),
+           "d_valid": np.ones((4, 1, 12), bool)}
+  loss_cfg = step_lib.LossConfig()
+  optim = step_lib.OptimConfig(warmup_steps=1, total_steps=10, grad_accum=2)
+  tx = step_lib.make_optimizer(optim, params)
+  state = step_lib.init_state(model, tx)
+  new, metrics = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
+                                           optim_cfg=optim, loss_cfg=loss_cfg))(state, batch)
+
+  def grads(half):
+    micro = {k: v[2 * half:2 * half + 2] for k, v in batch.items()}
+    loss = lambda p: step_lib.compute_loss(nnx.merge(graphdef, p), micro, state.since_fired,
+                                           state.step, loss_cfg)[0]
+    return jax.grad(loss)(params)
+
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, grads(0), grads(1))
+  mean = step_lib._project_decoder_grad(mean, params)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), float(step_lib._tree_norm(mean)),
+                             rtol=1e-5)
+  assert int(new.step) == 1
