@@ -1,0 +1,93 @@
+"""Every training config field, with its default and one comment. configs/*.py start from here.
+
+The defaults are the base recipe's model-independent settings (S = 16,384 latents, k = 64, the loss
+weights of Gao et al. 2024 and CSR); a config file overrides what differs and states its command,
+hardware and expected result in its docstring. Library code never reads a ConfigDict: `saejax.train`
+turns each section into a typed, frozen dataclass and fails on unknown keys.
+"""
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.init_from = ""                  # HF directory or hub id of the encoder's weights
+  c.model.hf_config = ml_collections.ConfigDict()  # architecture (config.json dict); for a random
+  #                                         init, and for shape checks without the weights
+  c.model.tokenizer = ""                  # tokenizer.json or its directory; "" = init_from's
+  c.model.attention_backend = ""          # xla / cudnn / splash; "" = the platform's default
+  c.model.dtype = "float32"               # compute dtype (bfloat16 on GPU/TPU); params stay fp32
+
+  c.sae = ml_collections.ConfigDict()
+  c.sae.enabled = True                    # False: the dense ablation (InfoNCE on pooled v, cosine)
+  c.sae.num_latents = 16384               # S, the dictionary size (CSR, OpenAI)
+  c.sae.k = 64                            # active latents per text
+  c.sae.k_aux = 512                       # AuxK latents (Gao et al. appendix A.2; CSR)
+  c.sae.dead_after_tokens = 1_000_000     # texts without firing before a latent counts as dead
+  c.sae.b_pre_init = "geometric_median"   # b_pre from data (Gao et al. sec 2.1): or "mean"
+  c.sae.b_pre_init_batches = 8            # batches of documents used for it (0 = leave at 0)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.temperature = 1.0                # InfoNCE logits = dot(z_q, z_d) / temperature
+  c.loss.w_contrastive = 1.0
+  c.loss.w_fvu = 1.0                      # reconstruction: fraction of variance unexplained
+  c.loss.w_multi_k = 0.125                # Gao et al. Multi-TopK: FVU at multi_k_factor * k, 1/8
+  c.loss.multi_k_factor = 4
+  c.loss.w_auxk = 1 / 32                  # Gao et al. appendix A.2
+  c.loss.w_flops_q = 0.0                  # FLOPS regulariser (SPLADE) on query codes
+  c.loss.w_flops_d = 0.0                  # ... and on document codes
+  c.loss.flops_warmup_steps = 0           # quadratic ramp of both FLOPS weights
+  c.loss.w_spread_out = 0.0               # GOR second-moment term (EmbeddingGemma)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr_encoder = 2e-5               # peak learning rates per parameter group
+  c.optim.lr_sae = 1e-3
+  c.optim.warmup_steps = 100              # linear warm-up, counted inside total_steps
+  c.optim.total_steps = 10_000            # cosine decay horizon (usually = train.steps)
+  c.optim.end_lr_fraction = 0.1           # final lr as a fraction of the peak
+  c.optim.weight_decay_encoder = 0.01
+  c.optim.weight_decay_sae = 0.0          # OpenAI's TopK SAEs train without weight decay
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.clip_norm = 1.0                 # global gradient-norm clip
+  c.optim.freeze_encoder = False          # True: CSR-style ablation, only the SAE trains
+  c.optim.grad_accum = 1                  # micro-batches per step (negatives per micro-batch)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.sources = []                     # dicts of saejax.data_sources.SourceConfig fields
+  c.data.global_batch_size = 32           # records per step over all processes
+  c.data.max_query_len = 32               # token budgets incl. [CLS]/[SEP]; longer is truncated
+  c.data.max_doc_len = 256
+  c.data.buckets = (32, 64, 128, 256, 512)  # allowed padded lengths (padding = "bucket")
+  c.data.padding = "bucket"               # "fixed" pads to the max lengths (multi-host safe)
+  c.data.num_hard_negatives = 0           # H per query; mined with BM25 where a source has none
+  c.data.seed = 0                         # shuffle seed
+  c.data.shuffle = True
+  c.data.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat forever
+  c.data.on_bad_record = "raise"          # or "skip": drop and count malformed records
+  c.data.read_threads = 2
+  c.data.prefetch_batches = 4
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                        # data-parallel replicas; -1 = the remaining devices
+  c.mesh.fsdp = 1                         # parameter sharding (ZeRO-3 style)
+  c.mesh.tensor = 1                       # tensor parallelism (heads, MLP, SAE latents)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 10_000
+  c.train.seed = 0                        # parameter init
+  c.train.log_every = 50
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3
+  c.train.max_consecutive_skips = 10      # non-finite steps in a row before the run stops
+  c.train.log_batch_fingerprints = False  # write a hash of every batch (proves exact resume)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.enabled = False                  # after training: retrieval on a BEIR folder
+  c.eval.beir_dir = ""
+  c.eval.split = "test"
+  c.eval.max_docs = 0                     # 0 = all documents
+  c.eval.baselines = ("bm25", "dense")    # systems to print next to saejax
+  return c
