@@ -120,6 +120,8 @@ class ModernBertConfig:
         "rope_theta", d.get("local_rope_theta", 10_000.0))
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in d.items() if k in fields and k != "layer_types" and v is not None}
+    # The MLM head is part of the model when config.json names the MaskedLM task model.
+    kwargs.setdefault("mlm_head", "ModernBertForMaskedLM" in (d.get("architectures") or []))
     return cls(**{**kwargs, "num_hidden_layers": n, "layer_types": layer_types,
                   "global_rope_theta": float(global_theta), "local_rope_theta": float(local_theta),
                   **overrides})

@@ -1,0 +1,73 @@
+"""Conversion CLI, Orbax encoder checkpoints and tokenizer checks."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from saejax import checkpoint, convert
+from saejax.errors import CheckpointError, ConfigError
+from saejax.tokenizer import load_tokenizer, pad_id
+
+TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=2, local_attention=8, max_position_embeddings=64, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+
+
+@pytest.fixture
+def hf_dir(tmp_path, data_dir):
+  torch.manual_seed(0)
+  model = transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(**TINY))
+  model.save_pretrained(tmp_path / "hf")
+  (tmp_path / "hf" / "tokenizer.json").write_bytes(
+      (data_dir / "modernbert-tokenizer" / "tokenizer.json").read_bytes())
+  return tmp_path / "hf"
+
+
+def test_cli_round_trip_through_orbax(tmp_path, hf_dir, capsys):
+  convert.main(["hf-to-saejax", str(hf_dir), str(tmp_path / "ckpt")])
+  assert "tokenizer.json" in capsys.readouterr().out
+  assert (tmp_path / "ckpt" / "params").is_dir() and (tmp_path / "ckpt" / "tokenizer.json").exists()
+  convert.main(["saejax-to-hf", str(tmp_path / "ckpt"), str(tmp_path / "back")])
+  a, b = convert.read_tensors(hf_dir), convert.read_tensors(tmp_path / "back")
+  a.pop("decoder.weight", None)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  reloaded = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "back")
+  assert reloaded.config.layer_types == transformers.AutoConfig.from_pretrained(hf_dir).layer_types
+
+
+def test_orbax_restore_equals_saved(tmp_path, hf_dir):
+  cfg, model = convert.load_hf(hf_dir, head=False)
+  checkpoint.save_encoder(cfg, model, tmp_path / "ckpt")
+  cfg2, model2 = checkpoint.restore_encoder(tmp_path / "ckpt")
+  assert cfg2 == cfg
+  ids = np.arange(3, 23, dtype=np.int32)[None]
+  np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model2(ids)))
+  with pytest.raises(CheckpointError, match="refusing to overwrite"):
+    checkpoint.save_encoder(cfg, model, tmp_path / "ckpt")
+
+
+def test_restore_rejects_a_config_that_does_not_fit(tmp_path, hf_dir):
+  cfg, model = convert.load_hf(hf_dir, head=False)
+  checkpoint.save_encoder(cfg, model, tmp_path / "ckpt")
+  text = (tmp_path / "ckpt" / "config.json").read_text().replace('"hidden_size": 32',
+                                                                 '"hidden_size": 64')
+  (tmp_path / "ckpt" / "config.json").write_text(text)
+  with pytest.raises(CheckpointError, match="does not fit the model"):
+    checkpoint.restore_encoder(tmp_path / "ckpt")
+
+
+def test_tokenizer_vocab_mismatch_is_caught(data_dir):
+  path = data_dir / "modernbert-tokenizer" / "tokenizer.json"
+  tok = load_tokenizer(path, vocab_size=50368)
+  assert pad_id(tok) == 50283
+  with pytest.raises(ConfigError, match="emits ids up to 50367 .*only 30522 embedding rows"):
+    load_tokenizer(path, vocab_size=30522)
+
+
+def test_bad_tokenizer_file(tmp_path):
+  (tmp_path / "tokenizer.json").write_text("{not json")
+  with pytest.raises(ConfigError, match="not a valid tokenizer.json"):
+    load_tokenizer(tmp_path)
+  with pytest.raises(ConfigError, match="no tokenizer.json"):
+    load_tokenizer(tmp_path / "missing")
