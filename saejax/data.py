@@ -45,7 +45,7 @@ from tokenizers import Tokenizer
 from saejax.data_sources import (Bm25NegativesSource, OnBadRecord, Record, RecordSource,
                                  SourceConfig, open_source)
 from saejax.errors import ConfigError, DataError
-from saejax.tokenizer import pad_id
+from saejax.tokenizer import pad_id, truncating_copy
 
 __all__ = ["Batch", "BatchTokenizer", "DataConfig", "Pipeline", "SourceConfig", "bucket_length",
            "make_iterator", "make_pipeline", "pad_batch"]
@@ -130,14 +130,6 @@ def bucket_length(longest: int, buckets: Sequence[int]) -> int:
   raise ConfigError(f"a sequence of {longest} tokens fits no bucket in {tuple(buckets)}")
 
 
-def _truncating_copy(tokenizer: Tokenizer, max_len: int) -> Tokenizer:
-  # A private copy: queries and documents need different truncation, and the caller's tokenizer
-  # (MiniLM's pads to 128 by default) must not be changed under them.
-  copy = Tokenizer.from_str(tokenizer.to_str())
-  copy.no_padding()
-  copy.enable_truncation(max_length=max_len)
-  return copy
-
 
 class BatchTokenizer:
   """grain `batch_fn`: a list of records -> a `Batch` of bucketed, padded token ids."""
@@ -149,8 +141,8 @@ class BatchTokenizer:
     if tokenizer.post_processor is None:
       raise ConfigError("the tokenizer has no post-processor, so it would add no [CLS]/[SEP]; "
                         "load the model's own tokenizer.json")
-    self._query_tok = _truncating_copy(tokenizer, max_query_len)
-    self._doc_tok = _truncating_copy(tokenizer, max_doc_len)
+    self._query_tok = truncating_copy(tokenizer, max_query_len)
+    self._doc_tok = truncating_copy(tokenizer, max_doc_len)
     self.pad_id = pad_id(tokenizer)
     self.max_query_len, self.max_doc_len = max_query_len, max_doc_len
     self.num_negatives, self.buckets, self.padding = num_negatives, tuple(buckets), padding

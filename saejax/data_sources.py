@@ -186,9 +186,10 @@ class JsonlTable:
       self._fd = None
 
 
-def _read_jsonl_texts(path: Path, wanted: set[str], text_of, on_bad_record: OnBadRecord,
-                      problems: list[str]) -> dict[str, str]:
-  """{_id: text_of(row)} for the rows of a BEIR jsonl file whose `_id` is in `wanted`."""
+def read_beir_texts(path: Path, wanted: set[str] | None, text_of, on_bad_record: OnBadRecord = "raise",
+                    problems: list[str] | None = None) -> dict[str, str]:
+  """{_id: text_of(row)} for the rows of a BEIR jsonl file whose `_id` is in `wanted` (None: all);
+  with on_bad_record="skip", bad lines are described in `problems` and skipped."""
   if not path.is_file():
     raise DataError(f"BEIR file {path} does not exist")
   texts = {}
@@ -203,14 +204,15 @@ def _read_jsonl_texts(path: Path, wanted: set[str], text_of, on_bad_record: OnBa
         message = f"{path} line {number}: not a JSON object with an _id ({e!r})"
         if on_bad_record == "raise":
           raise DataError(message) from None
-        problems.append(message)
+        if problems is not None:
+          problems.append(message)
         continue
-      if key in wanted:
+      if wanted is None or key in wanted:
         texts[key] = text_of(row)
   return texts
 
 
-def _beir_document(row: Mapping[str, Any]) -> str:
+def beir_document(row: Mapping[str, Any]) -> str:
   # BEIR's own evaluation (and sentence-transformers') embeds a document as "title text".
   title, text = str(row.get("title") or "").strip(), str(row.get("text") or "").strip()
   return f"{title} {text}" if title and text else title or text
@@ -240,10 +242,10 @@ class BeirTable:
           self._lines.append((number, fields))
     query_ids = {fields[0] for _, fields in self._lines}
     doc_ids = {fields[1] for _, fields in self._lines if len(fields) > 1}
-    self._queries = _read_jsonl_texts(self.folder / "queries.jsonl", query_ids,
+    self._queries = read_beir_texts(self.folder / "queries.jsonl", query_ids,
                                       lambda r: str(r.get("text") or "").strip(),
                                       on_bad_record, self.load_problems)
-    self._docs = _read_jsonl_texts(self.folder / "corpus.jsonl", doc_ids, _beir_document,
+    self._docs = read_beir_texts(self.folder / "corpus.jsonl", doc_ids, beir_document,
                                    on_bad_record, self.load_problems)
 
   def __len__(self) -> int:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from saejax.embedder import Embedder, mean_pool
 from saejax.errors import ConfigError, DataError
-from saejax.tokenizer import pad_id
+from saejax.tokenizer import pad_id, truncating_copy
 
 # A forward pass over one padded batch: one array, or a tuple of arrays, each with leading axis B.
 EncodeFn = Callable[[Int[Array, "B T"], Bool[Array, "B T"]], Array | tuple[Array, ...]]
@@ -98,14 +98,6 @@ class SparseCodes(NamedTuple):
   stats: EncodeStats
 
 
-def _truncating_copy(tokenizer: Tokenizer, max_len: int) -> Tokenizer:
-  # A private copy: the caller's tokenizer (MiniLM's pads to 128 by default) must not change under
-  # it. Same settings as saejax.data's training batches, so texts are cut the way they were trained.
-  copy = Tokenizer.from_str(tokenizer.to_str())
-  copy.no_padding()
-  copy.enable_truncation(max_length=max_len)
-  return copy
-
 
 def tokenize(tokenizer: Tokenizer, texts: Sequence[str],
              max_len: int) -> tuple[list[list[int]], Bool[np.ndarray, "N"]]:
@@ -123,7 +115,7 @@ def tokenize(tokenizer: Tokenizer, texts: Sequence[str],
   bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
   if bad is not None:
     raise DataError(f"texts[{bad}] is a {type(texts[bad]).__name__}, not a str")
-  encodings = _truncating_copy(tokenizer, max_len).encode_batch(list(texts))
+  encodings = truncating_copy(tokenizer, max_len).encode_batch(list(texts))
   # Truncation with stride 0 moves the cut-off tokens into `overflowing`.
   return [e.ids for e in encodings], np.asarray([bool(e.overflowing) for e in encodings], bool)
 

@@ -41,7 +41,7 @@ from jaxtyping import Float, Int
 from tokenizers import Tokenizer
 
 from saejax import convert
-from saejax.data_sources import _beir_document as beir_document
+from saejax.data_sources import beir_document, read_beir_texts
 from saejax.embedder import Embedder
 from saejax.encode import EncodeConfig, encode_dense, encode_sparse
 from saejax.errors import ConfigError, DataError
@@ -112,22 +112,6 @@ class BeirData:
 # ---------------------------------------------------------------------------------------------
 # Loading
 
-def _jsonl(path: Path, text_of) -> dict[str, str]:
-  if not path.is_file():
-    raise DataError(f"BEIR file {path} does not exist")
-  rows = {}
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-        rows[str(row["_id"])] = text_of(row)
-      except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise DataError(f"{path} line {number}: not a JSON object with an _id ({e!r})") from None
-  return rows
-
-
 def read_qrels(path: Path) -> Qrels:
   """BEIR qrels TSV (``query-id  corpus-id  score``, optional header) as {query: {doc: score}}."""
   if not path.is_file():
@@ -196,8 +180,9 @@ def load_beir(folder: str | Path, split: str, *, max_docs: int = 0, seed: int = 
   qrels = {q: j for q, j in read_qrels(qrels_path).items() if any(s > 0 for s in j.values())}
   if not qrels:
     raise DataError(f"{qrels_path} has no query with a relevant (score > 0) document")
-  corpus = _jsonl(folder / "corpus.jsonl", beir_document)
-  all_queries = _jsonl(folder / "queries.jsonl", lambda r: str(r.get("text") or "").strip())
+  corpus = read_beir_texts(folder / "corpus.jsonl", None, beir_document)
+  all_queries = read_beir_texts(folder / "queries.jsonl", None,
+                                lambda r: str(r.get("text") or "").strip())
   for q, judged in qrels.items():
     if q not in all_queries:
       raise DataError(f"{qrels_path}: query-id {q!r} is not in {folder / 'queries.jsonl'}")

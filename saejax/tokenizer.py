@@ -43,3 +43,16 @@ def pad_id(tok: Tokenizer) -> int:
     if (i := tok.token_to_id(name)) is not None:
       return i
   raise ConfigError("the tokenizer has no padding settings and no [PAD] or <pad> token")
+
+
+def truncating_copy(tokenizer: Tokenizer, max_len: int) -> Tokenizer:
+  """A copy that truncates to `max_len` tokens ([CLS]/[SEP] kept) and does not pad.
+
+  A copy, because queries and documents need different budgets and the caller's tokenizer (MiniLM's
+  pads to 128 by default) must not change under it. Training batches (saejax.data) and encoding
+  (saejax.encode) both cut texts here, so texts are cut at inference the way they were in training.
+  """
+  copy = Tokenizer.from_str(tokenizer.to_str())
+  copy.no_padding()
+  copy.enable_truncation(max_length=max_len)
+  return copy
