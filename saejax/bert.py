@@ -33,7 +33,7 @@ from jaxtyping import Array, Bool, Float, Int
 from saejax import convert
 from saejax.attention import BACKENDS, Backend, attention
 from saejax.errors import ConfigError, DataError
-from saejax.params import Axes, layer_norm, normal, ones, param, zeros
+from saejax.params import Axes, layer_norm, linear, normal, ones, param, zeros
 
 Activation = Literal["gelu", "gelu_python", "gelu_new", "gelu_pytorch_tanh"]
 # transformers' ACT2FN names -> the same function in JAX. "gelu"/"gelu_python" are the exact erf
@@ -158,7 +158,7 @@ class Dense(nnx.Module):
     self.bias = param(rngs, zeros(), (d_out,), bias_axes, param_dtype)
 
   def __call__(self, x: Float[Array, "... I"]) -> Float[Array, "... O"]:
-    return x @ self.kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+    return linear(x, self.kernel[...], self.bias[...])
 
 
 class Norm(nnx.Module):

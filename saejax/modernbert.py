@@ -30,7 +30,7 @@ from jaxtyping import Array, Bool, Float, Int
 from saejax import convert
 from saejax.attention import Backend, attention
 from saejax.errors import ConfigError
-from saejax.params import layer_norm, normal, ones, param, zeros
+from saejax.params import layer_norm, linear, normal, ones, param, zeros
 
 LayerType = Literal["full_attention", "sliding_attention"]
 
@@ -187,12 +187,12 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Float[Array, "B T D"], valid: Bool[Array, "B T"]) -> Float[Array, "B T D"]:
     b, t, d = x.shape
-    qkv = (x @ self.wqkv[...].astype(x.dtype)).reshape(b, t, 3, self.num_heads, self.head_dim)
+    qkv = linear(x, self.wqkv[...]).reshape(b, t, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     cos, sin = rope_tables(jnp.arange(t), self.head_dim, self.theta)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = attention(q, k, v, valid=valid, window=self.window, backend=self.backend)
-    return out.reshape(b, t, d) @ self.wo[...].astype(x.dtype)
+    return linear(out.reshape(b, t, d), self.wo[...])
 
 
 class GeGLU(nnx.Module):
@@ -204,8 +204,8 @@ class GeGLU(nnx.Module):
     self.wo = param(rngs, normal(), (f, d), ("mlp", "embed"), param_dtype)
 
   def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-    h, gate = jnp.split(x @ self.wi[...].astype(x.dtype), 2, axis=-1)
-    return (jax.nn.gelu(h, approximate=False) * gate) @ self.wo[...].astype(x.dtype)
+    h, gate = jnp.split(linear(x, self.wi[...]), 2, axis=-1)
+    return linear(jax.nn.gelu(h, approximate=False) * gate, self.wo[...])
 
 
 class Norm(nnx.Module):
@@ -270,9 +270,9 @@ class ModernBert(nnx.Module):
     """Masked-LM logits from the last hidden state (decoder tied to the token embeddings)."""
     if not self.cfg.mlm_head:
       raise ConfigError("this ModernBert was built without the MLM head (cfg.mlm_head=False)")
-    h = jax.nn.gelu(hidden @ self.head_dense[...].astype(hidden.dtype), approximate=False)
+    h = jax.nn.gelu(linear(hidden, self.head_dense[...]), approximate=False)
     h = self.head_norm(h)
-    return h @ self.tok_embeddings[...].astype(h.dtype).T + self.decoder_bias[...].astype(h.dtype)
+    return linear(h, self.tok_embeddings[...].T, self.decoder_bias[...])
 
 
 def num_params(model: nnx.Module) -> int:
