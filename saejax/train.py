@@ -25,7 +25,8 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from saejax import attention, checkpoint, convert, data, sae as sae_lib, sharding, step as step_lib
+from saejax import (attention, checkpoint, convert, data, distributed, sae as sae_lib, sharding,
+                    step as step_lib)
 from saejax.data_sources import SourceConfig
 from saejax.embedder import Embedder
 from saejax.errors import ConfigError, SaejaxError
@@ -194,6 +195,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   loss_cfg = _dataclass(step_lib.LossConfig, config.loss, "loss")
   optim_cfg = _dataclass(step_lib.OptimConfig, config.optim, "optim")
   data_cfg = data_config(config)
+  distributed.check_padding(data_cfg.padding)
 
   rngs = nnx.Rngs(tc.seed)
   enc_cfg, model = build_model(config, rngs)
@@ -211,8 +213,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   resuming = ckpt.latest_step() is not None
   if not resuming and model.sae is not None and config.sae.get("b_pre_init_batches", 0):
     sample_iter = make_iter()
-    init_b_pre_from_data(model, [next(sample_iter) for _ in range(config.sae.b_pre_init_batches)],
-                         config.sae.b_pre_init)
+    # From the global batches: every process must compute the same b_pre.
+    samples = [next(sample_iter) for _ in range(config.sae.b_pre_init_batches)]
+    init_b_pre_from_data(model, distributed.gather_batches(samples), config.sae.b_pre_init)
 
   graphdef, params = nnx.split(model, nnx.Param)
   tx = step_lib.make_optimizer(optim_cfg, params)
@@ -237,7 +240,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   n_encoder = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params["encoder"]))
   peak = step_lib.peak_flops(jax.devices()[0])
   writer = MetricWriter(workdir, tc.steps)
-  preempt = Preemption()
+  preempt = distributed.Preemption()
   step = int(state.step)
   fingerprints = (open(workdir / f"batches.process{jax.process_index()}.jsonl", "a")
                   if tc.get("log_batch_fingerprints") else None)
@@ -251,6 +254,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
       batch = _global_batch(local, mesh)
       state, metrics = train_step(state, batch)
       step += 1
+      preempt.update(step)  # several processes: stop at the same step
       window_tokens += int(local["q_valid"].sum() + local["d_valid"].sum()) * jax.process_count()
       if step % tc.log_every == 0 or step == tc.steps:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -316,6 +320,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
     logging.set_verbosity(logging.WARNING)
+  try:
+    distributed.initialize()  # before anything touches a device
+  except SaejaxError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   config = _CONFIG.value
   if _INIT_FROM.value:
     config.unlock()
@@ -329,7 +338,9 @@ def main(argv):
     sys.exit(2)
   print(f"done: step {summary['step']} in {summary['wall_s'] / 60:.1f} min; checkpoints in "
         f"{summary['checkpoints']} (latest {summary['latest_checkpoint']})")
-  if config.get("eval") and config.eval.get("enabled") and not summary["preempted"]:
+  if config.get("eval") and config.eval.get("enabled") and jax.process_count() > 1:
+    print("eval skipped: quickeval runs in one process; evaluate the checkpoint afterwards")
+  elif config.get("eval") and config.eval.get("enabled") and not summary["preempted"]:
     from saejax import quickeval
     quickeval.run(config, nnx.merge(graphdef, state.params), workdir)
 
