@@ -26,6 +26,7 @@ def get_config(arg: str | None = None):
   c.model.init_from = "answerdotai/ModernBERT-base"
   c.model.hf_config.update(MODERNBERT_BASE)
   c.model.dtype = "bfloat16"
+  c.model.remat = True                    # 64 records/device: activations need recomputation
 
   c.loss.temperature = 0.05               # codes are unnormalised dot products: see README
   c.loss.w_flops_q = 1e-4
@@ -70,6 +71,7 @@ def shrink(c):
   c.model.hf_config.update(dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                 num_attention_heads=4, local_attention=16))
   c.model.dtype = "float32"
+  c.model.remat = False
   c.sae.num_latents, c.sae.k, c.sae.k_aux, c.sae.b_pre_init_batches = 256, 8, 16, 1
   c.data.sources = [dict(kind="jsonl", path=str(repo / "data/debian-quickstart/train.jsonl"),
                          query_field="query", positive_field="document", max_records=200)]

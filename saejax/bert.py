@@ -34,6 +34,7 @@ from saejax import convert
 from saejax.attention import BACKENDS, Backend, attention
 from saejax.errors import ConfigError, DataError
 from saejax.params import Axes, layer_norm, linear, normal, ones, param, zeros
+from saejax.sharding import constrain_batch
 
 Activation = Literal["gelu", "gelu_python", "gelu_new", "gelu_pytorch_tanh"]
 # transformers' ACT2FN names -> the same function in JAX. "gelu"/"gelu_python" are the exact erf
@@ -272,7 +273,7 @@ class BertModel(nnx.Module):
     valid = valid.astype(bool)
     x = self.embeddings(input_ids, token_type_ids)
     for layer in self.layers:
-      x = layer(x, valid)
+      x = constrain_batch(layer(x, valid))  # keep activations batch-sharded under FSDP
     return x
 
   def pool(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B D"]:

@@ -31,6 +31,7 @@ from saejax import convert
 from saejax.attention import Backend, attention
 from saejax.errors import ConfigError
 from saejax.params import layer_norm, linear, normal, ones, param, zeros
+from saejax.sharding import constrain_batch
 
 LayerType = Literal["full_attention", "sliding_attention"]
 
@@ -58,6 +59,7 @@ class ModernBertConfig:
   mlm_head: bool = False               # keep the masked-LM head (for complete checkpoints)
   attention_backend: Backend = "xla"   # saejax runtime choice, not part of config.json
   dtype: str = "float32"               # compute dtype; parameters stay in their own dtype
+  remat: bool = False                  # recompute each block in the backward pass (saves memory)
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:
@@ -263,7 +265,10 @@ class ModernBert(nnx.Module):
     x = self.tok_embeddings[...].astype(self.cfg.dtype)[input_ids]
     x = self.emb_norm(x)
     for block in self.layers:
-      x = block(x, valid)
+      # remat keeps only each block's input for the backward pass: activation memory of one block
+      # instead of all of them, for ~1/3 more compute (Chen et al. 2016).
+      x = nnx.remat(lambda blk, h: blk(h, valid))(block, x) if self.cfg.remat else block(x, valid)
+      x = constrain_batch(x)
     return self.final_norm(x)
 
   def mlm_logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:

@@ -19,6 +19,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.tokenizer = ""                  # tokenizer.json or its directory; "" = init_from's
   c.model.attention_backend = ""          # xla / cudnn / splash; "" = the platform's default
   c.model.dtype = "float32"               # compute dtype (bfloat16 on GPU/TPU); params stay fp32
+  c.model.remat = False                   # ModernBERT: recompute blocks in backward (memory)
 
   c.sae = ml_collections.ConfigDict()
   c.sae.enabled = True                    # False: the dense ablation (InfoNCE on pooled v, cosine)

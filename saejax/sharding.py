@@ -113,3 +113,20 @@ def replicated_large_params(state: nnx.State, mesh: Mesh, min_size: int = 1 << 1
     if np.prod(value.shape) >= min_size and all(s is None for s in spec.get_value()):
       out.append(f"{'.'.join(map(str, path))} {tuple(value.shape)}")
   return out
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pin an activation's leading (batch) axis to the data-parallel mesh axes.
+
+  With FSDP the weights are split on their model dimension; left alone, GSPMD may follow the
+  weights and split activations on the hidden axis instead of the batch, all-gathering the batch
+  on every device. One constraint per block keeps activations batch-sharded (as MaxText does).
+  A no-op outside a mesh context (`jax.set_mesh`) or where the batch does not divide.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))

@@ -11,7 +11,6 @@ the console and TensorBoard; checkpoint asynchronously every N steps and on SIGT
 import dataclasses
 import functools
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -70,9 +69,14 @@ def encoder_config(config: ml_collections.ConfigDict):
     model_dir = convert.resolve(m.init_from)
     hf_config, where = convert.read_config(model_dir), str(model_dir / "config.json")
   arch = convert.architecture(hf_config, where)
-  enc_cfg = dataclasses.replace(
-      arch.config_cls.from_hf_config(hf_config), dtype=m.dtype,
-      attention_backend=m.attention_backend or attention.default_backend())
+  runtime = {"dtype": m.dtype,
+             "attention_backend": m.attention_backend or attention.default_backend()}
+  if m.get("remat"):
+    runtime["remat"] = True  # a ConfigError below if the architecture has no remat option
+  try:
+    enc_cfg = dataclasses.replace(arch.config_cls.from_hf_config(hf_config), **runtime)
+  except TypeError as e:
+    raise ConfigError(f"config.model: {e} ({arch.model_type} does not support it)") from e
   return arch, arch.with_head(enc_cfg, False)
 
 
@@ -81,8 +85,10 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs, *, load_weigh
   or, without it or with `load_weights=False`, randomly initialised; then a fresh SAE."""
   arch, enc_cfg = encoder_config(config)
   if config.model.init_from and load_weights:
-    enc_cfg, encoder = convert.load_hf(config.model.init_from, head=False, dtype=enc_cfg.dtype,
-                                       attention_backend=enc_cfg.attention_backend)
+    runtime = {"dtype": enc_cfg.dtype, "attention_backend": enc_cfg.attention_backend}
+    if getattr(enc_cfg, "remat", False):
+      runtime["remat"] = True
+    enc_cfg, encoder = convert.load_hf(config.model.init_from, head=False, **runtime)
   else:
     encoder = arch.build(enc_cfg, rngs=rngs)
   if not config.sae.get("enabled", True):
@@ -113,20 +119,6 @@ def code_version() -> str:
   except (OSError, subprocess.CalledProcessError):
     from saejax import __version__
     return f"saejax {__version__} (no git)"
-
-
-class Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary and exits."""
-
-  def __init__(self):
-    self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    if not self.requested:
-      logging.warning("signal %d: checkpointing at the end of this step, then exiting", signum)
-    self.requested = True
 
 
 class MetricWriter:
