@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from saejax import (attention, checkpoint, convert, data, distributed, sae as sae_lib, sharding,
@@ -234,6 +235,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   writer = MetricWriter(workdir, tc.steps)
   preempt = distributed.Preemption()
   step = int(state.step)
+  compiled = False
   fingerprints = (open(workdir / f"batches.process{jax.process_index()}.jsonl", "a")
                   if tc.get("log_batch_fingerprints") else None)
   last, window_tokens, window_start = {}, 0, time.time()
@@ -244,6 +246,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         fingerprints.write(json.dumps({"step": step + 1, "batch": _fingerprint(local)}) + "\n")
         fingerprints.flush()
       batch = _global_batch(local, mesh)
+      if not compiled and jax.process_count() > 1:
+        # Compile first (this fills jit's cache), then meet: gloo's rendezvous at the step's first
+        # collective gives up after 30 s, which a host still compiling can exceed.
+        train_step.lower(state, batch).compile()
+        multihost_utils.sync_global_devices("saejax: train step compiled")
+      compiled = True
       state, metrics = train_step(state, batch)
       step += 1
       preempt.update(step)  # several processes: stop at the same step

@@ -257,8 +257,9 @@ def test_frozen_encoder_and_dense_ablation():
            "q_valid": np.ones((4, 8), bool),
            "d_ids": rng.integers(1000, 2000, (4, 2, 12)).astype(np.int32),
            "d_valid": np.ones((4, 2, 12), bool)}
-  new, _ = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
-                                     loss_cfg=step_lib.LossConfig(), optim_cfg=optim))(state, batch)
+  frozen_step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
+                                          loss_cfg=step_lib.LossConfig(), optim_cfg=optim))
+  new, _ = frozen_step(*frozen_step(state, batch)[:1], batch)  # step 1 has lr 0 (warm-up)
   _assert_same_params(new.params["encoder"], state.params["encoder"])
   assert not np.array_equal(new.params["sae"]["w_enc"].get_value(),
                             state.params["sae"]["w_enc"].get_value())
