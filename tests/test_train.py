@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -76,6 +75,15 @@ def _assert_same_params(a, b):
   assert len(leaves_a) == len(leaves_b) > 0
   for x, y in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _random_batch(seed: int, docs_per_query: int) -> dict:
+  """4 queries of 8 tokens, each with `docs_per_query` documents of 12 tokens."""
+  rng = np.random.default_rng(seed)
+  return {"q_ids": rng.integers(1000, 2000, (4, 8)).astype(np.int32),
+          "q_valid": np.ones((4, 8), bool),
+          "d_ids": rng.integers(1000, 2000, (4, docs_per_query, 12)).astype(np.int32),
+          "d_valid": np.ones((4, docs_per_query, 12), bool)}
 
 
 def _wait_for(predicate, proc, timeout=300):
@@ -211,11 +219,7 @@ def test_nonfinite_steps_are_skipped_and_counted():
   optim = step_lib.OptimConfig(warmup_steps=1, total_steps=10)
   tx = step_lib.make_optimizer(optim, params)
   state = step_lib.init_state(model, tx)
-  rng = np.random.default_rng(0)
-  batch = {"q_ids": rng.integers(1000, 2000, (4, 8)).astype(np.int32),
-           "q_valid": np.ones((4, 8), bool),
-           "d_ids": rng.integers(1000, 2000, (4, 1, 12)).astype(np.int32),
-           "d_valid": np.ones((4, 1, 12), bool)}
+  batch = _random_batch(seed=0, docs_per_query=1)
   step = functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, optim_cfg=optim)
   bad = step_lib.LossConfig(temperature=float("nan"))  # injected: NaN loss and gradients
   new, metrics = jax.jit(functools.partial(step, loss_cfg=bad))(state, batch)
@@ -252,11 +256,7 @@ def test_frozen_encoder_and_dense_ablation():
   optim = step_lib.OptimConfig(warmup_steps=1, total_steps=10, freeze_encoder=True)
   tx = step_lib.make_optimizer(optim, params)
   state = step_lib.init_state(model, tx)
-  rng = np.random.default_rng(1)
-  batch = {"q_ids": rng.integers(1000, 2000, (4, 8)).astype(np.int32),
-           "q_valid": np.ones((4, 8), bool),
-           "d_ids": rng.integers(1000, 2000, (4, 2, 12)).astype(np.int32),
-           "d_valid": np.ones((4, 2, 12), bool)}
+  batch = _random_batch(seed=1, docs_per_query=2)
   frozen_step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
                                           loss_cfg=step_lib.LossConfig(), optim_cfg=optim))
   new, _ = frozen_step(*frozen_step(state, batch)[:1], batch)  # step 1 has lr 0 (warm-up)
@@ -283,11 +283,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
   config = _tiny()
   _, model = train.build_model(config, nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
-  rng = np.random.default_rng(2)
-  batch = {"q_ids": rng.integers(1000, 2000, (4, 8)).astype(np.int32),
-           "q_valid": np.ones((4, 8), bool),
-           "d_ids": rng.integers(1000, 2000, (4, 1, 12)).astype(np.int32),
-           "d_valid": np.ones((4, 1, 12), bool)}
+  batch = _random_batch(seed=2, docs_per_query=1)
   loss_cfg = step_lib.LossConfig()
   optim = step_lib.OptimConfig(warmup_steps=1, total_steps=10, grad_accum=2)
   tx = step_lib.make_optimizer(optim, params)
