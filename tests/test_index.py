@@ -1,0 +1,304 @@
+"""saejax.index: exact search against dense brute force, files, the JAX path, the Seismic adapter.
+
+Weights in most tests are small multiples of 1/8, so every score is an exact float32 sum whatever
+the summation order: results must then match the brute force exactly, ties included (lower doc id
+first). One test uses arbitrary floats and allows ulp-level score differences.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from saejax import index_kernels
+from saejax.errors import CheckpointError, ConfigError, DataError
+from saejax.index import IndexArraysError, SeismicAdapter, SparseIndex, recall
+
+
+def _zipf_codes(rng: np.random.Generator, n: int, k: int, s: int, a: float = 1.0,
+                dyadic: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """[n, k] codes: k distinct latents per row, latent r drawn with probability ~ r^-a."""
+  p = np.arange(1, s + 1, dtype=np.float64) ** -a
+  indices = np.stack([rng.choice(s, k, replace=False, p=p / p.sum()) for _ in range(n)])
+  if dyadic:
+    values = rng.integers(1, 17, (n, k)) / 8
+  else:
+    values = np.abs(rng.standard_normal((n, k)))
+  return values.astype(np.float32), indices.astype(np.int32)
+
+
+def _brute_force(values, indices, doc_ids, q_values, q_indices, s: int, top_k: int):
+  """The result rule of saejax.index, by dense numpy: scores > 0, desc, ties by lower doc id."""
+  docs = np.zeros((values.shape[0], s), np.float32)
+  np.add.at(docs, (np.arange(values.shape[0])[:, None], indices), values)
+  queries = np.zeros((q_values.shape[0], s), np.float32)
+  np.add.at(queries, (np.arange(q_values.shape[0])[:, None], q_indices), q_values)
+  scores = queries @ docs.T
+  order = np.lexsort((np.broadcast_to(doc_ids, scores.shape), -scores), axis=1)[:, :top_k]
+  top = np.take_along_axis(scores, order, 1)
+  ids = np.where(top > 0, np.asarray(doc_ids)[order], -1)
+  top = np.where(top > 0, top, -np.inf).astype(np.float32)
+  pad = top_k - top.shape[1]  # top_k > N
+  return (np.pad(top, ((0, 0), (0, pad)), constant_values=-np.inf),
+          np.pad(ids, ((0, 0), (0, pad)), constant_values=-1))
+
+
+@pytest.fixture(scope="module")
+def corpus():
+  rng = np.random.default_rng(0)
+  values, indices = _zipf_codes(rng, 600, 12, 300)
+  q_values, q_indices = _zipf_codes(rng, 40, 5, 300)  # queries use a different k
+  q_values[::3, 0] *= -1  # negative query weights (steering) lower scores
+  doc_ids = rng.permutation(10_000)[:600] * 7 + 3  # arbitrary distinct ids, not in row order
+  return values, indices, doc_ids, q_values, q_indices
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dense_fraction", [0.05, 0.3, 2.0])  # many, few, no dense columns
+def test_search_equals_brute_force(corpus, dtype, dense_fraction):
+  values, indices, doc_ids, q_values, q_indices = corpus
+  index = SparseIndex.build(values, indices, 300, doc_ids, dtype=dtype,
+                            dense_fraction=dense_fraction)
+  assert (index.num_dense > 0) == (dense_fraction < 1)
+  scores, ids = index.search(q_values, q_indices, top_k=25)
+  want_scores, want_ids = _brute_force(values, indices, doc_ids, q_values, q_indices, 300, 25)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_array_equal(scores, want_scores)
+  assert scores.dtype == np.float32 and ids.dtype == np.int64
+
+
+def test_search_spans_blocks_and_query_batches():
+  # More rows than two kernel blocks and more queries than one kernel batch: skip pointers,
+  # heaps carried across blocks and per-batch term splits all take part.
+  rng = np.random.default_rng(3)
+  n = 2 * index_kernels.BLOCK + 123
+  values, indices = _zipf_codes(rng, n, 3, 64)
+  q_values, q_indices = _zipf_codes(rng, index_kernels.QUERY_BATCH + 9, 2, 64)
+  for dense_fraction in (0.02, 2.0):
+    index = SparseIndex.build(values, indices, 64, dense_fraction=dense_fraction)
+    scores, ids = index.search(q_values, q_indices, top_k=7)
+    want_scores, want_ids = _brute_force(values, indices, np.arange(n), q_values, q_indices, 64, 7)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(scores, want_scores)
+
+
+def test_search_float_weights_within_ulps():
+  rng = np.random.default_rng(1)
+  values, indices = _zipf_codes(rng, 2000, 32, 1000, dyadic=False)
+  q_values, q_indices = _zipf_codes(rng, 30, 20, 1000, dyadic=False)
+  index = SparseIndex.build(values, indices, 1000, dense_fraction=0.1)
+  scores, ids = index.search(q_values, q_indices, top_k=10)
+  want_scores, want_ids = _brute_force(values, indices, np.arange(2000), q_values, q_indices,
+                                       1000, 10)
+  np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+  gaps = np.diff(want_scores, axis=1)  # rows may swap only where two scores are ulps apart
+  close = np.zeros_like(ids, dtype=bool)
+  close[:, 1:] |= gaps > -1e-4
+  close[:, :-1] |= gaps > -1e-4
+  assert (ids == want_ids)[~close].all()
+
+
+def test_ties_go_to_lower_doc_id():
+  # Four documents with the same code: every query ties them; ids are given out of order.
+  values = np.ones((4, 2), np.float32)
+  indices = np.tile(np.array([[3, 5]], np.int32), (4, 1))
+  index = SparseIndex.build(values, indices, 8, doc_ids=[40, 10, 30, 20])
+  scores, ids = index.search(np.ones((1, 1), np.float32), np.array([[5]]), top_k=3)
+  assert ids.tolist() == [[10, 20, 30]]
+  assert scores.tolist() == [[1.0, 1.0, 1.0]]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 8), st.integers(1, 6), st.integers(1, 70),
+       st.sampled_from([0.2, 2.0]), st.integers(0, 2**31 - 1))
+def test_search_property(n, k, kq, top_k, dense_fraction, seed):
+  rng = np.random.default_rng(seed)
+  s = 20
+  values = (rng.integers(0, 9, (n, k)) / 4).astype(np.float32)  # zeros: ReLU'd entries
+  indices = rng.integers(0, s, (n, k))  # repeats within a row are summed
+  q_values = (rng.integers(-4, 9, (3, kq)) / 4).astype(np.float32)
+  q_indices = rng.integers(0, s, (3, kq))
+  index = SparseIndex.build(values, indices, s, dense_fraction=dense_fraction)
+  scores, ids = index.search(q_values, q_indices, top_k)
+  want_scores, want_ids = _brute_force(values, indices, np.arange(n), q_values, q_indices, s,
+                                       top_k)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_array_equal(scores, want_scores)
+
+
+def test_empty_lists_and_padding():
+  values = np.array([[1.0, 2.0], [0.5, 0.0]], np.float32)
+  indices = np.array([[0, 1], [1, 2]], np.int32)
+  index = SparseIndex.build(values, indices, 1000)
+  assert index.nnz == 3  # the zero value is not stored
+  assert index.offsets[-1] == 3 and np.diff(index.offsets)[3:].sum() == 0
+  # Query 0 only hits latents no document holds; query 1 holds no term at all (kq = 2, zeros).
+  scores, ids = index.search(np.array([[1.0, 1.0], [0.0, 0.0]], np.float32),
+                             np.array([[500, 999], [0, 1]]), top_k=5)
+  assert (ids == -1).all() and np.isneginf(scores).all()
+  scores, ids = index.search(np.array([[1.0]], np.float32), np.array([[1]]), top_k=5)
+  assert ids.tolist() == [[0, 1, -1, -1, -1]]  # top_k > N: padded
+  assert scores[0, :2].tolist() == [2.0, 0.5] and np.isneginf(scores[0, 2:]).all()
+
+
+def test_empty_index_and_no_queries():
+  index = SparseIndex.build(np.zeros((0, 4), np.float32), np.zeros((0, 4), np.int32), 10)
+  scores, ids = index.search(np.ones((2, 1), np.float32), np.array([[1], [2]]), top_k=3)
+  assert ids.shape == (2, 3) and (ids == -1).all()
+  scores, ids = index.search(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32))
+  assert scores.shape == (0, 10) and ids.shape == (0, 10)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda v, i: (v, i[:, :3]), r"values \(5, 4\) and indices \(5, 3\)"),
+    (lambda v, i: (v[0], i[0]), r"\[rows, k\]"),
+    (lambda v, i: (v, np.where(i == i[2, 1], 77, i)), r"indices\[\d+, \d+\] = 77 is outside"),
+    (lambda v, i: (np.where(np.arange(4) == 2, np.nan, v), i), r"values\[0, 2\] = nan"),
+    (lambda v, i: (v, i.astype(np.float32)), "must be integers"),
+])
+def test_build_rejects_bad_codes(make, match):
+  rng = np.random.default_rng(0)
+  values, indices = _zipf_codes(rng, 5, 4, 20)
+  with pytest.raises(DataError, match=match):
+    SparseIndex.build(*make(values, indices), 20)
+
+
+def test_build_rejects_bad_settings():
+  values, indices = np.ones((3, 2), np.float32), np.array([[0, 1], [1, 2], [2, 3]])
+  with pytest.raises(DataError, match=r"duplicated ids, e.g. \[7\]"):
+    SparseIndex.build(values, indices, 4, doc_ids=[7, 8, 7])
+  with pytest.raises(DataError, match=r"shape \(2,\); expected \(3,\)"):
+    SparseIndex.build(values, indices, 4, doc_ids=[7, 8])
+  with pytest.raises(DataError, match="float16's range"):
+    SparseIndex.build(values * 1e5, indices, 4, dtype="float16")
+  with pytest.raises(ConfigError, match="dtype='bfloat16'"):
+    SparseIndex.build(values, indices, 4, dtype="bfloat16")
+  with pytest.raises(ConfigError, match="num_latents=0"):
+    SparseIndex.build(values, indices, 0)
+  with pytest.raises(ConfigError, match="dense_fraction=0"):
+    SparseIndex.build(values, indices, 4, dense_fraction=0)
+  index = SparseIndex.build(values, indices, 4)
+  with pytest.raises(ConfigError, match="top_k=0"):
+    index.search(values, indices, top_k=0)
+  with pytest.raises(DataError, match=r"query indices\[2, 1\] = 4 is outside \[0, 4\)"):
+    index.search(values, indices + 1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_save_load_round_trip(corpus, tmp_path, dtype):
+  values, indices, doc_ids, q_values, q_indices = corpus
+  index = SparseIndex.build(values, indices, 300, doc_ids, dtype=dtype, dense_fraction=0.2)
+  path = index.save(tmp_path / "index")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # no temporary left behind
+  loaded = SparseIndex.load(path)
+  for name in ("offsets", "docs", "weights", "doc_ids"):
+    np.testing.assert_array_equal(getattr(loaded, name), getattr(index, name))
+    assert getattr(loaded, name).dtype == getattr(index, name).dtype
+  assert loaded.dense_fraction == 0.2 and loaded.num_dense == index.num_dense
+  for got, want in zip(loaded.search(q_values, q_indices, 15),
+                       index.search(q_values, q_indices, 15)):
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(CheckpointError, match="already exists"):
+    index.save(path)
+  SparseIndex.build(values[:10], indices[:10], 300).save(path, overwrite=True)
+  assert SparseIndex.load(path).num_docs == 10
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+def test_constructor_checks_the_arrays():
+  index = SparseIndex.build(np.ones((3, 2), np.float32), np.array([[0, 1], [1, 2], [2, 3]]), 4)
+  arrays = dict(offsets=index.offsets, docs=index.docs, weights=index.weights,
+                doc_ids=index.doc_ids)
+  _, ids = SparseIndex(**arrays).search(np.ones((1, 1), np.float32), [[1]])
+  assert ids[0, :2].tolist() == [0, 1]
+  with pytest.raises(IndexArraysError, match=r"docs: rows outside \[0, 3\)"):
+    SparseIndex(**{**arrays, "docs": index.docs + 1})
+  with pytest.raises(IndexArraysError, match="docs: rows are not strictly ascending"):
+    SparseIndex(**{**arrays, "docs": index.docs[::-1].copy()})
+  with pytest.raises(IndexArraysError, match=r"weights: expected a 1-d array of \['float32'"):
+    SparseIndex(**{**arrays, "weights": index.weights.astype(np.float64)})
+  with pytest.raises(IndexArraysError, match="doc_ids: not strictly ascending"):
+    SparseIndex(**{**arrays, "doc_ids": index.doc_ids[::-1].copy()})
+  with pytest.raises(ValueError, match="read-only"):
+    index.weights[0] = 5.0
+
+
+def _saved(tmp_path):
+  rng = np.random.default_rng(2)
+  values, indices = _zipf_codes(rng, 50, 6, 40)
+  return SparseIndex.build(values, indices, 40).save(tmp_path / "index")
+
+
+def test_load_truncated_array_names_the_file(tmp_path):
+  path = _saved(tmp_path)
+  data = (path / "docs.npy").read_bytes()
+  (path / "docs.npy").write_bytes(data[:len(data) // 2])
+  with pytest.raises(CheckpointError, match=r"docs\.npy is truncated"):
+    SparseIndex.load(path)
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda p: (p / "header.json").unlink(), r"header\.json is missing"),
+    (lambda p: (p / "header.json").write_text("{not json"), r"header\.json is not readable JSON"),
+    (lambda p: (p / "weights.npy").unlink(), r"weights\.npy is missing"),
+    (lambda p: (p / "offsets.npy").write_bytes(b"\x93NUMPY garbage"), r"offsets\.npy is trunc"),
+    (lambda p: np.save(p / "weights.npy", np.ones(3, np.float32)), r"weights\.npy holds float32"),
+    (lambda p: np.save(p / "docs.npy", np.load(p / "docs.npy") + 1000), r"docs\.npy: rows outside"),
+    (lambda p: np.save(p / "docs.npy", np.load(p / "docs.npy")[::-1].copy()),
+     r"docs\.npy: rows are not strictly ascending"),
+    (lambda p: np.save(p / "offsets.npy", np.load(p / "offsets.npy")[::-1].copy()),
+     r"offsets\.npy: not non-decreasing"),
+    (lambda p: np.save(p / "weights.npy", np.full_like(np.load(p / "weights.npy"), np.inf)),
+     r"weights\.npy: non-finite"),
+])
+def test_load_corrupt_index(tmp_path, corrupt, match):
+  path = _saved(tmp_path)
+  corrupt(path)
+  with pytest.raises(CheckpointError, match=match):
+    SparseIndex.load(path)
+
+
+def test_load_rejects_other_versions_and_missing_dirs(tmp_path):
+  path = _saved(tmp_path)
+  header = json.loads((path / "header.json").read_text())
+  (path / "header.json").write_text(json.dumps({**header, "version": 99}))
+  with pytest.raises(CheckpointError, match="format version 99"):
+    SparseIndex.load(path)
+  with pytest.raises(CheckpointError, match="does not exist"):
+    SparseIndex.load(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_search_jax_equals_search(corpus, dtype):
+  values, indices, doc_ids, q_values, q_indices = corpus
+  index = SparseIndex.build(values, indices, 300, doc_ids, dtype=dtype)
+  want = index.search(q_values, q_indices, top_k=700)  # top_k > N as well
+  for chunk in (0, 7):  # one call; several calls with a padded last chunk
+    got = index.search_jax(q_values, q_indices, top_k=700, query_chunk=chunk)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_recall():
+  exact = np.array([[1, 2, 3], [4, -1, -1], [-1, -1, -1]])
+  assert recall(np.array([[3, 9, 1], [4, 5, 6], [7, 8, 9]]), exact) == pytest.approx(5 / 6)
+  with pytest.raises(DataError):
+    recall(exact[:2], exact)
+
+
+def test_seismic_adapter_recall(corpus):
+  pytest.importorskip("seismic", reason="pyseismic-lsr is not installed")
+  values, indices, doc_ids, q_values, q_indices = corpus
+  q_values = np.abs(q_values)
+  exact_scores, exact_ids = _brute_force(values, indices, doc_ids, q_values, q_indices, 300, 600)
+  seismic = SeismicAdapter.build(values, indices, 300, doc_ids)
+  scores, ids = seismic.search(q_values, q_indices, top_k=10, query_cut=5, heap_factor=1.0)
+  assert ids.shape == (40, 10) and set(ids[ids >= 0].tolist()) <= set(doc_ids.tolist())
+  assert recall(ids, exact_ids[:, :10]) >= 0.9
+  # Results are keyed back to their own query: every hit carries that query's exact score.
+  for q in range(40):
+    exact = dict(zip(exact_ids[q].tolist(), exact_scores[q].tolist()))
+    hits = ids[q] >= 0
+    np.testing.assert_allclose(scores[q][hits], [exact[d] for d in ids[q][hits]], rtol=1e-5)
+    assert (np.diff(scores[q][hits]) <= 0).all()
