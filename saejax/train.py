@@ -175,8 +175,8 @@ def _global_batch(batch: dict, mesh) -> dict:
                                                     batch[k]) for k in keys}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Run (or resume) training; returns the last logged metrics and where things are."""
+def train(config: ml_collections.ConfigDict, workdir: str | Path):
+  """Run (or resume) training: returns (summary dict, final TrainState, the model graphdef)."""
   start = time.time()
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
