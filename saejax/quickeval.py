@@ -40,7 +40,7 @@ from ir_measures import RR, R, nDCG
 from jaxtyping import Float, Int
 from tokenizers import Tokenizer
 
-from saejax import convert
+from saejax import convert, trained
 from saejax.data_sources import beir_document, read_beir_texts
 from saejax.embedder import Embedder
 from saejax.encode import EncodeConfig, encode_dense, encode_sparse
@@ -345,15 +345,6 @@ def eval_config(config: ml_collections.ConfigDict) -> EvalConfig:
   return EvalConfig(**section)
 
 
-def _tokenizer(config: ml_collections.ConfigDict, vocab_size: int) -> Tokenizer:
-  # The same choice as saejax.train: model.tokenizer, else the init_from directory's.
-  path = config.model.get("tokenizer") or config.model.get("init_from")
-  if not path:
-    raise ConfigError("config.model.tokenizer is empty and there is no init_from to take it from")
-  path = path if str(path).endswith(".json") else convert.resolve(path)
-  return load_tokenizer(path, vocab_size=vocab_size)
-
-
 def format_table(result: dict) -> str:
   """An aligned text table of `run`'s result."""
   lines = [f"retrieval on {result['beir_dir']} [{result['split']}]: {result['num_queries']:,} "
@@ -387,7 +378,7 @@ def run(config: ml_collections.ConfigDict, model: Embedder, workdir: str | Path)
   if "dense" in cfg.baselines and not init_from:
     raise ConfigError("config.eval.baselines has 'dense' but config.model.init_from is empty: "
                       "there is no untouched encoder to compare with")
-  tokenizer = _tokenizer(config, model.encoder.cfg.vocab_size)
+  tokenizer = trained.tokenizer_for(config, model.encoder.cfg.vocab_size)
   data = load_beir(cfg.beir_dir, cfg.split, max_docs=cfg.max_docs, seed=cfg.seed)
   systems = {"saejax": eval_sparse(model, tokenizer, data, cfg)}
   if "bm25" in cfg.baselines:

@@ -1,0 +1,95 @@
+"""Load a trained model from a training run's workdir.
+
+Everything downstream of training (evaluation, export, interpretability, steering) starts here:
+
+    config, model, tokenizer = trained.load_run("runs/quickstart")
+
+The workdir holds ``config.json`` (the resolved training config that `saejax.train` wrote) and
+``checkpoints/<step>/state`` (Orbax). The model is built abstractly from the config and only the
+parameters are read from the checkpoint (the optimiser moments and the data iterator stay on disk),
+so loading costs one read of the weights and no random initialisation.
+"""
+
+import functools
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from saejax import convert, step as step_lib
+from saejax.embedder import Embedder
+from saejax.errors import CheckpointError, ConfigError
+from saejax.tokenizer import Tokenizer, load_tokenizer
+
+
+def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
+  """The resolved training config a run wrote to ``workdir/config.json``."""
+  file = Path(workdir) / "config.json"
+  if not file.is_file():
+    raise CheckpointError(f"{workdir} is not a saejax training workdir: it has no config.json")
+  try:
+    return ml_collections.ConfigDict(json.loads(file.read_text()))
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{file} is not valid JSON (line {e.lineno}): {e.msg}") from e
+
+
+def tokenizer_for(config: ml_collections.ConfigDict, vocab_size: int) -> Tokenizer:
+  """The tokenizer a run trained with: ``model.tokenizer``, else the ``init_from`` directory's."""
+  path = config.model.get("tokenizer") or config.model.get("init_from")
+  if not path:
+    raise ConfigError("config.model.tokenizer is empty and there is no init_from to take it from")
+  path = path if str(path).endswith(".json") else convert.resolve(path)
+  return load_tokenizer(path, vocab_size=vocab_size)
+
+
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+  """Steps of the complete checkpoints in ``workdir/checkpoints`` (Orbax skips partial ones)."""
+  directory = Path(workdir).absolute() / "checkpoints"
+  if not directory.is_dir():
+    return []
+  with ocp.CheckpointManager(directory, item_names=("state", "data_iter")) as manager:
+    return list(manager.all_steps())
+
+
+def load_run(workdir: str | Path, step: int | None = None, **model_overrides
+             ) -> tuple[ml_collections.ConfigDict, Embedder, Tokenizer]:
+  """(config, model, tokenizer) of a training run, with the parameters of checkpoint `step`.
+
+  Args:
+    workdir: the directory given to ``python -m saejax.train --workdir``.
+    step: which checkpoint; default the newest complete one.
+    model_overrides: ``config.model`` fields to replace before building, e.g.
+      ``attention_backend="xla"`` to read a GPU-trained model on a CPU, or ``dtype="float32"``.
+  """
+  # Imported here: saejax.train pulls in absl flags, which a library import should not define.
+  from saejax import train
+  workdir = Path(workdir).absolute()
+  config = read_config(workdir)
+  if model_overrides:
+    config.model.update(model_overrides)
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise CheckpointError(f"{workdir / 'checkpoints'} holds no complete checkpoint")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise CheckpointError(f"{workdir / 'checkpoints'} has no checkpoint {step}; it has {steps}")
+
+  abstract_model = nnx.eval_shape(
+      lambda: train.build_model(config, nnx.Rngs(0), load_weights=False)[1])
+  graphdef, params = nnx.split(abstract_model, nnx.Param)
+  optim_cfg = train._dataclass(step_lib.OptimConfig, config.optim, "optim")
+  tx = step_lib.make_optimizer(optim_cfg, params)
+  # The saved item is a whole TrainState; restore its shape, then keep the parameters only.
+  target = jax.eval_shape(functools.partial(step_lib.init_state, tx=tx),
+                          nnx.merge(graphdef, params))
+  try:
+    with ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data_iter")) as m:
+      state = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise CheckpointError(f"checkpoint {workdir / 'checkpoints'}/{step} does not fit the model of "
+                          f"{workdir / 'config.json'}: {e}") from e
+  model = nnx.merge(graphdef, state["state"].params)
+  return config, model, tokenizer_for(config, model.encoder.cfg.vocab_size)
