@@ -45,7 +45,6 @@ from saejax.data_sources import beir_document, read_beir_texts
 from saejax.embedder import Embedder
 from saejax.encode import EncodeConfig, encode_dense, encode_sparse
 from saejax.errors import ConfigError, DataError
-from saejax.tokenizer import load_tokenizer
 
 Baseline = Literal["bm25", "dense"]
 RUN_DEPTH = 100  # documents ranked per query: Recall@100 needs the full 100
