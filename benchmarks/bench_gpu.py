@@ -1,0 +1,454 @@
+"""GPU measurements: the cuDNN attention path, ModernBERT parity on the card, and bf16 training
+speed + MFU of ModernBERT-base + SAE against PyTorch (sentence-transformers CSR) on the same card.
+
+One script, one device call: every section is independent (a failure is recorded and the next one
+runs), each result is written to ``$OUT/gpu_results.json`` as soon as it exists, and a markdown
+summary is printed last.
+
+Sections:
+  env        versions, device kind.
+  ceiling    the card's bf16 matmul rate (8192^3, JAX), the MFU denominator next to the datasheet.
+  attention  saejax's cuDNN backend vs an fp32 XLA reference on bf16 inputs with padding, global
+             and ModernBERT-windowed, T = 512 .. 8192: max error on valid rows; fwd+bwd time of the
+             cudnn and xla backends.
+  parity     a random ModernBERT-base written by transformers, read by `saejax.convert.load_hf`;
+             last hidden states on the GPU: saejax fp32 (xla) vs transformers fp32 (sdpa), and
+             saejax bf16 (cudnn) vs the same reference (relative Frobenius error on valid tokens).
+  train      one full training step (ModernBERT-base + TopK SAE S=16,384 k=64, InfoNCE with one hard
+             negative + FVU + AuxK, AdamW) in bf16 compute / fp32 master weights:
+               saejax   `saejax.step.train_step` jitted, state donated, attention cudnn (and xla)
+               PyTorch  sentence-transformers SparseEncoder([Transformer, Pooling(mean),
+                        SparseAutoEncoder]) + CSRLoss(SparseMultipleNegativesRankingLoss), autocast
+                        bf16 (what SparseEncoderTrainer(bf16=True) does), fused AdamW, grad clipping
+             Same weights, same token ids (random, no padding: both sides do the same work).
+             Reports step time, tokens/s, ratio and MFU (model FLOPs = 6 x non-embedding params per
+             token + attention 12 x L x T_eff x D per token, T_eff = window for local layers).
+
+    python benchmarks/bench_gpu.py --budget-s 420
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+
+def _modernbert_base() -> dict:
+  """configs/base.py's MODERNBERT_BASE, read without importing the config (and ml_collections,
+  which the GPU image lacks)."""
+  import ast
+  tree = ast.parse((REPO / "configs" / "base.py").read_text())
+  node = next(n for n in tree.body if isinstance(n, ast.Assign)
+              and getattr(n.targets[0], "id", "") == "MODERNBERT_BASE")
+  return {kw.arg: ast.literal_eval(kw.value) for kw in node.value.keywords}
+
+
+ARCH = _modernbert_base()         # --small shrinks it for a CPU smoke run of this script
+DEVICE = "cuda"                   # torch device; --torch-device cpu for the smoke run
+RESULTS: dict = {}
+START = time.time()
+OUT = Path(os.environ.get("OUT", "/tmp/bench_gpu"))
+
+
+def record(name: str, value) -> None:
+  RESULTS[name] = value
+  OUT.mkdir(parents=True, exist_ok=True)
+  (OUT / "gpu_results.json").write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
+  print(f"[{time.time() - START:6.1f}s] {name}: {json.dumps(value, default=str)[:1500]}", flush=True)
+
+
+def section(fn):
+  @functools.wraps(fn)
+  def run(*args, **kwargs):
+    try:
+      return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - record and go on to the next section
+      record(f"{fn.__name__}_error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
+  return run
+
+
+def timed(fn, reps: int, warmup: int = 2, sync=None) -> list[float]:
+  """Wall times of `reps` calls after `warmup`; `sync` waits for the device."""
+  for _ in range(warmup):
+    sync(fn())
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    sync(fn())
+    times.append(time.perf_counter() - t)
+  return times
+
+
+@section
+def env():
+  import flax
+  import jax
+  import torch
+  import transformers
+  try:
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm",
+                          "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+  except OSError as e:
+    smi = str(e)
+  record("env", {"jax": jax.__version__, "flax": flax.__version__, "torch": torch.__version__,
+                 "transformers": transformers.__version__,
+                 "device": jax.devices()[0].device_kind, "nvidia_smi": smi})
+
+
+@section
+def ceiling():
+  import jax
+  import jax.numpy as jnp
+  n = 8192
+  keys = jax.random.split(jax.random.key(0), 4)
+  pairs = [(jax.random.normal(keys[i], (n, n), jnp.bfloat16),
+            jax.random.normal(keys[i + 1], (n, n), jnp.bfloat16)) for i in (0, 2)]
+  mm = jax.jit(lambda a, b: a @ b)
+  i = iter(range(10**9))
+  times = timed(lambda: mm(*pairs[next(i) % 2]), reps=20, warmup=3, sync=jax.block_until_ready)
+  record("ceiling", {"bf16_matmul_tflops": 2 * n**3 / statistics.median(times) / 1e12})
+
+
+@section
+def attention_check(budget_end: float):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from saejax import attention as attn
+  rows = []
+  for t, window, b in ((512, None, 16), (512, 64, 16), (2048, 64, 4), (8192, 64, 1), (8192, None, 1)):
+    if time.time() > budget_end:
+      break
+    n, h = 12, 64
+    ks = jax.random.split(jax.random.key(t + (window or 0)), 3)
+    q, k, v = (jax.random.normal(key, (b, t, n, h), jnp.bfloat16) for key in ks)
+    lengths = np.full(b, t)
+    lengths[-1] = t // 3  # one padded row
+    valid = jnp.asarray(np.arange(t)[None, :] < lengths[:, None])
+    ref = attn.attention(*(x.astype(jnp.float32) for x in (q, k, v)), valid=valid, window=window,
+                         backend="xla")
+    out = jax.jit(functools.partial(attn.attention, window=window, backend="cudnn"))(
+        q, k, v, valid=valid)
+    vm = np.asarray(valid)[:, :, None, None]
+    err = float(np.max(np.abs(np.asarray(out, np.float32) - np.asarray(ref)) * vm))
+    rel = float(np.linalg.norm((np.asarray(out, np.float32) - np.asarray(ref)) * vm)
+                / np.linalg.norm(np.asarray(ref) * vm))
+    row = {"T": t, "window": window, "batch": b, "max_abs_err": err, "rel_err": rel}
+    for backend in ("cudnn", "xla"):
+      loss = jax.jit(jax.grad(lambda q, k, v: attn.attention(
+          q, k, v, valid=valid, window=window, backend=backend).astype(jnp.float32).sum(),
+          argnums=(0, 1, 2)))
+      try:
+        ts = timed(lambda: loss(q, k, v), reps=10, sync=jax.block_until_ready)
+        row[f"{backend}_fwd_bwd_ms"] = 1e3 * statistics.median(ts)
+      except Exception as e:  # noqa: BLE001 - e.g. out of memory for xla at 8k
+        row[f"{backend}_fwd_bwd_ms"] = f"{type(e).__name__}: {str(e)[:200]}"
+    rows.append(row)
+    record("attention", rows)
+
+
+def modernbert_base_dir(tmp: Path, tokenizer: Path) -> Path:
+  """A random ModernBERT-base saved by transformers, with the real tokenizer beside it."""
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  cfg = transformers.ModernBertConfig(**{k: v for k, v in ARCH.items() if k != "model_type"})
+  model = transformers.ModernBertModel(cfg)
+  path = tmp / "modernbert-base-random"
+  model.save_pretrained(path)
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer), pad_token="[PAD]",
+                                             cls_token="[CLS]", sep_token="[SEP]",
+                                             mask_token="[MASK]", unk_token="[UNK]")
+  tok.save_pretrained(path)
+  return path
+
+
+@section
+def parity(model_dir: Path):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  import transformers
+
+  from saejax import convert
+  rng = np.random.default_rng(0)
+  b, t = 4, 1024
+  ids = rng.integers(5, 50000, size=(b, t))
+  lengths = np.array([t, t, 700, 130])
+  valid = np.arange(t)[None, :] < lengths[:, None]
+  torch.backends.cuda.matmul.allow_tf32 = False
+  torch.backends.cudnn.allow_tf32 = False
+  ref_model = transformers.ModernBertModel.from_pretrained(
+      model_dir, attn_implementation="sdpa", dtype=torch.float32).to(DEVICE).eval()
+  with torch.no_grad():
+    ref = ref_model(input_ids=torch.tensor(ids).to(DEVICE),
+                    attention_mask=torch.tensor(valid.astype(np.int64)).to(DEVICE)
+                    ).last_hidden_state
+  ref = ref.float().cpu().numpy()
+  del ref_model
+  vm = valid[:, :, None]
+  out = {}
+  for name, dtype, backend in (("fp32_xla", "float32", "xla"), ("bf16_cudnn", "bfloat16", "cudnn"),
+                               ("bf16_xla", "bfloat16", "xla")):
+    _, enc = convert.load_hf(model_dir, head=False, dtype=dtype, attention_backend=backend)
+    from flax import nnx
+    fwd = nnx.jit(lambda m, i, v: m(i, v))
+    with jax.default_matmul_precision("highest"):
+      h = np.asarray(fwd(enc, jnp.asarray(ids), jnp.asarray(valid)), np.float32)
+    out[name] = float(np.linalg.norm((h - ref) * vm) / np.linalg.norm(ref * vm))
+    record("parity_rel_err_vs_torch_fp32", out)
+
+
+class SaejaxTrain:
+  """The real saejax train step on ModernBERT-base + SAE, bf16 compute, fp32 master weights."""
+
+  def __init__(self, model_dir: Path, backend: str, args):
+    import jax
+    from flax import nnx
+
+    from saejax import convert, sae as sae_lib, step as step_lib
+    from saejax.embedder import Embedder
+    enc_cfg, encoder = convert.load_hf(model_dir, head=False, dtype="bfloat16",
+                                       attention_backend=backend)
+    self.d_model = enc_cfg.hidden_size
+    texts = args.records * (2 + args.negatives)
+    sae_cfg = sae_lib.SAEConfig(d_model=self.d_model, num_latents=args.latents, k=args.k,
+                                k_aux=512, dead_after_tokens=30 * texts)
+    model = Embedder(encoder, sae_lib.SAE(sae_cfg, rngs=nnx.Rngs(0)))
+    self.loss_cfg = step_lib.LossConfig(temperature=1.0, w_multi_k=1 / 8, multi_k_factor=4,
+                                        w_auxk=1 / 32)
+    optim_cfg = step_lib.OptimConfig(lr_encoder=2e-5, lr_sae=1e-3, warmup_steps=20,
+                                     total_steps=1000)
+    graphdef, params = nnx.split(model, nnx.Param)
+    self.n_params = {jax.tree_util.keystr(p): int(x.size) for p, x in
+                     jax.tree_util.tree_flatten_with_path(params["encoder"])[0]}
+    tx = step_lib.make_optimizer(optim_cfg, params)
+    self.state = step_lib.init_state(model, tx)
+    jitted = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
+                                       loss_cfg=self.loss_cfg, optim_cfg=optim_cfg),
+                     donate_argnums=0)
+    self.jitted = jitted
+    self.compiled = None
+
+  def compile(self, batch) -> float:
+    t = time.perf_counter()
+    self.compiled = self.jitted.lower(self.state, batch).compile()
+    return time.perf_counter() - t
+
+  def step(self, batch):
+    self.state, metrics = self.compiled(self.state, batch)
+    return metrics["loss"]
+
+
+class TorchTrain:
+  """sentence-transformers SparseEncoder + CSRLoss, autocast bf16, fused AdamW."""
+
+  def __init__(self, model_dir: Path, args):
+    import torch
+    try:
+      from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder, Transformer
+    except ImportError:
+      from sentence_transformers.sparse_encoder.models import SparseAutoEncoder, Transformer
+    try:
+      from sentence_transformers.sentence_transformer.modules import Pooling
+    except ImportError:
+      from sentence_transformers.models import Pooling
+    from sentence_transformers.sparse_encoder import SparseEncoder
+    from sentence_transformers.sparse_encoder.losses import (CSRLoss,
+                                                             SparseMultipleNegativesRankingLoss)
+    torch.manual_seed(0)
+    transformer = Transformer(str(model_dir), model_kwargs={"attn_implementation": "sdpa"})
+    d = transformer.get_word_embedding_dimension()
+    sae = SparseAutoEncoder(d, args.latents, k=args.k, k_aux=512)
+    self.model = SparseEncoder(modules=[transformer, Pooling(d, "mean"), sae], device=DEVICE)
+    self.model.train()
+    self.loss = CSRLoss(self.model, loss=SparseMultipleNegativesRankingLoss(self.model, scale=1.0))
+    groups = [{"params": list(transformer.parameters()), "lr": 2e-5, "weight_decay": 0.01},
+              {"params": list(sae.parameters()), "lr": 1e-3, "weight_decay": 0.0}]
+    self.optimizer = torch.optim.AdamW(groups, fused=True)
+    self.torch = torch
+
+  def step(self, features):
+    torch = self.torch
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+      losses = self.loss([dict(f) for f in features], None)
+      total = sum(losses.values())
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+    self.optimizer.step()
+    self.optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def model_flops(n_nonembed: int, layers_local: int, layers_global: int, d: int, window: int,
+                lengths_counts: list[tuple[int, int]], latents: int, texts: int) -> float:
+  """Training FLOPs of one step (see the module docstring)."""
+  total = 0.0
+  for length, count in lengths_counts:
+    tokens = length * count
+    att = 12 * d * (layers_global * length + layers_local * min(length, 2 * window + 1))
+    total += (6 * n_nonembed + att) * tokens
+  return total + 6.0 * d * latents * texts
+
+
+@section
+def train_speed(model_dir: Path, args, budget_end: float):
+  import jax
+  import numpy as np
+  import torch
+  r, n, tq, td = args.records, args.negatives, args.query_len, args.doc_len
+  rng = np.random.default_rng(1)
+  q_ids = rng.integers(5, 50000, size=(r, tq)).astype(np.int32)
+  d_ids = rng.integers(5, 50000, size=(r, 1 + n, td)).astype(np.int32)
+  jbatch = jax.device_put({"q_ids": q_ids, "q_valid": np.ones_like(q_ids, bool),
+                           "d_ids": d_ids, "d_valid": np.ones_like(d_ids, bool)})
+
+  def feats(x):
+    t = torch.tensor(x, dtype=torch.long, device=DEVICE)
+    return {"input_ids": t, "attention_mask": torch.ones_like(t)}
+  tbatch = [feats(q_ids)] + [feats(d_ids[:, j]) for j in range(1 + n)]
+  tokens = q_ids.size + d_ids.size
+  texts = r * (2 + n)
+
+  rows = {}
+  backends = args.backends
+  n_nonembed = None
+  for backend in backends:
+    if time.time() > budget_end - 60:
+      break
+    runner = SaejaxTrain(model_dir, backend, args)
+    n_nonembed = sum(v for k, v in runner.n_params.items() if "tok_embeddings" not in k)
+    compile_s = runner.compile(jbatch)
+    loss0 = float(runner.step(jbatch))
+    ts = timed(lambda: runner.step(jbatch), reps=args.steps, warmup=2, sync=jax.block_until_ready)
+    stats = jax.devices()[0].memory_stats() or {}
+    rows[f"saejax_{backend}"] = {"step_ms": 1e3 * statistics.median(ts),
+                                 "min_ms": 1e3 * min(ts), "compile_s": compile_s,
+                                 "first_loss": loss0,
+                                 "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+    record("train", rows)
+    del runner
+  pt = TorchTrain(model_dir, args)
+  loss0 = float(pt.step(tbatch))
+  ts = timed(lambda: pt.step(tbatch), reps=args.steps, warmup=2,
+             sync=lambda _: torch.cuda.synchronize() if DEVICE == "cuda" else None)
+  rows["torch_st_csr"] = {"step_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts),
+                          "first_loss": loss0,
+                          "peak_gib": (torch.cuda.max_memory_allocated() / 2**30
+                                       if DEVICE == "cuda" else 0)}
+  record("train", rows)
+  del pt
+  if DEVICE == "cuda":
+    torch.cuda.empty_cache()
+
+  layers = ARCH["num_hidden_layers"]
+  every = ARCH["global_attn_every_n_layers"]
+  n_global = len(range(0, layers, every))
+  flops = model_flops(n_nonembed or 110_000_000, layers - n_global, n_global,
+                      ARCH["hidden_size"], ARCH["local_attention"] // 2,
+                      [(tq, r), (td, r * (1 + n))], args.latents, texts)
+  peak_sheet = 989e12
+  peak_meas = RESULTS.get("ceiling", {}).get("bf16_matmul_tflops")
+  for name, row in rows.items():
+    s = row["step_ms"] / 1e3
+    row["tokens_per_s"] = tokens / s
+    row["mfu_datasheet"] = flops / s / peak_sheet
+    if peak_meas:
+      row["mfu_measured_peak"] = flops / s / (peak_meas * 1e12)
+  if "torch_st_csr" in rows:
+    for name in rows:
+      rows[name]["speedup_vs_torch"] = rows["torch_st_csr"]["step_ms"] / rows[name]["step_ms"]
+  record("train", rows)
+  record("train_shape", {"records": r, "negatives": n, "query_len": tq, "doc_len": td,
+                         "tokens_per_step": tokens, "model_tflops_per_step": flops / 1e12,
+                         "non_embedding_params": n_nonembed, "latents": args.latents, "k": args.k})
+
+
+@section
+def cudnn_tests():
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                         str(REPO / "tests/test_attention.py"), "-k", "cudnn"],
+                        capture_output=True, text=True, cwd=REPO, timeout=240)
+  record("pytest_cudnn", {"rc": proc.returncode, "tail": proc.stdout[-800:] + proc.stderr[-800:]})
+
+
+def summary() -> str:
+  lines = []
+  if "env" in RESULTS:
+    lines.append(f"device: {RESULTS['env']['device']} | jax {RESULTS['env']['jax']} | "
+                 f"torch {RESULTS['env']['torch']}")
+  if "ceiling" in RESULTS:
+    lines.append(f"bf16 matmul 8192^3: {RESULTS['ceiling']['bf16_matmul_tflops']:.0f} TFLOP/s")
+  for row in RESULTS.get("attention", []):
+    lines.append(f"attention T={row['T']} window={row['window']}: max err {row['max_abs_err']:.3g} "
+                 f"rel {row['rel_err']:.3g}; fwd+bwd cudnn {row.get('cudnn_fwd_bwd_ms')} ms, "
+                 f"xla {row.get('xla_fwd_bwd_ms')} ms")
+  if "parity_rel_err_vs_torch_fp32" in RESULTS:
+    lines.append(f"parity: {RESULTS['parity_rel_err_vs_torch_fp32']}")
+  lines.append("| system | step ms | tokens/s | MFU (989 TF) | MFU (measured) | vs torch |")
+  lines.append("|---|---|---|---|---|---|")
+  for name, row in RESULTS.get("train", {}).items():
+    lines.append(f"| {name} | {row['step_ms']:.1f} | {row.get('tokens_per_s', 0):,.0f} | "
+                 f"{row.get('mfu_datasheet', 0):.3f} | {row.get('mfu_measured_peak', 0):.3f} | "
+                 f"{row.get('speedup_vs_torch', 0):.2f}x |")
+  errors = [k for k in RESULTS if k.endswith("_error")]
+  lines.append(f"errors: {errors}")
+  return "\n".join(lines)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--budget-s", type=float, default=420)
+  p.add_argument("--records", type=int, default=64)
+  p.add_argument("--negatives", type=int, default=1)
+  p.add_argument("--query-len", type=int, default=32)
+  p.add_argument("--doc-len", type=int, default=256)
+  p.add_argument("--latents", type=int, default=16384)
+  p.add_argument("--k", type=int, default=64)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--backends", nargs="+", default=["cudnn", "xla"],
+                 help="attention backends to time the saejax step with (while budget lasts)")
+  p.add_argument("--small", action="store_true", help="tiny model: a CPU smoke run of the script")
+  p.add_argument("--torch-device", default="cuda")
+  p.add_argument("--tokenizer", default=str(REPO / ".gpu/tokenizer.json"))
+  p.add_argument("--skip", nargs="*", default=[])
+  args = p.parse_args()
+  global DEVICE
+  DEVICE = args.torch_device
+  if args.small:
+    ARCH.update(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4)
+  end = START + args.budget_s
+  env()
+  if "ceiling" not in args.skip:
+    ceiling()
+  if "tests" not in args.skip:
+    cudnn_tests()
+  with tempfile.TemporaryDirectory() as tmp:
+    model_dir = modernbert_base_dir(Path(tmp), Path(args.tokenizer))
+    if "train" not in args.skip:
+      train_speed(model_dir, args, end)
+    if "parity" not in args.skip and time.time() < end - 30:
+      parity(model_dir)
+    if "attention" not in args.skip:
+      attention_check(end)
+  print("\n" + summary(), flush=True)
+
+
+if __name__ == "__main__":
+  main()
