@@ -27,6 +27,7 @@ from flax import nnx
 
 from saejax import losses, sae as sae_lib
 from saejax.embedder import Embedder
+from saejax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,13 @@ class OptimConfig:
   clip_norm: float = 1.0
   freeze_encoder: bool = False     # CSR-style ablation: train the SAE on a frozen backbone
   grad_accum: int = 1              # micro-batches per step (in-batch negatives per micro-batch)
+
+  def __post_init__(self):
+    if not 0 <= self.warmup_steps < self.total_steps:
+      raise ConfigError(f"config.optim: warmup_steps={self.warmup_steps} must be >= 0 and below "
+                        f"total_steps={self.total_steps} (the warm-up counts inside the total)")
+    if self.grad_accum < 1:
+      raise ConfigError(f"config.optim.grad_accum={self.grad_accum} must be >= 1")
 
 
 @flax.struct.dataclass
