@@ -224,8 +224,9 @@ class SaejaxTrain:
 
     from saejax import convert, sae as sae_lib, step as step_lib
     from saejax.embedder import Embedder
+    runtime = {"remat": True} if args.remat else {}
     enc_cfg, encoder = convert.load_hf(model_dir, head=False, dtype="bfloat16",
-                                       attention_backend=backend)
+                                       attention_backend=backend, **runtime)
     self.d_model = enc_cfg.hidden_size
     texts = args.records * (2 + args.negatives)
     sae_cfg = sae_lib.SAEConfig(d_model=self.d_model, num_latents=args.latents, k=args.k,
@@ -283,6 +284,9 @@ class TorchTrain:
               {"params": list(sae.parameters()), "lr": 1e-3, "weight_decay": 0.0}]
     self.optimizer = torch.optim.AdamW(groups, fused=True)
     self.torch = torch
+    if args.torch_compile:
+      # What a user would try next: compile the encoder (the loss and optimiser stay eager).
+      transformer.auto_model.compile()  # nn.Module.compile: in place, whatever holds it
 
   def step(self, features):
     torch = self.torch
@@ -345,11 +349,14 @@ def train_speed(model_dir: Path, args, budget_end: float):
     record("train", rows)
     del runner
   pt = TorchTrain(model_dir, args)
+  start = time.perf_counter()
   loss0 = float(pt.step(tbatch))
+  first_step_s = time.perf_counter() - start
   ts = timed(lambda: pt.step(tbatch), reps=args.steps, warmup=2,
              sync=lambda _: torch.cuda.synchronize() if DEVICE == "cuda" else None)
   rows["torch_st_csr"] = {"step_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts),
-                          "first_loss": loss0,
+                          "first_loss": loss0, "first_step_s": first_step_s,
+                          "torch_compile": args.torch_compile,
                           "peak_gib": (torch.cuda.max_memory_allocated() / 2**30
                                        if DEVICE == "cuda" else 0)}
   record("train", rows)
@@ -377,7 +384,8 @@ def train_speed(model_dir: Path, args, budget_end: float):
   record("train", rows)
   record("train_shape", {"records": r, "negatives": n, "query_len": tq, "doc_len": td,
                          "tokens_per_step": tokens, "model_tflops_per_step": flops / 1e12,
-                         "non_embedding_params": n_nonembed, "latents": args.latents, "k": args.k})
+                         "non_embedding_params": n_nonembed, "latents": args.latents, "k": args.k,
+                         "remat": args.remat})
 
 
 @section
@@ -426,6 +434,8 @@ def main():
                  help="attention backends to time the saejax step with (while budget lasts)")
   p.add_argument("--small", action="store_true", help="tiny model: a CPU smoke run of the script")
   p.add_argument("--torch-device", default="cuda")
+  p.add_argument("--remat", action="store_true", help="saejax: recompute blocks in backward")
+  p.add_argument("--torch-compile", action="store_true", help="torch.compile the PyTorch encoder")
   p.add_argument("--tokenizer", default=str(REPO / ".gpu/tokenizer.json"))
   p.add_argument("--skip", nargs="*", default=[])
   args = p.parse_args()
