@@ -1,0 +1,300 @@
+"""saejax sparse codes in external search engines: Milvus (Lite or a cluster) and JSONL files.
+
+`MilvusIndex` has the search interface of `saejax.index.SparseIndex` (``build(values, indices,
+num_latents, doc_ids)``, ``search(q_values, q_indices, top_k) -> (scores, doc ids)``) over a Milvus
+collection of sparse float vectors: the key of a latent is its dimension index (latent 42 is
+dimension 42, stable across re-ingests and models of the same dictionary), the metric is the inner
+product, the very score saejax trains with, and the index is ``SPARSE_INVERTED_INDEX`` searched
+with ``drop_ratio_search = 0``: every posting is scored, so results are exact up to float32
+summation order (Milvus documentation, "Sparse Vector"). The same client code talks to an embedded
+Milvus Lite file (``uri="path.db"``, the `milvus-lite` package; used by the tests) or to a Milvus
+server or cluster (``uri="http://host:19530"``).
+
+Results follow `saejax.index`'s result rule: only scores > 0, descending, ties by lower doc id,
+padding -inf / -1. Query weights may be negative (steering suppresses latents this way); Milvus
+refuses negative weights, so such a query fetches candidates by its positive part and rescores
+them exactly on the client, growing the candidate set until no other document can enter the top k
+(`MilvusIndex._search_signed`).
+
+`write_jsonl` / `read_jsonl` hold codes as Seismic / Anserini-style JSONL, one document a line::
+
+  {"id": "42", "content": "text", "vector": {"f00017": 0.83, "f01234": 0.41}}
+
+(Bruch et al., SIGIR 2024, Seismic's JSON input; Anserini's JsonVectorCollection), the files that
+engines ingesting from disk read. Latent keys are fixed width, ``f`` then the zero-padded latent id
+(at least 5 digits, more when the dictionary needs them), so they sort in latent order as strings.
+
+Shape letters: N documents, K latents per document code, Q queries, R latents per query code.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from jaxtyping import Float, Int
+
+from saejax.errors import ConfigError, DataError
+from saejax.index import _check_codes, _check_doc_ids, _check_top_k, _sum_duplicates
+
+# Milvus caps one request: at most 16,384 results per query and 16,384 queries per search.
+_MAX_LIMIT = 16384
+_QUERY_CHUNK = 1024
+_INSERT_CHUNK = 5000
+_KEY = re.compile(r"f(\d+)")
+# drop_ratio_search = 0: no small query weight is dropped, every posting list is scored (exact).
+_SEARCH_PARAMS = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
+
+
+def _sparse_rows(values: np.ndarray, indices: np.ndarray) -> list[dict[int, float]]:
+  """One ``{latent: weight}`` dict per row, repeated latents summed and zeros dropped."""
+  rows = []
+  for v, i in zip(values, indices):
+    latents, weights = _sum_duplicates(i, v)
+    rows.append({int(t): float(w) for t, w in zip(latents, weights)})
+  return rows
+
+
+class MilvusIndex:
+  """A Milvus collection of saejax codes with `saejax.index.SparseIndex`'s search interface."""
+
+  def __init__(self, client, collection: str, num_latents: int):
+    """Wrap an existing collection; use `MilvusIndex.build` to create and fill one."""
+    self.client, self.collection, self.num_latents = client, collection, int(num_latents)
+
+  @classmethod
+  def build(cls, values: Float[np.ndarray, "N K"], indices: Int[np.ndarray, "N K"],
+            num_latents: int, doc_ids: Int[np.ndarray, "N"] | None = None, *,
+            uri: str | os.PathLike, collection: str = "saejax",
+            overwrite: bool = False) -> "MilvusIndex":
+    """Create a collection and ingest N document codes.
+
+    Args:
+      values, indices, num_latents, doc_ids: as `SparseIndex.build`.
+      uri: a Milvus Lite file (``"docs.db"``) or a server (``"http://host:19530"``).
+      collection: the collection name.
+      overwrite: drop an existing collection of that name first.
+
+    Raises:
+      DataError: codes or doc ids that `SparseIndex.build` would refuse.
+      ConfigError: pymilvus is missing, or the collection exists and `overwrite` is False.
+    """
+    client = _client(uri)
+    if client.has_collection(collection):
+      if not overwrite:
+        raise ConfigError(f"Milvus collection {collection!r} at {uri} exists; pass overwrite=True "
+                          "or use MilvusIndex.open")
+      client.drop_collection(collection)
+    from pymilvus import DataType, MilvusClient
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("vector", DataType.SPARSE_FLOAT_VECTOR)
+    params = client.prepare_index_params()
+    params.add_index(field_name="vector", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
+    client.create_collection(collection, schema=schema, index_params=params)
+    index = cls(client, collection, num_latents)
+    index.ingest(values, indices, doc_ids)
+    return index
+
+  @classmethod
+  def open(cls, uri: str | os.PathLike, collection: str, num_latents: int) -> "MilvusIndex":
+    """An existing collection (e.g. on a cluster that another process filled)."""
+    client = _client(uri)
+    if not client.has_collection(collection):
+      raise ConfigError(f"Milvus at {uri} has no collection {collection!r}")
+    client.load_collection(collection)
+    return cls(client, collection, num_latents)
+
+  def ingest(self, values: Float[np.ndarray, "N K"], indices: Int[np.ndarray, "N K"],
+             doc_ids: Int[np.ndarray, "N"] | None = None) -> None:
+    """Add (or, for ids already present, replace) document codes.
+
+    Args:
+      values, indices: [N, K] document codes, as `SparseIndex.build`.
+      doc_ids: [N] distinct integer ids >= 0 (default 0 .. N-1).
+    """
+    values, indices = _check_codes(values, indices, self.num_latents, "document")
+    doc_ids = _check_doc_ids(doc_ids, values.shape[0])
+    rows = _sparse_rows(values, indices)
+    empty = [int(d) for d, r in zip(doc_ids, rows) if not r]
+    if empty:  # Milvus rejects an all-zero sparse vector; such a document can never be a hit.
+      raise DataError(f"documents {empty[:5]} have no non-zero latent ({len(empty)} such rows); "
+                      "drop them before ingesting")
+    for start in range(0, len(rows), _INSERT_CHUNK):
+      self.client.upsert(self.collection, [
+          {"id": int(d), "vector": r} for d, r in
+          zip(doc_ids[start:start + _INSERT_CHUNK], rows[start:start + _INSERT_CHUNK])])
+    self.client.flush(self.collection)
+
+  @property
+  def num_docs(self) -> int:
+    stats = self.client.get_collection_stats(self.collection)
+    return int(stats["row_count"])
+
+  def search(self, q_values: Float[np.ndarray, "Q R"], q_indices: Int[np.ndarray, "Q R"],
+             top_k: int = 10) -> tuple[Float[np.ndarray, "Q top_k"], Int[np.ndarray, "Q top_k"]]:
+    """Top-``top_k`` documents of each query by inner product, every posting scored.
+
+    Args:
+      q_values: [Q, R] query weights (any sign).
+      q_indices: [Q, R] query latents in [0, S).
+      top_k: results per query (Milvus allows at most 16,384).
+
+    Returns:
+      (scores float32 [Q, top_k], doc ids int64 [Q, top_k]) under `saejax.index`'s result rule.
+    """
+    top_k = _check_top_k(top_k)
+    if top_k > _MAX_LIMIT:
+      raise ConfigError(f"top_k={top_k} exceeds Milvus's limit of {_MAX_LIMIT} results per query")
+    q_values, q_indices = _check_codes(q_values, q_indices, self.num_latents, "query")
+    num_q = q_values.shape[0]
+    scores = np.full((num_q, top_k), -np.inf, dtype=np.float32)
+    ids = np.full((num_q, top_k), -1, dtype=np.int64)
+    rows = _sparse_rows(q_values, q_indices)
+    # Milvus accepts only non-negative weights: queries with a negative (suppressing) weight are
+    # answered by `_search_signed`; an empty query has no hit and Milvus refuses it.
+    plain = [q for q, r in enumerate(rows) if r and min(r.values()) > 0]
+    for start in range(0, len(plain), _QUERY_CHUNK):
+      chunk = plain[start:start + _QUERY_CHUNK]
+      results = self.client.search(
+          self.collection, data=[rows[q] for q in chunk], anns_field="vector", limit=top_k,
+          output_fields=["id"], search_params=_SEARCH_PARAMS)
+      for q, hits in zip(chunk, results):
+        _fill(scores[q], ids[q], [(float(h["distance"]), int(h["id"])) for h in hits])
+    for q, r in enumerate(rows):
+      if r and min(r.values()) < 0:
+        _fill(scores[q], ids[q], self._search_signed(r, top_k))
+    return scores, ids
+
+  def _search_signed(self, query: dict[int, float], top_k: int) -> list[tuple[float, int]]:
+    """Exact hits of a query with negative weights: candidates from Milvus, rescored here.
+
+    Milvus ranks the candidates by the positive part q+ of the query; every document's true
+    score q.d is at most its q+.d, so once the k-th best true score among the first M candidates
+    is at least the M-th candidate's q+.d, no document outside them can enter the top k. M grows
+    4x until that holds (or Milvus's 16,384 limit: then the best of those candidates).
+    """
+    positive = {t: w for t, w in query.items() if w > 0}
+    if not positive:
+      return []  # every score is <= 0: no hit under the result rule
+    limit = min(max(4 * top_k, 64), _MAX_LIMIT)
+    while True:
+      hits = self.client.search(self.collection, data=[positive], anns_field="vector",
+                                limit=limit, output_fields=["vector"],
+                                search_params=_SEARCH_PARAMS)[0]
+      exact = sorted(((float(np.float32(sum(query.get(t, 0.0) * w
+                                               for t, w in h["entity"]["vector"].items()))),
+                       int(h["id"])) for h in hits), key=lambda h: (-h[0], h[1]))
+      complete = len(hits) < limit or limit == _MAX_LIMIT
+      if complete or (len(exact) >= top_k and exact[top_k - 1][0] >= hits[-1]["distance"]):
+        return exact
+      limit = min(4 * limit, _MAX_LIMIT)
+
+  def close(self) -> None:
+    self.client.close()
+
+
+def _fill(scores: np.ndarray, ids: np.ndarray, hits: list[tuple[float, int]]) -> None:
+  """Write (score, doc id) hits into one result row under `saejax.index`'s result rule."""
+  ranked = sorted((h for h in hits if h[0] > 0), key=lambda h: (-h[0], h[1]))
+  for j, (score, doc) in enumerate(ranked[:len(ids)]):
+    scores[j], ids[j] = score, doc
+
+
+def _client(uri: str | os.PathLike):
+  try:
+    from pymilvus import MilvusClient  # pylint: disable=import-outside-toplevel (optional engine)
+  except ImportError:
+    raise ConfigError("MilvusIndex needs pymilvus (and milvus-lite for a local file): "
+                      "pip install pymilvus milvus-lite") from None
+  return MilvusClient(str(uri))
+
+
+# ---------------------------------------------------------------------------------------------
+# Seismic / Anserini JSONL
+
+def key_width(num_latents: int) -> int:
+  """Digits of a latent key: at least 5 (``f01234``), more for dictionaries over 100,000."""
+  if not isinstance(num_latents, (int, np.integer)) or num_latents < 1:
+    raise ConfigError(f"num_latents={num_latents!r} must be a positive int")
+  return max(5, len(str(int(num_latents) - 1)))
+
+
+def write_jsonl(path: str | os.PathLike, ids, contents, values: Float[np.ndarray, "N K"],
+                indices: Int[np.ndarray, "N K"], num_latents: int) -> Path:
+  """Write document codes as Seismic / Anserini JSONL (see the module docstring).
+
+  Args:
+    path: the file to write (atomically: a temporary file, then a rename).
+    ids: N document ids (written as strings).
+    contents: N texts (or None for empty contents).
+    values, indices: [N, K] codes; zero weights are left out, repeated latents summed.
+    num_latents: S, which fixes the key width.
+  """
+  width = key_width(num_latents)
+  values, indices = _check_codes(values, indices, int(num_latents), "document")
+  ids, contents = list(ids), list(contents) if contents is not None else None
+  n = values.shape[0]
+  if len(ids) != n or (contents is not None and len(contents) != n):
+    raise DataError(f"{n} codes but {len(ids)} ids and "
+                    f"{'no' if contents is None else len(contents)} contents; expected one each")
+  path = Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    for i, row in enumerate(_sparse_rows(values, indices)):
+      record = {"id": str(ids[i]), "content": "" if contents is None else str(contents[i]),
+                "vector": {f"f{t:0{width}d}": w for t, w in row.items()}}
+      f.write(json.dumps(record, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
+  return path
+
+
+def read_jsonl(path: str | os.PathLike, num_latents: int | None = None
+               ) -> tuple[list[str], list[str], Float[np.ndarray, "N K"], Int[np.ndarray, "N K"]]:
+  """Read a file written by `write_jsonl` (or any Seismic-style JSONL with ``f<digits>`` keys).
+
+  Returns:
+    (ids, contents, values float32 [N, K], indices int32 [N, K]) with K the most latents of any
+    document; shorter rows are padded with weight 0 at latent 0 (which indexes store as nothing).
+
+  Raises:
+    DataError: a line that is not a JSON object with ``id`` and a ``vector`` of ``f<digits>``
+      keys and finite numeric weights, or a latent >= num_latents; the message names the line.
+  """
+  path = Path(path)
+  ids, contents, rows = [], [], []
+  with open(path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{line_no}"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from e
+      if not isinstance(record, dict) or "id" not in record or not isinstance(
+          record.get("vector"), dict):
+        raise DataError(f"{where}: expected an object with 'id' and a 'vector' object")
+      row = {}
+      for key, weight in record["vector"].items():
+        match = _KEY.fullmatch(key)
+        if match is None:
+          raise DataError(f"{where}: vector key {key!r} is not 'f' followed by a latent id")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(
+            weight):
+          raise DataError(f"{where}: weight of {key} is {weight!r}, not a finite number")
+        latent = int(match.group(1))
+        if num_latents is not None and latent >= num_latents:
+          raise DataError(f"{where}: latent {latent} ({key}) is outside [0, {num_latents})")
+        row[latent] = float(weight)
+      ids.append(str(record["id"]))
+      contents.append(str(record.get("content", "")))
+      rows.append(row)
+  k = max((len(r) for r in rows), default=0)
+  values = np.zeros((len(rows), k), np.float32)
+  indices = np.zeros((len(rows), k), np.int32)
+  for i, row in enumerate(rows):
+    values[i, :len(row)] = list(row.values())
+    indices[i, :len(row)] = list(row.keys())
+  return ids, contents, values, indices

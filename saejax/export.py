@@ -1,0 +1,598 @@
+"""saejax <-> sentence-transformers: export a trained model as a `SparseEncoder`, import one back.
+
+Export (``python -m saejax.export --ckpt WORKDIR --out DIR``) writes the directory that
+sentence-transformers itself writes for ``SparseEncoder(modules=[Transformer, Pooling("mean"),
+SparseAutoEncoder])`` (CSR: Wen et al., ICML 2025, "Beyond Matryoshka: Revisiting Sparse Coding
+for Adaptive Representation"). The files are produced by sentence-transformers' own ``save``, so
+the layout is the installed version's, with two saejax-specific changes:
+
+  * ``2_SparseAutoEncoder/model.safetensors`` holds exactly ``pre_bias``, ``latent_bias``,
+    ``stats_last_nonzero`` (int64) and ``encoder.weight`` [S, D] (= saejax ``w_enc``.T).
+    sentence-transformers ties its decoder to the encoder, but its inference forward reads only
+    the encoder: ``ReLU(TopK((v - pre_bias) @ encoder.weight.T + latent_bias))`` with
+    ``normalize=False`` (no LayerNorm of v), which is saejax's code exactly. saejax's untied,
+    unit-norm decoder stays in saejax's checkpoint; a tied copy would be wrong for training.
+  * ``README.md`` is saejax's model card: training config, data sources, measured metrics
+    (``eval.json`` / ``summary.json`` of the workdir) and the latent labels
+    (``latent_labels.json``, copied beside it when the workdir has one).
+
+The backbone directory at the root of the export is a plain Hugging Face model
+(``transformers.AutoModel.from_pretrained(DIR)`` loads it); ``--backbone-only`` writes just that
+(`saejax.convert.save_hf` plus the tokenizer). Max sequence length (the run's
+``data.max_doc_len``) and k carry over: tokenizer_config.json ``model_max_length`` and the SAE's
+``k``; ``dead_threshold`` becomes saejax's ``dead_after_tokens`` in steps of the run's batch.
+
+Import (`load_sparse_encoder`) reads such a directory, as saved by sentence-transformers itself,
+into an `Embedder`: the backbone through `saejax.convert`, the SAE as ``w_enc = encoder.weight.T``
+(exact: the imported model encodes as the SparseEncoder does) and ``w_dec =`` the encoder's rows
+normalised to unit length. Why normalised: saejax trains with unit-norm decoder rows
+(`saejax.sae.normalize_decoder` after every step), so the tied rows, rescaled, are the nearest
+start that keeps that invariant; reconstruction changes by each row's norm until training adapts.
+`init_run_from_sparse_encoder` turns the import into a training workdir at step 0 that
+``python -m saejax.train --config WORKDIR/config.py --workdir WORKDIR`` resumes from.
+
+sentence-transformers and torch are imported only inside the functions that need them (the import
+costs ~9 s).
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from saejax import convert, sae as sae_lib
+from saejax.embedder import Embedder
+from saejax.errors import CheckpointError, ConfigError, SaejaxError
+from saejax.tokenizer import Tokenizer, load_tokenizer
+
+# The one weights file layout sentence-transformers' SparseAutoEncoder loads with encoder and
+# decoder tied; "decoder.linear.weight" is the other name of the same tensor.
+SAE_KEYS = ("pre_bias", "latent_bias", "stats_last_nonzero", "encoder.weight")
+SAE_WEIGHT_NAMES = ("encoder.weight", "decoder.linear.weight")
+LATENT_LABELS = "latent_labels.json"
+# Special tokens named in a generated tokenizer_config.json (BERT and ModernBERT / RoBERTa names).
+_SPECIAL_TOKENS = {"cls_token": ("[CLS]", "<s>"), "sep_token": ("[SEP]", "</s>"),
+                   "pad_token": ("[PAD]", "<pad>"), "mask_token": ("[MASK]", "<mask>"),
+                   "unk_token": ("[UNK]", "<unk>")}
+
+
+class OutputExistsError(SaejaxError, FileExistsError):
+  """The export directory exists and is not empty, and overwriting was not asked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+  """What a SparseEncoder export carries besides the weights.
+
+  Attributes:
+    max_seq_length: token budget per text, [CLS] and [SEP] included (the run's max_doc_len).
+    k: active latents per text (the SAE's training k unless overridden).
+    k_aux: AuxK latents, recorded for training in sentence-transformers.
+    dead_threshold: sentence-transformers counts a latent dead after this many silent steps.
+  """
+  max_seq_length: int
+  k: int
+  k_aux: int
+  dead_threshold: int = 30
+
+  def __post_init__(self):
+    for name in ("max_seq_length", "k", "k_aux", "dead_threshold"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"ExportSettings.{name}={value!r} must be a positive int")
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+def _prepare_out(out: Path, force: bool) -> Path:
+  """A fresh staging directory beside `out`; refuses a non-empty `out` unless `force`."""
+  if out.exists() and not out.is_dir():
+    raise OutputExistsError(f"--out {out} is a file, not a directory")
+  if out.is_dir() and any(out.iterdir()) and not force:
+    raise OutputExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  stage = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+  stage.mkdir()
+  return stage
+
+
+def _commit(stage: Path, out: Path) -> Path:
+  """Replace `out` by the complete staging directory (never leaves a half-written export)."""
+  if out.exists():
+    shutil.rmtree(out)
+  stage.rename(out)
+  return out
+
+
+def write_tokenizer(tokenizer_src: Path, out: Path, max_seq_length: int) -> None:
+  """Tokenizer files for transformers' AutoTokenizer, truncating at ``max_seq_length``.
+
+  Copies tokenizer.json (and tokenizer_config.json, vocab.txt... where the source has them) and
+  sets ``model_max_length``; a source with only tokenizer.json (e.g. ModernBERT's) gets a
+  tokenizer_config.json naming its special tokens, so transformers can pad.
+  """
+  if tokenizer_src.is_file():
+    shutil.copyfile(tokenizer_src, out / "tokenizer.json")
+  else:
+    convert.copy_tokenizer(tokenizer_src, out)
+  if not (out / "tokenizer.json").exists():
+    raise ConfigError(f"no tokenizer.json at {tokenizer_src}: the export needs the run's tokenizer")
+  file = out / "tokenizer_config.json"
+  tok_cfg = json.loads(file.read_text()) if file.exists() else {
+      "tokenizer_class": "PreTrainedTokenizerFast"}
+  if not file.exists():
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    for key, names in _SPECIAL_TOKENS.items():
+      found = next((n for n in names if tok.token_to_id(n) is not None), None)
+      if found is not None:
+        tok_cfg[key] = found
+  tok_cfg["model_max_length"] = max_seq_length
+  file.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+
+
+def write_backbone(model: Embedder, tokenizer_src: Path, out: Path, max_seq_length: int) -> Path:
+  """The plain encoder as a Hugging Face directory (config.json, model.safetensors, tokenizer)."""
+  convert.save_hf(model.encoder.cfg, model.encoder, out)
+  write_tokenizer(tokenizer_src, out, max_seq_length)
+  return out
+
+
+def _sae_tensors(sae: sae_lib.SAE, stats_last_nonzero: np.ndarray | None) -> dict[str, np.ndarray]:
+  s = sae.config.num_latents
+  stats = (np.zeros(s, np.int64) if stats_last_nonzero is None
+           else np.asarray(stats_last_nonzero, np.int64))
+  if stats.shape != (s,):
+    raise ConfigError(f"stats_last_nonzero has shape {stats.shape}; expected ({s},)")
+  get = lambda p: np.asarray(jax.device_get(p[...]), np.float32)  # noqa: E731
+  return {"pre_bias": get(sae.b_pre), "latent_bias": get(sae.b_lat),
+          "stats_last_nonzero": stats,
+          "encoder.weight": np.ascontiguousarray(get(sae.w_enc).T)}
+
+
+def write_sparse_encoder(model: Embedder, tokenizer_src: str | Path, out: str | Path,
+                         settings: ExportSettings, *, card: str | None = None,
+                         extra_files: dict[str, Path] | None = None, force: bool = False,
+                         stats_last_nonzero: np.ndarray | None = None) -> Path:
+  """Write `model` as a sentence-transformers SparseEncoder directory.
+
+  Args:
+    model: encoder (a registered HF architecture) + TopK SAE.
+    tokenizer_src: the model's tokenizer.json or a directory holding it.
+    out: the directory to write; must be absent or empty unless `force`.
+    settings: max sequence length, k and the SAE's training settings.
+    card: README.md text (default: sentence-transformers' generated card).
+    extra_files: name -> file copied into the export (e.g. latent_labels.json).
+    force: replace a non-empty `out`.
+    stats_last_nonzero: [S] steps since each latent fired (default zeros: all fresh).
+
+  Raises:
+    ConfigError: the model has no SAE or an unsupported backbone.
+    OutputExistsError: `out` is not empty and `force` is False.
+  """
+  if model.sae is None:
+    raise ConfigError("the model has no SAE (sae.enabled=False, the dense ablation): a "
+                      "SparseEncoder needs one; export the backbone with --backbone-only")
+  if not any(isinstance(model.encoder.cfg, a.config_cls) for a in convert._registry().values()):
+    raise ConfigError(f"backbone {type(model.encoder.cfg).__name__} has no Hugging Face "
+                      "architecture registered in saejax.convert")
+  from safetensors.numpy import save_file
+  from sentence_transformers import SparseEncoder
+  from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder, Transformer
+  try:
+    from sentence_transformers.sentence_transformer.modules import Pooling
+  except ImportError:  # sentence-transformers < 5.2 kept it here
+    from sentence_transformers.models import Pooling
+  import torch
+  import transformers
+
+  out = Path(out).absolute()
+  stage = _prepare_out(out, force)
+  try:
+    backbone = write_backbone(model, Path(tokenizer_src), stage / "backbone", settings.max_seq_length)
+    # transformers reports BERT's pooler as newly initialised: expected (saejax drops it, mean
+    # pooling never reads it), so the report is silenced for this one load.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+      transformer = Transformer(str(backbone), max_seq_length=settings.max_seq_length)
+    finally:
+      transformers.logging.set_verbosity(verbosity)
+    cfg = model.sae.config
+    head = SparseAutoEncoder(input_dim=cfg.d_model, hidden_dim=cfg.num_latents, k=settings.k,
+                             k_aux=min(settings.k_aux, cfg.num_latents), normalize=False,
+                             dead_threshold=settings.dead_threshold)
+    tensors = _sae_tensors(model.sae, stats_last_nonzero)
+    head.load_state_dict({k: torch.tensor(v) for k, v in tensors.items()}, strict=False)
+    st = SparseEncoder(modules=[transformer, Pooling(cfg.d_model, pooling_mode="mean"), head],
+                       similarity_fn_name="dot")
+    st_dir = stage / "model"
+    st.save(str(st_dir))
+    # sentence-transformers names the tied tensor decoder.linear.weight; write the encoder's name
+    # and nothing else (its loader resolves the tie either way).
+    sae_dir = next(st_dir / m["path"] for m in json.loads((st_dir / "modules.json").read_text())
+                   if m["type"].endswith("SparseAutoEncoder"))
+    save_file(tensors, sae_dir / "model.safetensors", metadata={"format": "pt"})
+    shutil.rmtree(backbone)
+    if card is not None:
+      (st_dir / "README.md").write_text(card)
+    for name, file in (extra_files or {}).items():
+      shutil.copyfile(file, st_dir / name)
+    result = _commit(st_dir, out)
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)
+  return result
+
+
+def resolve_ckpt(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
+  """(workdir, step) of ``--ckpt``: a training workdir or one of its ``checkpoints/<step>``."""
+  path = Path(path).absolute()
+  if path.parent.name == "checkpoints" and path.name.isdigit():
+    if step is not None and step != int(path.name):
+      raise ConfigError(f"--ckpt {path} is step {path.name} but --step {step} was given")
+    return path.parent.parent, int(path.name)
+  if not (path / "config.json").is_file():
+    raise CheckpointError(f"--ckpt {path} is neither a saejax training workdir (no config.json) "
+                          "nor a WORKDIR/checkpoints/<step> directory")
+  return path, step
+
+
+def check_backbone(config: ml_collections.ConfigDict, workdir: Path) -> str:
+  """The run's backbone model_type, or a ConfigError naming the workdir and the supported ones."""
+  from saejax import train  # absl flags: only when a run is read
+  try:
+    arch, _ = train.encoder_config(config)
+  except ConfigError as e:
+    raise ConfigError(f"cannot export {workdir}: {e}") from e
+  return arch.model_type
+
+
+def tokenizer_source(config: ml_collections.ConfigDict) -> Path:
+  """The tokenizer.json (or its directory) a run trained with."""
+  path = config.model.get("tokenizer") or config.model.get("init_from")
+  if not path:
+    raise ConfigError("config.model.tokenizer is empty and there is no init_from to take it from")
+  return Path(path) if str(path).endswith(".json") else convert.resolve(path)
+
+
+def settings_for_run(config: ml_collections.ConfigDict, k: int | None = None) -> ExportSettings:
+  """Max length, k and the dead-latent horizon of a run, in sentence-transformers' units."""
+  texts_per_step = config.data.global_batch_size * (2 + config.data.get("num_hard_negatives", 0))
+  return ExportSettings(max_seq_length=int(config.data.max_doc_len),
+                        k=int(config.sae.k if k is None else k), k_aux=int(config.sae.k_aux),
+                        dead_threshold=max(1, math.ceil(config.sae.dead_after_tokens
+                                                        / texts_per_step)))
+
+
+def _read_json(file: Path) -> Any:
+  if not file.is_file():
+    return None
+  try:
+    return json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{file} is not valid JSON (line {e.lineno}): {e.msg}") from e
+
+
+def _metrics_table(eval_json: dict | None, summary: dict | None) -> str:
+  lines = []
+  if eval_json:
+    lines += [f"Retrieval on `{eval_json.get('beir_dir')}` (split {eval_json.get('split')}, "
+              f"{eval_json.get('num_queries')} queries x {eval_json.get('num_docs')} documents):",
+              "", "| system | nDCG@10 | Recall@100 | MRR@10 |", "|---|---|---|---|"]
+    for name, m in eval_json.get("systems", {}).items():
+      lines.append(f"| {name} | {m.get('ndcg@10', float('nan')):.4f} | "
+                   f"{m.get('recall@100', float('nan')):.4f} | {m.get('mrr@10', float('nan')):.4f} |")
+    lines.append("")
+  if summary:
+    lines.append(f"Training: {summary.get('step')} steps in {summary.get('wall_s', 0) / 60:.1f} "
+                 "min. Last logged metrics:")
+    lines += ["", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.6g} |" for k, v in sorted(summary.get("last_metrics", {}).items())
+              if isinstance(v, (int, float))]
+    lines.append("")
+  return "\n".join(lines) if lines else "No measured metrics: the workdir has no eval.json or " \
+                                        "summary.json.\n"
+
+
+def model_card(config: ml_collections.ConfigDict, settings: ExportSettings, *, backbone: str,
+               workdir: Path, step: int, has_labels: bool) -> str:
+  """README.md of an exported run: what it is, how to use it, config, data and metrics."""
+  sources = [s.get("path") or s.get("name") or s.get("kind") for s in config.data.sources]
+  labels = (f"`{LATENT_LABELS}` names the latents (from saejax's interpretability analysis)."
+            if has_labels else "No latent labels were available in the workdir.")
+  return f"""---
+library_name: sentence-transformers
+tags: [sentence-transformers, sparse-encoder, sparse, csr, saejax]
+pipeline_tag: feature-extraction
+---
+
+# saejax sparse encoder ({backbone} + TopK SAE)
+
+Exported by `python -m saejax.export` from `{workdir}` (checkpoint step {step}). Each text becomes
+a vector of {config.sae.num_latents:,} latents with at most k = {settings.k} non-zero, computed as
+`ReLU(TopK(W_enc (v - b_pre) + b_lat))` over the mean-pooled {backbone} output `v`. Encoder and
+SAE were trained end to end (contrastive + reconstruction losses); queries and documents are
+scored by the dot product of their codes. Texts longer than {settings.max_seq_length} tokens are
+truncated.
+
+```python
+from sentence_transformers import SparseEncoder
+model = SparseEncoder("path/to/this/directory")
+codes = model.encode(["a sentence", "another one"])   # sparse [2, {config.sae.num_latents}]
+print(model.similarity(codes, codes))
+```
+
+The weights file of `SparseAutoEncoder` holds the encoder only; saejax's untied decoder (used for
+training and interpretability) stays in the saejax checkpoint.
+
+## Data
+
+Training sources: {", ".join(f"`{s}`" for s in sources) or "none recorded"}.
+
+## Metrics
+
+{_metrics_table(_read_json(workdir / "eval.json"), _read_json(workdir / "summary.json"))}
+## Latent labels
+
+{labels}
+
+## Training config
+
+```json
+{config.to_json_best_effort(indent=2)}
+```
+"""
+
+
+def export_run(ckpt: str | Path, out: str | Path, *, step: int | None = None, force: bool = False,
+               backbone_only: bool = False, k: int | None = None) -> Path:
+  """Export a training run's checkpoint (see the module docstring).
+
+  Args:
+    ckpt: the training workdir, or ``WORKDIR/checkpoints/<step>``.
+    out: the export directory (absent or empty unless `force`).
+    step: which checkpoint (default: the newest).
+    force: replace a non-empty `out`.
+    backbone_only: write only the Hugging Face backbone directory.
+    k: active latents of the exported encoder (default: the training k).
+  """
+  from saejax import trained
+  out = Path(out).absolute()
+  if out.is_dir() and any(out.iterdir()) and not force:  # fail before loading anything
+    raise OutputExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
+  workdir, step = resolve_ckpt(ckpt, step)
+  config = trained.read_config(workdir)
+  backbone = check_backbone(config, workdir)
+  settings = settings_for_run(config, k)
+  config, model, _ = trained.load_run(workdir, step, dtype="float32")
+  step = step if step is not None else max(trained.checkpoint_steps(workdir))
+  tokenizer_src = tokenizer_source(config)
+  if backbone_only:
+    stage = _prepare_out(out, force)
+    try:
+      return _commit(write_backbone(model, tokenizer_src, stage, settings.max_seq_length), out)
+    finally:
+      shutil.rmtree(stage, ignore_errors=True)
+  labels = workdir / LATENT_LABELS
+  card = model_card(config, settings, backbone=backbone, workdir=workdir, step=step,
+                    has_labels=labels.is_file())
+  return write_sparse_encoder(model, tokenizer_src, out, settings, card=card, force=force,
+                              extra_files={LATENT_LABELS: labels} if labels.is_file() else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Import
+
+def _modules(path: Path) -> list[dict]:
+  file = path / "modules.json"
+  if not file.is_file():
+    raise CheckpointError(f"{path} is not a sentence-transformers model directory: no modules.json")
+  modules = _read_json(file)
+  if not isinstance(modules, list) or not all(isinstance(m, dict) and "type" in m for m in modules):
+    raise CheckpointError(f"{file} is not a list of modules with a 'type'")
+  return modules
+
+
+def _kind(module: dict) -> str:
+  return module["type"].rsplit(".", 1)[-1]
+
+
+def _check_layout(path: Path, modules: list[dict]) -> tuple[Path, Path, Path]:
+  """(transformer dir, pooling dir, SAE dir), or an error naming the module that does not fit."""
+  kinds = [_kind(m) for m in modules]
+  head = modules[-1] if modules else {"type": "nothing", "path": ""}
+  if _kind(head) != "SparseAutoEncoder":
+    raise CheckpointError(
+        f"{path}: the head module is {head['type']} (at {path / head.get('path', '')}), not a "
+        f"SparseAutoEncoder; saejax imports only Transformer + Pooling(mean) + SparseAutoEncoder "
+        f"(modules found: {kinds})")
+  if kinds != ["Transformer", "Pooling", "SparseAutoEncoder"]:
+    raise CheckpointError(f"{path}: modules {kinds} are not Transformer + Pooling + "
+                          "SparseAutoEncoder, the only layout saejax imports")
+  return tuple(path / m.get("path", "") for m in modules)
+
+
+def _check_pooling(pool_dir: Path) -> None:
+  cfg = _read_json(pool_dir / "config.json") or {}
+  # sentence-transformers >= 5.2 writes pooling_mode; older versions one boolean per mode.
+  mode = cfg.get("pooling_mode") or ("mean" if cfg.get("pooling_mode_mean_tokens") else None)
+  if mode != "mean":
+    raise CheckpointError(f"{pool_dir / 'config.json'}: pooling is {mode or cfg!r}; saejax's "
+                          "Embedder pools by the mean over valid tokens only")
+
+
+def _max_seq_length(transformer_dir: Path, fallback: int) -> int:
+  for file, key in (("sentence_bert_config.json", "max_seq_length"),
+                    ("tokenizer_config.json", "model_max_length")):
+    value = (_read_json(transformer_dir / file) or {}).get(key)
+    if isinstance(value, int) and 0 < value < 1_000_000:  # HF's "no limit" is a huge int
+      return value
+  return fallback
+
+
+def load_sparse_encoder(path: str | Path, *, dead_after_tokens: int = 1_000_000
+                        ) -> tuple[Embedder, Tokenizer, dict]:
+  """Load a sentence-transformers CSR SparseEncoder directory into saejax.
+
+  Args:
+    path: a directory saved by ``SparseEncoder.save`` with modules Transformer, Pooling(mean),
+      SparseAutoEncoder.
+    dead_after_tokens: saejax's dead-latent horizon in texts (sentence-transformers counts steps,
+      which have no fixed number of texts).
+
+  Returns:
+    (model, tokenizer, info): info holds ``max_seq_length``, ``k``, ``k_aux``, ``num_latents``,
+    ``dead_threshold``, ``backbone`` (model_type), ``transformer_dir``, ``decoder`` (how w_dec
+    was made) and ``decoder_row_norms`` (min, max of the tied rows before normalising).
+
+  Raises:
+    CheckpointError: not a SparseEncoder directory, a head that is not a SparseAutoEncoder,
+      non-mean pooling, missing or misshapen SAE tensors.
+    ConfigError: an unsupported backbone, or ``normalize=True`` (a LayerNorm saejax does not have).
+  """
+  from safetensors.numpy import load_file
+  path = Path(path).absolute()
+  transformer_dir, pool_dir, sae_dir = _check_layout(path, _modules(path))
+  _check_pooling(pool_dir)
+  enc_cfg, encoder = convert.load_hf(transformer_dir, head=False)
+  tokenizer = load_tokenizer(transformer_dir, vocab_size=enc_cfg.vocab_size)
+  st_cfg = _read_json(sae_dir / "config.json")
+  if not st_cfg:
+    raise CheckpointError(f"{sae_dir} has no config.json")
+  if st_cfg.get("normalize"):
+    raise ConfigError(f"{sae_dir / 'config.json'}: normalize=True (a LayerNorm before the SAE) "
+                      "has no saejax equivalent")
+  file = sae_dir / "model.safetensors"
+  if not file.is_file():
+    raise CheckpointError(f"{sae_dir} has no model.safetensors")
+  tensors = load_file(file)
+  name = next((n for n in SAE_WEIGHT_NAMES if n in tensors), None)
+  missing = [k for k in ("pre_bias", "latent_bias") if k not in tensors] + (
+      [] if name else [" or ".join(SAE_WEIGHT_NAMES)])
+  if missing:
+    raise CheckpointError(f"{file} lacks tensors {missing}; it has {sorted(tensors)}")
+  weight = tensors[name].astype(np.float32)
+  s, d = int(st_cfg["hidden_dim"]), int(st_cfg["input_dim"])
+  for key, shape in ((name, (s, d)), ("pre_bias", (d,)), ("latent_bias", (s,))):
+    if tensors[key].shape != shape:
+      raise CheckpointError(f"{file}: tensor {key} has shape {tensors[key].shape}, expected {shape} "
+                            f"(input_dim={d}, hidden_dim={s} in its config.json)")
+  if d != enc_cfg.hidden_size:
+    raise CheckpointError(f"{sae_dir}: SAE input_dim {d} != backbone hidden_size "
+                          f"{enc_cfg.hidden_size} of {transformer_dir / 'config.json'}")
+  k = int(st_cfg.get("k", 8))
+  cfg = sae_lib.SAEConfig(d_model=d, num_latents=s, k=k, k_aux=min(int(st_cfg.get("k_aux", 512)), s),
+                          dead_after_tokens=dead_after_tokens)
+  sae = nnx.eval_shape(lambda: sae_lib.SAE(cfg, rngs=nnx.Rngs(0)))
+  norms = np.linalg.norm(weight, axis=1)
+  values = {"w_enc": weight.T, "b_lat": tensors["latent_bias"], "b_pre": tensors["pre_bias"],
+            "w_dec": np.asarray(sae_lib.normalize_decoder(weight))}
+  for attr, value in values.items():
+    getattr(sae, attr).set_value(jax.numpy.asarray(np.ascontiguousarray(value), jax.numpy.float32))
+  info = {"path": str(path), "transformer_dir": str(transformer_dir),
+          "backbone": enc_cfg.to_hf_config()["model_type"],
+          "max_seq_length": _max_seq_length(transformer_dir, enc_cfg.max_position_embeddings),
+          "k": k, "k_aux": cfg.k_aux, "num_latents": s,
+          "dead_threshold": int(st_cfg.get("dead_threshold", 30)),
+          "stats_last_nonzero": tensors.get("stats_last_nonzero"),
+          "decoder": "w_dec = encoder.weight rows normalised to unit L2 norm (tied weights)",
+          "decoder_row_norms": (float(norms.min()), float(norms.max()))}
+  return Embedder(encoder, sae), tokenizer, info
+
+
+_CONFIG_PY = '''"""The resolved config of this workdir (config.json), for `python -m saejax.train --config`."""
+
+import json
+from pathlib import Path
+
+import ml_collections
+
+
+def get_config(arg=None):
+  return ml_collections.ConfigDict(json.loads((Path(__file__).parent / "config.json").read_text()))
+'''
+
+
+def init_run_from_sparse_encoder(st_dir: str | Path, config: ml_collections.ConfigDict,
+                                 workdir: str | Path) -> Path:
+  """A saejax training workdir whose step-0 checkpoint is an imported SparseEncoder.
+
+  Training then continues end to end with::
+
+    python -m saejax.train --config WORKDIR/config.py --workdir WORKDIR
+
+  Args:
+    st_dir: the sentence-transformers SparseEncoder directory.
+    config: a training config (data, losses, optimiser); its model and sae sections are replaced
+      by the imported model's (backbone = the SparseEncoder's Transformer directory, S, k, k_aux),
+      and its token budgets are capped at the model's max sequence length.
+    workdir: a directory without checkpoints.
+  """
+  from saejax import checkpoint, data, step as step_lib, train
+  workdir = Path(workdir).absolute()
+  if (workdir / "checkpoints").exists():
+    raise OutputExistsError(f"{workdir / 'checkpoints'} exists; choose an empty workdir")
+  model, tokenizer, info = load_sparse_encoder(
+      st_dir, dead_after_tokens=int(config.sae.dead_after_tokens))
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.init_from = info["transformer_dir"]
+  config.model.hf_config = ml_collections.ConfigDict()
+  config.model.tokenizer = ""
+  for key in ("num_latents", "k", "k_aux"):
+    config.sae[key] = info[key]
+  config.data.max_query_len = min(config.data.max_query_len, info["max_seq_length"])
+  config.data.max_doc_len = min(config.data.max_doc_len, info["max_seq_length"])
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  (workdir / "config.py").write_text(_CONFIG_PY)
+  _, params = nnx.split(model, nnx.Param)
+  tx = step_lib.make_optimizer(train._dataclass(step_lib.OptimConfig, config.optim, "optim"), params)
+  state = step_lib.init_state(model, tx)
+  data_iter = data.make_iterator(train.data_config(config), tokenizer, shard_index=0, shard_count=1)
+  ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", save_every=1, keep=1,
+                                      async_save=False)
+  try:
+    ckpt.save(0, state, data_iter, force=True)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  return workdir
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def main(argv: list[str] | None = None) -> None:
+  """``python -m saejax.export --ckpt WORKDIR --out DIR [--force] [--step N] [--backbone-only]``."""
+  parser = argparse.ArgumentParser(prog="python -m saejax.export", description=main.__doc__)
+  parser.add_argument("--ckpt", required=True,
+                      help="training workdir, or WORKDIR/checkpoints/<step>")
+  parser.add_argument("--out", required=True, help="export directory (absent or empty)")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  parser.add_argument("--k", type=int, default=None, help="active latents (default: training k)")
+  parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+  parser.add_argument("--backbone-only", action="store_true",
+                      help="write only the Hugging Face backbone directory")
+  args = parser.parse_args(argv)
+  try:
+    out = export_run(args.ckpt, args.out, step=args.step, force=args.force,
+                     backbone_only=args.backbone_only, k=args.k)
+  except SaejaxError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  kind = "Hugging Face backbone" if args.backbone_only else "sentence-transformers SparseEncoder"
+  print(f"wrote {out} ({kind})")
+
+
+if __name__ == "__main__":
+  main()

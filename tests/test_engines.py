@@ -1,0 +1,123 @@
+"""Milvus Lite adapter vs saejax's exact index on real SciFact codes; JSONL round trip."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from saejax import convert, engines, sae as sae_lib
+from saejax.demo import minilm_dir
+from saejax.embedder import Embedder
+from saejax.encode import EncodeConfig, encode_dense, encode_sparse
+from saejax.errors import DataError
+from saejax.index import SparseIndex
+from saejax.tokenizer import load_tokenizer
+
+NUM_LATENTS = 4096
+
+
+@pytest.fixture(scope="module")
+def scifact_codes(data_dir):
+  """300 SciFact abstracts and 40 of its queries, encoded by real MiniLM + a random TopK SAE."""
+  docs = [json.loads(line) for _, line in zip(range(300), open(data_dir / "scifact/corpus.jsonl"))]
+  queries = [json.loads(line)["text"]
+             for _, line in zip(range(40), open(data_dir / "scifact/queries.jsonl"))]
+  cfg, encoder = convert.load_hf(minilm_dir(), head=False)
+  tok = load_tokenizer(minilm_dir(), vocab_size=cfg.vocab_size)
+  sae = sae_lib.SAE(sae_lib.SAEConfig(d_model=cfg.hidden_size, num_latents=NUM_LATENTS, k=32),
+                    rngs=nnx.Rngs(0))
+  model = Embedder(encoder, sae)
+  texts = [d["title"] + " " + d["text"] for d in docs]
+  enc = EncodeConfig(max_len=128, batch_size=32, progress=False)
+  sample = jnp.asarray(encode_dense(encoder, tok, texts[:64], enc).v)
+  sae.b_pre.set_value(sae_lib.init_b_pre(sample, "mean"))  # centred codes, as after training
+  d = encode_sparse(model, tok, texts, config=enc)
+  q = encode_sparse(model, tok, queries, k=16, config=enc)
+  doc_ids = np.asarray([int(doc["_id"]) for doc in docs])
+  return doc_ids, [doc["text"] for doc in docs], d, q
+
+
+@pytest.fixture(scope="module")
+def milvus(scifact_codes, tmp_path_factory):
+  doc_ids, _, d, _ = scifact_codes
+  index = engines.MilvusIndex.build(d.values, d.indices, NUM_LATENTS, doc_ids,
+                                    uri=tmp_path_factory.mktemp("milvus") / "docs.db")
+  yield index
+  index.close()
+
+
+def test_milvus_lite_equals_exact_index(scifact_codes, milvus):
+  doc_ids, _, d, q = scifact_codes
+  assert milvus.num_docs == len(doc_ids)
+  exact = SparseIndex.build(d.values, d.indices, NUM_LATENTS, doc_ids)
+  want_scores, want_ids = exact.search(q.values, q.indices, top_k=10)
+  got_scores, got_ids = milvus.search(q.values, q.indices, top_k=10)
+  assert (want_ids >= 0).sum() > 200  # real hits, not padding
+  np.testing.assert_array_equal(got_ids, want_ids)
+  np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_milvus_steered_query_with_negative_weight(scifact_codes, milvus):
+  """A steered query (a boosted and a suppressed latent) ranks as in the exact index."""
+  doc_ids, _, d, q = scifact_codes
+  values = np.concatenate([q.values[:5], np.full((5, 2), [3.0, -2.0], np.float32)], axis=1)
+  top = np.bincount(d.indices.reshape(-1), minlength=NUM_LATENTS).argsort()[::-1]
+  indices = np.concatenate([q.indices[:5], np.tile(top[:2], (5, 1))], axis=1)
+  exact = SparseIndex.build(d.values, d.indices, NUM_LATENTS, doc_ids)
+  want_scores, want_ids = exact.search(values, indices, top_k=10)
+  got_scores, got_ids = milvus.search(values, indices, top_k=10)
+  np.testing.assert_array_equal(got_ids, want_ids)
+  np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_milvus_empty_query_and_refusals(scifact_codes, milvus, tmp_path):
+  _, _, d, q = scifact_codes
+  scores, ids = milvus.search(np.zeros((1, 4), np.float32), q.indices[:1, :4], top_k=3)
+  assert ids.tolist() == [[-1, -1, -1]] and np.isneginf(scores).all()
+  with pytest.raises(DataError, match="outside"):
+    milvus.search(q.values[:1], np.full((1, 16), NUM_LATENTS), top_k=3)
+  with pytest.raises(DataError, match="no non-zero latent"):
+    engines.MilvusIndex.build(np.zeros((2, 3), np.float32), np.zeros((2, 3), np.int32),
+                              NUM_LATENTS, uri=tmp_path / "x.db")
+
+
+def test_jsonl_round_trip(scifact_codes, tmp_path):
+  doc_ids, contents, d, _ = scifact_codes
+  file = engines.write_jsonl(tmp_path / "docs.jsonl", doc_ids, contents, d.values, d.indices,
+                             NUM_LATENTS)
+  first = json.loads(file.open().readline())
+  assert set(first) == {"id", "content", "vector"} and first["content"] == contents[0]
+  assert all(len(key) == 6 and key.startswith("f") for key in first["vector"])
+  ids, texts, values, indices = engines.read_jsonl(file, NUM_LATENTS)
+  assert ids == [str(i) for i in doc_ids] and texts == contents
+  for row in range(len(ids)):
+    want = {int(t): float(v) for t, v in zip(d.indices[row], d.values[row]) if v != 0}
+    got = {int(t): float(v) for t, v in zip(indices[row], values[row]) if v != 0}
+    assert got == pytest.approx(want)
+  # What an engine reads back searches like the codes themselves.
+  a = SparseIndex.build(values, indices, NUM_LATENTS, np.asarray(ids, int))
+  b = SparseIndex.build(d.values, d.indices, NUM_LATENTS, doc_ids)
+  np.testing.assert_array_equal(a.search(d.values[:5], d.indices[:5])[1],
+                                b.search(d.values[:5], d.indices[:5])[1])
+
+
+def test_jsonl_wide_dictionary_keys(tmp_path):
+  file = engines.write_jsonl(tmp_path / "w.jsonl", ["a"], None, np.ones((1, 2), np.float32),
+                             np.asarray([[3, 123456]]), 200_000)
+  assert json.loads(file.read_text())["vector"] == {"f000003": 1.0, "f123456": 1.0}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "not valid JSON"),
+    ('{"content": "x", "vector": {}}', "expected an object with 'id'"),
+    ('{"id": 1, "vector": {"x12": 1.0}}', "key 'x12'"),
+    ('{"id": 1, "vector": {"f00012": "big"}}', "not a finite number"),
+    ('{"id": 1, "vector": {"f09999": 1.0}}', "outside"),
+])
+def test_jsonl_bad_lines_name_the_line(tmp_path, line, message):
+  file = tmp_path / "bad.jsonl"
+  file.write_text('{"id": 0, "content": "ok", "vector": {"f00001": 0.5}}\n' + line + "\n")
+  with pytest.raises(DataError, match=rf"bad.jsonl:2: .*{message}"):
+    engines.read_jsonl(file, num_latents=4096)

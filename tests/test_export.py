@@ -1,0 +1,227 @@
+"""saejax <-> sentence-transformers SparseEncoder, checked with the real libraries.
+
+Every comparison encodes real sentences (SciFact abstracts, long enough to be truncated, and STS-B
+sentences) both ways and asks for the same active latents and values within 1e-4.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from saejax import convert, export, sae as sae_lib, train, trained
+from saejax.demo import minilm_dir
+from saejax.embedder import Embedder
+from saejax.encode import EncodeConfig, encode_sparse
+from saejax.errors import CheckpointError, ConfigError
+from saejax.tokenizer import load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_config  # noqa: E402
+
+torch = pytest.importorskip("torch")
+st = pytest.importorskip("sentence_transformers")
+from sentence_transformers import SparseEncoder  # noqa: E402
+from sentence_transformers.sparse_encoder.modules import (  # noqa: E402
+    MLMTransformer, SparseAutoEncoder, SpladePooling, Transformer)
+from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def texts(data_dir) -> list[str]:
+  corpus = data_dir / "scifact/corpus.jsonl"
+  docs = [json.loads(line)["text"] for _, line in zip(range(10), corpus.open())]
+  sts = [json.loads(line)["sentence1"]
+         for _, line in zip(range(8), (data_dir / "stsbenchmark/test.jsonl").open())]
+  return docs + sts
+
+
+def _st_sparse_encoder(backbone_dir: Path, out: Path, *, max_len: int, latents: int, k: int,
+                       seed: int = 0) -> Path:
+  """A CSR SparseEncoder built and saved by sentence-transformers itself, with non-zero biases."""
+  torch.manual_seed(seed)
+  transformer = Transformer(str(backbone_dir), max_seq_length=max_len)
+  d = transformer.get_embedding_dimension()
+  head = SparseAutoEncoder(input_dim=d, hidden_dim=latents, k=k, k_aux=2 * k)
+  with torch.no_grad():
+    head.pre_bias.normal_(0, 0.05)
+    head.latent_bias.normal_(0, 0.02)
+  SparseEncoder(modules=[transformer, Pooling(d, pooling_mode="mean"), head]).save(str(out))
+  return out
+
+
+def _st_encode(directory: Path, texts: list[str]) -> np.ndarray:
+  model = SparseEncoder(str(directory))
+  return model.encode(texts, convert_to_tensor=True).to_dense().numpy()
+
+
+def _assert_same_codes(values: np.ndarray, indices: np.ndarray, dense: np.ndarray):
+  """saejax (values, indices) and a sentence-transformers dense code: same active set, 1e-4."""
+  for row in range(dense.shape[0]):
+    active = values[row] > 0
+    assert set(indices[row][active].tolist()) == set(np.flatnonzero(dense[row]).tolist()), row
+    ours = np.zeros(dense.shape[1], np.float32)
+    ours[indices[row]] = values[row]
+    np.testing.assert_allclose(ours, dense[row], atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def minilm_st(tmp_path_factory) -> Path:
+  return _st_sparse_encoder(minilm_dir(), tmp_path_factory.mktemp("st") / "minilm_csr",
+                            max_len=64, latents=1024, k=16)
+
+
+@pytest.fixture(scope="module")
+def minilm_st_codes(minilm_st, texts) -> np.ndarray:
+  return _st_encode(minilm_st, texts)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+  """A tiny random BertModel saved by transformers, with MiniLM's tokenizer."""
+  import transformers
+  torch.manual_seed(0)
+  cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=64,
+                                max_position_embeddings=128)
+  out = tmp_path_factory.mktemp("tiny_bert")
+  transformers.BertModel(cfg, add_pooling_layer=False).save_pretrained(out)
+  convert.copy_tokenizer(minilm_dir(), out)
+  return out
+
+
+def test_import_encodes_like_sentence_transformers(minilm_st, minilm_st_codes, texts):
+  model, tok, info = export.load_sparse_encoder(minilm_st)
+  assert (info["backbone"], info["max_seq_length"], info["k"], info["num_latents"]) == (
+      "bert", 64, 16, 1024)
+  codes = encode_sparse(model, tok, texts, config=EncodeConfig(max_len=64, progress=False))
+  assert codes.stats.num_truncated >= 5  # the SciFact abstracts are cut at 64 tokens
+  _assert_same_codes(codes.values, codes.indices, minilm_st_codes)
+  # Decoder choice: the tied rows, normalised (saejax's invariant), encoder kept exactly.
+  w_enc, w_dec = np.asarray(model.sae.w_enc[...]), np.asarray(model.sae.w_dec[...])
+  np.testing.assert_allclose(np.linalg.norm(w_dec, axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(w_dec * np.linalg.norm(w_enc.T, axis=1, keepdims=True), w_enc.T,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_round_trip_through_a_saejax_workdir(minilm_st, minilm_st_codes, texts, tmp_path):
+  """ST dir -> saejax workdir (import) -> `python -m saejax.export` -> encodes like the ST dir."""
+  workdir = export.init_run_from_sparse_encoder(
+      minilm_st, tiny_config.quickstart.get_config("runlocal"), tmp_path / "run")
+  assert trained.checkpoint_steps(workdir) == [0]
+  (workdir / "latent_labels.json").write_text(json.dumps({"17": "protein folding"}))
+  (workdir / "eval.json").write_text(json.dumps({
+      "beir_dir": "scifact", "split": "test", "num_queries": 3, "num_docs": 9,
+      "systems": {"saejax": {"ndcg@10": 0.4321, "recall@100": 0.9, "mrr@10": 0.4}}}))
+  out = tmp_path / "export"
+  export.main(["--ckpt", str(workdir / "checkpoints" / "0"), "--out", str(out)])
+
+  written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+  by_st = {p.relative_to(minilm_st).as_posix() for p in minilm_st.rglob("*") if p.is_file()}
+  assert written == by_st | {"latent_labels.json"}
+  assert json.loads((out / "modules.json").read_text()) == json.loads(
+      (minilm_st / "modules.json").read_text())
+  from safetensors.numpy import load_file
+  sae_file = load_file(out / "2_SparseAutoEncoder" / "model.safetensors")
+  assert set(sae_file) == set(export.SAE_KEYS)
+  assert sae_file["stats_last_nonzero"].dtype == np.int64
+  assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 64
+  assert json.loads((out / "2_SparseAutoEncoder/config.json").read_text())["k"] == 16
+  card = (out / "README.md").read_text()
+  assert "0.4321" in card and "latent_labels.json" in card and "debian-quickstart" in card
+
+  _assert_same_codes(*_dense_to_sparse(_st_encode(out, texts), 16), minilm_st_codes)
+  # The backbone at the root is a plain transformers model; --backbone-only writes it alone.
+  import transformers
+  assert transformers.AutoModel.from_pretrained(out).config.hidden_size == 384
+  bb = tmp_path / "backbone"
+  export.main(["--ckpt", str(workdir), "--out", str(bb), "--backbone-only"])
+  assert transformers.AutoModel.from_pretrained(bb).config.num_hidden_layers == 6
+
+
+def _dense_to_sparse(dense: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  indices = np.argsort(-dense, axis=1)[:, :k]
+  return np.take_along_axis(dense, indices, 1), indices
+
+
+def test_modernbert_export_matches_saejax(data_dir, texts, tmp_path):
+  """A tiny random ModernBERT (real tokenizer) + SAE: SparseEncoder(export) == saejax."""
+  import transformers
+  torch.manual_seed(0)
+  hf_cfg = transformers.ModernBertConfig(
+      vocab_size=50368, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+      intermediate_size=96, local_attention=8, global_attn_every_n_layers=2,
+      max_position_embeddings=256, pad_token_id=50283, cls_token_id=50281, sep_token_id=50282)
+  hf_dir = tmp_path / "modernbert"
+  transformers.ModernBertModel(hf_cfg).save_pretrained(hf_dir)
+  enc_cfg, encoder = convert.load_hf(hf_dir, head=False)
+  sae = sae_lib.SAE(sae_lib.SAEConfig(d_model=64, num_latents=512, k=12), rngs=nnx.Rngs(1))
+  sae.b_pre.set_value(jax.random.normal(jax.random.key(2), (64,)) * 0.1)
+  sae.b_lat.set_value(jax.random.normal(jax.random.key(3), (512,)) * 0.05)
+  model = Embedder(encoder, sae)
+  tokenizer_json = data_dir / "modernbert-tokenizer" / "tokenizer.json"
+  tok = load_tokenizer(tokenizer_json, vocab_size=enc_cfg.vocab_size)
+  out = export.write_sparse_encoder(model, tokenizer_json, tmp_path / "export",
+                                    export.ExportSettings(max_seq_length=48, k=12, k_aux=64))
+  codes = encode_sparse(model, tok, texts, config=EncodeConfig(max_len=48, progress=False))
+  assert codes.stats.num_truncated >= 5
+  _assert_same_codes(codes.values, codes.indices, _st_encode(out, texts))
+
+
+def _load_config_py(file: Path):
+  spec = importlib.util.spec_from_file_location("workdir_config", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_training_continues_from_an_imported_sparse_encoder(tiny_bert_dir, tmp_path):
+  st_dir = _st_sparse_encoder(tiny_bert_dir, tmp_path / "csr", max_len=32, latents=128, k=8)
+  workdir = export.init_run_from_sparse_encoder(st_dir, tiny_config.get_config("2"),
+                                                tmp_path / "run")
+  config = _load_config_py(workdir / "config.py")  # what `--config WORKDIR/config.py` reads
+  assert (config.sae.num_latents, config.sae.k, config.data.max_doc_len) == (128, 8, 32)
+  _, start, _ = trained.load_run(workdir)
+  summary, state, graphdef = train.train(config, workdir)
+  assert summary["step"] == 2 and trained.checkpoint_steps(workdir)[-1] == 2
+  trained_model = nnx.merge(graphdef, state.params)
+  # Both parts trained: the imported backbone and the imported SAE encoder moved.
+  head = SparseEncoder(str(st_dir))[2]
+  np.testing.assert_array_equal(np.asarray(start.sae.w_enc[...]),
+                                head.encoder.weight.detach().numpy().T)
+  assert not np.allclose(np.asarray(trained_model.sae.w_enc[...]), np.asarray(start.sae.w_enc[...]))
+  before, after = (jax.tree.leaves(nnx.state(m.encoder, nnx.Param)) for m in (start, trained_model))
+  assert any(not np.allclose(a, b) for a, b in zip(before, after))
+
+
+def test_bad_input_names_the_problem(tiny_bert_dir, tmp_path):
+  # A run whose backbone saejax has no converter for.
+  run = tmp_path / "roberta_run"
+  run.mkdir()
+  config = tiny_config.get_config()
+  config.model.hf_config.model_type = "roberta"
+  (run / "config.json").write_text(config.to_json_best_effort())
+  with pytest.raises(ConfigError, match=rf"{run}.*'roberta'.*supported: modernbert"):
+    export.export_run(run, tmp_path / "out")
+  # Exporting over a non-empty directory without --force, from the command line.
+  full = tmp_path / "full"
+  full.mkdir()
+  (full / "keep.txt").write_text("mine")
+  with pytest.raises(export.OutputExistsError, match=rf"{full} exists and is not empty.*--force"):
+    export.export_run(run, full)
+  with pytest.raises(SystemExit) as exit_info:
+    export.main(["--ckpt", str(run), "--out", str(full)])
+  assert exit_info.value.code == 2 and (full / "keep.txt").read_text() == "mine"
+  # A SparseEncoder whose head is SPLADE's pooling, not a SparseAutoEncoder.
+  splade = tmp_path / "splade"
+  mlm = MLMTransformer(str(tiny_bert_dir), max_seq_length=32)
+  SparseEncoder(modules=[mlm, SpladePooling("max")]).save(str(splade))
+  with pytest.raises(CheckpointError, match=rf"{splade}: the head module is .*SpladePooling"):
+    export.load_sparse_encoder(splade)
+  with pytest.raises(CheckpointError, match="no modules.json"):
+    export.load_sparse_encoder(tiny_bert_dir)
