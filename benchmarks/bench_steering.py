@@ -134,7 +134,8 @@ def main():
 
   commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True).stdout.strip()
-  print(f"# bench_steering {datetime.date.today()} on {platform.node()} ({platform.processor() or platform.machine()}), "
+  machine = platform.processor() or platform.machine()
+  print(f"# bench_steering {datetime.date.today()} on {platform.node()} ({machine}), "
         f"commit {commit}")
   print(f"run {args.run} (S={s}, k={model.sae.config.k}, fingerprint {fingerprint}); "
         f"{len(data.docs)} docs, {len(data.queries)} queries of {args.beir} [{args.split}]; "
