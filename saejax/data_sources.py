@@ -193,14 +193,14 @@ def read_beir_texts(path: Path, wanted: set[str] | None, text_of, on_bad_record:
   if not path.is_file():
     raise DataError(f"BEIR file {path} does not exist")
   texts = {}
-  with open(path, encoding="utf-8") as f:
+  with open(path, "rb") as f:  # decoded line by line, so a bad byte is named by its line
     for number, line in enumerate(f, start=1):
       if not line.strip():
         continue
       try:
-        row = json.loads(line)
+        row = json.loads(line.decode("utf-8"))
         key = str(row["_id"])
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
+      except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         message = f"{path} line {number}: not a JSON object with an _id ({e!r})"
         if on_bad_record == "raise":
           raise DataError(message) from None
@@ -233,8 +233,16 @@ class BeirTable:
       raise DataError(f"BEIR qrels file {self.qrels_path} does not exist (split {split!r})")
     self.load_problems: list[str] = []
     self._lines: list[tuple[int, list[str]]] = []
-    with open(self.qrels_path, encoding="utf-8") as f:
-      for number, line in enumerate(f, start=1):
+    with open(self.qrels_path, "rb") as f:  # decoded line by line, so a bad byte is named
+      for number, raw in enumerate(f, start=1):
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          message = f"{self.qrels_path} line {number}: not UTF-8 ({e})"
+          if on_bad_record == "raise":
+            raise DataError(message) from None
+          self.load_problems.append(message)
+          continue
         fields = line.rstrip("\r\n").split("\t")
         if number == 1 and fields[0] == "query-id":
           continue  # the header row
@@ -342,6 +350,11 @@ def _text(value: Any, field: str, where: str) -> str:
       raise DataError(f"{where}: field {field!r} is not UTF-8 ({e})") from None
   if not isinstance(value, str):
     raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:  # JSON may escape lone surrogates ("\ud800"); tokenizers refuse
+    raise DataError(f"{where}: field {field!r} is not valid Unicode: lone surrogate "
+                    f"{value[e.start]!r} at character {e.start}") from None
   if not value.strip():
     raise DataError(f"{where}: field {field!r} is empty")
   return value
@@ -437,8 +450,14 @@ class RecordSource(RandomAccessDataSource[Record]):
         raise DataError(f"{where}: score field {f.score!r} must be a number, got {score!r}")
       if score < f.min_score:
         return False
-    if f.label is not None and _field(row, f.label, where) not in f.label_values:
-      return False
+    if f.label is not None:
+      label = _field(row, f.label, where)
+      label = label.item() if isinstance(label, np.generic) else label  # TFDS: numpy scalars
+      if not isinstance(label, (str, bytes, int, float)):  # `in` on an array is ambiguous
+        raise DataError(f"{where}: label field {f.label!r} must be one string or number, "
+                        f"got {type(label).__name__}")
+      if label not in f.label_values:
+        return False
     return True
 
   def _record(self, row: Mapping[str, Any], where: str) -> Record:

@@ -11,6 +11,7 @@ the console and TensorBoard; checkpoint asynchronously every N steps and on SIGT
 import dataclasses
 import functools
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -178,8 +179,9 @@ def _global_batch(batch: dict, mesh) -> dict:
 def train(config: ml_collections.ConfigDict, workdir: str | Path):
   """Run (or resume) training: returns (summary dict, final TrainState, the model graphdef)."""
   start = time.time()
-  workdir = Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  # Fail now, not at the first checkpoint: an unwritable workdir would lose every step trained.
+  workdir = checkpoint.check_writable(Path(workdir))
+  checkpoint.check_writable(workdir / "checkpoints")
   tc = config.train
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
@@ -218,8 +220,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
   if resuming:
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, state_sh)
-    state = ckpt.restore(target, data_iter)
-    logging.info("resumed from step %d", int(state.step))
+    state = ckpt.restore(target, data_iter)  # falls back past damaged checkpoints, with warnings
+    if jax.process_index() == 0:
+      print(f"resumed from checkpoint step {int(state.step)} in {ckpt.directory}", flush=True)
   else:
     state = jax.jit(lambda: step_lib.init_state(model, tx), out_shardings=state_sh)()
 
@@ -282,11 +285,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
       if preempt.requested:
         break
   finally:
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    if fingerprints is not None:
-      fingerprints.close()
+    try:
+      ckpt.wait()  # raises CheckpointError if the last asynchronous write failed
+    finally:
+      ckpt.close()
+      writer.close()
+      if fingerprints is not None:
+        fingerprints.close()
   summary = {"step": step, "preempted": preempt.requested, "wall_s": time.time() - start,
              "checkpoints": str(ckpt.directory), "latest_checkpoint": ckpt.latest_step(),
              "last_metrics": last}
@@ -336,6 +341,10 @@ def main(argv):
   except SaejaxError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if summary["preempted"]:
+    # The checkpoint is whole: later notices have nothing left to save. Ignored, because Python
+    # puts back the default (fatal) SIGTERM action for its own handlers while it shuts down.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
   print(f"done: step {summary['step']} in {summary['wall_s'] / 60:.1f} min; checkpoints in "
         f"{summary['checkpoints']} (latest {summary['latest_checkpoint']})")
   if config.get("eval") and config.eval.get("enabled") and jax.process_count() > 1:

@@ -1,0 +1,293 @@
+"""Fault injection on the training run: kills at random moments, preemption, damaged checkpoints,
+unwritable or full disks, non-finite losses. Each test breaks a real `python -m saejax.train`
+process (tiny config, XLA's persistent compilation cache keeps restarts to seconds) and checks that
+nothing trained is lost or silently changed.
+
+tests/test_train.py already proves exact resume after one SIGTERM and one kill -9 and the
+skip-and-count policy for NaN steps; this file goes further.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from saejax import checkpoint, train, trained
+from saejax.errors import CheckpointError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import (CACHE, REPO, TINY, _assert_same_params, _final_params,  # noqa: E402
+                        _fingerprints, _run, _tiny, _wait_for)
+
+STEPS = 16  # checkpoints every 2 steps, the newest 3 kept (tests/tiny_config.py)
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+EXIT_BOUND_S = 120  # a hang detector for a preempted run, not a speed target
+
+
+# `python -m saejax.train` under a file-size limit: writes past it fail with EFBIG, as on a full
+# disk (SIGXFSZ, which would kill the process instead, is ignored). Set in the child's own code,
+# not in a preexec_fn, which forks a multithreaded (JAX) parent.
+LIMITED = ("import resource, runpy, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+           "resource.setrlimit(resource.RLIMIT_FSIZE, ({0}, {0})); "
+           "runpy.run_module('saejax.train', run_name='__main__', alter_sys=True)")
+
+
+def _start(workdir: Path, *overrides, steps=STEPS, file_size_limit=None) -> subprocess.Popen:
+  entry = (["-c", LIMITED.format(file_size_limit)] if file_size_limit
+           else ["-m", "saejax.train"])
+  cmd = [sys.executable, *entry, f"--config={TINY}:{steps}", f"--workdir={workdir}", *overrides]
+  return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, **CACHE})
+
+
+def _ckpt_dir(workdir: Path) -> Path:
+  return workdir / "checkpoints"
+
+
+def _complete_steps(workdir: Path) -> list[int]:
+  d = _ckpt_dir(workdir)
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def _tmp_dirs(workdir: Path) -> list[str]:
+  d = _ckpt_dir(workdir)
+  return sorted(p.name for p in d.iterdir() if TMP_SUFFIX in p.name) if d.is_dir() else []
+
+
+def _state_files(step_dir: Path) -> list[Path]:
+  """The array files of a checkpoint's TrainState, largest first."""
+  return sorted((p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)),
+                key=lambda p: -p.stat().st_size)
+
+
+def _flip_bytes(path: Path) -> None:
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x01  # one bit: Orbax alone would restore different weights silently
+  path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run: the batches and parameters every interrupted run must reproduce."""
+  workdir = tmp_path_factory.mktemp("reference")
+  _run(workdir, steps=STEPS)
+  assert _complete_steps(workdir) == [12, 14, 16]
+  return workdir
+
+
+def _same_as_reference(workdir: Path, reference: Path) -> None:
+  assert _fingerprints(workdir) == _fingerprints(reference)  # also: a replayed step saw one batch
+  _assert_same_params(_final_params(workdir, STEPS), _final_params(reference, STEPS))
+  for step in _complete_steps(workdir):
+    assert checkpoint.verify_step(_ckpt_dir(workdir) / str(step))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Kill anywhere
+
+def _kill_when(proc: subprocess.Popen, workdir: Path, moment) -> tuple[str, str]:
+  """SIGKILL `proc` at `moment`; returns what the moment was and the run's output."""
+  kind, value = moment
+  batches = workdir / "batches.process0.jsonl"
+  lines = lambda: len(batches.read_text().splitlines()) if batches.exists() else 0
+  seen = lines()
+  if kind == "mid-write":  # the value-th asynchronous checkpoint write of this process
+    # Past start-up first: the previous kill's temporary directory is only cleaned then.
+    _wait_for(lambda: lines() > seen, proc)
+    appeared, was_present = 0, False
+    while appeared < value:
+      present = bool(_tmp_dirs(workdir))
+      appeared += present and not was_present
+      was_present = present
+      if proc.poll() is not None:
+        raise AssertionError(f"run ended before the event: {proc.communicate()}")
+      time.sleep(0.002)
+  elif kind == "batches":  # after `value` more training steps
+    _wait_for(lambda: lines() >= seen + value, proc)
+  else:  # "seconds" after the start: start-up, restore, compile or training
+    time.sleep(value)
+  proc.kill()
+  out, err = proc.communicate()
+  return f"{kind}={value}", out + err
+
+
+@pytest.mark.slow
+def test_killed_at_random_moments_resumes_exactly(tmp_path, reference):
+  rng = random.Random(8)
+  moments = [("mid-write", 2), ("batches", rng.randint(3, 6)), ("mid-write", rng.randint(1, 3)),
+             ("seconds", round(rng.uniform(1.0, 6.0), 2))]
+  log = []
+  for moment in moments:
+    before = _complete_steps(tmp_path)
+    proc = _start(tmp_path)
+    what, out = _kill_when(proc, tmp_path, moment)
+    complete, partial = _complete_steps(tmp_path), _tmp_dirs(tmp_path)
+    log.append((what, complete, partial))
+    if before and "step " in out:  # it got past start-up: it resumed from the newest whole step
+      assert f"resumed from checkpoint step {max(before)}" in out, out
+    # What a restart sees: only renamed (whole) steps; each matches its digest or has none yet.
+    assert trained.checkpoint_steps(tmp_path) == complete
+    for step in complete:
+      checkpoint.verify_step(_ckpt_dir(tmp_path) / str(step))
+    if moment[0] == "mid-write":
+      assert partial, f"{what}: no write was in flight when the kill landed"
+      assert max(before, default=0) <= max(complete)  # a killed write costs no older checkpoint
+  print("kills (moment, complete steps, partial writes left):", *log, sep="\n  ")
+  assert len({tuple(c) for _, c, _ in log}) > 1  # the kills landed at different progress
+  out = _run(tmp_path, steps=STEPS)
+  assert f"resumed from checkpoint step {max(log[-1][1])}" in out
+  assert not _tmp_dirs(tmp_path)  # cleaned at the next start, never restored
+  _same_as_reference(tmp_path, reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Preemption
+
+@pytest.mark.slow
+def test_sigterm_storm_saves_whole_checkpoint_and_exits_in_bounded_time(tmp_path):
+  proc = _start(tmp_path)
+  batches = tmp_path / "batches.process0.jsonl"
+  _wait_for(lambda: batches.exists() and len(batches.read_text().splitlines()) >= 3, proc)
+  start = time.time()
+  while proc.poll() is None and time.time() - start < EXIT_BOUND_S:
+    proc.send_signal(signal.SIGTERM)  # the first asks for a checkpoint; the rest hit the save
+    time.sleep(0.01)
+  if proc.poll() is None:
+    proc.kill()
+    pytest.fail(f"preempted run did not exit within {EXIT_BOUND_S} s")
+  exit_s = time.time() - start
+  out, err = proc.communicate()
+  assert proc.returncode == 0, out + err
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["preempted"] and summary["latest_checkpoint"] == summary["step"] < STEPS
+  assert checkpoint.verify_step(_ckpt_dir(tmp_path) / str(summary["step"]))  # whole and sealed
+  assert not _tmp_dirs(tmp_path)
+  print(f"preempted at step {summary['step']}, exited {exit_s:.1f} s after the first SIGTERM")
+  assert _final_params(tmp_path, summary["step"])  # readable (exact resume: tests/test_train.py)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Damaged checkpoints
+
+@pytest.mark.slow
+def test_damaged_latest_checkpoint_falls_back_then_refuses_to_start_over(tmp_path, reference):
+  run = tmp_path / "run"
+  _run(run, "--config.train.steps=6", steps=STEPS)  # the reference's schedule, stopped at 6
+  assert _complete_steps(run) == [2, 4, 6]
+  hopeless = tmp_path / "hopeless"
+  shutil.copytree(run, hopeless)
+
+  damaged = _state_files(_ckpt_dir(run) / "6")[0]
+  _flip_bytes(damaged)
+  out = _run(run, steps=STEPS)
+  assert f"checkpoint step 6 in {_ckpt_dir(run)} cannot be used" in out
+  assert f"{damaged} does not match the SHA-256" in out
+  assert "resuming from checkpoint step 4, the newest good one" in out
+  assert "resumed from checkpoint step 4" in out
+  assert [p.name.split("-")[0] for p in (run / "checkpoints_damaged").iterdir()] == ["6"]
+  _same_as_reference(run, reference)  # steps 5 and 6 redone on the same batches
+
+  # No good checkpoint at all: a bit flip, a truncated file whose digest is lost too (only Orbax's
+  # own reading can tell), and a mangled data-iterator state.
+  ckpts = _ckpt_dir(hopeless)
+  _flip_bytes(_state_files(ckpts / "6")[0])
+  (ckpts / "4" / checkpoint.DIGEST_FILE).unlink()
+  _truncate(_state_files(ckpts / "4")[0])
+  (ckpts / "2" / "data_iter" / "process_0-of-1.json").write_text('{"next_ind')
+  proc = _start(hopeless)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2, out + err
+  assert "error: no checkpoint in" in err and "instead of starting over" in err
+  assert "step 6: " in err and "does not match the SHA-256" in err
+  assert "step 4: " in err and "cannot be restored" in err
+  assert "step 2: " in err and "process_0-of-1.json has 10 bytes" in err
+  assert _complete_steps(hopeless) == [2, 4, 6] and "step " not in out  # nothing trained
+
+
+def test_verify_step_names_the_damage(tmp_path, reference):
+  step_dir = tmp_path / "16"
+  shutil.copytree(_ckpt_dir(reference) / "16", step_dir)
+  assert checkpoint.verify_step(step_dir)
+  files = _state_files(step_dir)
+  _truncate(files[0])
+  with pytest.raises(checkpoint.DamagedCheckpointError, match=f"{files[0]} has .* bytes"):
+    checkpoint.verify_step(step_dir)
+  shutil.copyfile(_ckpt_dir(reference) / "16" / files[0].relative_to(step_dir), files[0])
+  files[1].unlink()
+  with pytest.raises(checkpoint.DamagedCheckpointError, match=f"{files[1]} is missing"):
+    checkpoint.verify_step(step_dir)
+  (step_dir / checkpoint.DIGEST_FILE).write_text("{not json")
+  with pytest.raises(checkpoint.DamagedCheckpointError, match="saejax_digest.json is unreadable"):
+    checkpoint.verify_step(step_dir)
+  (step_dir / checkpoint.DIGEST_FILE).unlink()
+  assert checkpoint.verify_step(step_dir) is False  # unsealed: left to Orbax's own checks
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Unwritable workdir, full disk
+
+def test_workdir_under_a_file_fails_at_start(tmp_path):
+  blocker = tmp_path / "a-file"
+  blocker.write_text("not a directory")
+  with pytest.raises(CheckpointError, match=f"{blocker / 'run'} is not writable"):
+    train.train(_tiny(), blocker / "run")
+  proc = _start(blocker / "run")
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2 and "is not writable (NotADirectoryError" in err, out + err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod 0o500, so the "
+                    "permission check cannot fail; the a-file-as-parent test covers the path")
+def test_read_only_workdir_fails_at_start(tmp_path):
+  workdir = tmp_path / "ro"
+  workdir.mkdir()
+  workdir.chmod(0o500)
+  try:
+    with pytest.raises(CheckpointError, match=r"is not writable \(PermissionError"):
+      train.train(_tiny(), workdir)
+  finally:
+    workdir.chmod(0o700)
+
+
+def test_failed_checkpoint_write_is_reported_and_keeps_last_good(tmp_path, reference):
+  shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+  # 1 MB: logs still fit, the state's largest array file (~3 MB) does not.
+  proc = _start(tmp_path, "--config.train.steps=20", file_size_limit=1_000_000)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2, out + err
+  assert "error: writing checkpoint step 18" in err and "File too large" in err
+  assert "The newest complete checkpoint is step 16, left untouched" in err
+  assert _complete_steps(tmp_path) == [12, 14, 16]
+  assert checkpoint.verify_step(_ckpt_dir(tmp_path) / "16")
+  _assert_same_params(_final_params(tmp_path, 16), _final_params(reference, 16))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Numerical faults
+
+@pytest.mark.slow
+def test_infinite_loss_stops_run_with_last_good_checkpoint_loadable(tmp_path, reference):
+  shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+  proc = _start(tmp_path, "--config.train.steps=30", "--config.loss.w_fvu=inf",
+                "--config.train.max_consecutive_skips=3", "--config.train.log_every=1")
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 2, out + err
+  assert ("3 consecutive steps had a non-finite loss or gradient" in err
+          and "The last good checkpoint is step 16" in err), err
+  losses = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()[-3:]]
+  assert [r["skipped"] for r in losses] == [1, 2, 3] and not np.isfinite(losses[-1]["loss"])
+  assert _complete_steps(tmp_path) == [12, 14, 16]  # nothing saved during the streak
+  assert checkpoint.verify_step(_ckpt_dir(tmp_path) / "16")
+  _assert_same_params(_final_params(tmp_path, 16), _final_params(reference, 16))
