@@ -12,6 +12,7 @@ so loading costs one read of the weights and no random initialisation.
 
 import functools
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -19,7 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from saejax import convert, step as step_lib
+from saejax import checkpoint, convert, step as step_lib
 from saejax.embedder import Embedder
 from saejax.errors import CheckpointError, ConfigError
 from saejax.tokenizer import Tokenizer, load_tokenizer
@@ -60,7 +61,8 @@ def load_run(workdir: str | Path, step: int | None = None, **model_overrides
 
   Args:
     workdir: the directory given to ``python -m saejax.train --workdir``.
-    step: which checkpoint; default the newest complete one.
+    step: which checkpoint; default the newest one that passes its digest and reads (a damaged
+      newer one is skipped with a warning, as training resumes).
     model_overrides: ``config.model`` fields to replace before building, e.g.
       ``attention_backend="xla"`` to read a GPU-trained model on a CPU, or ``dtype="float32"``.
   """
@@ -73,8 +75,7 @@ def load_run(workdir: str | Path, step: int | None = None, **model_overrides
   steps = checkpoint_steps(workdir)
   if not steps:
     raise CheckpointError(f"{workdir / 'checkpoints'} holds no complete checkpoint")
-  step = max(steps) if step is None else step
-  if step not in steps:
+  if step is not None and step not in steps:
     raise CheckpointError(f"{workdir / 'checkpoints'} has no checkpoint {step}; it has {steps}")
 
   abstract_model = nnx.eval_shape(
@@ -85,11 +86,32 @@ def load_run(workdir: str | Path, step: int | None = None, **model_overrides
   # The saved item is a whole TrainState; restore its shape, then keep the parameters only.
   target = jax.eval_shape(functools.partial(step_lib.init_state, tx=tx),
                           nnx.merge(graphdef, params))
-  try:
-    with ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data_iter")) as m:
-      state = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    raise CheckpointError(f"checkpoint {workdir / 'checkpoints'}/{step} does not fit the model of "
-                          f"{workdir / 'config.json'}: {e}") from e
-  model = nnx.merge(graphdef, state["state"].params)
+  # An explicit step must be good; otherwise the newest good one, as training resumes.
+  problems = []
+  for candidate in [step] if step is not None else sorted(steps, reverse=True):
+    try:
+      state = _restore_state(workdir / "checkpoints", candidate, target)
+      break
+    except CheckpointError as e:
+      problems.append(f"step {candidate}: {e}")
+      if step is None:
+        logging.warning("checkpoint %d of %s is damaged, trying an older one: %s", candidate,
+                        workdir, e)
+  else:
+    raise CheckpointError(f"no readable checkpoint in {workdir / 'checkpoints'}:\n  " +
+                          "\n  ".join(problems))
+  model = nnx.merge(graphdef, state.params)
   return config, model, tokenizer_for(config, model.encoder.cfg.vocab_size)
+
+
+def _restore_state(directory: Path, step: int, target):
+  """The TrainState of checkpoint `step`, verified against its digest when it has one."""
+  checkpoint.verify_step(directory / str(step))  # DamagedCheckpointError names the file
+  try:
+    with ocp.CheckpointManager(directory, item_names=("state", "data_iter")) as manager:
+      return manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))["state"]
+  except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise bare errors on damaged bytes
+    raise CheckpointError(f"checkpoint {directory}/{step} cannot be read into the model of its "
+                          f"config.json: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                          ) from e

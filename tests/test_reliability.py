@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from saejax import checkpoint, train, trained
 from saejax.errors import CheckpointError
@@ -291,3 +292,17 @@ def test_infinite_loss_stops_run_with_last_good_checkpoint_loadable(tmp_path, re
   assert _complete_steps(tmp_path) == [12, 14, 16]  # nothing saved during the streak
   assert checkpoint.verify_step(_ckpt_dir(tmp_path) / "16")
   _assert_same_params(_final_params(tmp_path, 16), _final_params(reference, 16))
+
+
+def test_load_run_skips_a_damaged_newest_checkpoint(tmp_path):
+  """Evaluation and export read runs through `trained.load_run`: the same digest check and
+  newest-good fallback as resuming; an explicitly requested damaged step is an error."""
+  run = tmp_path / "run"
+  _run(run, "--config.train.steps=4", steps=STEPS)
+  assert _complete_steps(run)[-2:] == [2, 4]
+  _, good, _ = trained.load_run(run, step=2)
+  _flip_bytes(_state_files(_ckpt_dir(run) / "4")[0])
+  _, model, _ = trained.load_run(run)
+  _assert_same_params(nnx.state(model, nnx.Param), nnx.state(good, nnx.Param))
+  with pytest.raises(CheckpointError, match="step 4.*SHA-256"):
+    trained.load_run(run, step=4)
