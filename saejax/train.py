@@ -26,8 +26,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from saejax import (attention, checkpoint, convert, data, distributed, sae as sae_lib, sharding,
-                    step as step_lib)
+from saejax import (attention, checkpoint, convert, data, distributed, plots, sae as sae_lib,
+                    sharding, step as step_lib)
 from saejax.data_sources import SourceConfig
 from saejax.embedder import Embedder
 from saejax.errors import ConfigError, SaejaxError
@@ -132,9 +132,13 @@ class MetricWriter:
              ("dead_fraction", "dead%", "{:.1f}", 100), ("hot_fraction", "hot%", "{:.1f}", 100),
              ("tokens_per_s", "tok/s", "{:,.0f}", 1), ("mfu", "MFU%", "{:.1f}", 100))
 
+  # Metrics whose best value over the run goes into summary.json, and which way is better.
+  BEST = {"loss": min, "info_nce": min, "fvu": min, "accuracy": max}
+
   def __init__(self, workdir: Path, total_steps: int):
     self.active = jax.process_index() == 0
     self.total = total_steps
+    self.best: dict[str, dict] = {}  # key -> {"value", "step"}, over this invocation's logs
     self.tb = self.jsonl = None
     if self.active:
       from tensorboardX import SummaryWriter
@@ -148,6 +152,10 @@ class MetricWriter:
       self.tb.add_scalar(k, v, step)
     self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
     self.jsonl.flush()
+    for key, better in self.BEST.items():
+      if key in metrics and (key not in self.best or
+                             better(metrics[key], self.best[key]["value"]) != self.best[key]["value"]):
+        self.best[key] = {"value": metrics[key], "step": step}
     eta = (self.total - step) * seconds_per_step
     shown = [f"{name} {fmt.format(scale * metrics[key])}" for key, name, fmt, scale in self.COLUMNS
              if key in metrics]
@@ -294,8 +302,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
         fingerprints.close()
   summary = {"step": step, "preempted": preempt.requested, "wall_s": time.time() - start,
              "checkpoints": str(ckpt.directory), "latest_checkpoint": ckpt.latest_step(),
-             "last_metrics": last}
+             "last_metrics": last, "best_metrics": writer.best}
   if jax.process_index() == 0:
+    curves = plots.training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+    summary["curves"] = str(curves) if curves else None
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary, state, graphdef
 
@@ -346,7 +356,8 @@ def main(argv):
     # puts back the default (fatal) SIGTERM action for its own handlers while it shuts down.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
   print(f"done: step {summary['step']} in {summary['wall_s'] / 60:.1f} min; checkpoints in "
-        f"{summary['checkpoints']} (latest {summary['latest_checkpoint']})")
+        f"{summary['checkpoints']} (latest {summary['latest_checkpoint']})" +
+        (f"; curves in {summary['curves']}" if summary.get("curves") else ""))
   if config.get("eval") and config.eval.get("enabled") and jax.process_count() > 1:
     print("eval skipped: quickeval runs in one process; evaluate the checkpoint afterwards")
   elif config.get("eval") and config.eval.get("enabled") and not summary["preempted"]:

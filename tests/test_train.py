@@ -115,6 +115,11 @@ def test_run_writes_checkpoints_logs_and_summary(uninterrupted):
   assert {"loss", "info_nce", "fvu", "auxk", "l0", "dead_fraction", "hot_fraction", "grad_norm",
           "param_norm", "update_norm", "lr_encoder", "lr_sae", "tokens_per_s"} <= rows[-1].keys()
   assert rows[-1]["l0"] <= 8
+  best = summary["best_metrics"]
+  assert best["loss"]["value"] == min(r["loss"] for r in rows)
+  assert best["accuracy"]["value"] == max(r["accuracy"] for r in rows)
+  assert rows[best["loss"]["step"] - 1]["loss"] == best["loss"]["value"]
+  assert summary["curves"] == str(workdir / "curves.png") and (workdir / "curves.png").stat().st_size
   config = json.loads((workdir / "config.json").read_text())
   assert config["sae"]["k"] == 8 and (workdir / "code_version.txt").read_text().strip()
 
