@@ -63,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--texts", type=int, default=1000, help="texts encoded per round")
   p.add_argument("--max-len", type=int, default=256, help="token budget per text")
   p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--buckets", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512],
-                 help="saejax padded lengths (EncodeConfig.buckets)")
+  p.add_argument("--buckets", type=int, nargs="+", default=None,
+                 help="saejax padded lengths (default: EncodeConfig's)")
   p.add_argument("--num-latents", type=int, default=16384, help="SAE latents for saejax+sae")
   p.add_argument("--k", type=int, default=64, help="SAE k for saejax+sae")
   p.add_argument("--no-sae", action="store_true", help="skip the saejax+sae side")
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
   texts = load_texts(args.data, args.texts, args.seed)
   enc_cfg, encoder = convert.load_hf(minilm_dir(), head=False)
   tok = load_tokenizer(minilm_dir(), vocab_size=enc_cfg.vocab_size)
-  config = EncodeConfig(max_len=args.max_len, batch_size=args.batch_size,
-                        buckets=tuple(args.buckets), progress=False)
+  config = EncodeConfig(max_len=args.max_len, batch_size=args.batch_size, progress=False,
+                        **({"buckets": tuple(args.buckets)} if args.buckets else {}))
   st = SentenceTransformer(str(minilm_dir()), device="cpu")
   st.max_seq_length = args.max_len
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
   tok_sx = time.perf_counter() - start
   start = time.perf_counter()
   for i in range(0, len(texts), args.batch_size):
-    st.tokenize(texts[i:i + args.batch_size])
+    getattr(st, "preprocess", st.tokenize)(texts[i:i + args.batch_size])
   tok_pt = time.perf_counter() - start
 
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__}; "

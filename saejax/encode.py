@@ -9,6 +9,14 @@ similar length together, so little compute goes to padding; buckets bound the nu
 `batch_size` rows with copies of its first text, whose results are dropped, so it adds no shape).
 Results come back in the callers' order.
 
+The default buckets step by 16 tokens up to 128, by 32 up to 256 and by 64 up to 512, so a batch
+longer than 64 tokens is padded to at most 1.25x its longest text. With power-of-two buckets,
+2,000 Debian package descriptions (max length 256, batch 32) were padded to 1.43x their real
+tokens, with these to 1.14x (sentence-transformers, which pads each batch to its longest text:
+1.02x); that padding was most of the gap to sentence-transformers in benchmarks/bench_encode.py.
+The price is more compiled shapes (12 for max_len 256), each compiled once per process (the
+forward passes below share one jit cache per architecture).
+
 Texts longer than `EncodeConfig.max_len` tokens are truncated by the tokenizer (the final [SEP]
 survives) and counted in `EncodeStats.num_truncated`: nothing is cut silently.
 
@@ -57,7 +65,8 @@ class EncodeConfig:
   """
   max_len: int = 256
   batch_size: int = 64
-  buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+  buckets: tuple[int, ...] = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384,
+                               448, 512)
   progress: bool = True
 
   def __post_init__(self):
@@ -183,20 +192,31 @@ def _as_tuple(x) -> tuple:
   return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+# The forward passes are module-level jitted functions with the graph definition as a static
+# argument, so every `mean_pooled` / `sparse_code` of one architecture (and k) shares one compile
+# cache: encoding queries, then documents, then another k or another checkpoint of the same
+# model, compiles each padded shape once per process rather than once per call.
+@functools.partial(jax.jit, static_argnums=0)
+def _mean_pooled_forward(graphdef: nnx.GraphDef, state: nnx.State, ids, valid):
+  return mean_pool(nnx.merge(graphdef, state)(ids, valid), valid)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _sparse_code_forward(graphdef: nnx.GraphDef, state: nnx.State, ids, valid, k: int):
+  m = nnx.merge(graphdef, state)
+  code = m.sae.encode(m.dense(ids, valid), k)  # no decode: retrieval needs only the code
+  return code.values, code.indices
+
+
 def mean_pooled(encoder: nnx.Module) -> EncodeFn:
   """A jitted ``(ids, valid) -> v [B, D]``: masked mean of any encoder's last hidden state.
 
   The encoder is any module called as ``encoder(ids, valid) -> [B, T, D]`` (saejax's BERT and
   ModernBERT; an `Embedder`'s ``.encoder``). Parameters are captured once, as jit arguments, so
-  later calls reuse the compiled shapes.
+  later calls, and other functions made here for the same architecture, reuse compiled shapes.
   """
   graphdef, state = nnx.split(encoder)
-
-  @jax.jit
-  def forward(state, ids, valid):
-    return mean_pool(nnx.merge(graphdef, state)(ids, valid), valid)
-
-  return functools.partial(forward, state)
+  return functools.partial(_mean_pooled_forward, graphdef, state)
 
 
 def sparse_code(model: Embedder, k: int | None = None) -> EncodeFn:
@@ -208,14 +228,7 @@ def sparse_code(model: Embedder, k: int | None = None) -> EncodeFn:
   """
   k = model.sae.config.k if k is None else k
   graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def forward(state, ids, valid):
-    m = nnx.merge(graphdef, state)
-    code = m.sae.encode(m.dense(ids, valid), k)  # no decode: retrieval needs only the code
-    return code.values, code.indices
-
-  return functools.partial(forward, state)
+  return lambda ids, valid: _sparse_code_forward(graphdef, state, ids, valid, k)
 
 
 def encode_dense(encoder: nnx.Module, tokenizer: Tokenizer, texts: Sequence[str],

