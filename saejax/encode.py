@@ -121,9 +121,14 @@ def tokenize(tokenizer: Tokenizer, texts: Sequence[str],
   if tokenizer.post_processor is None:
     raise ConfigError("the tokenizer has no post-processor, so it would add no [CLS]/[SEP]; "
                       "load the model's own tokenizer.json")
-  bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-  if bad is not None:
-    raise DataError(f"texts[{bad}] is a {type(texts[bad]).__name__}, not a str")
+  for i, t in enumerate(texts):
+    if not isinstance(t, str):
+      raise DataError(f"texts[{i}] is a {type(t).__name__}, not a str")
+    try:
+      t.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates: the tokenizer would raise a bare TypeError
+      raise DataError(f"texts[{i}] is not valid Unicode text ({e.reason} at character "
+                      f"{e.start}: {t[max(0, e.start - 20):e.start + 1]!r})") from None
   encodings = truncating_copy(tokenizer, max_len).encode_batch(list(texts))
   # Truncation with stride 0 moves the cut-off tokens into `overflowing`.
   return [e.ids for e in encodings], np.asarray([bool(e.overflowing) for e in encodings], bool)

@@ -256,7 +256,9 @@ def sparse_matrix(values: Float[np.ndarray, "N K"], indices: Int[np.ndarray, "N 
                   num_latents: int) -> sp.csr_matrix:
   """[N, S] CSR matrix of TopK codes; zero values (ReLU after TopK) are not stored."""
   n, k = values.shape
-  m = sp.csr_matrix((values.reshape(-1).astype(np.float32), indices.reshape(-1),
+  # Copies: scipy compacts the index array in place when it drops zeros, and a reshape is a view
+  # of the caller's array.
+  m = sp.csr_matrix((values.reshape(-1).astype(np.float32), indices.reshape(-1).copy(),
                      np.arange(0, n * k + 1, k)), shape=(n, num_latents))
   m.sum_duplicates()
   m.eliminate_zeros()

@@ -117,6 +117,8 @@ def test_empty_and_bad_input(model, tok):
   assert got.v.shape == (0, 32) and got.stats.num_texts == 0
   with pytest.raises(DataError, match=r"texts\[1\] is a int"):
     encode.encode_dense(model.encoder, tok, ["fine", 7], CFG)
+  with pytest.raises(DataError, match=r"texts\[1\] is not valid Unicode"):  # a lone surrogate
+    encode.encode_dense(model.encoder, tok, ["fine", "a\ud800b"], CFG)
   with pytest.raises(ConfigError, match="max_len"):
     encode.EncodeConfig(max_len=1)
   with pytest.raises(ConfigError, match="buckets"):
