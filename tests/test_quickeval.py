@@ -68,7 +68,7 @@ def test_bad_qrels_name_file_and_line(tmp_path):
 def test_sparse_matrix_leaves_the_callers_codes_alone():
   # Sorted rows with a ReLU zero: scipy drops the zero by compacting the index array in place.
   values = np.array([[0.2, 0.0, 0.5], [0.1, 0.0, 0.3]], np.float32)
-  indices = np.array([[0, 1, 3], [1, 2, 4]])
+  indices = np.array([[0, 1, 3], [1, 2, 4]], np.int32)  # as encode_sparse returns them
   m = quickeval.sparse_matrix(values, indices, 5)
   np.testing.assert_array_equal(indices, [[0, 1, 3], [1, 2, 4]])
   np.testing.assert_array_equal(m.toarray(), np.array([[0.2, 0, 0, 0.5, 0], [0, 0.1, 0, 0, 0.3]], np.float32))
