@@ -216,12 +216,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
   p.add_argument("--beir", required=True, help="BEIR folder: corpus, queries, qrels/<split>.tsv")
   p.add_argument("--split", default="dev")
   p.add_argument("--out", required=True, help="the HTML file to write")
-  p.add_argument("--max_docs", type=int, default=1000, help="subsample the corpus (0: all)")
-  p.add_argument("--max_queries", type=int, default=300, help="queries in the search box")
+  p.add_argument("--max-docs", "--max_docs", dest="max_docs", type=int, default=1000,
+                 help="subsample the corpus (0: all)")
+  p.add_argument("--max-queries", "--max_queries", dest="max_queries", type=int, default=300,
+                 help="queries in the search box")
   p.add_argument("--codes", help="precomputed document codes (.npz from interpret.save_codes)")
   p.add_argument("--labels", help="precomputed latent_labels.json")
   p.add_argument("--latents", type=int, default=ExplorerConfig.latents)
-  p.add_argument("--evidence_latents", type=int, default=ExplorerConfig.evidence_latents)
+  p.add_argument("--evidence-latents", "--evidence_latents", dest="evidence_latents", type=int,
+                 default=ExplorerConfig.evidence_latents)
   args = p.parse_args(argv)
   config, model, tokenizer = trained.load_run(args.run)
   data = quickeval.load_beir(args.beir, args.split, max_docs=args.max_docs)

@@ -20,8 +20,8 @@ from saejax.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 BEIR = REPO / "data/debian-quickstart/beir-dev"
-ARGS = ["--beir", str(BEIR), "--split", "dev", "--max_docs", "40", "--max_queries", "20",
-        "--evidence_latents", "4"]
+ARGS = ["--beir", str(BEIR), "--split", "dev", "--max-docs", "40", "--max-queries", "20",
+        "--evidence-latents", "4"]
 
 
 @pytest.fixture(scope="module")
