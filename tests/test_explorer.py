@@ -9,7 +9,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +24,8 @@ ARGS = ["--beir", str(BEIR), "--split", "dev", "--max-docs", "40", "--max-querie
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-  """A tiny trained run (random BERT + SAE S=128, 2 steps)."""
-  workdir = tmp_path_factory.mktemp("run")
-  subprocess.run([sys.executable, "-m", "saejax.train", "--config=tests/tiny_config.py:2",
-                  f"--workdir={workdir}"], cwd=REPO, check=True, capture_output=True)
-  return workdir
+def run_dir(tiny_run) -> Path:
+  return tiny_run
 
 
 @pytest.fixture(scope="module")

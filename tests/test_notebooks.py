@@ -2,8 +2,6 @@
 writes its plot (a PNG) to the folder given in SAEJAX_OUT."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,12 +15,8 @@ NOTEBOOKS = {"latent_inspection.py": "latent_inspection.png", "steering.py": "st
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-  """A tiny trained run (random BERT + SAE S=128, 2 steps)."""
-  workdir = tmp_path_factory.mktemp("run")
-  subprocess.run([sys.executable, "-m", "saejax.train", "--config=tests/tiny_config.py:2",
-                  f"--workdir={workdir}"], cwd=REPO, check=True, capture_output=True)
-  return workdir
+def run_dir(tiny_run) -> Path:
+  return tiny_run
 
 
 def test_every_notebook_is_tested():
