@@ -6,7 +6,7 @@ shared real training data, with its two comparison arms on the same data and bud
     python -m saejax.train --config configs/quality.py:frozen --workdir runs/quality/frozen
 
 `benchmarks/quality.py` runs all three and evaluates them (with BM25 and the untouched dense MiniLM)
-on SciFact test, Cranfield and Debian beir-dev. Variants ("ARM" or "ARM,STEPS"):
+on SciFact test, Cranfield and Debian beir-dev. Variants ("ARM", "ARM,STEPS" or "runlocal"):
   sparse  saejax: encoder and SAE trained jointly (the product)
   dense   the same encoder fine-tuned without the SAE (InfoNCE on cosine, temperature 0.05)
   frozen  CSR-style: the SAE trained on the frozen encoder
@@ -43,6 +43,15 @@ def sources() -> list[dict]:
 
 
 def get_config(arg: str | None = None):
+  """`arg`: "ARM", "ARM,STEPS", or "runlocal" (the sparse arm shrunk for a CPU smoke test)."""
+  if arg == "runlocal":
+    c = get_config("sparse,3")
+    for source in c.data.sources:
+      source["max_records"] = 200
+    c.sae.num_latents, c.sae.k, c.sae.k_aux, c.sae.b_pre_init_batches = 256, 8, 16, 1
+    c.data.global_batch_size = 4
+    c.train.log_every = 1
+    return c
   arm, _, steps = (arg or "sparse").partition(",")
   if arm not in ("sparse", "dense", "frozen"):
     raise ValueError(f"configs/quality.py: variant {arm!r} is not sparse, dense or frozen")
