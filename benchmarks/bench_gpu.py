@@ -403,6 +403,63 @@ def train_speed(model_dir: Path, args, budget_end: float):
 
 
 @section
+def encode_speed(model_dir: Path, args):
+  """Corpus encoding, bf16: saejax `encode_sparse` (cudnn, length buckets) against the same model
+  exported by `saejax.export` and run by `SparseEncoder.encode` (bf16), on real Debian texts."""
+  import json as json_lib
+
+  import numpy as np
+  import torch
+  from flax import nnx
+
+  from saejax import convert, export, sae as sae_lib
+  from saejax.embedder import Embedder
+  from saejax.encode import EncodeConfig, encode_sparse
+  from saejax.tokenizer import load_tokenizer
+  rows = (REPO / "data/debian-quickstart/train.jsonl").read_text().splitlines()
+  texts = [json_lib.loads(r)["document"] for r in rows[:args.encode_texts]]
+  _, encoder = convert.load_hf(model_dir, head=False, dtype="bfloat16",
+                               attention_backend="cudnn" if DEVICE == "cuda" else "xla")
+  model = Embedder(encoder, sae_lib.SAE(sae_lib.SAEConfig(
+      d_model=ARCH["hidden_size"], num_latents=args.latents, k=args.k, k_aux=512),
+      rngs=nnx.Rngs(0)))
+  tok = load_tokenizer(model_dir)
+  cfg = EncodeConfig(max_len=args.doc_len, batch_size=args.encode_batch, progress=False)
+  start = time.perf_counter()
+  encode_sparse(model, tok, texts, None, cfg)  # compiles every bucket shape
+  first = time.perf_counter() - start
+  times, codes = [], None
+  for _ in range(2):
+    start = time.perf_counter()
+    codes = encode_sparse(model, tok, texts, None, cfg)
+    times.append(time.perf_counter() - start)
+  row = {"texts": len(texts), "max_len": args.doc_len, "batch": args.encode_batch,
+         "saejax_texts_per_s": len(texts) / min(times), "saejax_first_call_s": first}
+  record("encode", row)
+
+  out = Path(tempfile.mkdtemp()) / "st"
+  export.write_sparse_encoder(model, model_dir, out, export.ExportSettings(
+      max_seq_length=args.doc_len, k=args.k, k_aux=512))
+  from sentence_transformers import SparseEncoder
+  st = SparseEncoder(str(out), device=DEVICE).to(torch.bfloat16)
+  st.encode(texts[:256], batch_size=args.encode_batch)  # warm-up
+  times, got = [], None
+  for _ in range(2):
+    start = time.perf_counter()
+    got = st.encode(texts, batch_size=args.encode_batch, convert_to_tensor=True)
+    torch.cuda.synchronize() if DEVICE == "cuda" else None
+    times.append(time.perf_counter() - start)
+  row["st_texts_per_s"] = len(texts) / min(times)
+  row["ratio"] = row["saejax_texts_per_s"] / row["st_texts_per_s"]
+  # Same weights, both bf16: the active sets should mostly agree (bf16 rounding moves ties).
+  dense = got.to_dense().float().cpu().numpy() if got.is_sparse else got.float().cpu().numpy()
+  overlap = [len(set(np.flatnonzero(dense[i])) & set(codes.indices[i][codes.values[i] > 0]))
+             / max(1, int((codes.values[i] > 0).sum())) for i in range(min(len(texts), 512))]
+  row["active_set_overlap_bf16"] = float(np.mean(overlap))
+  record("encode", row)
+
+
+@section
 def cudnn_tests():
   proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                          str(REPO / "tests/test_attention.py"), "-k", "cudnn"],
@@ -421,6 +478,8 @@ def summary() -> str:
     lines.append(f"attention T={row['T']} window={row['window']}: max err {row['max_abs_err']:.3g} "
                  f"rel {row['rel_err']:.3g}; fwd+bwd cudnn {row.get('cudnn_fwd_bwd_ms')} ms, "
                  f"xla {row.get('xla_fwd_bwd_ms')} ms")
+  if "encode" in RESULTS:
+    lines.append(f"encode: {RESULTS['encode']}")
   if "parity_rel_err_vs_torch_fp32" in RESULTS:
     lines.append(f"parity: {RESULTS['parity_rel_err_vs_torch_fp32']}")
   lines.append("| system | step ms | tokens/s | MFU (989 TF) | MFU (measured) | vs torch |")
@@ -451,6 +510,8 @@ def main():
                  help="attention backends to time the saejax step with (while budget lasts)")
   p.add_argument("--small", action="store_true", help="tiny model: a CPU smoke run of the script")
   p.add_argument("--torch-device", default="cuda")
+  p.add_argument("--encode-texts", type=int, default=4096, help="texts for the encode section")
+  p.add_argument("--encode-batch", type=int, default=128)
   p.add_argument("--remat", action="store_true", help="saejax: recompute blocks in backward")
   p.add_argument("--torch-compile", action="store_true", help="torch.compile the PyTorch encoder")
   p.add_argument("--tokenizer", default=str(REPO / ".gpu/tokenizer.json"))
@@ -470,6 +531,8 @@ def main():
     model_dir = modernbert_base_dir(Path(tmp), Path(args.tokenizer))
     if "train" not in args.skip:
       train_speed(model_dir, args, end)
+    if "encode" not in args.skip:
+      encode_speed(model_dir, args)
     if "parity" not in args.skip and time.time() < end - 30:
       parity(model_dir)
     if "attention" not in args.skip:
