@@ -1,6 +1,6 @@
 """Base recipe: ModernBERT-base whose embedding layer is a TopK SAE (S=16,384, k=64), end to end.
 
-    python -m saejax.train --config configs/base.py --workdir gs://BUCKET/runs/base
+    python -m saejax.train --config configs/base.py --workdir /mnt/gcs/runs/base
 
 Hardware: a TPU v4-32 / v5e-32 pod slice or 8 x H100 (launch/ has the scripts); bf16 compute,
 fp32 master weights. Data: sentence-transformers/msmarco-bm25 (query, positive, BM25 hard negative)

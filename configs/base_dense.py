@@ -1,6 +1,6 @@
 """Ablation: the base recipe without the SAE (dense ModernBERT-base, InfoNCE on cosine).
 
-    python -m saejax.train --config configs/base_dense.py --workdir gs://BUCKET/runs/dense
+    python -m saejax.train --config configs/base_dense.py --workdir /mnt/gcs/runs/dense
 
 Same hardware, data and steps as configs/base.py. Expected: the dense upper bound that the sparse
 model's nDCG@10 is measured against.

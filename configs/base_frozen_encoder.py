@@ -1,6 +1,6 @@
 """Ablation: the base recipe with the encoder frozen (CSR-style: only the SAE trains).
 
-    python -m saejax.train --config configs/base_frozen_encoder.py --workdir gs://BUCKET/runs/frozen
+    python -m saejax.train --config configs/base_frozen_encoder.py --workdir /mnt/gcs/runs/frozen
 
 Same hardware, data and steps as configs/base.py. Expected: lower nDCG@10 than base (the backbone
 cannot adapt to the bottleneck); the gap is what end-to-end training buys.

@@ -1,6 +1,6 @@
 """Large recipe: ModernBERT-large (395M) + TopK SAE (S=16,384, k=64), end to end.
 
-    python -m saejax.train --config configs/large.py --workdir gs://BUCKET/runs/large
+    python -m saejax.train --config configs/large.py --workdir /mnt/gcs/runs/large
 
 Hardware: a TPU v4-64 / v5p-64 slice or 2 x 8 H100 (launch/ has the scripts); bf16, fsdp 16.
 Runtime: 20k steps of 1,024 records: about two days on a v4-64 (estimate).

@@ -187,6 +187,11 @@ def _global_batch(batch: dict, mesh) -> dict:
 def train(config: ml_collections.ConfigDict, workdir: str | Path):
   """Run (or resume) training: returns (summary dict, final TrainState, the model graphdef)."""
   start = time.time()
+  if "://" in str(workdir):
+    # pathlib would turn "gs://b/run" into a local "./gs:/b/run" and every checkpoint would land on
+    # the host's own disk, lost with the VM: refuse until the workdir code speaks URLs (epath).
+    raise ConfigError(f"--workdir {workdir}: URL workdirs are not supported yet; mount the bucket "
+                      "on every host (e.g. gcsfuse BUCKET /mnt/gcs) and pass the mounted path")
   # Fail now, not at the first checkpoint: an unwritable workdir would lose every step trained.
   workdir = checkpoint.check_writable(Path(workdir))
   checkpoint.check_writable(workdir / "checkpoints")
