@@ -23,6 +23,12 @@ Sections:
              Same weights, same token ids (random, no padding: both sides do the same work).
              Reports step time, tokens/s, ratio and MFU (model FLOPs = 6 x non-embedding params per
              token + attention 12 x L x T_eff x D per token, T_eff = window for local layers).
+  encode     corpus encoding in bf16 of real Debian texts: saejax `encode_sparse` (cudnn, length
+             buckets) against the same model exported by `saejax.export` and run by
+             `SparseEncoder.encode`; texts/s and the overlap of the active latent sets.
+
+The GPU image lacks ml_collections (imported by saejax.export): carry its wheel in .gpu/whl and
+install it with `pip install --target` before the run (see RESULTS.md for the exact commands).
 
     python benchmarks/bench_gpu.py --budget-s 420
 """
