@@ -196,6 +196,11 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
   """One optimiser step on a global batch (jit it with shardings; see `saejax.train`)."""
 
   def loss_fn(params, micro):
+    if optim_cfg.freeze_encoder:
+      # CSR-style: no gradient reaches the encoder, so XLA drops its whole backward pass (the
+      # optimiser's set_to_zero alone would still pay for computing it).
+      params = nnx.map_state(
+          lambda path, x: jax.lax.stop_gradient(x) if _group(path) == "encoder" else x, params)
     model = nnx.merge(graphdef, params)
     return compute_loss(model, micro, state.since_fired, state.step, loss_cfg)
 
