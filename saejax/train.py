@@ -309,7 +309,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
              "checkpoints": str(ckpt.directory), "latest_checkpoint": ckpt.latest_step(),
              "last_metrics": last, "best_metrics": writer.best}
   if jax.process_index() == 0:
-    curves = plots.training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+    try:  # a plot must never cost the run its summary
+      curves = plots.training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+    except (OSError, SaejaxError) as e:
+      logging.warning("training curves not written: %s", e)
+      curves = None
     summary["curves"] = str(curves) if curves else None
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary, state, graphdef
