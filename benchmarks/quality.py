@@ -71,12 +71,35 @@ def targets(results: dict) -> tuple[list[tuple[str, float, float, bool]], dict[s
           for what, value, threshold in rows], mean
 
 
+def evaluate_group(name: str, argv: list[str], out: Path) -> dict:
+  """`python -m saejax.eval` for one group of systems into OUT/eval/NAME (kept: a rerun reuses it,
+  so each arm can be evaluated as soon as it is trained)."""
+  from saejax.eval import __main__ as eval_cli
+  group_dir = out / "eval" / name
+  if (group_dir / "results.json").is_file():
+    print(f"{name}: evaluated already in {group_dir}", flush=True)
+    return json.loads((group_dir / "results.json").read_text())
+  common = [*(f"--beir={d}" for d in DATASETS), f"--out={group_dir}", "--max-doc-len=256",
+            "--progress"]
+  return eval_cli.main([*argv, *common])
+
+
+def merge(groups: list[dict]) -> dict:
+  """One result with every group's systems side by side per dataset."""
+  merged = json.loads(json.dumps(groups[0]))
+  for group in groups[1:]:
+    for name, dataset in group["datasets"].items():
+      merged["datasets"][name]["systems"].update(dataset["systems"])
+  for key in ("created", "command", "machine", "files"):
+    merged.pop(key, None)
+  return merged
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--steps", type=int, default=200, help="training steps per arm (the budget)")
   p.add_argument("--out", default=str(REPO / "runs" / "quality"))
   p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-  p.add_argument("--max-docs", type=int, default=0, help="subsample each corpus (0: all)")
   args = p.parse_args()
   out = Path(args.out)
   wall = {arm: train(arm, args.steps, out) for arm in args.arms}
@@ -84,12 +107,14 @@ def main():
         f"min", flush=True)
 
   from saejax.demo import minilm_dir
-  from saejax.eval import __main__ as eval_cli
-  argv = [f"--model=sparse={out / 'sparse'}", f"--model=dense-ft={out / 'dense'}",
-          f"--model=frozen={out / 'frozen'}", *(f"--beir={d}" for d in DATASETS),
-          f"--out={out / 'eval'}", "--baselines=bm25,dense", f"--dense-encoder={minilm_dir()}",
-          "--max-doc-len=256", f"--max-docs={args.max_docs}", "--progress"]
-  results = eval_cli.main(argv)
+  from saejax.eval import report
+  names = {"sparse": "sparse", "dense": "dense-ft", "frozen": "frozen"}
+  groups = [evaluate_group(names[arm], [f"--model={names[arm]}={out / arm}", "--baselines=none"],
+                           out) for arm in ARMS]
+  groups.append(evaluate_group("baselines", ["--baselines=bm25,dense",
+                                             f"--dense-encoder={minilm_dir()}"], out))
+  results = report.write(merge(groups), out / "eval", command=" ".join(sys.argv))
+  print(report.markdown(results))
   checks, mean = targets(results)
   print("\nmean nDCG@10 over the three sets: " +
         ", ".join(f"{name} {value:.4f}" for name, value in mean.items()))
