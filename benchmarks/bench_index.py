@@ -33,9 +33,7 @@ for _var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLA
 import argparse  # noqa: E402  (the thread settings above must come first)
 import contextlib  # noqa: E402
 import datetime  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -44,6 +42,8 @@ import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
 from saejax.index import SeismicAdapter, SparseIndex, recall  # noqa: E402
+
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py; scripts run from this folder)
 
 TOP_K = 10
 SCIPY_BLOCK = 64  # queries per scipy product: a [64, N] dense score block
@@ -112,16 +112,6 @@ def timed(fn):
   start = time.perf_counter()
   out = fn()
   return out, time.perf_counter() - start
-
-
-def cpu_model() -> str:
-  try:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-      if line.startswith("Model name:"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def run_config(n: int, k: int, args: argparse.Namespace) -> list[dict]:

@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_model  # benchmarks/machine.py (scripts run from this folder)
+
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
 SLACK = 64 * MIB
@@ -135,16 +137,6 @@ def child_encode(n: int, k: int, s: int) -> dict:
   return {"part": "encode", "n": n, "k": k, "base": base, "peak": peak(),
           "out_bytes": codes.values.nbytes + codes.indices.nbytes,
           "truncated": codes.stats.num_truncated, "encode_s": time.perf_counter() - start}
-
-
-def cpu_model() -> str:
-  try:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-      if line.startswith("Model name:"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown"
 
 
 def run_child(*args: str) -> dict:
