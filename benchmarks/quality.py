@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 ARMS = ("sparse", "dense", "frozen")
+MAX_DOC_LEN = 128  # every system gets the token budget the arms were trained with (configs/quality.py)
 DATASETS = (f"scifact={DATA / 'scifact'}:test", f"cranfield={DATA / 'cranfield'}:test",
             f"debian={DATA / 'debian-descriptions' / 'beir-dev'}:dev")
 
@@ -79,7 +80,7 @@ def evaluate_group(name: str, argv: list[str], out: Path) -> dict:
   if (group_dir / "results.json").is_file():
     print(f"{name}: evaluated already in {group_dir}", flush=True)
     return json.loads((group_dir / "results.json").read_text())
-  common = [*(f"--beir={d}" for d in DATASETS), f"--out={group_dir}", "--max-doc-len=256",
+  common = [*(f"--beir={d}" for d in DATASETS), f"--out={group_dir}", f"--max-doc-len={MAX_DOC_LEN}",
             "--progress"]
   return eval_cli.main([*argv, *common])
 
