@@ -80,8 +80,8 @@ def evaluate_group(name: str, argv: list[str], out: Path) -> dict:
   if (group_dir / "results.json").is_file():
     print(f"{name}: evaluated already in {group_dir}", flush=True)
     return json.loads((group_dir / "results.json").read_text())
-  common = [*(f"--beir={d}" for d in DATASETS), f"--out={group_dir}", f"--max-doc-len={MAX_DOC_LEN}",
-            "--progress"]
+  common = [*(f"--beir={d}" for d in DATASETS), f"--out={group_dir}",
+            f"--max-doc-len={MAX_DOC_LEN}", "--progress"]
   return eval_cli.main([*argv, *common])
 
 
