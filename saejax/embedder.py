@@ -42,7 +42,15 @@ class Embedder(nnx.Module):
 
   def __call__(self, ids: Int[Array, "N T"], valid: Bool[Array, "N T"],
                k: int | None = None) -> Output:
-    v = self.dense(ids, valid)
-    pre = self.sae.pre_activations(v)
-    code = sae_lib.topk_relu(pre, self.sae.config.k if k is None else k)
-    return Output(v, pre, code, self.sae.decode(code.values, code.indices))
+    return sae_output(self.sae, self.dense(ids, valid), k)
+
+
+def sae_output(sae: sae_lib.SAE, v: Float[Array, "N D"], k: int | None = None) -> Output:
+  """The SAE's view of pooled embeddings ``v``: pre-activations, TopK code and reconstruction.
+
+  Shared by the end-to-end step (v from the encoder) and head training on cached embeddings
+  (`saejax.headtrain`), so both optimise the same objective on the same code.
+  """
+  pre = sae.pre_activations(v)
+  code = sae_lib.topk_relu(pre, sae.config.k if k is None else k)
+  return Output(v, pre, code, sae.decode(code.values, code.indices))

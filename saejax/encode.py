@@ -209,8 +209,7 @@ def _mean_pooled_forward(graphdef: nnx.GraphDef, state: nnx.State, ids, valid):
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _sparse_code_forward(graphdef: nnx.GraphDef, state: nnx.State, ids, valid, k: int):
   m = nnx.merge(graphdef, state)
-  code = m.sae.encode(m.dense(ids, valid), k)  # no decode: retrieval needs only the code
-  return code.values, code.indices
+  return m.sae.embed(m.dense(ids, valid), k)  # no decode: retrieval needs only the code
 
 
 def mean_pooled(encoder: nnx.Module) -> EncodeFn:

@@ -90,6 +90,36 @@ def info_nce(q: Float[Array, "B S"], d_pos: Float[Array, "B S"], d_neg: Float[Ar
   return loss, metrics
 
 
+def _candidate_scores(q: Float[Array, "B E"], d_pos: Float[Array, "B E"],
+                      d_neg: Float[Array, "B H E"]) -> Float[Array, "B C"]:
+  """Each query's score against every positive then every hard negative of the batch."""
+  b, e = q.shape
+  candidates = jnp.concatenate([d_pos, d_neg.reshape(-1, e)], 0).astype(jnp.float32)
+  return jnp.einsum("be,ce->bc", q.astype(jnp.float32), candidates,
+                    out_sharding=batch_sharding(q, 1, 1))
+
+
+def distill_kl(q: Float[Array, "B S"], d_pos: Float[Array, "B S"], d_neg: Float[Array, "B H S"],
+               t_q: Float[Array, "B D"], t_pos: Float[Array, "B D"], t_neg: Float[Array, "B H D"],
+               temperature: float, teacher_temperature: float) -> tuple[Float[Array, ""], Metrics]:
+  """KL(teacher || student) between the two softmax distributions over in-batch candidates.
+
+  The student ranks each query's candidates (all positives and hard negatives of the batch, as in
+  `info_nce`) by its code scores / ``temperature``; the teacher by its own embeddings' scores /
+  ``teacher_temperature`` (saejax: cosine of the dense pooled embedding, detached). Unlike InfoNCE,
+  which only says which candidate is right, this passes on how the dense model orders all of them,
+  the signal RocketQAv2 / in-batch distillation (Hofstaetter et al. 2021, TAS-B) use. Metrics:
+  ``distill_kl``; ``distill_top1``, how often the student's top candidate is the teacher's.
+  """
+  student = _candidate_scores(q, d_pos, d_neg) / temperature
+  teacher = _candidate_scores(t_q, t_pos, t_neg) / teacher_temperature
+  log_p_s = jax.nn.log_softmax(student, -1)
+  log_p_t = jax.nn.log_softmax(teacher, -1)
+  loss = jnp.mean(jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), -1))
+  agree = jnp.mean((jnp.argmax(student, -1) == jnp.argmax(teacher, -1)).astype(jnp.float32))
+  return loss, {"distill_kl": loss, "distill_top1": agree}
+
+
 def _normalized_mse(target: Float[Array, "... D"], recon: Float[Array, "... D"],
                     eps: float) -> Float[Array, ""]:
   """Sum of squared error / sum of squared deviation of ``target`` from its batch mean."""

@@ -61,6 +61,12 @@ class SAEConfig:
       at under ~1/1000 of the average rate, while a rare but live concept (once per 100k texts)
       stays silent that long with probability e^-10. Short runs should lower it.
     b_pre_init: how `init_b_pre` sets b_pre from a data sample (Gao et al.: geometric median).
+    normalize_codes: the embedding is the L2-normalised code ``z / ||z||`` (training scores and
+      index search are then cosine); False keeps raw activations (scores are raw dot products).
+      With unit-norm documents the inverted index's dot product ranks by cosine at no extra cost
+      (a query's norm does not change its ranking). Raw dot products reward inflating codes: in
+      InfoNCE a few latents grow to win TopK for every text and the dictionary collapses
+      (measured in benchmarks/RESULTS.md "Sweep"). Reconstruction always uses the raw code.
   """
   d_model: int
   num_latents: int = 16384
@@ -68,6 +74,7 @@ class SAEConfig:
   k_aux: int = 512
   dead_after_tokens: int = 1_000_000
   b_pre_init: Literal["mean", "geometric_median"] = "geometric_median"
+  normalize_codes: bool = True
 
   def __post_init__(self):
     for name in ("d_model", "num_latents", "k", "k_aux", "dead_after_tokens"):
@@ -122,6 +129,14 @@ def topk_relu(z_pre: Float[Array, "... S"], k: int) -> SparseCode:
   _check_k("k", k, z_pre.shape[-1])
   values, indices = jax.lax.top_k(_whole_last_axis(z_pre), k)
   return SparseCode(jax.nn.relu(values), indices.astype(jnp.int32), z_pre)
+
+
+def unit_norm(values: Float[Array, "... K"], eps: float = 1e-12) -> Float[Array, "... K"]:
+  """Rows scaled to unit L2 norm (an all-zero row stays zero): the embedding of a code whose
+  `SAEConfig.normalize_codes` is set. The norm of the k kept values is the norm of the dense code,
+  so this commutes with `densify`."""
+  values = values.astype(jnp.float32)
+  return values * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(values), -1, keepdims=True), eps))
 
 
 def densify(values: Float[Array, "... K"], indices: Int[Array, "... K"],
@@ -287,6 +302,13 @@ class SAE(nnx.Module):
     """The TopK code of ``v``; ``k`` defaults to the training k (queries and documents may
     use different ones at inference)."""
     return topk_relu(self.pre_activations(v), self.config.k if k is None else k)
+
+  def embed(self, v: Float[Array, "... D"],
+            k: int | None = None) -> tuple[Float[Array, "... K"], Int[Array, "... K"]]:
+    """The retrieval embedding of ``v``: the TopK code, unit-normalised when
+    `SAEConfig.normalize_codes` (what the index stores and searches with)."""
+    code = self.encode(v, k)
+    return (unit_norm(code.values) if self.config.normalize_codes else code.values), code.indices
 
   def decode(self, values: Float[Array, "... K"],
              indices: Int[Array, "... K"]) -> Float[Array, "... D"]:

@@ -26,14 +26,15 @@ import optax
 from flax import nnx
 
 from saejax import losses, sae as sae_lib
-from saejax.embedder import Embedder
+from saejax.embedder import Embedder, Output, sae_output
 from saejax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Loss weights; every coefficient lives here, none in the loss code."""
-  temperature: float = 0.05        # InfoNCE logit scale 1/tau on sparse dot products
+  """Loss weights; every coefficient lives here, none in the loss code. `saejax.recipe` states the
+  same defaults (a test keeps the two equal)."""
+  temperature: float = 0.05        # InfoNCE tau on code similarities (cosine: SAEConfig.normalize_codes)
   w_contrastive: float = 1.0
   w_fvu: float = 1.0
   w_multi_k: float = 0.0           # Gao et al. sec 5.3 use 1/8 with multi_k_factor 4
@@ -43,6 +44,10 @@ class LossConfig:
   w_flops_d: float = 0.0
   flops_warmup_steps: int = 0      # quadratic ramp of the FLOPS weights (SPLADE)
   w_spread_out: float = 0.0
+  w_distill: float = 0.0           # KL(dense teacher || sparse student) over in-batch candidates
+  distill_temperature: float = 0.05  # the teacher's tau on cosine of the pooled embeddings v
+  w_dense_contrastive: float = 0.0   # InfoNCE on cosine of v itself (end to end: trains the encoder)
+  recon_to_encoder: bool = False   # let FVU / multi-k / AuxK gradients reach the encoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,18 +136,31 @@ def dense_loss(model: Embedder, batch: dict, cfg: LossConfig) -> tuple[jax.Array
   return cfg.w_contrastive * loss, (metrics, no_codes)
 
 
-def compute_loss(model: Embedder, batch: dict, since_fired: jax.Array, step: jax.Array,
-                 cfg: LossConfig) -> tuple[jax.Array, dict]:
-  """Total loss and every component for one (micro-)batch. Pure: reads `since_fired`, no writes."""
-  if model.sae is None:
-    return dense_loss(model, batch, cfg)
-  q_ids, q_valid = batch["q_ids"], batch["q_valid"]
-  b, n_docs, t_d = batch["d_ids"].shape
-  q = model(q_ids, q_valid)
-  d = model(batch["d_ids"].reshape(b * n_docs, t_d), batch["d_valid"].reshape(b * n_docs, t_d))
-  s = model.sae.config.num_latents
-  z_q = sae_lib.densify(q.code.values, q.code.indices, s)
-  z_d = sae_lib.densify(d.code.values, d.code.indices, s)
+def _unit(x: jax.Array) -> jax.Array:
+  """Rows of x at unit L2 norm (rsqrt of a floored square: no NaN gradient at a zero row)."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-12))
+
+
+def objective(sae: sae_lib.SAE, q: Output, d: Output, since_fired: jax.Array, step: jax.Array,
+              cfg: LossConfig) -> tuple[jax.Array, dict]:
+  """Total loss and every component from the SAE outputs of B queries and B*(1+H) documents.
+
+  ``d`` holds each query's positive then its H hard negatives (row ``i*(1+H) + j``). The same
+  function trains end to end (`compute_loss`: v from the encoder) and on cached embeddings
+  (`saejax.headtrain`: v fixed). Pure: reads `since_fired`, writes nothing.
+
+  Contrastive and distillation scores use the retrieval embedding (the unit-normalised code when
+  ``sae.config.normalize_codes``), the quantity the index ranks by. The reconstruction terms see
+  the raw code; unless ``cfg.recon_to_encoder`` they are computed from a stop-gradient copy of v,
+  so the encoder is shaped by the retrieval terms only and the SAE follows it.
+  """
+  b, s = q.v.shape[0], sae.config.num_latents
+  n_docs = d.v.shape[0] // b
+  embed = (lambda c: sae_lib.unit_norm(c.values)) if sae.config.normalize_codes else (
+      lambda c: c.values)
+  z_q = sae_lib.densify(embed(q.code), q.code.indices, s)
+  z_d = sae_lib.densify(embed(d.code), d.code.indices, s)
   z_d3 = z_d.reshape(b, n_docs, s)
   metrics = {}
 
@@ -152,20 +170,34 @@ def compute_loss(model: Embedder, batch: dict, since_fired: jax.Array, step: jax
     metrics[f"weighted/{name}"] = weight * loss
     return weight * loss
 
-  v = jnp.concatenate([q.v, d.v])
-  v_hat = jnp.concatenate([q.v_hat, d.v_hat])
-  pre = jnp.concatenate([q.pre, d.pre])
   total = add("contrastive", cfg.w_contrastive,
               losses.info_nce(z_q, z_d3[:, 0], z_d3[:, 1:], cfg.temperature))
+  v_q, v_d = _unit(q.v), _unit(d.v).reshape(b, n_docs, -1)
+  if cfg.w_distill:
+    total += add("distill", cfg.w_distill, losses.distill_kl(
+        z_q, z_d3[:, 0], z_d3[:, 1:], jax.lax.stop_gradient(v_q),
+        jax.lax.stop_gradient(v_d[:, 0]), jax.lax.stop_gradient(v_d[:, 1:]),
+        cfg.temperature, cfg.distill_temperature))
+  if cfg.w_dense_contrastive:
+    total += add("dense_contrastive", cfg.w_dense_contrastive,
+                 losses.info_nce(v_q, v_d[:, 0], v_d[:, 1:], cfg.temperature), prefix="dense/")
+
+  v = jnp.concatenate([q.v, d.v])
+  if cfg.recon_to_encoder:
+    pre, v_hat = jnp.concatenate([q.pre, d.pre]), jnp.concatenate([q.v_hat, d.v_hat])
+  else:  # the same TopK code from a detached v: gradients reach the SAE, not the encoder
+    v = jax.lax.stop_gradient(v)
+    out = sae_output(sae, v)
+    pre, v_hat = out.pre, out.v_hat
   total += add("fvu", cfg.w_fvu, losses.fvu(v, v_hat))
   if cfg.w_multi_k:
-    k_big = min(model.sae.config.k * cfg.multi_k_factor, s)
+    k_big = min(sae.config.k * cfg.multi_k_factor, s)
     big = sae_lib.topk_relu(pre, k_big)
     total += add("multi_k", cfg.w_multi_k,
-                 losses.fvu(v, model.sae.decode(big.values, big.indices)), prefix="multi_k/")
-  dead = sae_lib.dead_mask(since_fired, model.sae.config.dead_after_tokens)
-  aux_values, aux_indices = sae_lib.auxk(pre, dead, model.sae.config.k_aux)
-  aux_recon = sae_lib.decode_sparse(aux_values, aux_indices, model.sae.w_dec[...])
+                 losses.fvu(v, sae.decode(big.values, big.indices)), prefix="multi_k/")
+  dead = sae_lib.dead_mask(since_fired, sae.config.dead_after_tokens)
+  aux_values, aux_indices = sae_lib.auxk(pre, dead, sae.config.k_aux)
+  aux_recon = sae_lib.decode_sparse(aux_values, aux_indices, sae.w_dec[...])
   total += add("auxk", cfg.w_auxk, losses.auxk_loss(v - v_hat, aux_recon, dead))
   flops_w = lambda w: losses.flops_weight(step, w, cfg.flops_warmup_steps)  # noqa: E731
   total += add("flops_q", flops_w(cfg.w_flops_q), losses.flops(z_q), prefix="q/")
@@ -173,9 +205,21 @@ def compute_loss(model: Embedder, batch: dict, since_fired: jax.Array, step: jax
   if cfg.w_spread_out:
     total += add("spread_out", cfg.w_spread_out, losses.spread_out(z_q, z_d3[:, 0]))
   metrics["loss"] = total
+  metrics["v_norm"] = jnp.mean(jnp.linalg.norm(v.astype(jnp.float32), axis=-1))
   codes = (jnp.concatenate([q.code.values, d.code.values]),
            jnp.concatenate([q.code.indices, d.code.indices]))
   return total, (metrics, codes)
+
+
+def compute_loss(model: Embedder, batch: dict, since_fired: jax.Array, step: jax.Array,
+                 cfg: LossConfig) -> tuple[jax.Array, dict]:
+  """Total loss and every component for one (micro-)batch of token ids (see `objective`)."""
+  if model.sae is None:
+    return dense_loss(model, batch, cfg)
+  b, n_docs, t_d = batch["d_ids"].shape
+  q = model(batch["q_ids"], batch["q_valid"])
+  d = model(batch["d_ids"].reshape(b * n_docs, t_d), batch["d_valid"].reshape(b * n_docs, t_d))
+  return objective(model.sae, q, d, since_fired, step, cfg)
 
 
 def _project_decoder_grad(grads: nnx.State, params: nnx.State) -> nnx.State:
@@ -192,19 +236,25 @@ def _tree_norm(tree) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, loss_cfg: LossConfig, optim_cfg: OptimConfig,
-               fire_rate_decay: float = 0.99) -> tuple[TrainState, dict]:
-  """One optimiser step on a global batch (jit it with shardings; see `saejax.train`)."""
+               fire_rate_decay: float = 0.99, loss_fn=None) -> tuple[TrainState, dict]:
+  """One optimiser step on a global batch (jit it with shardings; see `saejax.train`).
 
-  def loss_fn(params, micro):
+  ``loss_fn(model, batch, since_fired, step, loss_cfg) -> (loss, (metrics, codes))`` defaults to
+  `compute_loss` (token ids through the encoder); `saejax.headtrain` passes one that reads cached
+  embeddings, so head training shares this step's optimiser, SAE invariants and counters.
+  """
+  batch_loss = compute_loss if loss_fn is None else loss_fn
+
+  def loss_of(params, micro):
     if optim_cfg.freeze_encoder:
       # CSR-style: no gradient reaches the encoder, so XLA drops its whole backward pass (the
       # optimiser's set_to_zero alone would still pay for computing it).
       params = nnx.map_state(
           lambda path, x: jax.lax.stop_gradient(x) if _group(path) == "encoder" else x, params)
     model = nnx.merge(graphdef, params)
-    return compute_loss(model, micro, state.since_fired, state.step, loss_cfg)
+    return batch_loss(model, micro, state.since_fired, state.step, loss_cfg)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
   accum = optim_cfg.grad_accum
   if accum == 1:
     (loss, (metrics, codes)), grads = grad_fn(state.params, batch)
@@ -243,7 +293,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     fire_rate = jnp.where(finite, fire_rate_decay * fire_rate
                           + (1 - fire_rate_decay) * hits / n_texts, fire_rate)
     sparse_metrics = {"l0": jnp.sum(values > 0).astype(jnp.float32) / n_texts,
-                      "hot_fraction": jnp.mean((fire_rate > 0.01).astype(jnp.float32))}
+                      **latent_health(params["sae"], since_fired, fire_rate,
+                                      nnx.merge(graphdef, params).sae.config.k)}
   new_state = TrainState(
       step=state.step + 1, params=params, opt_state=opt_state, since_fired=since_fired,
       fire_rate=fire_rate, skipped=state.skipped + (~finite).astype(jnp.int32),
@@ -255,6 +306,33 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
              "skipped": new_state.skipped,
              **learning_rates(optim_cfg, state.step)}
   return new_state, metrics
+
+
+DEAD_WINDOW_FIRINGS = 10  # a latent is dead in the curves after 10 x S/k texts without firing
+HOT_RATE = 0.1            # ... and hot above a 10% firing rate (Gao et al. sec 2.4: "dense")
+
+
+def latent_health(sae_params, since_fired: jax.Array, fire_rate: jax.Array, k: int) -> dict:
+  """Curves that show a collapsing dictionary while it happens.
+
+  ``dead_fraction_window``: latents silent for ``DEAD_WINDOW_FIRINGS * S / k`` texts (10 firings
+  expected of a uniformly used latent, so rare-but-alive latents rarely count; independent of the
+  AuxK threshold). ``hot_fraction``: EMA firing rate above ``HOT_RATE``. Median and max firing
+  rates, and percentiles of the encoder's column norms and latent biases, whose drift (a few
+  columns growing, biases rising) precedes a collapse.
+  """
+  w_enc, b_lat = sae_params["w_enc"].get_value(), sae_params["b_lat"].get_value()
+  window = DEAD_WINDOW_FIRINGS * fire_rate.shape[0] // k
+  pct = jnp.array([5.0, 50.0, 95.0])
+  col_p = jnp.percentile(jnp.linalg.norm(w_enc.astype(jnp.float32), axis=0), pct)
+  bias_p = jnp.percentile(b_lat.astype(jnp.float32), pct)
+  out = {"dead_fraction_window": jnp.mean((since_fired >= window).astype(jnp.float32)),
+         "hot_fraction": jnp.mean((fire_rate > HOT_RATE).astype(jnp.float32)),
+         "freq_median": jnp.median(fire_rate), "freq_max": jnp.max(fire_rate)}
+  for i, p in enumerate((5, 50, 95)):
+    out[f"enc_norm_p{p}"] = col_p[i]
+    out[f"b_lat_p{p}"] = bias_p[i]
+  return out
 
 
 def flops_per_step(n_encoder_params: int, tokens: int, texts: int, d_model: int,

@@ -1,0 +1,210 @@
+"""The recipe sweep: SAE heads trained on cached frozen-MiniLM embeddings, scored on the shared sets.
+
+Each arm is one set of overrides of the SAE / loss / optimiser config; it trains a head with
+`saejax.headtrain.train_head` (the real `saejax.step.train_step` and `saejax.step.objective`, on
+embeddings instead of token ids) and evaluates it exactly (nDCG@10 by ir-measures) on SciFact test,
+Cranfield and Debian dev at several k, next to the floor (random TopK: no training) and the
+ceiling (the dense embeddings themselves, cosine). Latent health is measured over 20,000 mixed
+training and corpus texts: never-firing latents, latents active in > 10% of documents.
+
+    .venv/bin/python benchmarks/embed_cache.py --out runs/cache     # once, ~15 min on 2 cores
+    .venv/bin/python benchmarks/sweep.py --cache runs/cache --arms base,dot,lr1e-3 [--steps 2000]
+
+Arms are named in ARMS below; results are appended to runs/sweep/results.jsonl (one line per
+arm) and printed as a markdown table.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from saejax import quickeval  # noqa: E402
+from saejax import sae as sae_lib  # noqa: E402
+from saejax import step as step_lib  # noqa: E402
+from saejax.headtrain import HeadTrainConfig, train_head  # noqa: E402
+from saejax.quickeval import BeirData  # noqa: E402
+
+EVAL_SETS = ("scifact", "cranfield", "debian")
+HEALTH_TEXTS = 20_000
+HOT = 0.1
+
+# name -> overrides: "sae.X", "loss.X", "optim.X", "head.X". Base: the recipe's defaults.
+BASE = {"sae.num_latents": 16384, "sae.k": 64, "sae.k_aux": 512, "sae.dead_after_tokens": 2560,
+        "optim.lr_sae": 2e-4, "optim.warmup_steps": 100, "head.steps": 2000, "head.batch_size": 256}
+ARMS = {
+    "base": {},
+    "dot_tau1": {"sae.normalize_codes": False, "loss.temperature": 1.0},
+    "dot_tau0.05": {"sae.normalize_codes": False, "loss.temperature": 0.05},
+    "tau0.02": {"loss.temperature": 0.02},
+    "tau0.1": {"loss.temperature": 0.1},
+    "lr1e-3": {"optim.lr_sae": 1e-3},
+    "lr5e-5": {"optim.lr_sae": 5e-5},
+    "distill1": {"loss.w_distill": 1.0},
+    "distill1_nce0": {"loss.w_distill": 1.0, "loss.w_contrastive": 0.0},
+    "distill5": {"loss.w_distill": 5.0},
+    "fvu0": {"loss.w_fvu": 0.0},
+    "fvu0_aux0": {"loss.w_fvu": 0.0, "loss.w_auxk": 0.0},
+    "multik": {"loss.w_multi_k": 0.125},
+    "dead_long": {"sae.dead_after_tokens": 25_600},
+    "aux_strong": {"loss.w_auxk": 0.25},
+    "k32": {"sae.k": 32},
+    "k128": {"sae.k": 128},
+    "s4096": {"sae.num_latents": 4096},
+    "steps6000": {"head.steps": 6000, "optim.total_steps": 6000},
+}
+
+
+def load_eval(cache: Path, name: str) -> tuple[BeirData, np.ndarray, np.ndarray]:
+  meta = json.loads((cache / f"eval_{name}.json").read_text())
+  arrays = np.load(cache / f"eval_{name}.npz")
+  data = BeirData(tuple(meta["doc_ids"]), (), tuple(meta["query_ids"]), (), meta["qrels"])
+  return data, arrays["queries"], arrays["docs"]
+
+
+def ndcg(data: BeirData, qv, qi, dv, di, num_latents: int) -> float:
+  q = quickeval.sparse_matrix(qv, qi, num_latents)
+  d = quickeval.sparse_matrix(dv, di, num_latents)
+  docs, scores = quickeval.search_sparse(q, d)
+  return quickeval.evaluate(data.qrels, quickeval.to_run(data, docs, scores))["ndcg@10"]
+
+
+def dense_ndcg(data: BeirData, q, d) -> float:
+  docs, scores = quickeval.search_dense(q, d)
+  return quickeval.evaluate(data.qrels, quickeval.to_run(data, docs, scores))["ndcg@10"]
+
+
+def codes_fn(sae: sae_lib.SAE):
+  graphdef, state = nnx.split(sae)
+
+  @jax.jit
+  def embed(state, v, k_max):
+    del k_max
+    m = nnx.merge(graphdef, state)
+    return m.pre_activations(v)
+
+  def codes(v: np.ndarray, k: int, normalize: bool):
+    out_v, out_i = [], []
+    for start in range(0, len(v), 1024):
+      pre = embed(state, jnp.asarray(v[start:start + 1024]), 0)
+      values, indices = jax.lax.top_k(pre, k)
+      values = jax.nn.relu(values)
+      if normalize:
+        values = sae_lib.unit_norm(values)
+      out_v.append(np.asarray(values))
+      out_i.append(np.asarray(indices))
+    return np.concatenate(out_v), np.concatenate(out_i)
+
+  return codes
+
+
+def random_topk(d_model: int, num_latents: int, seed: int = 0) -> sae_lib.SAE:
+  """The floor: z = TopK(ReLU(G (x - mean))), G Gaussian, no training (b_pre set by train_head's
+  caller to the data mean; here a separate SAE with zero b_lat)."""
+  sae = sae_lib.SAE(sae_lib.SAEConfig(d_model=d_model, num_latents=num_latents, k=64,
+                                      k_aux=min(512, num_latents)), rngs=nnx.Rngs(seed))
+  return sae
+
+
+def evaluate(sae: sae_lib.SAE, evals: dict, health_v: np.ndarray, ks=(32, 64, 128)) -> dict:
+  codes = codes_fn(sae)
+  s, norm = sae.config.num_latents, sae.config.normalize_codes
+  out = {}
+  for k in ks:
+    scores = {}
+    for name, (data, q, d) in evals.items():
+      qv, qi = codes(q, k, norm)
+      dv, di = codes(d, k, norm)
+      scores[name] = ndcg(data, qv, qi, dv, di, s)
+    scores["mean"] = float(np.mean([scores[n] for n in evals]))
+    out[f"k{k}"] = scores
+  k = sae.config.k
+  hv, hi = codes(health_v, k, norm)
+  counts = np.bincount(hi[hv > 0], minlength=s)
+  out["never_fire"] = float((counts == 0).mean())
+  doc_freq = []
+  for name, (data, q, d) in evals.items():
+    dv, di = codes(d, k, norm)
+    c = np.bincount(di[dv > 0], minlength=s)
+    doc_freq.append(c.max() / len(d))
+  out["max_doc_freq"] = float(max(doc_freq))
+  out["health_hot"] = float((counts > HOT * len(health_v)).mean())
+  return out
+
+
+def build(overrides: dict, d_model: int):
+  cfg = {**BASE, **overrides}
+  sections = {"sae": {}, "loss": {}, "optim": {}, "head": {}}
+  for key, value in cfg.items():
+    section, _, field = key.partition(".")
+    sections[section][field] = value
+  steps = sections["head"].get("steps", 2000)
+  sections["optim"].setdefault("total_steps", steps)
+  sae_cfg = sae_lib.SAEConfig(d_model=d_model, **sections["sae"])
+  return (sae_cfg, step_lib.LossConfig(**sections["loss"]),
+          step_lib.OptimConfig(**sections["optim"]), HeadTrainConfig(**sections["head"]))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--cache", default="runs/cache")
+  p.add_argument("--arms", default="base")
+  p.add_argument("--out", default="runs/sweep/results.jsonl")
+  p.add_argument("--baselines", action="store_true", help="also score random TopK and dense")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  cache = Path(args.cache)
+  train = np.load(cache / "train.npz")
+  q_train, d_train = train["q"], train["d"]
+  evals = {name: load_eval(cache, name) for name in EVAL_SETS}
+  rng = np.random.default_rng(0)
+  pool = np.concatenate([q_train, d_train] + [d for _, _, d in evals.values()])
+  health_v = pool[rng.permutation(len(pool))[:HEALTH_TEXTS]]
+  d_model = q_train.shape[1]
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  rows = []
+  if args.baselines:
+    dense = {name: dense_ndcg(data, q, d) for name, (data, q, d) in evals.items()}
+    dense["mean"] = float(np.mean([dense[n] for n in EVAL_SETS]))
+    rows.append({"arm": "dense (ceiling)", "k64": dense})
+    for s in (16384,):
+      sae = random_topk(d_model, s, args.seed)
+      sae.b_pre.set_value(jnp.asarray(d_train.mean(0)))
+      sae.w_enc.set_value(jax.random.normal(jax.random.key(args.seed), (d_model, s)))
+      rows.append({"arm": f"random TopK S={s} (floor)", **evaluate(sae, evals, health_v)})
+  for arm in [a for a in args.arms.split(",") if a]:
+    sae_cfg, loss_cfg, optim_cfg, head_cfg = build(ARMS[arm], d_model)
+    start = time.time()
+    sae = sae_lib.SAE(sae_cfg, rngs=nnx.Rngs(args.seed))
+    sae, state, history = train_head(sae, q_train, d_train, loss_cfg, optim_cfg, head_cfg,
+                                     log_every=max(head_cfg.steps // 4, 1))
+    train_s = time.time() - start
+    rows.append({"arm": arm, "overrides": ARMS[arm], "train_s": train_s,
+                 "last": history[-1], **evaluate(sae, evals, health_v)})
+  with open(out, "a") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  print("| arm | k | SciFact | Cranfield | Debian | mean | never fire | max doc freq | train s |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for row in rows:
+    for k in ("k32", "k64", "k128"):
+      if k in row:
+        r = row[k]
+        print(f"| {row['arm']} | {k[1:]} | {r['scifact']:.3f} | {r['cranfield']:.3f} | "
+              f"{r['debian']:.3f} | {r['mean']:.3f} | {100 * row.get('never_fire', 0):.1f}% | "
+              f"{100 * row.get('max_doc_freq', 0):.1f}% | {row.get('train_s', 0):.0f} |")
+
+
+if __name__ == "__main__":
+  main()

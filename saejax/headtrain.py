@@ -1,0 +1,105 @@
+"""Training the SAE head on fixed (cached) embeddings: the warm start and the recipe sweep.
+
+End-to-end training pays for an encoder forward and backward every step; the SAE head alone, on
+embeddings computed once by the frozen encoder, trains in seconds per thousand steps. Two users:
+
+  * `saejax.train` warm-starts the SAE this way before unfreezing the encoder (stage-wise
+    training: ``config.warmstart``), so the encoder never trains through a random dictionary;
+  * `benchmarks/sweep.py` compares recipes (similarity, temperature, lr, dead-latent window,
+    distillation, ...) on cached embeddings of the shared data.
+
+Both run `saejax.step.train_step` with `head_loss`, i.e. the same optimiser, SAE invariants,
+dead-latent counters and `saejax.step.objective` as end-to-end training; only v is read from the
+batch instead of being computed by the encoder.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Float
+
+from saejax import sae as sae_lib
+from saejax import step as step_lib
+from saejax.embedder import Embedder, sae_output
+from saejax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadTrainConfig:
+  """How long and on what batches the head trains.
+
+  Attributes:
+    steps: optimiser steps.
+    batch_size: query-document pairs per step (in-batch negatives: batch_size - 1 per query).
+    seed: batch order.
+  """
+  steps: int = 2000
+  batch_size: int = 256
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.steps < 1 or self.batch_size < 2:
+      raise ConfigError(f"HeadTrainConfig: steps={self.steps} must be >= 1 and "
+                        f"batch_size={self.batch_size} >= 2 (InfoNCE needs a negative)")
+
+
+def head_loss(model: Embedder, batch: dict, since_fired, step, cfg: step_lib.LossConfig):
+  """`step.objective` on cached embeddings: ``batch["q_v"]`` [B, D], ``batch["d_v"]`` [B, 1+H, D]."""
+  b, n_docs, d = batch["d_v"].shape
+  q = sae_output(model.sae, batch["q_v"])
+  docs = sae_output(model.sae, batch["d_v"].reshape(b * n_docs, d))
+  return step_lib.objective(model.sae, q, docs, since_fired, step, cfg)
+
+
+def batches(n: int, cfg: HeadTrainConfig):
+  """Row indices of each step: shuffled epochs, the tail of an epoch dropped (fixed shapes)."""
+  if n < cfg.batch_size:
+    raise ConfigError(f"head training: {n} pairs are fewer than batch_size={cfg.batch_size}")
+  rng = np.random.default_rng(cfg.seed)
+  per_epoch = n // cfg.batch_size
+  order = None
+  for i in range(cfg.steps):
+    if i % per_epoch == 0:
+      order = rng.permutation(n)
+    j = i % per_epoch
+    yield order[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+
+
+def train_head(sae: sae_lib.SAE, q_v: Float[np.ndarray, "N D"], d_v: Float[np.ndarray, "N D"],
+               loss_cfg: step_lib.LossConfig, optim_cfg: step_lib.OptimConfig,
+               cfg: HeadTrainConfig, *, log_every: int = 0,
+               log=print) -> tuple[sae_lib.SAE, step_lib.TrainState, list[dict]]:
+  """Train ``sae`` on (query, positive) embedding pairs; returns the trained SAE (a new module),
+  the final TrainState (dead-latent counters included) and the logged metrics.
+
+  ``optim_cfg.lr_sae`` and its schedule apply (``total_steps`` should be ``cfg.steps``). b_pre is
+  set from the documents' geometric median / mean first, as `saejax.train` does.
+  """
+  if q_v.shape != d_v.shape or q_v.ndim != 2 or q_v.shape[1] != sae.config.d_model:
+    raise ConfigError(f"head training: query {q_v.shape} and document {d_v.shape} embeddings must "
+                      f"both be [N, {sae.config.d_model}]")
+  sample = d_v[np.random.default_rng(cfg.seed).permutation(len(d_v))[:4096]]
+  sae.b_pre.set_value(sae_lib.init_b_pre(jnp.asarray(sample), sae.config.b_pre_init))
+  model = Embedder(None, sae)
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = step_lib.make_optimizer(optim_cfg, params)
+  state = step_lib.init_state(model, tx)
+  step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
+                                   loss_cfg=loss_cfg, optim_cfg=optim_cfg, loss_fn=head_loss),
+                 donate_argnums=0)
+  q_all, d_all = jnp.asarray(q_v, jnp.float32), jnp.asarray(d_v, jnp.float32)
+  history = []
+  for i, rows in enumerate(batches(len(q_v), cfg)):
+    rows = jnp.asarray(rows)
+    state, metrics = step(state, {"q_v": q_all[rows], "d_v": d_all[rows][:, None]})
+    if log_every and ((i + 1) % log_every == 0 or i + 1 == cfg.steps):
+      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      history.append({"step": i + 1, **m})
+      log(f"head step {i + 1}/{cfg.steps}: loss {m['loss']:.4f} nce {m['info_nce']:.3f} "
+          f"fvu {m['fvu']:.3f} dead {100 * m['dead_fraction_window']:.1f}% "
+          f"hot {100 * m['hot_fraction']:.2f}%")
+  return nnx.merge(graphdef, state.params).sae, state, history
