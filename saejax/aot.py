@@ -26,7 +26,6 @@ not splash or cuDNN), so treat the peak as an estimate with a margin, not as the
 import dataclasses
 import functools
 import math
-import sys
 import time
 
 import jax
@@ -42,6 +41,7 @@ GIB = 1 << 30
 
 class CompileCheckError(SaejaxError):
   """The step compiles into something that must not be launched (replicated weights, no room)."""
+  exit_code = 1  # the check ran and failed (saejax.cli exits 2 for input that is wrong)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,23 +223,19 @@ def main(argv):
     print(f"note: attention_backend {config.model.attention_backend!r} needs its accelerator; "
           "compiling with 'xla'")
   config.model.attention_backend = "xla"
-  try:
-    if jax.device_count() != _DEVICES.value:
-      raise ConfigError(f"asked for {_DEVICES.value} CPU devices but JAX has "
-                        f"{jax.device_count()}; run saejax.aot in a fresh process")
-    mesh_cfg = (parse_mesh(_MESH.value) if _MESH.value else
-                train._dataclass(sharding.MeshConfig, config.mesh, "mesh"))
-    report = compile_check(config, mesh_cfg, global_batch=_BATCH.value,
-                           budget_gib=_BUDGET.value if _BUDGET.value > 0 else None,
-                           top=_TOP.value)
-  except SaejaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  if jax.device_count() != _DEVICES.value:
+    raise ConfigError(f"asked for {_DEVICES.value} CPU devices but JAX has "
+                      f"{jax.device_count()}; run saejax.aot in a fresh process")
+  mesh_cfg = (parse_mesh(_MESH.value) if _MESH.value else
+              train._dataclass(sharding.MeshConfig, config.mesh, "mesh"))
+  report = compile_check(config, mesh_cfg, global_batch=_BATCH.value,
+                         budget_gib=_BUDGET.value if _BUDGET.value > 0 else None, top=_TOP.value)
   print("\n".join(report.lines()))
   print("ok: no large parameter is replicated" +
         (f"; the peak fits {_BUDGET.value} GiB" if _BUDGET.value > 0 else ""))
 
 
 if __name__ == "__main__":
+  from saejax import cli
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main, absl=True)

@@ -178,35 +178,57 @@ def load_hf(path_or_id: str | os.PathLike, *, head: bool | None = None,
   """Load an HF encoder directory (or hub id) into a saejax model: returns (config, model).
 
   Args:
-    head: keep the task head (e.g. ModernBERT's MLM head) if the checkpoint has one. None keeps it
-      when present; False drops its tensors (encoder only).
+    head: keep saejax's optional head (ModernBERT's MLM head, BERT's pooler) if the checkpoint has
+      one. None keeps it when present; False loads the encoder only and drops every head tensor,
+      task heads saejax does not port included (e.g. a ``*ForSequenceClassification`` classifier).
     overrides: config fields to replace (e.g. ``attention_backend="splash"``).
   """
   model_dir = resolve(path_or_id)
   hf_config = read_config(model_dir)
   arch = architecture(hf_config, str(model_dir / "config.json"))
-  cfg = arch.config_cls.from_hf_config(hf_config)
-  tensors = _strip_prefix(read_tensors(model_dir), arch)
-  head_keys = ({r.hf_key for r in arch.tensor_map(arch.with_head(cfg, True))}
-               - {r.hf_key for r in arch.tensor_map(arch.with_head(cfg, False))})
-  has_head = bool(head_keys) and head_keys <= tensors.keys()
-  present = head_keys & tensors.keys()
-  if present and not has_head and head is not False:
-    raise CheckpointError(f"{model_dir} has only part of the head: missing tensors "
-                          f"{sorted(head_keys - present)}")
   if arch.head_field in overrides:
     raise ConfigError(f"choose the head with head=True/False, not {arch.head_field}=...")
-  if head and not has_head:
-    raise CheckpointError(f"{model_dir} lacks the head tensors {sorted(head_keys - tensors.keys())}"
-                          " but head=True was asked for")
-  cfg = arch.with_head(cfg, has_head if head is None else head)
-  ignored = arch.ignored_keys + (tuple(head_keys) if has_head and head is False else ())
+  cfg = arch.config_cls.from_hf_config(hf_config)
+  raw = read_tensors(model_dir)
+  tensors = _strip_prefix(raw, arch)
+  what = f"{model_dir} holds a {' / '.join(hf_config.get('architectures') or [arch.model_type])}"
+  head_keys = ({r.hf_key for r in arch.tensor_map(arch.with_head(cfg, True))}
+               - {r.hf_key for r in arch.tensor_map(arch.with_head(cfg, False))})
+  present = head_keys & tensors.keys()
+  task_head = _task_head_keys(raw, arch, head_keys)
+  encoder_only = "load the encoder alone with head=False (saejax.convert: --no-head)"
+  if task_head and head is not False:
+    raise CheckpointError(f"{what}: its task head (tensors {task_head[:6]}) is not part of "
+                          f"saejax's {arch.base_architecture}; {encoder_only}")
+  complete = bool(head_keys) and head_keys <= tensors.keys()
+  if present and not complete and head is not False:
+    raise CheckpointError(f"{what} with only part of the {arch.head_field} head: it has "
+                          f"{sorted(present)} but lacks {sorted(head_keys - present)}; "
+                          f"{encoder_only}")
+  if head and not complete:
+    raise CheckpointError(f"{what} without the {arch.head_field} tensors "
+                          f"{sorted(head_keys - present)}, but head=True was asked for")
+  cfg = arch.with_head(cfg, complete if head is None else head)
+  ignored = arch.ignored_keys + (tuple(present) + tuple(task_head) if head is False else ())
   if overrides:
     cfg = dataclasses.replace(cfg, **overrides)
   abstract = nnx.eval_shape(lambda: arch.build(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
   model = params_from_tensors(abstract, arch.tensor_map(cfg), tensors, ignored=ignored,
                               where=str(model_dir))
   return cfg, model
+
+
+def _task_head_keys(raw: dict[str, np.ndarray], arch: Architecture, head_keys: set[str]
+                    ) -> list[str]:
+  """Tensors of a task model's head that saejax does not port (e.g. ``classifier.weight``).
+
+  In a task checkpoint the encoder's tensors carry ``arch.prefix``; what lies outside it and is
+  neither saejax's optional head nor a tensor the architecture skips is someone else's head.
+  """
+  if not any(k.startswith(arch.prefix) for k in raw):
+    return []  # a base-model checkpoint: nothing lies outside the encoder
+  return sorted(k for k in raw if not k.startswith(arch.prefix) and k not in head_keys
+                and k not in arch.ignored_keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +279,17 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
   return copied
 
 
+def check_tokenizer_files(src: Path, vocab_size: int) -> None:
+  """Refuse src's tokenizer (tokenizer.json, else WordPiece vocab.txt) if it outgrows the model."""
+  from saejax.tokenizer import check_max_id, load_tokenizer
+  if (src / "tokenizer.json").exists():
+    load_tokenizer(src, vocab_size=vocab_size)
+  elif (src / "vocab.txt").exists():
+    with open(src / "vocab.txt", encoding="utf-8") as f:
+      largest = sum(1 for _ in f) - 1  # one token per line, ids from 0
+    check_max_id(largest, vocab_size, f"tokenizer {src / 'vocab.txt'}")
+
+
 def main(argv: list[str] | None = None) -> None:
   """``python -m saejax.convert {hf-to-saejax,saejax-to-hf} SRC OUT``."""
   import argparse
@@ -271,16 +304,18 @@ def main(argv: list[str] | None = None) -> None:
   if args.direction == "hf-to-saejax":
     src = resolve(args.src)
     cfg, model = load_hf(src, head=False if args.no_head else None)
-    out = checkpoint.save_encoder(cfg, model, args.out)
   else:
-    src = Path(args.src)
-    cfg, model = checkpoint.restore_encoder(src)
     if args.no_head:
       raise ConfigError("--no-head applies to hf-to-saejax only")
-    out = save_hf(cfg, model, args.out)
+    src = Path(args.src)
+    cfg, model = checkpoint.restore_encoder(src)
+  check_tokenizer_files(src, cfg.vocab_size)  # before anything is written
+  save = checkpoint.save_encoder if args.direction == "hf-to-saejax" else save_hf
+  out = save(cfg, model, args.out)
   copied = copy_tokenizer(src, out)
   print(f"wrote {out} ({type(cfg).__name__}, tokenizer files: {copied or 'none found'})")
 
 
 if __name__ == "__main__":
-  main()
+  from saejax import cli
+  cli.run(main)

@@ -55,4 +55,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  from saejax import cli
+  cli.run(main)

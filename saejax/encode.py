@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from saejax.embedder import Embedder, mean_pool
 from saejax.errors import ConfigError, DataError
-from saejax.tokenizer import pad_id, truncating_copy
+from saejax.tokenizer import check_vocab, pad_id, truncating_copy
 
 # A forward pass over one padded batch: one array, or a tuple of arrays, each with leading axis B.
 EncodeFn = Callable[[Int[Array, "B T"], Bool[Array, "B T"]], Array | tuple[Array, ...]]
@@ -108,15 +108,23 @@ class SparseCodes(NamedTuple):
 
 
 
-def tokenize(tokenizer: Tokenizer, texts: Sequence[str],
-             max_len: int) -> tuple[list[list[int]], Bool[np.ndarray, "N"]]:
+def tokenize(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, *,
+             vocab_size: int | None = None) -> tuple[list[list[int]], Bool[np.ndarray, "N"]]:
   """Token ids of each text, truncated to ``max_len``, and which texts were truncated.
 
   Args:
     tokenizer: the model's tokenizer; its post-processor must add the special tokens.
-    texts: the texts.
+    texts: the texts, a sequence of str (an empty str is one text: [CLS] [SEP]).
     max_len: token budget per text, special tokens included.
+    vocab_size: the model's embedding rows; a tokenizer that can emit ids at or past it is
+      refused (JAX would clamp those ids silently). None skips the check.
   """
+  # A str is a sequence of str too: "abc" would silently become three one-letter texts.
+  if isinstance(texts, (str, bytes)):
+    raise TypeError(f"texts is a {type(texts).__name__}, not a sequence of texts; to encode one "
+                    "text pass [text]")
+  if vocab_size is not None:
+    check_vocab(tokenizer, vocab_size)
   # The post-processor is what adds [CLS] ... [SEP]; without it the encoder sees bare text.
   if tokenizer.post_processor is None:
     raise ConfigError("the tokenizer has no post-processor, so it would add no [CLS]/[SEP]; "
@@ -151,8 +159,8 @@ def _pad(rows: list[list[int]], batch_size: int, width: int,
 
 
 def encode(fn: EncodeFn, tokenizer: Tokenizer, texts: Sequence[str],
-           config: EncodeConfig = EncodeConfig(), *,
-           desc: str = "encode") -> tuple[tuple[np.ndarray, ...], EncodeStats]:
+           config: EncodeConfig = EncodeConfig(), *, desc: str = "encode",
+           vocab_size: int | None = None) -> tuple[tuple[np.ndarray, ...], EncodeStats]:
   """Run ``fn`` over all texts in length-sorted, bucket-padded batches.
 
   Args:
@@ -163,11 +171,13 @@ def encode(fn: EncodeFn, tokenizer: Tokenizer, texts: Sequence[str],
     texts: the texts to encode.
     config: batching and padding.
     desc: label of the progress bar.
+    vocab_size: the embedding rows of the model behind ``fn``; the tokenizer must fit them
+      (`encode_dense` and `encode_sparse` pass the encoder's ``cfg.vocab_size``).
 
   Returns:
     (outputs, stats): each output is a numpy array [N, ...] whose row i belongs to texts[i].
   """
-  ids, truncated = tokenize(tokenizer, texts, config.max_len)
+  ids, truncated = tokenize(tokenizer, texts, config.max_len, vocab_size=vocab_size)
   n, bs, pad = len(ids), config.batch_size, pad_id(tokenizer)
   if n == 0:  # shapes from an abstract trace: nothing runs
     probe = jax.ShapeDtypeStruct((1, config.lengths[0]), jnp.int32)
@@ -212,6 +222,11 @@ def _sparse_code_forward(graphdef: nnx.GraphDef, state: nnx.State, ids, valid, k
   return m.sae.embed(m.dense(ids, valid), k)  # no decode: retrieval needs only the code
 
 
+def vocab_size_of(encoder: nnx.Module) -> int | None:
+  """The encoder's embedding rows: ``cfg.vocab_size`` of saejax's BERT and ModernBERT, else None."""
+  return getattr(getattr(encoder, "cfg", None), "vocab_size", None)
+
+
 def mean_pooled(encoder: nnx.Module) -> EncodeFn:
   """A jitted ``(ids, valid) -> v [B, D]``: masked mean of any encoder's last hidden state.
 
@@ -241,12 +256,13 @@ def encode_dense(encoder: nnx.Module, tokenizer: Tokenizer, texts: Sequence[str]
 
   Args:
     encoder: called as ``encoder(ids, valid) -> [B, T, D]``.
-    tokenizer: the encoder's tokenizer.
+    tokenizer: the encoder's tokenizer; checked against ``encoder.cfg.vocab_size``.
     texts: the texts.
     config: batching and padding.
     desc: label of the progress bar.
   """
-  (v,), stats = encode(mean_pooled(encoder), tokenizer, texts, config, desc=desc)
+  (v,), stats = encode(mean_pooled(encoder), tokenizer, texts, config, desc=desc,
+                       vocab_size=vocab_size_of(encoder))
   return DenseEmbeddings(v, stats)
 
 
@@ -256,11 +272,12 @@ def encode_sparse(model: Embedder, tokenizer: Tokenizer, texts: Sequence[str], k
 
   Args:
     model: the encoder + SAE.
-    tokenizer: the encoder's tokenizer.
+    tokenizer: the encoder's tokenizer; checked against ``model.encoder.cfg.vocab_size``.
     texts: the texts.
     k: active latents per text; None uses the training k.
     config: batching and padding.
     desc: label of the progress bar.
   """
-  (values, indices), stats = encode(sparse_code(model, k), tokenizer, texts, config, desc=desc)
+  (values, indices), stats = encode(sparse_code(model, k), tokenizer, texts, config, desc=desc,
+                                    vocab_size=vocab_size_of(model.encoder))
   return SparseCodes(values, indices, stats)

@@ -244,4 +244,5 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-  main()
+  from saejax import cli
+  cli.run(main)

@@ -40,7 +40,6 @@ import dataclasses
 import json
 import math
 import shutil
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -584,15 +583,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--backbone-only", action="store_true",
                       help="write only the Hugging Face backbone directory")
   args = parser.parse_args(argv)
-  try:
-    out = export_run(args.ckpt, args.out, step=args.step, force=args.force,
-                     backbone_only=args.backbone_only, k=args.k)
-  except SaejaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  out = export_run(args.ckpt, args.out, step=args.step, force=args.force,
+                   backbone_only=args.backbone_only, k=args.k)
   kind = "Hugging Face backbone" if args.backbone_only else "sentence-transformers SparseEncoder"
   print(f"wrote {out} ({kind})")
 
 
 if __name__ == "__main__":
-  main()
+  from saejax import cli
+  cli.run(main)

@@ -7,12 +7,14 @@ bidirectional transformer with:
     computed in fp32, theta 160,000 on global layers and 10,000 on local layers (sec. 2.1.3);
   * alternating attention (sec. 2.1.3): layer kinds are data (`layer_types`); released models make
     every third layer global (layer i global when i % 3 == 0) and the rest attend within a
-    bidirectional sliding window of `local_attention` tokens (|q - k| <= local_attention // 2);
+    bidirectional sliding window of `local_attention` tokens (|q - k| <= local_attention // 2, as
+    transformers computes it, so an odd width such as 15 is a half-window of 7);
   * a fused, bias-free Wqkv projection whose output is laid out (3, heads, head_dim);
   * GeGLU MLP (Shazeer 2020): Wi's output splits in two halves, exact-erf GELU on the first, the
     second is the gate;
   * no biases anywhere, LayerNorm eps 1e-5, no attn_norm on layer 0 (embeddings are normed already);
-  * a final LayerNorm, and an optional masked-LM head tied to the token embeddings.
+  * a final LayerNorm, and an optional masked-LM head whose decoder is tied to the token
+    embeddings (released models) or, with `tie_word_embeddings=False`, a matrix of its own.
 Dropout is not ported: every released checkpoint has it at 0.
 
 Shapes use one legend: B batch, T tokens, D hidden, N heads, H head dim, F MLP intermediate, V vocab.
@@ -57,6 +59,8 @@ class ModernBertConfig:
   cls_token_id: int = 50281
   sep_token_id: int = 50282
   mlm_head: bool = False               # keep the masked-LM head (for complete checkpoints)
+  tie_word_embeddings: bool = True     # MLM decoder weight = token embeddings; else its own [V, D]
+  decoder_bias: bool = True            # the MLM decoder adds a [V] bias
   attention_backend: Backend = "xla"   # saejax runtime choice, not part of config.json
   dtype: str = "float32"               # compute dtype; parameters stay in their own dtype
   remat: bool = False                  # recompute each block in the backward pass (saves memory)
@@ -74,9 +78,9 @@ class ModernBertConfig:
     bad = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
     if bad:
       raise ConfigError(f"unknown layer_types {bad}; expected full_attention / sliding_attention")
-    if self.local_attention % 2:
-      raise ConfigError(f"local_attention must be even (a symmetric window); got "
-                        f"{self.local_attention}")
+    if not isinstance(self.local_attention, int) or self.local_attention < 0:
+      raise ConfigError(f"local_attention must be a non-negative int (the sliding window's width); "
+                        f"got {self.local_attention!r}")
 
   @property
   def head_dim(self) -> int:
@@ -84,7 +88,11 @@ class ModernBertConfig:
 
   @property
   def window(self) -> int:
-    """Half-width of the local window: a query sees keys with |q - k| <= window."""
+    """Half-width of the local window: a query sees keys with |q - k| <= window.
+
+    transformers' `ModernBertConfig.sliding_window` is ``local_attention // 2`` (rounded down, so
+    an odd width of 15 sees 7 keys on each side) and its mask keeps ``|q - k| <= sliding_window``.
+    """
     return self.local_attention // 2
 
   @classmethod
@@ -148,7 +156,7 @@ class ModernBertConfig:
         "norm_eps": self.norm_eps,
         "norm_bias": False, "attention_bias": False, "mlp_bias": False, "classifier_bias": False,
         "hidden_activation": "gelu", "classifier_activation": "gelu",
-        "decoder_bias": True, "tie_word_embeddings": True,
+        "decoder_bias": self.decoder_bias, "tie_word_embeddings": self.tie_word_embeddings,
         "pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id,
         "eos_token_id": self.eos_token_id, "cls_token_id": self.cls_token_id,
         "sep_token_id": self.sep_token_id,
@@ -252,14 +260,19 @@ class ModernBert(nnx.Module):
       d = cfg.hidden_size
       self.head_dense = param(rngs, normal(), (d, d), ("embed", "mlp"), param_dtype)
       self.head_norm = Norm(cfg, rngs=rngs, param_dtype=param_dtype)
-      self.decoder_bias = param(rngs, zeros(), (cfg.vocab_size,), ("vocab",), param_dtype)
+      # An untied decoder has the embedding table's layout [V, D] (torch Linear weight [out, in]).
+      self.decoder = (None if cfg.tie_word_embeddings else
+                      param(rngs, normal(), (cfg.vocab_size, d), ("vocab", "embed"), param_dtype))
+      self.decoder_bias = (param(rngs, zeros(), (cfg.vocab_size,), ("vocab",), param_dtype)
+                           if cfg.decoder_bias else None)
 
   def __call__(self, input_ids: Int[Array, "B T"], valid: Bool[Array, "B T"] | None = None
                ) -> Float[Array, "B T D"]:
     """Last hidden state. Rows at padded positions are unspecified (as in HF)."""
-    if input_ids.shape[1] > self.cfg.max_position_embeddings:
-      raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
-                       f"{self.cfg.max_position_embeddings}")
+    t, limit = input_ids.shape[1], self.cfg.max_position_embeddings
+    if t > limit:
+      raise ConfigError(f"input length {t} exceeds max_position_embeddings {limit}: truncate "
+                        f"inputs to at most {limit} tokens")
     if valid is None:
       valid = jnp.ones(input_ids.shape, bool)
     x = self.tok_embeddings[...].astype(self.cfg.dtype)[input_ids]
@@ -272,12 +285,18 @@ class ModernBert(nnx.Module):
     return self.final_norm(x)
 
   def mlm_logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-    """Masked-LM logits from the last hidden state (decoder tied to the token embeddings)."""
+    """Masked-LM logits from the last hidden state: decoder(norm(gelu(dense(hidden)))).
+
+    The decoder weight is the token embedding table, or its own matrix when the checkpoint was
+    saved with ``tie_word_embeddings=False``.
+    """
     if not self.cfg.mlm_head:
       raise ConfigError("this ModernBert was built without the MLM head (cfg.mlm_head=False)")
     h = jax.nn.gelu(linear(hidden, self.head_dense[...]), approximate=False)
     h = self.head_norm(h)
-    return linear(h, self.tok_embeddings[...].T, self.decoder_bias[...])
+    weight = self.tok_embeddings if self.decoder is None else self.decoder
+    bias = None if self.decoder_bias is None else self.decoder_bias[...]
+    return linear(h, weight[...].T, bias)
 
 
 def num_params(model: nnx.Module) -> int:
@@ -301,10 +320,13 @@ def tensor_map(cfg: ModernBertConfig) -> list[convert.TensorMap]:
              T(p + "mlp.Wo.weight", ("layers", i, "mlp", "wo"), transpose=True)]
   rows.append(T("final_norm.weight", ("final_norm", "scale")))
   if cfg.mlm_head:
-    # decoder.weight is tied to tok_embeddings: never written (a differing copy unties it in HF).
     rows += [T("head.dense.weight", ("head_dense",), transpose=True, in_base=False),
-             T("head.norm.weight", ("head_norm", "scale"), in_base=False),
-             T("decoder.bias", ("decoder_bias",), in_base=False)]
+             T("head.norm.weight", ("head_norm", "scale"), in_base=False)]
+    # A tied decoder.weight is tok_embeddings: never written (a differing copy unties it in HF).
+    if not cfg.tie_word_embeddings:
+      rows.append(T("decoder.weight", ("decoder",), in_base=False))
+    if cfg.decoder_bias:
+      rows.append(T("decoder.bias", ("decoder_bias",), in_base=False))
   return rows
 
 

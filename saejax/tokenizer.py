@@ -18,6 +18,8 @@ def load_tokenizer(path: str | os.PathLike, *, vocab_size: int | None = None) ->
   Args:
     path: a model directory holding tokenizer.json, or the path of a tokenizer.json.
     vocab_size: the model's embedding rows; every token id of the tokenizer must be below it.
+      None leaves the check to where the tokenizer meets a model (saejax.encode and
+      saejax.convert call `check_vocab`).
   """
   path = Path(path)
   file = path / "tokenizer.json" if path.is_dir() else path
@@ -28,11 +30,25 @@ def load_tokenizer(path: str | os.PathLike, *, vocab_size: int | None = None) ->
   except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception on bad files.
     raise ConfigError(f"{file} is not a valid tokenizer.json: {e}") from e
   if vocab_size is not None:
-    largest = max(tok.get_vocab(with_added_tokens=True).values())
-    if largest >= vocab_size:
-      raise ConfigError(f"tokenizer {file} emits ids up to {largest} but the model has only "
-                        f"{vocab_size} embedding rows: tokenizer and model do not belong together")
+    check_vocab(tok, vocab_size, f"tokenizer {file}")
   return tok
+
+
+def check_vocab(tok: Tokenizer, vocab_size: int, where: str = "the tokenizer") -> None:
+  """Refuse a tokenizer that emits ids past the model's embedding table (added tokens included).
+
+  JAX clamps an out-of-range gather index instead of failing, so a tokenizer from another model
+  would otherwise run and return plausible-looking garbage.
+  """
+  check_max_id(max(tok.get_vocab(with_added_tokens=True).values()), vocab_size, where)
+
+
+def check_max_id(largest: int, vocab_size: int, where: str) -> None:
+  """The ConfigError of `check_vocab`, for any tokenizer whose largest id is known."""
+  if largest >= vocab_size:
+    raise ConfigError(f"{where} emits ids up to {largest} but the model has only {vocab_size} "
+                      f"embedding rows (vocab_size={vocab_size}): tokenizer and model do not "
+                      "belong together")
 
 
 def pad_id(tok: Tokenizer) -> int:

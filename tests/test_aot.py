@@ -51,11 +51,9 @@ def test_budget_too_small_fails_with_the_report():
 
 
 REPLICATING_RULE = """
-import sys
-from absl import app
-from saejax import aot, sharding
+from saejax import aot, cli, sharding
 sharding.RULES["embed"] = None  # the model dimension no longer takes fsdp
-app.run(aot.main, argv=["aot", *sys.argv[1:]])
+cli.run(aot.main, absl=True)
 """
 
 

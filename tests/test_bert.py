@@ -218,6 +218,23 @@ def test_task_checkpoints_load_as_the_encoder(tmp_path, task, pooler):
   assert _max_err(last, ref, mask.astype(bool)) < TOL
 
 
+@pytest.mark.parametrize("task", ["BertForSequenceClassification", "BertForTokenClassification"])
+def test_classifier_checkpoints_are_named_and_their_encoder_loads(tmp_path, task):
+  torch.manual_seed(0)
+  hf = getattr(transformers, task)(transformers.BertConfig(**TINY)).eval()
+  hf.save_pretrained(tmp_path)
+  with pytest.raises(CheckpointError, match=rf"holds a {task}: its task head \(tensors "
+                                            r"\['classifier.bias', 'classifier.weight'\]\).*"
+                                            r"head=False"):
+    convert.load_hf(tmp_path)
+  cfg, model = convert.load_hf(tmp_path, head=False)
+  assert not cfg.pooler
+  ids, mask, types = _inputs()
+  ref = _hf_forward(hf.bert, ids, mask, types).last_hidden_state.numpy()
+  last = _forward(model, jnp.asarray(ids), jnp.asarray(mask.astype(bool)), jnp.asarray(types))
+  assert _max_err(last, ref, mask.astype(bool)) < TOL
+
+
 def test_load_without_pooler(tiny):
   _, path = tiny
   cfg, model = convert.load_hf(path, head=False)

@@ -1,27 +1,34 @@
 """Conversion CLI, Orbax encoder checkpoints and tokenizer checks."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from saejax import checkpoint, convert
+from saejax import checkpoint, cli, convert, encode
 from saejax.errors import CheckpointError, ConfigError
 from saejax.tokenizer import load_tokenizer, pad_id
 
-TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+# ModernBERT's own vocabulary, so that its tokenizer.json fits the model.
+TINY = dict(vocab_size=50368, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
             num_attention_heads=2, local_attention=8, max_position_embeddings=64, pad_token_id=0,
             bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
 
 
+def _hf_dir(directory, data_dir, **overrides):
+  torch.manual_seed(0)
+  model = transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(**{**TINY, **overrides}))
+  model.save_pretrained(directory)
+  shutil.copyfile(data_dir / "modernbert-tokenizer" / "tokenizer.json",
+                  directory / "tokenizer.json")
+  return directory
+
+
 @pytest.fixture
 def hf_dir(tmp_path, data_dir):
-  torch.manual_seed(0)
-  model = transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(**TINY))
-  model.save_pretrained(tmp_path / "hf")
-  (tmp_path / "hf" / "tokenizer.json").write_bytes(
-      (data_dir / "modernbert-tokenizer" / "tokenizer.json").read_bytes())
-  return tmp_path / "hf"
+  return _hf_dir(tmp_path / "hf", data_dir)
 
 
 def test_cli_round_trip_through_orbax(tmp_path, hf_dir, capsys):
@@ -34,6 +41,48 @@ def test_cli_round_trip_through_orbax(tmp_path, hf_dir, capsys):
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
   reloaded = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "back")
   assert reloaded.config.layer_types == transformers.AutoConfig.from_pretrained(hf_dir).layer_types
+
+
+def test_cli_round_trip_keeps_an_untied_decoder(tmp_path, data_dir):
+  src = _hf_dir(tmp_path / "hf", data_dir, tie_word_embeddings=False)
+  convert.main(["hf-to-saejax", str(src), str(tmp_path / "ckpt")])
+  convert.main(["saejax-to-hf", str(tmp_path / "ckpt"), str(tmp_path / "back")])
+  a, b = convert.read_tensors(src), convert.read_tensors(tmp_path / "back")
+  assert "decoder.weight" in b and a.keys() == b.keys()
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  assert not transformers.AutoConfig.from_pretrained(tmp_path / "back").tie_word_embeddings
+
+
+def test_cli_refuses_a_tokenizer_bigger_than_the_model(tmp_path, data_dir, capsys):
+  """ModernBERT's tokenizer (ids to 50367) beside a 1,000-row model: refused, nothing written."""
+  src = _hf_dir(tmp_path / "hf", data_dir, vocab_size=1000)
+  capsys.readouterr()  # transformers' progress bar
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(convert.main, ["hf-to-saejax", str(src), str(tmp_path / "ckpt")])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and err.count("\n") == 1
+  assert "emits ids up to 50367" in err and "vocab_size=1000" in err
+  assert not (tmp_path / "ckpt").exists()
+  (src / "tokenizer.json").unlink()  # a WordPiece vocab.txt is checked too
+  (src / "vocab.txt").write_text("\n".join(f"t{i}" for i in range(1001)) + "\n")
+  with pytest.raises(ConfigError, match=r"vocab.txt emits ids up to 1000 .*vocab_size=1000"):
+    convert.main(["hf-to-saejax", str(src), str(tmp_path / "ckpt")])
+
+
+def test_encode_refuses_a_tokenizer_bigger_than_the_model(tmp_path, data_dir):
+  """A tokenizer loaded without vocab_size is caught where it meets the model."""
+  from flax import nnx
+
+  from saejax import modernbert
+  tok = load_tokenizer(data_dir / "modernbert-tokenizer")  # no vocab_size: not checked here
+  cfg = modernbert.ModernBertConfig.from_hf_config({"model_type": "modernbert",
+                                                    **TINY, "vocab_size": 1000})
+  model = modernbert.ModernBert(cfg, rngs=nnx.Rngs(0))
+  config = encode.EncodeConfig(max_len=16, batch_size=2, buckets=(16,), progress=False)
+  with pytest.raises(ConfigError, match="emits ids up to 50367 .*vocab_size=1000"):
+    encode.encode_dense(model, tok, ["hello world"], config)
+  with pytest.raises(ConfigError, match="emits ids up to 50367 .*vocab_size=1000"):
+    encode.tokenize(tok, ["hello world"], 16, vocab_size=cfg.vocab_size)
 
 
 def test_orbax_restore_equals_saved(tmp_path, hf_dir):

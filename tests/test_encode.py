@@ -125,3 +125,31 @@ def test_empty_and_bad_input(model, tok):
     encode.EncodeConfig(buckets=(32, 16))
   with pytest.raises(ConfigError, match="k=0"):
     encode.encode_sparse(model, tok, ["x"], 0, CFG)
+
+
+def test_a_bare_string_is_refused_and_an_empty_text_is_one_row(model, tok):
+  calls = {"encode": lambda t: encode.encode(encode.mean_pooled(model.encoder), tok, t, CFG),
+           "encode_dense": lambda t: encode.encode_dense(model.encoder, tok, t, CFG),
+           "encode_sparse": lambda t: encode.encode_sparse(model, tok, t, None, CFG)}
+  for call in calls.values():
+    for bare in ("abc", ""):  # "abc" was three texts, "" none
+      with pytest.raises(TypeError, match=r"texts is a str, not a sequence of texts.*\[text\]"):
+        call(bare)
+  one = encode.encode_dense(model.encoder, tok, [""], CFG)
+  assert one.v.shape == (1, 32) and np.isfinite(one.v).all()
+  two = encode.encode_dense(model.encoder, tok, ["abc", ""], CFG)
+  np.testing.assert_allclose(two.v[1], one.v[0], atol=1e-6)
+
+
+def test_the_tokenizer_must_fit_the_encoder(tok):
+  """MiniLM's tokenizer (ids up to 30521) on a 1,000-row encoder: JAX would clamp the ids."""
+  rngs = nnx.Rngs(0)
+  small = bert.BertModel(bert.BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=64,
+                                         max_position_embeddings=64, pooler=False), rngs=rngs)
+  sae = sae_lib.SAE(sae_lib.SAEConfig(d_model=32, num_latents=64, k=8, k_aux=8,
+                                      dead_after_tokens=100), rngs=rngs)
+  with pytest.raises(ConfigError, match=r"emits ids up to 30521 .*vocab_size=1000"):
+    encode.encode_dense(small, tok, ["apt"], CFG)
+  with pytest.raises(ConfigError, match=r"emits ids up to 30521 .*vocab_size=1000"):
+    encode.encode_sparse(Embedder(small, sae), tok, ["apt"], None, CFG)

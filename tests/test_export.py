@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from saejax import convert, export, sae as sae_lib, train, trained
+from saejax import cli, convert, export, sae as sae_lib, train, trained
 from saejax.demo import minilm_dir
 from saejax.embedder import Embedder
 from saejax.encode import EncodeConfig, encode_sparse
@@ -215,7 +215,7 @@ def test_bad_input_names_the_problem(tiny_bert_dir, tmp_path):
   with pytest.raises(export.OutputExistsError, match=rf"{full} exists and is not empty.*--force"):
     export.export_run(run, full)
   with pytest.raises(SystemExit) as exit_info:
-    export.main(["--ckpt", str(run), "--out", str(full)])
+    cli.run(export.main, ["--ckpt", str(run), "--out", str(full)])
   assert exit_info.value.code == 2 and (full / "keep.txt").read_text() == "mine"
   # A SparseEncoder whose head is SPLADE's pooling, not a SparseAutoEncoder.
   splade = tmp_path / "splade"

@@ -19,10 +19,11 @@ TINY = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_lay
 TOL = 1e-4  # fp32, max abs on valid tokens; never loosened
 
 
-def _hf_model(tmp_path, mlm: bool, seed: int = 0, **overrides):
+def _hf_model(tmp_path, mlm: bool, seed: int = 0, cls=None, **overrides):
   torch.manual_seed(seed)
   hc = transformers.ModernBertConfig(**{**TINY, **overrides})
-  model = (transformers.ModernBertForMaskedLM if mlm else transformers.ModernBertModel)(hc).eval()
+  cls = cls or (transformers.ModernBertForMaskedLM if mlm else transformers.ModernBertModel)
+  model = cls(hc).eval()
   with torch.no_grad():  # HF inits norms to 1; perturb them so a missed norm would show.
     for name, p in model.named_parameters():
       if "norm" in name or "decoder.bias" in name:
@@ -79,6 +80,74 @@ def test_parity_mlm_head_logits(tmp_path):
     hf_logits = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
   logits = np.asarray(model.mlm_logits(last))
   assert np.abs(logits[valid] - hf_logits[valid]).max() < TOL
+
+
+def _mlm_logits_match(hf, model, seed: int):
+  ids, mask = _inputs(length=24, seed=seed)
+  last, _ = _compare(hf.model, model, ids, mask)
+  valid = mask.astype(bool)
+  with torch.no_grad():
+    hf_logits = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  logits = np.asarray(model.mlm_logits(last))
+  assert np.abs(logits[valid] - hf_logits[valid]).max() < TOL
+
+
+def test_untied_decoder_is_read_used_and_written(tmp_path):
+  """tie_word_embeddings=False: the decoder is its own matrix, in the logits and in the files."""
+  torch.manual_seed(5)
+  hf = _hf_model(tmp_path / "in", mlm=True, seed=5, tie_word_embeddings=False)
+  decoder = hf.decoder.weight.detach().numpy()
+  assert not np.allclose(decoder, hf.model.embeddings.tok_embeddings.weight.detach().numpy())
+  cfg, model = convert.load_hf(tmp_path / "in")
+  assert cfg.mlm_head and not cfg.tie_word_embeddings
+  np.testing.assert_array_equal(np.asarray(model.decoder[...]), decoder)
+  _mlm_logits_match(hf, model, seed=5)
+  convert.save_hf(cfg, model, tmp_path / "out")
+  a, b = convert.read_tensors(tmp_path / "in"), convert.read_tensors(tmp_path / "out")
+  assert a.keys() == b.keys() and "decoder.weight" in b
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  reloaded, info = transformers.ModernBertForMaskedLM.from_pretrained(
+      tmp_path / "out", output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  assert not reloaded.config.tie_word_embeddings
+  ids, mask = _inputs(length=20, seed=5)
+  with torch.no_grad():
+    x = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    y = reloaded.eval()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+  assert torch.equal(x, y)
+  cfg2, _ = convert.load_hf(tmp_path / "out", head=False)  # the encoder alone drops the decoder
+  assert not cfg2.mlm_head
+
+
+def test_mlm_head_without_decoder_bias(tmp_path):
+  hf = _hf_model(tmp_path, mlm=True, seed=6, decoder_bias=False)
+  cfg, model = convert.load_hf(tmp_path)
+  assert cfg.mlm_head and not cfg.decoder_bias and model.decoder_bias is None
+  _mlm_logits_match(hf, model, seed=6)
+  convert.save_hf(cfg, model, tmp_path / "out")
+  assert "decoder.bias" not in convert.read_tensors(tmp_path / "out")
+  assert not transformers.AutoConfig.from_pretrained(tmp_path / "out").decoder_bias
+
+
+@pytest.mark.parametrize("cls", [transformers.ModernBertForSequenceClassification,
+                                 transformers.ModernBertForTokenClassification])
+def test_task_model_is_named_and_its_encoder_loads(tmp_path, cls):
+  hf = _hf_model(tmp_path, mlm=False, seed=7, cls=cls)
+  with pytest.raises(CheckpointError, match=rf"holds a {cls.__name__}: its task head \(tensors "
+                                            r"\['classifier.bias', 'classifier.weight'.*"
+                                            r"head=False"):
+    convert.load_hf(tmp_path)
+  cfg, model = convert.load_hf(tmp_path, head=False)
+  assert not cfg.mlm_head
+  _compare(hf.model, model, *_inputs(length=30, seed=7))
+
+
+def test_odd_local_attention_matches_transformers(tmp_path):
+  """local_attention=15: transformers' half-window is 15 // 2 = 7 (|q - k| <= 7)."""
+  hf = _hf_model(tmp_path, mlm=False, seed=8, local_attention=15)
+  cfg, model = convert.load_hf(tmp_path)
+  assert cfg.local_attention == 15 and cfg.window == 7
+  _compare(hf, model, *_inputs(length=40, seed=8))
 
 
 def test_encoder_only_from_mlm_checkpoint(tmp_path):
@@ -236,5 +305,6 @@ def test_truncated_safetensors(tmp_path):
 def test_too_long_sequence_is_refused(tmp_path):
   _hf_model(tmp_path, mlm=False)
   _, model = convert.load_hf(tmp_path)
-  with pytest.raises(ValueError, match="exceeds max_position_embeddings 128"):
+  with pytest.raises(ConfigError, match="input length 129 exceeds max_position_embeddings 128: "
+                                        "truncate inputs to at most 128 tokens"):
     model(jnp.zeros((1, 129), jnp.int32))

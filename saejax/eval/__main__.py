@@ -17,7 +17,7 @@ import logging
 import shlex
 import sys
 
-from saejax.errors import ConfigError, SaejaxError
+from saejax.errors import ConfigError
 from saejax.eval import harness, report
 
 BASELINES = ("bm25", "dense")
@@ -99,7 +99,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except SaejaxError as e:
-    sys.exit(f"error: {e}")
+  from saejax import cli
+  cli.run(main)

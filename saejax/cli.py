@@ -1,0 +1,79 @@
+"""How every ``python -m saejax.*`` command ends: a user error is one line, a bug a traceback.
+
+Each command's ``__main__`` block calls `run(main)` (absl commands: `run(main, absl=True)`). An
+error the user can fix (a `SaejaxError`: bad config, bad data, a checkpoint that does not fit; or a
+path that does not exist) prints ``error: <message>`` to stderr and exits with status 2 (a class
+may set ``exit_code`` to tell "the check ran and failed" from "the input is wrong"). For absl
+commands, whatever fails while absl parses the flags (an unknown ``--config.x`` key, a
+``--config`` file that does not load) is a bad command line too. Any other exception is a bug
+and keeps its traceback. ``--debug`` anywhere on the command line, or ``SAEJAX_DEBUG=1`` in the
+environment, shows the traceback of user errors too.
+"""
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from saejax.errors import SaejaxError
+
+# Errors a user causes and can fix from the message alone; everything else is a bug.
+USER_ERRORS = (SaejaxError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "SAEJAX_DEBUG"
+EXIT_USER_ERROR = 2  # what argparse uses for a bad command line
+
+
+def run(main: Callable[..., Any], argv: Sequence[str] | None = None, *, absl: bool = False) -> Any:
+  """Run a command's ``main`` and turn user errors into one line on stderr and exit status 2.
+
+  Args:
+    main: the command; argparse commands are called as ``main(argv)``, absl commands through
+      ``absl.app.run(main)`` (which parses the flags first).
+    argv: the arguments after the program name; None reads ``sys.argv[1:]``. ``--debug`` is taken
+      out before ``main`` sees them.
+    absl: ``main`` is an absl ``main(argv)`` with flags defined at import.
+
+  Returns:
+    What ``main`` returns (absl's ``app.run`` never returns: it exits).
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+  argv = [a for a in argv if a != DEBUG_FLAG]
+  started = False
+
+  def entered(*args):
+    nonlocal started
+    started = True
+    return main(*args)
+
+  try:
+    if absl:
+      from absl import app
+      return app.run(entered, argv=[sys.argv[0], *argv])
+    return entered(argv)
+  except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs just below
+    flags_failed = absl and not started  # main never ran: absl failed to parse the flags
+    if debug or not (isinstance(e, USER_ERRORS) or _config_file_error(e) or flags_failed):
+      raise
+    text = message(e) if started else f"bad command line: {type(e).__name__}: {e}"
+    sys.stderr.write(f"error: {text}\n")
+    sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
+
+
+def _config_file_error(e: BaseException) -> bool:
+  """ml_collections' config_flags reports a --config file it cannot load as a bare IOError."""
+  return isinstance(e, OSError) and "Failed loading config file" in str(e)
+
+
+def message(e: BaseException) -> str:
+  """The user-facing text of an error: OSErrors name their path; others carry their message."""
+  if isinstance(e, SaejaxError):
+    return str(e)
+  if isinstance(e, OSError) and e.filename is not None:
+    return f"{e.strerror or type(e).__name__}: {e.filename}"
+  if _config_file_error(e):
+    # Its last line is the cause, e.g. "[Errno 2] No such file or directory: 'configs/x.py'".
+    return f"cannot load the --config file: {str(e).strip().splitlines()[-1].strip()}"
+  return str(e) or type(e).__name__

@@ -1,0 +1,68 @@
+"""saejax.cli: a user error ends a command with one line on stderr, a bug with its traceback."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from saejax import cli
+from saejax.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
+MISSING = "/nonexistent/saejax-test-path"
+
+
+def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, "SAEJAX_DEBUG": "", **env})
+
+
+@pytest.mark.parametrize("args, says", [
+    (("saejax.convert", "hf-to-saejax", MISSING, "out"),
+     f"model directory {MISSING} does not exist"),
+    (("saejax.eval", "--model", MISSING, "--beir", MISSING, "--out", "out"),
+     f"{MISSING} is neither a saejax training workdir"),
+    (("saejax.aot", f"--config={MISSING}.py"),
+     f"cannot load the --config file: [Errno 2] No such file or directory: '{MISSING}.py'"),
+    (("saejax.aot", "--config=configs/base.py", "--config.sae.kk=3"),  # absl flag parsing fails
+     "bad command line: AttributeError: \"'kk'\""),
+])
+def test_a_missing_path_is_one_line_and_exit_2(args, says):
+  out = _run(*args)
+  assert out.returncode == 2, out.stderr
+  assert "Traceback" not in out.stderr
+  lines = out.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"error: {says}"), lines
+
+
+def test_debug_shows_the_traceback():
+  args = ("saejax.convert", "hf-to-saejax", MISSING, "out")
+  for out in (_run(*args, "--debug"), _run(*args, SAEJAX_DEBUG="1")):
+    assert out.returncode != 0
+    assert "Traceback" in out.stderr and "CheckpointError: model directory" in out.stderr
+
+
+def test_user_errors_exit_2_and_bugs_keep_their_traceback(capsys):
+  def missing_file(argv):
+    open(MISSING)  # noqa: SIM115 - raises FileNotFoundError
+
+  def bad_checkpoint(argv):
+    raise CheckpointError(f"{argv[0]} has no config.json")
+
+  def bug(argv):
+    raise KeyError("internal")
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(missing_file, [])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == f"error: No such file or directory: {MISSING}\n"
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(bad_checkpoint, ["run1"])
+  assert exit_info.value.code == 2 and capsys.readouterr().err == "error: run1 has no config.json\n"
+  with pytest.raises(CheckpointError):
+    cli.run(bad_checkpoint, ["run1", "--debug"])  # --debug: the traceback, and main never sees it
+  with pytest.raises(KeyError):
+    cli.run(bug, [])
+  assert cli.run(lambda argv: argv, ["a", "--debug", "b"]) == ["a", "b"]
