@@ -41,7 +41,7 @@ HOT = 0.1
 
 # name -> overrides: "sae.X", "loss.X", "optim.X", "head.X". Base: the recipe's defaults.
 BASE = {"sae.num_latents": 16384, "sae.k": 64, "sae.k_aux": 512, "sae.dead_after_tokens": 2560,
-        "optim.lr_sae": 2e-4, "optim.warmup_steps": 100, "head.steps": 2000, "head.batch_size": 256}
+        "optim.lr_sae": 2e-4, "optim.warmup_steps": 50, "head.steps": 600, "head.batch_size": 256}
 ARMS = {
     "base": {},
     "dot_tau1": {"sae.normalize_codes": False, "loss.temperature": 1.0},
@@ -109,11 +109,10 @@ def codes_fn(sae: sae_lib.SAE):
 
 
 def random_topk(d_model: int, num_latents: int, seed: int = 0) -> sae_lib.SAE:
-  """The floor: z = TopK(ReLU(G (x - mean))), G Gaussian, no training (b_pre set by train_head's
-  caller to the data mean; here a separate SAE with zero b_lat)."""
-  sae = sae_lib.SAE(sae_lib.SAEConfig(d_model=d_model, num_latents=num_latents, k=64,
-                                      k_aux=min(512, num_latents)), rngs=nnx.Rngs(seed))
-  return sae
+  """The floor: an SAE as initialised, no training: z = ReLU(TopK(G x)), G random unit rows,
+  unit-normalised codes (`saejax.eval.harness.random_topk_system` on embeddings)."""
+  return sae_lib.SAE(sae_lib.SAEConfig(d_model=d_model, num_latents=num_latents, k=64,
+                                       k_aux=min(512, num_latents)), rngs=nnx.Rngs(seed))
 
 
 def evaluate(sae: sae_lib.SAE, evals: dict, health_v: np.ndarray, ks=(32, 64, 128)) -> dict:
@@ -162,7 +161,12 @@ def main(argv=None):
   p.add_argument("--out", default="runs/sweep/results.jsonl")
   p.add_argument("--baselines", action="store_true", help="also score random TopK and dense")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override BASE for every arm, e.g. --set sae.num_latents=4096")
   args = p.parse_args(argv)
+  for item in args.set:
+    key, _, value = item.partition("=")
+    BASE[key] = json.loads(value)  # JSON: 4096, 2e-4, true
   cache = Path(args.cache)
   train = np.load(cache / "train.npz")
   q_train, d_train = train["q"], train["d"]
@@ -173,38 +177,33 @@ def main(argv=None):
   d_model = q_train.shape[1]
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  rows = []
-  if args.baselines:
-    dense = {name: dense_ndcg(data, q, d) for name, (data, q, d) in evals.items()}
-    dense["mean"] = float(np.mean([dense[n] for n in EVAL_SETS]))
-    rows.append({"arm": "dense (ceiling)", "k64": dense})
-    for s in (16384,):
-      sae = random_topk(d_model, s, args.seed)
-      sae.b_pre.set_value(jnp.asarray(d_train.mean(0)))
-      sae.w_enc.set_value(jax.random.normal(jax.random.key(args.seed), (d_model, s)))
-      rows.append({"arm": f"random TopK S={s} (floor)", **evaluate(sae, evals, health_v)})
-  for arm in [a for a in args.arms.split(",") if a]:
-    sae_cfg, loss_cfg, optim_cfg, head_cfg = build(ARMS[arm], d_model)
-    start = time.time()
-    sae = sae_lib.SAE(sae_cfg, rngs=nnx.Rngs(args.seed))
-    sae, state, history = train_head(sae, q_train, d_train, loss_cfg, optim_cfg, head_cfg,
-                                     log_every=max(head_cfg.steps // 4, 1))
-    train_s = time.time() - start
-    rows.append({"arm": arm, "overrides": ARMS[arm], "train_s": train_s,
-                 "last": history[-1], **evaluate(sae, evals, health_v)})
-  with open(out, "a") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
   print("| arm | k | SciFact | Cranfield | Debian | mean | never fire | max doc freq | train s |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  for row in rows:
+  print("|---|---|---|---|---|---|---|---|---|", flush=True)
+
+  def report(row: dict):
+    with open(out, "a") as f:
+      f.write(json.dumps(row) + "\n")
     for k in ("k32", "k64", "k128"):
       if k in row:
         r = row[k]
         print(f"| {row['arm']} | {k[1:]} | {r['scifact']:.3f} | {r['cranfield']:.3f} | "
               f"{r['debian']:.3f} | {r['mean']:.3f} | {100 * row.get('never_fire', 0):.1f}% | "
-              f"{100 * row.get('max_doc_freq', 0):.1f}% | {row.get('train_s', 0):.0f} |")
+              f"{100 * row.get('max_doc_freq', 0):.1f}% | {row.get('train_s', 0):.0f} |", flush=True)
 
+  if args.baselines:
+    dense = {name: dense_ndcg(data, q, d) for name, (data, q, d) in evals.items()}
+    dense["mean"] = float(np.mean([dense[n] for n in EVAL_SETS]))
+    report({"arm": "dense (ceiling)", "k64": dense})
+    sae = random_topk(d_model, 16384, args.seed)
+    report({"arm": "random TopK S=16384 (floor)", **evaluate(sae, evals, health_v)})
+  for arm in [a for a in args.arms.split(",") if a]:
+    sae_cfg, loss_cfg, optim_cfg, head_cfg = build(ARMS[arm], d_model)
+    start = time.time()
+    sae = sae_lib.SAE(sae_cfg, rngs=nnx.Rngs(args.seed))
+    sae, _, history = train_head(sae, q_train, d_train, loss_cfg, optim_cfg, head_cfg,
+                                 log_every=max(head_cfg.steps // 4, 1))
+    report({"arm": arm, "overrides": ARMS[arm], "train_s": time.time() - start,
+            "last": history[-1], **evaluate(sae, evals, health_v)})
 
 if __name__ == "__main__":
   main()

@@ -3,8 +3,13 @@
 Export (``python -m saejax.export --ckpt WORKDIR --out DIR``) writes the directory that
 sentence-transformers itself writes for ``SparseEncoder(modules=[Transformer, Pooling("mean"),
 SparseAutoEncoder])`` (CSR: Wen et al., ICML 2025, "Beyond Matryoshka: Revisiting Sparse Coding
-for Adaptive Representation"). The files are produced by sentence-transformers' own ``save``, so
-the layout is the installed version's, with two saejax-specific changes:
+for Adaptive Representation"), followed by ``Normalize`` when the SAE's
+`saejax.sae.SAEConfig.normalize_codes` is set: saejax's embedding is then the code scaled to unit
+L2 norm (`saejax.sae.SAE.embed`), and sentence-transformers' ``Normalize`` module L2-normalises
+the ``sentence_embedding`` the SparseAutoEncoder outputs (a dense [B, S] tensor with k non-zeros,
+so sparsity is kept). The SparseAutoEncoder's own ``normalize`` option is something else, a
+LayerNorm of its input, and stays False. The files are produced by sentence-transformers' own
+``save``, so the layout is the installed version's, with two saejax-specific changes:
 
   * ``2_SparseAutoEncoder/model.safetensors`` holds exactly ``pre_bias``, ``latent_bias``,
     ``stats_last_nonzero`` (int64) and ``encoder.weight`` [S, D] (= saejax ``w_enc``.T).
@@ -24,7 +29,9 @@ The backbone directory at the root of the export is a plain Hugging Face model
 
 Import (`load_sparse_encoder`) reads such a directory, as saved by sentence-transformers itself,
 into an `Embedder`: the backbone through `saejax.convert`, the SAE as ``w_enc = encoder.weight.T``
-(exact: the imported model encodes as the SparseEncoder does) and ``w_dec =`` the encoder's rows
+(exact: the imported model encodes as the SparseEncoder does), ``normalize_codes`` = whether a
+``Normalize`` module follows the SparseAutoEncoder (CSR models trained by sentence-transformers
+have none: their scores are raw dot products), and ``w_dec =`` the encoder's rows
 normalised to unit length. Why normalised: saejax trains with unit-norm decoder rows
 (`saejax.sae.normalize_decoder` after every step), so the tied rows, rescaled, are the nearest
 start that keeps that invariant; reconstruction changes by each row's norm until training adapts.
@@ -165,6 +172,10 @@ def write_sparse_encoder(model: Embedder, tokenizer_src: str | Path, out: str | 
                          stats_last_nonzero: np.ndarray | None = None) -> Path:
   """Write `model` as a sentence-transformers SparseEncoder directory.
 
+  ``SparseEncoder(out).encode(texts)`` gives saejax's `saejax.encode.encode_sparse` codes: the same
+  active latents and values, unit-normalised (a trailing ``Normalize`` module) when the SAE's
+  ``normalize_codes`` is set.
+
   Args:
     model: encoder (a registered HF architecture) + TopK SAE.
     tokenizer_src: the model's tokenizer.json or a directory holding it.
@@ -189,9 +200,9 @@ def write_sparse_encoder(model: Embedder, tokenizer_src: str | Path, out: str | 
   from sentence_transformers import SparseEncoder
   from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder, Transformer
   try:
-    from sentence_transformers.sentence_transformer.modules import Pooling
-  except ImportError:  # sentence-transformers < 5.2 kept it here
-    from sentence_transformers.models import Pooling
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+  except ImportError:  # sentence-transformers < 5.2 kept them here
+    from sentence_transformers.models import Normalize, Pooling
   import torch
   import transformers
 
@@ -213,8 +224,11 @@ def write_sparse_encoder(model: Embedder, tokenizer_src: str | Path, out: str | 
                              dead_threshold=settings.dead_threshold)
     tensors = _sae_tensors(model.sae, stats_last_nonzero)
     head.load_state_dict({k: torch.tensor(v) for k, v in tensors.items()}, strict=False)
-    st = SparseEncoder(modules=[transformer, Pooling(cfg.d_model, pooling_mode="mean"), head],
-                       similarity_fn_name="dot")
+    modules = [transformer, Pooling(cfg.d_model, pooling_mode="mean"), head]
+    if cfg.normalize_codes:  # saejax's embedding is the unit-norm code (`SAE.embed`)
+      modules.append(Normalize())
+    # "dot": with Normalize it is the cosine, as saejax's index scores; without, the raw dot.
+    st = SparseEncoder(modules=modules, similarity_fn_name="dot")
     st_dir = stage / "model"
     st.save(str(st_dir))
     # sentence-transformers names the tied tensor decoder.linear.weight; write the encoder's name
@@ -309,6 +323,8 @@ def model_card(config: ml_collections.ConfigDict, settings: ExportSettings, *, b
   sources = [s.get("path") or s.get("name") or s.get("kind") for s in config.data.sources]
   labels = (f"`{LATENT_LABELS}` names the latents (from saejax's interpretability analysis)."
             if has_labels else "No latent labels were available in the workdir.")
+  scoring = (", each scaled to unit length by the final `Normalize` module (so the dot product is "
+             "their cosine)" if config.sae.get("normalize_codes", False) else " (raw activations)")
   return f"""---
 library_name: sentence-transformers
 tags: [sentence-transformers, sparse-encoder, sparse, csr, saejax]
@@ -321,8 +337,8 @@ Exported by `python -m saejax.export` from `{workdir}` (checkpoint step {step}).
 a vector of {config.sae.num_latents:,} latents with at most k = {settings.k} non-zero, computed as
 `ReLU(TopK(W_enc (v - b_pre) + b_lat))` over the mean-pooled {backbone} output `v`. Encoder and
 SAE were trained end to end (contrastive + reconstruction losses); queries and documents are
-scored by the dot product of their codes. Texts longer than {settings.max_seq_length} tokens are
-truncated.
+scored by the dot product of their codes{scoring}. Texts longer than {settings.max_seq_length}
+tokens are truncated.
 
 ```python
 from sentence_transformers import SparseEncoder
@@ -406,19 +422,37 @@ def _kind(module: dict) -> str:
   return module["type"].rsplit(".", 1)[-1]
 
 
-def _check_layout(path: Path, modules: list[dict]) -> tuple[Path, Path, Path]:
-  """(transformer dir, pooling dir, SAE dir), or an error naming the module that does not fit."""
+_LAYOUT = ["Transformer", "Pooling", "SparseAutoEncoder"]  # then an optional Normalize
+
+
+def _check_layout(path: Path, modules: list[dict]) -> tuple[Path, Path, Path, Path | None]:
+  """(transformer dir, pooling dir, SAE dir, Normalize dir or None), or an error naming the
+  module that does not fit."""
   kinds = [_kind(m) for m in modules]
-  head = modules[-1] if modules else {"type": "nothing", "path": ""}
+  normalize = modules[-1] if kinds[-1:] == ["Normalize"] else None
+  body = modules[:-1] if normalize is not None else modules
+  head = body[-1] if body else {"type": "nothing", "path": ""}
   if _kind(head) != "SparseAutoEncoder":
     raise CheckpointError(
         f"{path}: the head module is {head['type']} (at {path / head.get('path', '')}), not a "
         f"SparseAutoEncoder; saejax imports only Transformer + Pooling(mean) + SparseAutoEncoder "
-        f"(modules found: {kinds})")
-  if kinds != ["Transformer", "Pooling", "SparseAutoEncoder"]:
+        f"[+ Normalize] (modules found: {kinds})")
+  if [_kind(m) for m in body] != _LAYOUT:
     raise CheckpointError(f"{path}: modules {kinds} are not Transformer + Pooling + "
-                          "SparseAutoEncoder, the only layout saejax imports")
-  return tuple(path / m.get("path", "") for m in modules)
+                          "SparseAutoEncoder [+ Normalize], the only layout saejax imports")
+  dirs = tuple(path / m.get("path", "") for m in body)
+  return (*dirs, path / normalize.get("path", "") if normalize is not None else None)
+
+
+def _check_normalize(normalize_dir: Path) -> None:
+  """A Normalize module must L2-normalise the SAE's output, the ``sentence_embedding``."""
+  cfg = _read_json(normalize_dir / "config.json") or {}  # older versions write no config
+  names = (cfg.get("module_input_name", "sentence_embedding"),
+           cfg.get("module_output_name") or cfg.get("module_input_name", "sentence_embedding"))
+  if names != ("sentence_embedding", "sentence_embedding"):
+    raise CheckpointError(f"{normalize_dir / 'config.json'}: Normalize maps {names[0]!r} to "
+                          f"{names[1]!r}; saejax imports only a Normalize of the "
+                          "'sentence_embedding' (the SAE's code)")
 
 
 def _check_pooling(pool_dir: Path) -> None:
@@ -445,13 +479,15 @@ def load_sparse_encoder(path: str | Path, *, dead_after_tokens: int = 1_000_000
 
   Args:
     path: a directory saved by ``SparseEncoder.save`` with modules Transformer, Pooling(mean),
-      SparseAutoEncoder.
+      SparseAutoEncoder and optionally Normalize (then the imported SAE has
+      ``normalize_codes=True``, else False).
     dead_after_tokens: saejax's dead-latent horizon in texts (sentence-transformers counts steps,
       which have no fixed number of texts).
 
   Returns:
     (model, tokenizer, info): info holds ``max_seq_length``, ``k``, ``k_aux``, ``num_latents``,
-    ``dead_threshold``, ``backbone`` (model_type), ``transformer_dir``, ``decoder`` (how w_dec
+    ``normalize_codes``, ``dead_threshold``, ``backbone`` (model_type), ``transformer_dir``,
+    ``decoder`` (how w_dec
     was made) and ``decoder_row_norms`` (min, max of the tied rows before normalising).
 
   Raises:
@@ -461,8 +497,10 @@ def load_sparse_encoder(path: str | Path, *, dead_after_tokens: int = 1_000_000
   """
   from safetensors.numpy import load_file
   path = Path(path).absolute()
-  transformer_dir, pool_dir, sae_dir = _check_layout(path, _modules(path))
+  transformer_dir, pool_dir, sae_dir, normalize_dir = _check_layout(path, _modules(path))
   _check_pooling(pool_dir)
+  if normalize_dir is not None:
+    _check_normalize(normalize_dir)
   enc_cfg, encoder = convert.load_hf(transformer_dir, head=False)
   tokenizer = load_tokenizer(transformer_dir, vocab_size=enc_cfg.vocab_size)
   st_cfg = _read_json(sae_dir / "config.json")
@@ -491,7 +529,8 @@ def load_sparse_encoder(path: str | Path, *, dead_after_tokens: int = 1_000_000
                           f"{enc_cfg.hidden_size} of {transformer_dir / 'config.json'}")
   k = int(st_cfg.get("k", 8))
   cfg = sae_lib.SAEConfig(d_model=d, num_latents=s, k=k, k_aux=min(int(st_cfg.get("k_aux", 512)), s),
-                          dead_after_tokens=dead_after_tokens)
+                          dead_after_tokens=dead_after_tokens,
+                          normalize_codes=normalize_dir is not None)
   sae = nnx.eval_shape(lambda: sae_lib.SAE(cfg, rngs=nnx.Rngs(0)))
   norms = np.linalg.norm(weight, axis=1)
   values = {"w_enc": weight.T, "b_lat": tensors["latent_bias"], "b_pre": tensors["pre_bias"],
@@ -501,7 +540,7 @@ def load_sparse_encoder(path: str | Path, *, dead_after_tokens: int = 1_000_000
   info = {"path": str(path), "transformer_dir": str(transformer_dir),
           "backbone": enc_cfg.to_hf_config()["model_type"],
           "max_seq_length": _max_seq_length(transformer_dir, enc_cfg.max_position_embeddings),
-          "k": k, "k_aux": cfg.k_aux, "num_latents": s,
+          "k": k, "k_aux": cfg.k_aux, "num_latents": s, "normalize_codes": cfg.normalize_codes,
           "dead_threshold": int(st_cfg.get("dead_threshold", 30)),
           "stats_last_nonzero": tensors.get("stats_last_nonzero"),
           "decoder": "w_dec = encoder.weight rows normalised to unit L2 norm (tied weights)",
@@ -533,7 +572,8 @@ def init_run_from_sparse_encoder(st_dir: str | Path, config: ml_collections.Conf
   Args:
     st_dir: the sentence-transformers SparseEncoder directory.
     config: a training config (data, losses, optimiser); its model and sae sections are replaced
-      by the imported model's (backbone = the SparseEncoder's Transformer directory, S, k, k_aux),
+      by the imported model's (backbone = the SparseEncoder's Transformer directory, S, k, k_aux,
+      normalize_codes),
       and its token budgets are capped at the model's max sequence length.
     workdir: a directory without checkpoints.
   """
@@ -547,7 +587,7 @@ def init_run_from_sparse_encoder(st_dir: str | Path, config: ml_collections.Conf
   config.model.init_from = info["transformer_dir"]
   config.model.hf_config = ml_collections.ConfigDict()
   config.model.tokenizer = ""
-  for key in ("num_latents", "k", "k_aux"):
+  for key in ("num_latents", "k", "k_aux", "normalize_codes"):
     config.sae[key] = info[key]
   config.data.max_query_len = min(config.data.max_query_len, info["max_seq_length"])
   config.data.max_doc_len = min(config.data.max_doc_len, info["max_seq_length"])

@@ -84,18 +84,24 @@ def train_head(sae: sae_lib.SAE, q_v: Float[np.ndarray, "N D"], d_v: Float[np.nd
                       f"both be [N, {sae.config.d_model}]")
   sample = d_v[np.random.default_rng(cfg.seed).permutation(len(d_v))[:4096]]
   sae.b_pre.set_value(sae_lib.init_b_pre(jnp.asarray(sample), sae.config.b_pre_init))
+  # v is constant here, so the detached copy `objective` makes for the reconstruction terms (to
+  # keep their gradients out of an encoder) would only repeat the SAE's largest matmul.
+  loss_cfg = dataclasses.replace(loss_cfg, recon_to_encoder=True)
   model = Embedder(None, sae)
   graphdef, params = nnx.split(model, nnx.Param)
   tx = step_lib.make_optimizer(optim_cfg, params)
   state = step_lib.init_state(model, tx)
-  step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
-                                   loss_cfg=loss_cfg, optim_cfg=optim_cfg, loss_fn=head_loss),
-                 donate_argnums=0)
+  train_step = functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
+                                 loss_cfg=loss_cfg, optim_cfg=optim_cfg, loss_fn=head_loss)
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(state, q_all, d_all, rows):  # the batch is gathered on device, inside the step
+    return train_step(state, {"q_v": q_all[rows], "d_v": d_all[rows][:, None]})
+
   q_all, d_all = jnp.asarray(q_v, jnp.float32), jnp.asarray(d_v, jnp.float32)
   history = []
   for i, rows in enumerate(batches(len(q_v), cfg)):
-    rows = jnp.asarray(rows)
-    state, metrics = step(state, {"q_v": q_all[rows], "d_v": d_all[rows][:, None]})
+    state, metrics = step(state, q_all, d_all, jnp.asarray(rows))
     if log_every and ((i + 1) % log_every == 0 or i + 1 == cfg.steps):
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
       history.append({"step": i + 1, **m})

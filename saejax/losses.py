@@ -5,18 +5,18 @@ weight and logs every metric (a caller that applies one loss twice, e.g. FLOPS t
 documents, prefixes the metric names).
 
 Similarity. Training scores a query against a document with exactly the score the sparse index
-ranks by: the dot product of the two sparse codes, ``s(q, d) = sum_j z_q[j] * z_d[j]``. An inverted
-index computes it exactly by walking the posting lists of the query's k active latents, so index
-search returns the top documents of the trained score, not an approximation of it. Cosine is not
-used because it divides by ``||z_d||``, a per-document norm the index would have to store and apply
-to every accumulated score (the query's norm does not change its ranking); with dot, the activation
-magnitudes the SAE learns are the search weights themselves, and the FVU term anchors their scale to
-the data. Dot scores are unbounded, so InfoNCE divides them by a temperature ``tau`` (logit scale
-``1/tau``).
+ranks by. The step hands these functions the retrieval embeddings: by default the unit-normalised
+TopK codes (`saejax.sae.SAEConfig.normalize_codes`), so the score is the cosine of the two codes,
+which an inverted index computes exactly by walking the query's k posting lists when documents
+are stored unit-normalised (a query's norm does not change its ranking). Raw dot products of
+unnormalised codes reward making codes larger: a few latents grow until they win TopK for every
+text and the dictionary collapses (measured in benchmarks/RESULTS.md, "Sweep"). Scores are divided
+by a temperature ``tau`` (logit scale ``1/tau``).
 
 Losses and sources:
   * `info_nce`    InfoNCE / contrastive cross-entropy with in-batch and hard negatives (van den
                   Oord et al. 2018; DPR, Karpukhin et al. 2020).
+  * `distill_kl`  in-batch distillation from a dense teacher's similarities (TAS-B, RocketQAv2).
   * `fvu`         fraction of variance unexplained, Gao et al. 2024's normalised MSE.
   * `multi_k_fvu` the Multi-TopK objective, L(k) + L(4k)/8 in Gao et al. sec. 5.3.
   * `auxk_loss`   AuxK: dead latents reconstruct the residual (Gao et al. appendix A.2).

@@ -1,15 +1,18 @@
-"""Retrieval evaluation right after training, on a BEIR-format folder, next to two baselines.
+"""Retrieval evaluation right after training, on a BEIR-format folder, next to three baselines.
 
     python -m saejax.train --config configs/quickstart.py   # calls `run` if config.eval.enabled
 
 Systems, each ranking the top `RUN_DEPTH` (100) documents per query exactly:
-  * saejax: the trained `Embedder`'s TopK SAE codes (k may differ for queries and documents),
-    scored by sparse dot product, the similarity the model is trained with (scipy CSR matrices);
+  * saejax: the trained `Embedder`'s TopK SAE embeddings (k may differ for queries and
+    documents), scored by sparse dot product of the unit-normalised codes (cosine), the similarity
+    the model is trained with (scipy CSR matrices);
   * "bm25": Okapi BM25 (Robertson & Zaragoza 2009) with bm25s (Lucene variant, k1=1.5, b=0.75),
     lower-cased word tokens (regex ``\\w\\w+``), English stopwords removed and NO stemming:
     PyStemmer is not a saejax dependency, so this baseline is a slightly conservative BM25;
   * "dense": the untouched encoder the model was initialised from (`config.model.init_from`),
-    mean-pooled, cosine similarity (sentence-transformers' all-MiniLM-L6-v2 recipe).
+    mean-pooled, cosine similarity (sentence-transformers' all-MiniLM-L6-v2 recipe);
+  * "random": the floor, the untouched encoder with an untrained SAE of the same S and k (random
+    unit encoder rows, zero biases): z = ReLU(TopK(G v)). No training at all keeps this much.
 Documents with no score (no shared latent, no shared word) are not retrieved, so they never
 count as lucky ties.
 
@@ -47,12 +50,13 @@ from jaxtyping import Float, Int
 from tokenizers import Tokenizer
 
 from saejax import convert, trained
+from saejax import sae as sae_lib
 from saejax.data_sources import beir_document, read_beir_texts
 from saejax.embedder import Embedder
 from saejax.encode import EncodeConfig, encode_dense, encode_sparse
 from saejax.errors import ConfigError, DataError
 
-Baseline = Literal["bm25", "dense"]
+Baseline = Literal["bm25", "dense", "random"]
 RUN_DEPTH = 100  # documents ranked per query: Recall@100 needs the full 100
 MEASURES = {"ndcg@10": nDCG @ 10, "recall@100": R @ 100, "mrr@10": RR @ 10}
 # Scores held at once, as a dense [queries, docs] block: 2^24 float32 = 64 MiB.
@@ -82,7 +86,7 @@ class EvalConfig:
   beir_dir: str
   split: str = "test"
   max_docs: int = 0
-  baselines: tuple[Baseline, ...] = ("bm25", "dense")
+  baselines: tuple[Baseline, ...] = ("bm25", "dense", "random")
   k_query: int = 0
   k_doc: int = 0
   max_query_len: int = 64
@@ -409,6 +413,11 @@ def eval_config(config: ml_collections.ConfigDict) -> EvalConfig:
   return EvalConfig(**section)
 
 
+MEANING = ("nDCG@10: 1 = every query's relevant documents ranked first, BM25 = the lexical "
+           "baseline, dense = the untouched encoder (the quality a sparse code tries to keep), "
+           "random = the same encoder with an untrained random TopK head (the floor).")
+
+
 def format_table(result: dict) -> str:
   """An aligned text table of `run`'s result."""
   lines = [f"retrieval on {result['beir_dir']} [{result['split']}]: {result['num_queries']:,} "
@@ -439,23 +448,28 @@ def run(config: ml_collections.ConfigDict, model: Embedder, workdir: str | Path)
     raise ConfigError("quickeval runs in a single process; set config.eval.enabled=False for "
                       "multi-process runs and evaluate the saved checkpoint afterwards")
   init_from = config.model.get("init_from")
-  if "dense" in cfg.baselines and not init_from:
-    raise ConfigError("config.eval.baselines has 'dense' but config.model.init_from is empty: "
-                      "there is no untouched encoder to compare with")
+  if {"dense", "random"} & set(cfg.baselines) and not init_from:
+    raise ConfigError(f"config.eval.baselines has {sorted(cfg.baselines)} but config.model.init_from "
+                      "is empty: there is no untouched encoder to compare with")
   tokenizer = trained.tokenizer_for(config, model.encoder.cfg.vocab_size)
   data = load_beir(cfg.beir_dir, cfg.split, max_docs=cfg.max_docs, seed=cfg.seed)
   systems = {"saejax": eval_sparse(model, tokenizer, data, cfg)}
   if "bm25" in cfg.baselines:
     systems["bm25"] = eval_bm25(data)
-  if "dense" in cfg.baselines:
+  if {"dense", "random"} & set(cfg.baselines):
     overrides = {"dtype": config.model.get("dtype") or "float32"}
     if config.model.get("attention_backend"):
       overrides["attention_backend"] = config.model.attention_backend
     _, encoder = convert.load_hf(init_from, head=False, **overrides)
-    systems["dense"] = eval_dense(encoder, tokenizer, data, cfg)
+    if "dense" in cfg.baselines:
+      systems["dense"] = eval_dense(encoder, tokenizer, data, cfg)
+    if "random" in cfg.baselines:  # the floor: the untouched encoder + an untrained SAE
+      untrained = sae_lib.SAE(dataclasses.replace(model.sae.config), rngs=nnx.Rngs(0))
+      systems["random"] = eval_sparse(Embedder(encoder, untrained), tokenizer, data, cfg)
   result = {"beir_dir": str(cfg.beir_dir), "split": cfg.split, "num_queries": len(data.query_ids),
             "num_docs": len(data.doc_ids), "systems": systems}
   print(format_table(result), flush=True)
+  print(MEANING, flush=True)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

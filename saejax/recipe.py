@@ -29,22 +29,33 @@ def default_config() -> ml_collections.ConfigDict:
   c.sae.dead_after_tokens = 1_000_000     # texts without firing before a latent counts as dead
   c.sae.b_pre_init = "geometric_median"   # b_pre from data (Gao et al. sec 2.1): or "mean"
   c.sae.b_pre_init_batches = 8            # batches of documents used for it (0 = leave at 0)
+  c.sae.normalize_codes = True            # embedding = unit-norm code: training and search are cosine
+
+  c.warmstart = ml_collections.ConfigDict()  # stage 1: the SAE alone on frozen-encoder embeddings
+  c.warmstart.steps = 0                   # head-training steps before end-to-end training (0 = off)
+  c.warmstart.pairs = 8192                # training pairs embedded once by the untouched encoder
+  c.warmstart.batch_size = 256            # pairs per head-training step (in-batch negatives)
+  c.warmstart.lr = 2e-4                   # peak SAE learning rate of stage 1
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.temperature = 1.0                # InfoNCE logits = dot(z_q, z_d) / temperature
+  c.loss.temperature = 0.05               # InfoNCE logits = similarity(z_q, z_d) / temperature
   c.loss.w_contrastive = 1.0
   c.loss.w_fvu = 1.0                      # reconstruction: fraction of variance unexplained
-  c.loss.w_multi_k = 0.125                # Gao et al. Multi-TopK: FVU at multi_k_factor * k, 1/8
+  c.loss.w_multi_k = 0.0                  # Gao et al. Multi-TopK: FVU at multi_k_factor * k (1/8)
   c.loss.multi_k_factor = 4
   c.loss.w_auxk = 1 / 32                  # Gao et al. appendix A.2
   c.loss.w_flops_q = 0.0                  # FLOPS regulariser (SPLADE) on query codes
   c.loss.w_flops_d = 0.0                  # ... and on document codes
   c.loss.flops_warmup_steps = 0           # quadratic ramp of both FLOPS weights
   c.loss.w_spread_out = 0.0               # GOR second-moment term (EmbeddingGemma)
+  c.loss.w_distill = 0.0                  # KL(dense teacher || sparse codes) over in-batch candidates
+  c.loss.distill_temperature = 0.05       # teacher's temperature on cosine of the pooled v
+  c.loss.w_dense_contrastive = 0.0        # InfoNCE on cosine of v itself (trains the encoder)
+  c.loss.recon_to_encoder = False         # reconstruction gradients reach the encoder
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr_encoder = 2e-5               # peak learning rates per parameter group
-  c.optim.lr_sae = 1e-3
+  c.optim.lr_sae = 1e-4
   c.optim.warmup_steps = 100              # linear warm-up, counted inside total_steps
   c.optim.total_steps = 10_000            # cosine decay horizon (usually = train.steps)
   c.optim.end_lr_fraction = 0.1           # final lr as a fraction of the peak
@@ -90,5 +101,5 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.beir_dir = ""
   c.eval.split = "test"
   c.eval.max_docs = 0                     # 0 = all documents
-  c.eval.baselines = ("bm25", "dense")    # systems to print next to saejax
+  c.eval.baselines = ("bm25", "dense", "random")  # systems next to saejax (random: the floor)
   return c

@@ -1,13 +1,20 @@
 """The training step: a pure function `train_step(state, batch) -> (state, metrics)`.
 
 One step embeds every query, positive and hard negative with the encoder, encodes all of them with
-the TopK SAE, and sums the weighted losses (each a pure function in `saejax.losses`):
+the TopK SAE, and sums the weighted losses (`objective`; each term a pure function in
+`saejax.losses`). ``e(z)`` is the retrieval embedding: the code scaled to unit norm when
+`SAEConfig.normalize_codes` (cosine), else the raw code:
 
-  total = w_contrastive * InfoNCE(z_q, z_pos, z_neg)            in-batch + hard negatives
+  total = w_contrastive * InfoNCE(e(z_q), e(z_pos), e(z_neg))   in-batch + hard negatives
+        + w_distill * KL(teacher cos(v) || student e(z))        in-batch distillation from v
+        + w_dense_contrastive * InfoNCE(cos of v)               trains the encoder as a dense model
         + w_fvu * FVU(v, v_hat) [+ w_multi_k * FVU(v, v_hat_{m k})] reconstruction (Gao et al. 2024)
         + w_auxk * AuxK(dead latents -> residual)                  revives dead latents
-        + flops_weight(step) * (FLOPS(z_q) + FLOPS(z_d))           SPLADE-style sparsity of use
-        + w_spread_out * GOR(z_q, z_pos)                           optional
+        + flops_weight(step) * (FLOPS(e(z_q)) + FLOPS(e(z_d)))     SPLADE-style sparsity of use
+        + w_spread_out * GOR(e(z_q), e(z_pos))                     optional
+
+The reconstruction terms read a detached v unless `LossConfig.recon_to_encoder`: the encoder is
+then shaped by the retrieval terms only, and the SAE follows it.
 
 Then the SAE invariants (sparsify / OpenAI): the decoder gradient's component parallel to each
 decoder row is removed before the optimiser, and decoder rows are renormalised after it. The

@@ -114,6 +114,37 @@ def init_b_pre_from_data(model: Embedder, batches, method: str) -> None:
   model.sae.b_pre.set_value(sae_lib.init_b_pre(jnp.asarray(np.concatenate(vs)), method))
 
 
+def warm_start_sae(model: Embedder, batches, ws: ml_collections.ConfigDict,
+                   loss_cfg: step_lib.LossConfig, optim_cfg: step_lib.OptimConfig) -> None:
+  """Stage 1 of stage-wise training: train the SAE on the frozen encoder's embeddings.
+
+  Embeds ``ws.pairs`` (query, positive) pairs of the training data once with the untouched
+  encoder, then runs ``ws.steps`` head-training steps (`saejax.headtrain`, the same objective and
+  invariants) at ``ws.lr`` on batches of ``ws.batch_size``. End-to-end training then starts from a
+  dictionary that already ranks well, instead of training the encoder through a random one. Every
+  process embeds the global batches, so all of them compute the same SAE.
+  """
+  from saejax import headtrain  # pylint: disable=import-outside-toplevel
+  dense = nnx.jit(lambda m, ids, valid: m.dense(ids, valid))
+  qs, ds, n = [], [], 0
+  while n < ws.pairs:
+    batch = distributed.gather_batches([next(batches)])[0]
+    qs.append(np.asarray(dense(model, batch["q_ids"], batch["q_valid"])))
+    ds.append(np.asarray(dense(model, batch["d_ids"][:, 0], batch["d_valid"][:, 0])))
+    n += len(qs[-1])
+  q_v, d_v = np.concatenate(qs)[:ws.pairs], np.concatenate(ds)[:ws.pairs]
+  head_cfg = headtrain.HeadTrainConfig(steps=ws.steps, batch_size=min(ws.batch_size, len(q_v)))
+  head_optim = dataclasses.replace(optim_cfg, lr_sae=ws.lr, total_steps=ws.steps,
+                                   warmup_steps=min(optim_cfg.warmup_steps, ws.steps // 10),
+                                   freeze_encoder=True)
+  if jax.process_index() == 0:
+    print(f"warm start: SAE on {len(q_v)} frozen-encoder pairs, {ws.steps} steps", flush=True)
+  trained, _, _ = headtrain.train_head(model.sae, q_v, d_v, loss_cfg, head_optim, head_cfg,
+                                       log_every=max(ws.steps // 4, 1) if
+                                       jax.process_index() == 0 else 0)
+  nnx.update(model.sae, nnx.state(trained, nnx.Param))
+
+
 def code_version() -> str:
   try:
     return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -224,6 +255,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
     # From the global batches: every process must compute the same b_pre.
     samples = [next(sample_iter) for _ in range(config.sae.b_pre_init_batches)]
     init_b_pre_from_data(model, distributed.gather_batches(samples), config.sae.b_pre_init)
+
+  if not resuming and model.sae is not None and config.warmstart.steps:
+    warm_start_sae(model, make_iter(), config.warmstart, loss_cfg, optim_cfg)
 
   graphdef, params = nnx.split(model, nnx.Param)
   tx = step_lib.make_optimizer(optim_cfg, params)
@@ -344,22 +378,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
     logging.set_verbosity(logging.WARNING)
-  try:
-    distributed.initialize()  # before anything touches a device
-  except SaejaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  distributed.initialize()  # before anything touches a device
   config = _CONFIG.value
   if _INIT_FROM.value:
     config.unlock()
     config.model.init_from = _INIT_FROM.value
     config.lock()
-  workdir = _WORKDIR.value or f"runs/{Path(config_flags.get_config_filename(_CONFIG)).stem}"
-  try:
-    summary, state, graphdef = train(config, workdir)
-  except SaejaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+  workdir = _WORKDIR.value or f"runs/{Path(config_file).stem}"
+  summary, state, graphdef = train(config, workdir)
   if summary["preempted"]:
     # The checkpoint is whole: later notices have nothing left to save. Ignored, because Python
     # puts back the default (fatal) SIGTERM action for its own handlers while it shuts down.
@@ -375,5 +402,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from saejax import cli
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main, absl=True)

@@ -26,15 +26,29 @@ from saejax.errors import CheckpointError, ConfigError
 from saejax.tokenizer import Tokenizer, load_tokenizer
 
 
+# Fields added to the config after runs were trained without them, with the value that reproduces
+# those runs (not today's default): a config.json that lacks one was written before it existed.
+# sae.normalize_codes: runs before it scored raw codes (dot products), so their embedding is raw.
+_BEFORE_FIELD_EXISTED = {("sae", "normalize_codes"): False}
+
+
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
-  """The resolved training config a run wrote to ``workdir/config.json``."""
+  """The resolved training config a run wrote to ``workdir/config.json``.
+
+  A field the run's code did not have yet (`_BEFORE_FIELD_EXISTED`) is filled with the value
+  that code behaved as, so an old run loads exactly as it trained.
+  """
   file = Path(workdir) / "config.json"
   if not file.is_file():
     raise CheckpointError(f"{workdir} is not a saejax training workdir: it has no config.json")
   try:
-    return ml_collections.ConfigDict(json.loads(file.read_text()))
+    config = ml_collections.ConfigDict(json.loads(file.read_text()))
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{file} is not valid JSON (line {e.lineno}): {e.msg}") from e
+  for (section, key), value in _BEFORE_FIELD_EXISTED.items():
+    if section in config and key not in config[section]:
+      config[section][key] = value
+  return config
 
 
 def tokenizer_for(config: ml_collections.ConfigDict, vocab_size: int) -> Tokenizer:

@@ -317,3 +317,22 @@ def test_modernbert_recipe_trains_end_to_end(tmp_path):
   summary, state, _ = train.train(config, tmp_path)
   assert summary["step"] == 3 and np.isfinite(summary["last_metrics"]["loss"])
   assert summary["last_metrics"]["l0"] <= config.sae.k
+
+
+def test_recipe_defaults_equal_the_library_defaults():
+  """One source of truth: every field of the config schema that a library dataclass also declares
+  has the same default in both (recipe.py is what users read; the dataclasses what code builds)."""
+  import dataclasses
+  from saejax import recipe, sae as sae_lib
+  c = recipe.default_config()
+  pairs = ((c.loss, step_lib.LossConfig), (c.optim, step_lib.OptimConfig),
+           (c.sae, sae_lib.SAEConfig))
+  for section, cls in pairs:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in section.items():
+      if name not in fields or fields[name].default is dataclasses.MISSING:
+        continue
+      assert value == fields[name].default, (cls.__name__, name, value, fields[name].default)
+    missing = [n for n, f in fields.items()
+               if n not in section and f.default is not dataclasses.MISSING]
+    assert not missing, (cls.__name__, missing)

@@ -20,7 +20,7 @@ import sys
 from saejax.errors import ConfigError
 from saejax.eval import harness, report
 
-BASELINES = ("bm25", "dense")
+BASELINES = ("bm25", "dense", "random")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
                  help="a BEIR folder and qrels split (repeatable)")
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--baselines", type=_baselines, default=BASELINES,
-                 help="comma-separated from bm25,dense ('none' for none; default both)")
+                 help="comma-separated from bm25,dense,random ('none' for none; default all). "
+                 "random: random TopK of the untouched encoder at the first model's k (the floor)")
   p.add_argument("--dense-encoder", default="",
                  help="Hugging Face directory of the untouched dense encoder")
   p.add_argument("--k-query", type=int, default=0, help="latents per query (0: training k)")
@@ -72,13 +73,19 @@ def build_systems(args: argparse.Namespace) -> list:
     systems.append(harness.load_system(path, name))
   if "bm25" in args.baselines:
     systems.append(harness.BM25System())
-  if "dense" in args.baselines:
+  if {"dense", "random"} & set(args.baselines):
     encoder = args.dense_encoder or next(
         (s.init_from for s in systems if getattr(s, "init_from", "")), "")
     if not encoder:
-      raise ConfigError("--baselines has 'dense' but no --dense-encoder was given and no --model "
-                        "run has a model.init_from to take it from")
-    systems.append(harness.dense_system(encoder))
+      raise ConfigError(f"--baselines {','.join(args.baselines)} needs the untouched encoder, but "
+                        "no --dense-encoder was given and no --model run has a model.init_from")
+    if "dense" in args.baselines:
+      systems.append(harness.dense_system(encoder))
+    if "random" in args.baselines:
+      sparse = [s for s in systems if s.kind == "sparse"]
+      k = args.k_doc or (sparse[0].k if sparse else 64)
+      s = sparse[0].model.sae.config.num_latents if sparse else 16384
+      systems.append(harness.random_topk_system(encoder, k, s))
   return systems
 
 

@@ -66,6 +66,7 @@ from saejax.encode import EncodeConfig, encode_dense, encode_sparse
 from saejax.errors import CheckpointError, ConfigError
 from saejax.index import SparseIndex
 from saejax.quickeval import RUN_DEPTH, BeirData
+from saejax.sae import SAE, SAEConfig
 from saejax.tokenizer import load_tokenizer
 
 HOT_FREQUENCY = 0.1  # see the module docstring
@@ -82,8 +83,8 @@ class HarnessConfig:
   Attributes:
     k_query: active latents per query for sparse systems (0 = each model's training k).
     k_doc: active latents per document (0 = each model's training k).
-    k_sweep: k values of the quality-vs-k curve (() = k, k/2, k/4, k/8 of each model); values
-      above a model's training k are left out for that model.
+    k_sweep: k values of the quality-vs-k curve (() = 2k, k, k/2, k/4, k/8 of each model; values
+      above the model's number of latents are left out).
     max_query_len: query token budget, special tokens included.
     max_doc_len: document token budget.
     batch_size: texts per forward pass.
@@ -174,8 +175,9 @@ def file_stem(name: str) -> str:
 # Measures
 
 def default_sweep(k: int, steps: int = SWEEP_STEPS) -> tuple[int, ...]:
-  """k, k/2, k/4, ... (``steps`` values >= 1), ascending."""
-  return tuple(sorted({max(1, k >> i) for i in range(steps)}))
+  """k/8 .. 2k: k, k/2, k/4, ... (``steps`` values >= 1) and 2k, ascending. A TopK code can be
+  read at any k (the pre-activations are all there), so k above the training k is a real point."""
+  return tuple(sorted({max(1, k >> i) for i in range(steps)} | {2 * k}))
 
 
 def posting_lengths(index: SparseIndex) -> Int[np.ndarray, "S"]:
@@ -210,6 +212,10 @@ def token_budgets(cfg: HarnessConfig, encoder: nnx.Module) -> tuple[int, int]:
   with 128 positions cannot read 256 tokens; its texts are truncated, and counted, instead)."""
   limit = getattr(getattr(encoder, "cfg", None), "max_position_embeddings", None) or 1 << 30
   return min(cfg.max_query_len, limit), min(cfg.max_doc_len, limit)
+
+
+def _unit_rows(x: Float[np.ndarray, "N K"]) -> Float[np.ndarray, "N K"]:
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _code_stats(values: Float[np.ndarray, "N K"]) -> float:
@@ -254,7 +260,7 @@ class SparseSystem:
     """Metrics, sparsity, FLOPs, latent health, quality vs k and times on one dataset."""
     s = self.model.sae.config.num_latents
     k_q, k_d = cfg.k_query or self.k, cfg.k_doc or self.k
-    sweep = [k for k in (cfg.k_sweep or default_sweep(self.k)) if k <= self.k]
+    sweep = [k for k in (cfg.k_sweep or default_sweep(self.k)) if k <= s]
     len_q, len_d = token_budgets(cfg, self.model.encoder)
     start = time.perf_counter()
     q = encode_sparse(self.model, self.tokenizer, data.queries, max([k_q, *sweep]),
@@ -265,7 +271,9 @@ class SparseSystem:
                       cfg.encode_config(len_d), desc=f"{self.name} docs")
     encode_d = time.perf_counter() - start
 
-    main = _sparse_retrieval(data, q.values, q.indices, d.values, d.indices, k_q, k_d, s, cfg)
+    unit = self.model.sae.config.normalize_codes
+    main = _sparse_retrieval(data, q.values, q.indices, d.values, d.indices, k_q, k_d, s, cfg,
+                             unit)
     lengths = main.pop("_lengths")
     n = len(data.doc_ids)
     result = {
@@ -284,7 +292,8 @@ class SparseSystem:
         row = {key: main[key] for key in ("ndcg@10", "recall@100", "mrr@10", "active_dims_query",
                                           "active_dims_doc", "flops_per_query", "flops_per_doc")}
       else:
-        row = _sparse_retrieval(data, q.values, q.indices, d.values, d.indices, k, k, s, cfg)
+        row = _sparse_retrieval(data, q.values, q.indices, d.values, d.indices, k, k, s, cfg,
+                                unit)
         row.pop("_lengths")
         for key in ("index_s", "search_s", "queries_per_s"):
           row.pop(key)
@@ -294,10 +303,17 @@ class SparseSystem:
 
 
 def _sparse_retrieval(data: BeirData, q_values, q_indices, d_values, d_indices, k_q: int, k_d: int,
-                      num_latents: int, cfg: HarnessConfig) -> dict:
-  """Index the documents' first ``k_d`` code columns, search with the queries' first ``k_q``."""
+                      num_latents: int, cfg: HarnessConfig, unit: bool) -> dict:
+  """Index the documents' first ``k_d`` code columns, search with the queries' first ``k_q``.
+
+  With ``unit`` (the model's `SAEConfig.normalize_codes`) each truncated code is renormalised:
+  the first k' values of a unit code at k are not a unit code, and a document's norm changes its
+  rank.
+  """
   qv, qi = q_values[:, :k_q], q_indices[:, :k_q]
   dv, di = d_values[:, :k_d], d_indices[:, :k_d]
+  if unit:
+    qv, dv = _unit_rows(qv), _unit_rows(dv)
   start = time.perf_counter()
   index = SparseIndex.build(dv, di, num_latents)
   index_s = time.perf_counter() - start
@@ -419,6 +435,23 @@ def load_system(path: str | Path, name: str | None = None) -> SparseSystem | Den
     return DenseSystem(name, model.encoder, tokenizer, source=str(path))
   return SparseSystem(name, model, tokenizer, source=str(path),
                       init_from=str(config.model.get("init_from") or ""))
+
+
+def random_topk_system(hf_dir: str | Path, k: int, num_latents: int = 16384, seed: int = 0,
+                       name: str = "random-topk") -> SparseSystem:
+  """The floor every trained model must clear: no training at all.
+
+  The untouched encoder of ``hf_dir`` and an SAE straight from its initialisation: encoder rows
+  are random Gaussian directions (unit-normalised), b_pre and b_lat are zero, so
+  ``z = ReLU(TopK(G x, k))`` with unit-normalised codes (cosine), searched like a trained model.
+  A trained model that does not beat this by a wide margin has learned nothing useful for search.
+  """
+  cfg, encoder = convert.load_hf(hf_dir, head=False)
+  tokenizer = load_tokenizer(convert.resolve(hf_dir), vocab_size=cfg.vocab_size)
+  sae = SAE(SAEConfig(d_model=cfg.hidden_size, num_latents=num_latents, k=k,
+                      k_aux=min(512, num_latents)), rngs=nnx.Rngs(seed))
+  return SparseSystem(name, Embedder(encoder, sae), tokenizer,
+                      source=f"random TopK of {hf_dir} (S={num_latents}, seed {seed})")
 
 
 def dense_system(hf_dir: str | Path, name: str = "dense") -> DenseSystem:
