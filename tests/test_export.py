@@ -1,7 +1,9 @@
 """saejax <-> sentence-transformers SparseEncoder, checked with the real libraries.
 
 Every comparison encodes real sentences (SciFact abstracts, long enough to be truncated, and STS-B
-sentences) both ways and asks for the same active latents and values within 1e-4.
+sentences) both ways and asks for the same active latents and values within 1e-4: raw codes for
+CSR models trained by sentence-transformers, unit-norm codes (a trailing Normalize module) for
+saejax models with `SAEConfig.normalize_codes`.
 """
 
 import importlib.util
@@ -29,7 +31,7 @@ st = pytest.importorskip("sentence_transformers")
 from sentence_transformers import SparseEncoder  # noqa: E402
 from sentence_transformers.sparse_encoder.modules import (  # noqa: E402
     MLMTransformer, SparseAutoEncoder, SpladePooling, Transformer)
-from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: E402
+from sentence_transformers.sentence_transformer.modules import Normalize, Pooling  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +44,9 @@ def texts(data_dir) -> list[str]:
 
 
 def _st_sparse_encoder(backbone_dir: Path, out: Path, *, max_len: int, latents: int, k: int,
-                       seed: int = 0) -> Path:
-  """A CSR SparseEncoder built and saved by sentence-transformers itself, with non-zero biases."""
+                       seed: int = 0, after: tuple = ()) -> Path:
+  """A CSR SparseEncoder built and saved by sentence-transformers itself, with non-zero biases
+  (and the modules `after` following its SparseAutoEncoder)."""
   torch.manual_seed(seed)
   transformer = Transformer(str(backbone_dir), max_seq_length=max_len)
   d = transformer.get_embedding_dimension()
@@ -51,7 +54,7 @@ def _st_sparse_encoder(backbone_dir: Path, out: Path, *, max_len: int, latents: 
   with torch.no_grad():
     head.pre_bias.normal_(0, 0.05)
     head.latent_bias.normal_(0, 0.02)
-  SparseEncoder(modules=[transformer, Pooling(d, pooling_mode="mean"), head]).save(str(out))
+  SparseEncoder(modules=[transformer, Pooling(d, pooling_mode="mean"), head, *after]).save(str(out))
   return out
 
 
@@ -99,6 +102,9 @@ def test_import_encodes_like_sentence_transformers(minilm_st, minilm_st_codes, t
   model, tok, info = export.load_sparse_encoder(minilm_st)
   assert (info["backbone"], info["max_seq_length"], info["k"], info["num_latents"]) == (
       "bert", 64, 16, 1024)
+  # No Normalize module: sentence-transformers' CSR scores raw codes, so saejax must too.
+  assert info["normalize_codes"] is False and model.sae.config.normalize_codes is False
+  assert not np.allclose(np.linalg.norm(minilm_st_codes, axis=1), 1.0, atol=1e-3)
   codes = encode_sparse(model, tok, texts, config=EncodeConfig(max_len=64, progress=False))
   assert codes.stats.num_truncated >= 5  # the SciFact abstracts are cut at 64 tokens
   _assert_same_codes(codes.values, codes.indices, minilm_st_codes)
@@ -114,6 +120,12 @@ def test_round_trip_through_a_saejax_workdir(minilm_st, minilm_st_codes, texts, 
   workdir = export.init_run_from_sparse_encoder(
       minilm_st, tiny_config.quickstart.get_config("runlocal"), tmp_path / "run")
   assert trained.checkpoint_steps(workdir) == [0]
+  assert trained.read_config(workdir).sae.normalize_codes is False  # raw codes, as imported
+  # As a run from before normalize_codes existed: its config.json lacks the key, and it must still
+  # export raw codes (the checks below compare with the raw CSR codes).
+  old = json.loads((workdir / "config.json").read_text())
+  del old["sae"]["normalize_codes"]
+  (workdir / "config.json").write_text(json.dumps(old))
   (workdir / "latent_labels.json").write_text(json.dumps({"17": "protein folding"}))
   (workdir / "eval.json").write_text(json.dumps({
       "beir_dir": "scifact", "split": "test", "num_queries": 3, "num_docs": 9,
@@ -149,8 +161,10 @@ def _dense_to_sparse(dense: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
   return np.take_along_axis(dense, indices, 1), indices
 
 
-def test_modernbert_export_matches_saejax(data_dir, texts, tmp_path):
-  """A tiny random ModernBERT (real tokenizer) + SAE: SparseEncoder(export) == saejax."""
+@pytest.mark.parametrize("normalize_codes", [True, False])
+def test_modernbert_export_matches_saejax(data_dir, texts, tmp_path, normalize_codes):
+  """A tiny random ModernBERT (real tokenizer) + SAE: SparseEncoder(export) == saejax, with
+  unit-norm codes or raw ones, and the export imports back with the same setting."""
   import transformers
   torch.manual_seed(0)
   hf_cfg = transformers.ModernBertConfig(
@@ -160,7 +174,8 @@ def test_modernbert_export_matches_saejax(data_dir, texts, tmp_path):
   hf_dir = tmp_path / "modernbert"
   transformers.ModernBertModel(hf_cfg).save_pretrained(hf_dir)
   enc_cfg, encoder = convert.load_hf(hf_dir, head=False)
-  sae = sae_lib.SAE(sae_lib.SAEConfig(d_model=64, num_latents=512, k=12), rngs=nnx.Rngs(1))
+  sae = sae_lib.SAE(sae_lib.SAEConfig(d_model=64, num_latents=512, k=12,
+                                      normalize_codes=normalize_codes), rngs=nnx.Rngs(1))
   sae.b_pre.set_value(jax.random.normal(jax.random.key(2), (64,)) * 0.1)
   sae.b_lat.set_value(jax.random.normal(jax.random.key(3), (512,)) * 0.05)
   model = Embedder(encoder, sae)
@@ -170,7 +185,18 @@ def test_modernbert_export_matches_saejax(data_dir, texts, tmp_path):
                                     export.ExportSettings(max_seq_length=48, k=12, k_aux=64))
   codes = encode_sparse(model, tok, texts, config=EncodeConfig(max_len=48, progress=False))
   assert codes.stats.num_truncated >= 5
-  _assert_same_codes(codes.values, codes.indices, _st_encode(out, texts))
+  st_codes = _st_encode(out, texts)
+  _assert_same_codes(codes.values, codes.indices, st_codes)
+  # Unit norm exactly when asked: the values are not unit-norm by chance.
+  norms = np.linalg.norm(st_codes, axis=1)
+  assert np.allclose(norms, 1.0, atol=1e-5) == normalize_codes
+  kinds = [m["type"].rsplit(".", 1)[-1] for m in json.loads((out / "modules.json").read_text())]
+  assert kinds == ["Transformer", "Pooling", "SparseAutoEncoder"] + ["Normalize"] * normalize_codes
+  # Import reads the setting back and encodes as the export does.
+  imported, _, info = export.load_sparse_encoder(out)
+  assert info["normalize_codes"] is normalize_codes
+  again = encode_sparse(imported, tok, texts, config=EncodeConfig(max_len=48, progress=False))
+  _assert_same_codes(again.values, again.indices, st_codes)
 
 
 def _load_config_py(file: Path):
@@ -225,3 +251,23 @@ def test_bad_input_names_the_problem(tiny_bert_dir, tmp_path):
     export.load_sparse_encoder(splade)
   with pytest.raises(CheckpointError, match="no modules.json"):
     export.load_sparse_encoder(tiny_bert_dir)
+  # A Normalize of something other than the SAE's code.
+  odd = _st_sparse_encoder(tiny_bert_dir, tmp_path / "odd", max_len=32, latents=64, k=4,
+                           after=(Normalize(module_input_name="token_embeddings"),))
+  with pytest.raises(CheckpointError, match=r"3_Normalize/config.json: Normalize maps "
+                                            r"'token_embeddings'"):
+    export.load_sparse_encoder(odd)
+
+
+def test_old_run_config_reads_as_raw_codes(tmp_path):
+  """A config.json written before `SAEConfig.normalize_codes` existed trained on raw dot products:
+  it reads back as normalize_codes=False, not as today's default True."""
+  config = tiny_config.get_config()
+  config.sae.normalize_codes = True
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  assert trained.read_config(tmp_path).sae.normalize_codes is True
+  old = json.loads((tmp_path / "config.json").read_text())
+  del old["sae"]["normalize_codes"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert trained.read_config(tmp_path).sae.normalize_codes is False
+  assert sae_lib.SAEConfig(d_model=8, num_latents=16, k=2, k_aux=2).normalize_codes is True
