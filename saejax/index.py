@@ -2,8 +2,10 @@
 
 A document's code is ``values`` [k] over ``indices`` [k] in [0, S); a query's code is the same
 with its own k (queries and documents may use different k). The score of a document is the dot
-product of the two sparse codes, the similarity the model is trained with. `SparseIndex` holds the
-documents as an inverted index, one posting list per latent in CSC form:
+product of the two sparse codes as `saejax.encode.encode_sparse` gives them (unit-norm when
+`SAEConfig.normalize_codes`, so the score is their cosine), the similarity the model is trained
+with. `SparseIndex` holds the documents as an inverted index, one posting list per latent in CSC
+form:
 
   offsets int64 [S+1]   latent t's postings are docs/weights[offsets[t]:offsets[t+1]]
   docs    int32 [nnz]   rows, ascending within each list

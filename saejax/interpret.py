@@ -1,7 +1,8 @@
 """What the latents of a trained SAE embedder do, measured on an encoded corpus.
 
 Everything here reads TopK codes, (values [N, K], indices [N, K]) as `saejax.encode.encode_sparse`
-returns them, and gives numpy arrays indexed by latent id, plus a printable table:
+returns them (unit-norm when `SAEConfig.normalize_codes`: an activation is then the latent's share
+of its code), and gives numpy arrays indexed by latent id, plus a printable table:
 
 * `latent_stats`: per latent, how many documents it fires in (value > 0), its firing frequency,
   mean activation over the documents it fires in, max activation; dead latents (fire nowhere)

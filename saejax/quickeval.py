@@ -3,9 +3,10 @@
     python -m saejax.train --config configs/quickstart.py   # calls `run` if config.eval.enabled
 
 Systems, each ranking the top `RUN_DEPTH` (100) documents per query exactly:
-  * saejax: the trained `Embedder`'s TopK SAE embeddings (k may differ for queries and
-    documents), scored by sparse dot product of the unit-normalised codes (cosine), the similarity
-    the model is trained with (scipy CSR matrices);
+  * saejax: the trained `Embedder`'s TopK SAE embeddings (`saejax.sae.SAE.embed`; k may differ
+    for queries and documents), scored by sparse dot product: of the unit-normalised codes
+    (cosine) when `SAEConfig.normalize_codes`, else of the raw codes; the similarity the model is
+    trained with (scipy CSR matrices);
   * "bm25": Okapi BM25 (Robertson & Zaragoza 2009) with bm25s (Lucene variant, k1=1.5, b=0.75),
     lower-cased word tokens (regex ``\\w\\w+``), English stopwords removed and NO stemming:
     PyStemmer is not a saejax dependency, so this baseline is a slightly conservative BM25;

@@ -119,6 +119,30 @@ def test_run_on_random_init_model(tmp_path, capsys):
     quickeval.run(_config(max_doc=3), model, tmp_path)
 
 
+@pytest.mark.parametrize("normalize_codes", [True, False])
+def test_eval_sparse_scores_the_models_embedding(monkeypatch, normalize_codes):
+  """The saejax system ranks by the model's retrieval embedding (`SAE.embed`): unit-norm codes
+  (cosine) when `SAEConfig.normalize_codes`, raw activations otherwise."""
+  rngs = nnx.Rngs(0)
+  sae = sae_lib.SAE(sae_lib.SAEConfig(d_model=32, num_latents=256, k=16, k_aux=16,
+                                      normalize_codes=normalize_codes), rngs=rngs)
+  sae.b_lat.set_value(sae.b_lat[...] + 0.3)  # codes of norm far from 1 unless normalised
+  model = Embedder(bert.BertModel(TINY, rngs=rngs), sae)
+  seen = []
+  search = quickeval.search_sparse
+  monkeypatch.setattr(quickeval, "search_sparse", lambda q, d, *a: seen.append((q, d)) or search(
+      q, d, *a))
+  data = quickeval.load_beir(DEBIAN, "dev", max_docs=40)
+  cfg = quickeval.EvalConfig(beir_dir=str(DEBIAN), max_query_len=32, max_doc_len=64,
+                             progress=False)
+  tok = load_tokenizer(MINILM, vocab_size=TINY.vocab_size)
+  quickeval.eval_sparse(model, tok, data, cfg)
+  (q_m, d_m), = seen
+  for m in (q_m, d_m):
+    norms = np.sqrt(np.asarray(m.multiply(m).sum(axis=1))).ravel()
+    assert np.allclose(norms, 1.0, atol=1e-5) == normalize_codes, norms[:4]
+
+
 def test_dense_minilm_baseline_beats_random():
   cfg, encoder = convert.load_hf(MINILM, head=False)
   tok = load_tokenizer(MINILM, vocab_size=cfg.vocab_size)
