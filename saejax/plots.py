@@ -12,11 +12,21 @@ from pathlib import Path
 
 from saejax.errors import DataError
 
-# (metric key, panel title, log scale): the panels of `training_curves`, when the run logged them.
-PANELS = (("loss", "total loss", True), ("info_nce", "InfoNCE", False),
-          ("accuracy", "in-batch accuracy", False), ("fvu", "FVU (reconstruction)", True),
-          ("dead_fraction", "dead latents (fraction)", False), ("l0", "active latents (L0)", False),
-          ("tokens_per_s", "tokens / s", False))
+# (metric keys, panel title, log scale): the panels of `training_curves`, when the run logged them.
+# Several keys share a panel (one line each). The latent-health panels make a collapsing dictionary
+# visible while it happens: dead (no firing in 10 x S/k texts) and hot (> 10% of texts) fractions,
+# the median / max firing rate, encoder column-norm and latent-bias percentiles.
+PANELS = ((("loss",), "total loss", True), (("info_nce", "dense/info_nce", "distill_kl"),
+           "InfoNCE / distillation", False),
+          (("accuracy",), "in-batch accuracy", False), (("fvu",), "FVU (reconstruction)", True),
+          (("pos_score", "neg_score"), "positive / negative scores", False),
+          (("dead_fraction_window", "dead_fraction", "hot_fraction"),
+           "dead (10 S/k texts), AuxK-dead, hot", False),
+          (("freq_median", "freq_max"), "latent firing rate: median, max", True),
+          (("enc_norm_p5", "enc_norm_p50", "enc_norm_p95"), "encoder column norm p5/50/95", False),
+          (("b_lat_p5", "b_lat_p50", "b_lat_p95"), "latent bias p5/50/95", False),
+          (("v_norm",), "norm of pooled v", False), (("l0",), "active latents (L0)", False),
+          (("tokens_per_s",), "tokens / s", False))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -40,19 +50,25 @@ def training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path | No
   matplotlib.use("Agg")  # files only, no display
   import matplotlib.pyplot as plt
   records = read_metrics(metrics_jsonl)
-  panels = [p for p in PANELS if any(p[0] in r for r in records)]
+  panels = [p for p in PANELS if any(key in r for key in p[0] for r in records)]
   if not records or not panels:
     return None
   cols = min(4, len(panels))
   rows = -(-len(panels) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-  for ax, (key, title, log) in zip(axes.flat, panels):
-    points = [(r["step"], r[key]) for r in records if key in r]
-    ax.plot([s for s, _ in points], [v for _, v in points], lw=1.2)
+  for ax, (keys, title, log) in zip(axes.flat, panels):
+    values = []
+    for key in keys:
+      points = [(r["step"], r[key]) for r in records if key in r]
+      if points:
+        ax.plot([s for s, _ in points], [v for _, v in points], lw=1.2, label=key)
+        values += [v for _, v in points]
     ax.set_title(title)
     ax.set_xlabel("step")
-    if log and all(v > 0 for _, v in points):
+    if log and all(v > 0 for v in values):
       ax.set_yscale("log")
+    if len(keys) > 1:
+      ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
   for ax in list(axes.flat)[len(panels):]:
     ax.axis("off")

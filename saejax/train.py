@@ -160,7 +160,8 @@ class MetricWriter:
   COLUMNS = (("loss", "loss", "{:.4f}", 1), ("info_nce", "nce", "{:.3f}", 1),
              ("accuracy", "acc", "{:.2f}", 1), ("fvu", "fvu", "{:.3f}", 1),
              ("auxk", "auxk", "{:.3f}", 1), ("l0", "L0", "{:.1f}", 1),
-             ("dead_fraction", "dead%", "{:.1f}", 100), ("hot_fraction", "hot%", "{:.1f}", 100),
+             ("dead_fraction_window", "dead%", "{:.1f}", 100),
+             ("hot_fraction", "hot%", "{:.1f}", 100), ("freq_max", "maxfreq%", "{:.1f}", 100),
              ("tokens_per_s", "tok/s", "{:,.0f}", 1), ("mfu", "MFU%", "{:.1f}", 100))
 
   # Metrics whose best value over the run goes into summary.json, and which way is better.
