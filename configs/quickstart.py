@@ -26,13 +26,20 @@ def get_config(arg: str | None = None):
   c.sae.num_latents = 4096                # a small dictionary for a small run
   c.sae.k = 32
   c.sae.k_aux = 256
-  c.sae.dead_after_tokens = 20_000
-  c.sae.b_pre_init_batches = 4
+  c.sae.dead_after_tokens = 10 * 4096 // 32  # 10 expected firings of a uniformly used latent
+  c.sae.b_pre_init_batches = 0            # the warm start sets b_pre from its own sample
+
+  # Stage 1 (about 3 min): the SAE alone on 4,096 training pairs embedded once by the untouched
+  # MiniLM. Stage 2: MiniLM and SAE together (the recipe of benchmarks/RESULTS.md "Sweep").
+  c.warmstart.steps = 400
+  c.warmstart.pairs = 4096
+  c.warmstart.batch_size = 256
+  c.warmstart.lr = 1e-3
 
   c.optim.lr_encoder = 2e-5
-  c.optim.lr_sae = 1e-3
-  c.optim.warmup_steps = 20
-  c.optim.total_steps = c.train.steps = 150  # ~2 s a step on 2 cores: the CPU budget is compute
+  c.optim.lr_sae = 1e-4
+  c.optim.warmup_steps = 10
+  c.optim.total_steps = c.train.steps = 80  # ~2 s a step on 2 cores: the CPU budget is compute
 
   c.data.sources = [dict(kind="jsonl", path=str(REPO / "data/debian-quickstart/train.jsonl"),
                          query_field="query", positive_field="document")]
@@ -42,7 +49,7 @@ def get_config(arg: str | None = None):
   c.data.buckets = (16, 32, 64)
 
   c.train.log_every = 10
-  c.train.checkpoint_every = 50
+  c.train.checkpoint_every = 40
   c.train.keep_checkpoints = 2
 
   c.eval.enabled = True
@@ -59,6 +66,6 @@ def get_config(arg: str | None = None):
     c.sae.num_latents = 256
     c.sae.k = 8
     c.sae.k_aux = 16
-    c.sae.b_pre_init_batches = 1
+    c.warmstart.steps, c.warmstart.pairs, c.warmstart.batch_size = 5, 16, 8
     c.eval.enabled = False
   return c

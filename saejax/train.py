@@ -115,14 +115,17 @@ def init_b_pre_from_data(model: Embedder, batches, method: str) -> None:
 
 
 def warm_start_sae(model: Embedder, batches, ws: ml_collections.ConfigDict,
-                   loss_cfg: step_lib.LossConfig, optim_cfg: step_lib.OptimConfig) -> None:
+                   loss_cfg: step_lib.LossConfig, optim_cfg: step_lib.OptimConfig,
+                   log_every: int = 0) -> list[dict]:
   """Stage 1 of stage-wise training: train the SAE on the frozen encoder's embeddings.
 
   Embeds ``ws.pairs`` (query, positive) pairs of the training data once with the untouched
   encoder, then runs ``ws.steps`` head-training steps (`saejax.headtrain`, the same objective and
   invariants) at ``ws.lr`` on batches of ``ws.batch_size``. End-to-end training then starts from a
   dictionary that already ranks well, instead of training the encoder through a random one. Every
-  process embeds the global batches, so all of them compute the same SAE.
+  process embeds the global batches, so all of them compute the same SAE. Returns the head
+  training's metrics every ``log_every`` steps (default: a quarter of the steps), printed by
+  process 0.
   """
   from saejax import headtrain  # pylint: disable=import-outside-toplevel
   dense = nnx.jit(lambda m, ids, valid: m.dense(ids, valid))
@@ -139,10 +142,12 @@ def warm_start_sae(model: Embedder, batches, ws: ml_collections.ConfigDict,
                                    freeze_encoder=True)
   if jax.process_index() == 0:
     print(f"warm start: SAE on {len(q_v)} frozen-encoder pairs, {ws.steps} steps", flush=True)
-  trained, _, _ = headtrain.train_head(model.sae, q_v, d_v, loss_cfg, head_optim, head_cfg,
-                                       log_every=max(ws.steps // 4, 1) if
-                                       jax.process_index() == 0 else 0)
+  trained, _, history = headtrain.train_head(
+      model.sae, q_v, d_v, loss_cfg, head_optim, head_cfg,
+      log_every=log_every or max(ws.steps // 4, 1),
+      log=print if jax.process_index() == 0 else lambda _: None)
   nnx.update(model.sae, nnx.state(trained, nnx.Param))
+  return history
 
 
 def code_version() -> str:

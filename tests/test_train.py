@@ -336,3 +336,23 @@ def test_recipe_defaults_equal_the_library_defaults():
     missing = [n for n, f in fields.items()
                if n not in section and f.default is not dataclasses.MISSING]
     assert not missing, (cls.__name__, missing)
+
+
+def test_warm_start_trains_the_sae_on_frozen_embeddings_only():
+  """Stage 1 moves the SAE (its contrastive loss falls) and leaves the encoder untouched."""
+  from saejax import data
+  config = _tiny(steps=2)
+  config.warmstart.steps, config.warmstart.pairs, config.warmstart.batch_size = 30, 64, 32
+  config.warmstart.lr = 3e-3
+  _, model = train.build_model(config, nnx.Rngs(0))
+  enc_before = jax.tree.map(np.asarray, nnx.state(model.encoder, nnx.Param))
+  w_enc_before = np.asarray(model.sae.w_enc[...])
+  tok = train.load_tokenizer(config.model.tokenizer, vocab_size=30522)
+  batches = data.make_iterator(train.data_config(config), tok)
+  loss_cfg = train._dataclass(step_lib.LossConfig, config.loss, "loss")
+  optim_cfg = train._dataclass(step_lib.OptimConfig, config.optim, "optim")
+  history = train.warm_start_sae(model, batches, config.warmstart, loss_cfg, optim_cfg,
+                                 log_every=10)
+  assert len(history) == 3 and history[-1]["info_nce"] < history[0]["info_nce"]
+  assert not np.allclose(np.asarray(model.sae.w_enc[...]), w_enc_before)
+  _assert_same_params(enc_before, jax.tree.map(np.asarray, nnx.state(model.encoder, nnx.Param)))
