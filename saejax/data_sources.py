@@ -8,7 +8,7 @@ sharding and resuming are index arithmetic, never a replayed generator):
 - BEIR folders (Thakur et al., 2021, "BEIR: A Heterogeneous Benchmark for Zero-shot Evaluation of
   Information Retrieval Models"): corpus.jsonl + queries.jsonl + qrels/{split}.tsv become
   (query text, relevant document text) pairs, a document being its title and text joined.
-- Hugging Face datasets by hub name (`datasets.load_dataset`) and TFDS through
+- Hugging Face datasets by hub name or local folder (`datasets.load_dataset`) and TFDS through
   `tfds.data_source` (ArrayRecord, no TensorFlow needed); both imported lazily.
 
 `RecordSource` turns any of these row tables into validated records. It scans the table once up
@@ -63,8 +63,9 @@ class SourceConfig:
   # "jsonl": one JSON object per line; "beir": a BEIR folder; "hf": a Hugging Face hub dataset;
   # "tfds": a TFDS dataset read through tfds.data_source (ArrayRecord).
   kind: Literal["jsonl", "beir", "hf", "tfds"]
-  # jsonl: the file; beir: the folder; hf: the hub name ("sentence-transformers/all-nli");
-  # tfds: the dataset name ("my_dataset:1.0.0").
+  # jsonl: the file; beir: the folder; hf: what datasets.load_dataset takes, a hub name
+  # ("sentence-transformers/all-nli") or a local folder of data files named by split
+  # (train.parquet, train.jsonl; read offline); tfds: the dataset name ("my_dataset:1.0.0").
   path: str
   # Relative sampling weight in a mixture (normalised over all sources).
   weight: float = 1.0
@@ -282,7 +283,8 @@ class BeirTable:
 
 
 class HfTable:
-  """A Hugging Face hub dataset split from `datasets.load_dataset` (Arrow, memory-mapped)."""
+  """A Hugging Face dataset split (hub name or local folder) from `datasets.load_dataset`
+  (Arrow, memory-mapped)."""
 
   def __init__(self, name: str, subset: str | None, split: str):
     self.name, self.split = name, split
@@ -393,6 +395,8 @@ def _fields_of(cfg: SourceConfig) -> _Fields:
 def _field(row: Mapping[str, Any], field: str, where: str) -> Any:
   if field not in row:
     raise DataError(f"{where}: missing field {field!r} (fields: {sorted(row)})")
+  if row[field] is None:  # null is missing: an Arrow table (hf) stores a key a row lacks as null
+    raise DataError(f"{where}: missing field {field!r} (null)")
   return row[field]
 
 
