@@ -88,24 +88,18 @@ def dense_ndcg(data: BeirData, q, d) -> float:
 
 
 def codes_fn(sae: sae_lib.SAE):
+  """``codes(v, k, normalize) -> (values, indices)``: the SAE's embedding of cached vectors at any
+  k (`SAE.embed` with k as data, batched so S-wide pre-activations stay small)."""
   graphdef, state = nnx.split(sae)
-
-  @jax.jit
-  def embed(state, v, k_max):
-    del k_max
-    m = nnx.merge(graphdef, state)
-    return m.pre_activations(v)
+  pre_activations = jax.jit(lambda state, v: nnx.merge(graphdef, state).pre_activations(v))
 
   def codes(v: np.ndarray, k: int, normalize: bool):
     out_v, out_i = [], []
     for start in range(0, len(v), 1024):
-      pre = embed(state, jnp.asarray(v[start:start + 1024]), 0)
-      values, indices = jax.lax.top_k(pre, k)
-      values = jax.nn.relu(values)
-      if normalize:
-        values = sae_lib.unit_norm(values)
+      code = sae_lib.topk_relu(pre_activations(state, jnp.asarray(v[start:start + 1024])), k)
+      values = sae_lib.unit_norm(code.values) if normalize else code.values
       out_v.append(np.asarray(values))
-      out_i.append(np.asarray(indices))
+      out_i.append(np.asarray(code.indices))
     return np.concatenate(out_v), np.concatenate(out_i)
 
   return codes

@@ -28,13 +28,17 @@ def get_config(arg: str | None = None):
   c.model.dtype = "bfloat16"
   c.model.remat = True                    # 64 records/device: activations need recomputation
 
-  c.loss.temperature = 0.05               # codes are unnormalised dot products: see README
-  c.loss.w_flops_q = 1e-4
-  c.loss.w_flops_d = 1e-4
+  c.loss.w_flops_q = 1.0                  # on unit-norm codes; keeps hot latents under ~10%
+  c.loss.w_flops_d = 1.0
+  c.loss.w_dense_contrastive = 0.5        # the encoder also trains as a dense model
   c.loss.flops_warmup_steps = 6_000       # SPLADE: quadratic ramp over the first third
 
+  c.warmstart.steps = 2000                # stage 1: the SAE alone on frozen-encoder embeddings
+  c.warmstart.pairs = 65536
+  c.warmstart.batch_size = 1024
+  c.warmstart.lr = 1e-3
   c.optim.lr_encoder = 8e-5
-  c.optim.lr_sae = 5e-4
+  c.optim.lr_sae = 2e-4
   c.optim.warmup_steps = 1_000
   c.optim.total_steps = c.train.steps = 20_000
 
@@ -73,6 +77,7 @@ def shrink(c):
   c.model.dtype = "float32"
   c.model.remat = False
   c.sae.num_latents, c.sae.k, c.sae.k_aux, c.sae.b_pre_init_batches = 256, 8, 16, 1
+  c.warmstart.steps, c.warmstart.pairs, c.warmstart.batch_size = 3, 16, 8
   c.data.sources = [dict(kind="jsonl", path=str(repo / "data/debian-quickstart/train.jsonl"),
                          query_field="query", positive_field="document", max_records=200)]
   c.data.global_batch_size, c.data.num_hard_negatives, c.data.padding = 4, 0, "bucket"

@@ -22,8 +22,9 @@ def get_config(arg: str | None = None):
   c.sae.num_latents = 16384
   c.sae.k = 64
   c.sae.k_aux = 512
-  c.sae.dead_after_tokens = 200_000
-  c.sae.b_pre_init_batches = 8
+  c.sae.dead_after_tokens = 10 * 16384 // 64  # 10 expected firings of a uniformly used latent
+  c.warmstart.steps = 1000
+  c.warmstart.pairs = 16384
   c.data.sources = [
       dict(kind="jsonl", path=str(DATA / "debian-descriptions/train.jsonl"),
            query_field="query", positive_field="document", weight=3.0),
@@ -44,6 +45,7 @@ def get_config(arg: str | None = None):
     c.train.log_every = c.train.checkpoint_every = 1
     c.data.global_batch_size = 4
     c.sae.num_latents, c.sae.k, c.sae.k_aux, c.sae.b_pre_init_batches = 256, 8, 16, 1
+    c.warmstart.steps, c.warmstart.pairs, c.warmstart.batch_size = 3, 16, 8
     c.data.sources = [dict(s, max_records=100) for s in c.data.sources]
     c.eval.enabled = False
   return c

@@ -70,10 +70,13 @@ def get_config(arg: str | None = None):
   c.warmstart.steps = 600
   c.warmstart.pairs = 8192
   c.warmstart.batch_size = 256
-  c.warmstart.lr = 2e-4
+  c.warmstart.lr = 1e-3
 
+  # Stage 2 trains the encoder through the sparse codes (InfoNCE on their cosine) and, at half
+  # weight, as a dense model (InfoNCE on cosine of v), which keeps v a good embedding to code.
+  c.loss.w_dense_contrastive = 0.5
   c.optim.lr_encoder = 3e-5
-  c.optim.lr_sae = 1e-4
+  c.optim.lr_sae = 2e-4
   c.optim.total_steps = c.train.steps = int(steps or STEPS)
   c.optim.warmup_steps = min(30, c.train.steps // 10)
 

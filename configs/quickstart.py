@@ -36,8 +36,10 @@ def get_config(arg: str | None = None):
   c.warmstart.batch_size = 256
   c.warmstart.lr = 1e-3
 
+  c.loss.w_dense_contrastive = 0.5        # stage 2 also trains MiniLM as a dense model
+  c.loss.w_flops_q = c.loss.w_flops_d = 1.0  # keeps latents from firing for most texts (hot)
   c.optim.lr_encoder = 2e-5
-  c.optim.lr_sae = 1e-4
+  c.optim.lr_sae = 2e-4
   c.optim.warmup_steps = 10
   c.optim.total_steps = c.train.steps = 80  # ~2 s a step on 2 cores: the CPU budget is compute
 

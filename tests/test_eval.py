@@ -121,7 +121,7 @@ def test_sparse_retrieval_metrics_and_flops_by_hand():
   qrels = {"q0": {"d0": 0, "d2": 1, "d3": 2}, "q1": {"d1": 2}}
   data_ = quickeval.BeirData(("d0", "d1", "d2", "d3"), ("",) * 4, ("q0", "q1"), ("", ""), qrels)
   got = harness._sparse_retrieval(data_, q_values, q_indices, d_values, d_indices, 2, 2, 4,
-                                  harness.HarnessConfig())
+                                  harness.HarnessConfig(), unit=False)
   # q0 ranks d0 (gain 0), d2 (gain 1); d3 (gain 2) is never retrieved.
   ndcg_q0 = _ndcg([0, 1], [0, 1, 2])
   assert ndcg_q0 == pytest.approx(1 / math.log2(3) / (2 + 1 / math.log2(3)))
@@ -134,14 +134,22 @@ def test_sparse_retrieval_metrics_and_flops_by_hand():
   assert got["active_dims_query"] == pytest.approx(1.5)  # q1's second slot has value 0
   assert got["active_dims_doc"] == pytest.approx(1.25)
   np.testing.assert_array_equal(got["_lengths"], [2, 1, 1, 1])
+  # Unit-norm codes (cosine): d2 = (.5, 1) / |.| scores .5/1.118 + .25/1.118 = .671 for q0 and d0
+  # scores 1 (q0's norm does not matter), so the ranking is unchanged; at k = 1 every document is a
+  # single latent with value 1 and q0 = {0: 1} ties d0 with d2 (whose first column is latent 0).
+  unit = harness._sparse_retrieval(data_, q_values, q_indices, d_values, d_indices, 1, 1, 4,
+                                   harness.HarnessConfig(), unit=True)
+  raw = harness._sparse_retrieval(data_, q_values, q_indices, d_values, d_indices, 1, 1, 4,
+                                  harness.HarnessConfig(), unit=False)
+  assert unit["ndcg@10"] != raw["ndcg@10"]  # d2's truncated code (.5) renormalised to 1
 
 
 def test_frequency_histogram_and_sweep_defaults():
   h = harness.frequency_histogram(np.array([0, 0, 1, 10, 100]), 100)
   assert h["dead"] == 2 and sum(h["counts"]) == 3
   assert h["edges"][0] <= 0.01 and h["edges"][-1] == 1.0
-  assert harness.default_sweep(32) == (4, 8, 16, 32)
-  assert harness.default_sweep(2) == (1, 2)
+  assert harness.default_sweep(32) == (4, 8, 16, 32, 64)
+  assert harness.default_sweep(2) == (1, 2, 4)
   assert harness.BeirSpec.parse("x=/a/b:dev") == harness.BeirSpec("x", "/a/b", "dev")
   assert harness.BeirSpec.parse("/d/debian/beir-dev").name == "debian/beir-dev"
   assert harness.BeirSpec.parse("/a/b=c").path == "/a/b=c"
@@ -161,22 +169,25 @@ def test_sparse_system_latent_health_and_k_sweep(beir):
   tok = load_tokenizer(MINILM, vocab_size=30522)
   system = harness.SparseSystem("tiny", model, tok)
   data_ = quickeval.load_beir(beir, "test")
-  cfg = harness.HarnessConfig(max_doc_len=64, batch_size=32, k_sweep=(2, 4, 8, 64))
+  cfg = harness.HarnessConfig(max_doc_len=64, batch_size=32, k_sweep=(2, 4, 8, 16, 256))
   got = system.evaluate(data_, cfg)
-  assert [row["k"] for row in got["k_sweep"]] == [2, 4, 8]  # 64 > training k: left out
+  assert [row["k"] for row in got["k_sweep"]] == [2, 4, 8, 16]  # 256 > S = 128: left out
   # Dead / hot from an independent count over the documents' codes.
   enc = EncodeConfig(max_len=64, batch_size=32, progress=False)
   codes = encode_sparse(model, tok, data_.docs, 8, enc)
+  assert model.sae.config.normalize_codes
   counts = np.zeros(128)
   for vals, idx in zip(codes.values, codes.indices):
     counts[idx[vals > 0]] += 1
   assert got["dead_fraction"] == pytest.approx((counts == 0).mean())
   assert got["hot_fraction"] == pytest.approx((counts > 0.1 * len(data_.docs)).mean())
   assert got["latent_frequency"]["dead"] == int((counts == 0).sum())
-  # The sweep reads the first k' columns of the k=8 code: that is the code a k'=4 encoding gives.
+  # The sweep reads the first k' columns of the k=16 code, renormalised: that is the code a k'=4
+  # encoding gives.
+  wide = encode_sparse(model, tok, data_.docs, 16, enc)
   direct = encode_sparse(model, tok, data_.docs, 4, enc)
-  np.testing.assert_array_equal(direct.indices, codes.indices[:, :4])
-  np.testing.assert_array_equal(direct.values, codes.values[:, :4])
+  np.testing.assert_array_equal(direct.indices, wide.indices[:, :4])
+  np.testing.assert_allclose(direct.values, harness._unit_rows(wide.values[:, :4]), atol=1e-6)
   row4 = next(r for r in got["k_sweep"] if r["k"] == 4)
   assert row4["active_dims_doc"] == pytest.approx((direct.values > 0).sum(1).mean())
 
@@ -188,7 +199,7 @@ def test_cli_end_to_end(beir, runs, dense_dir, tmp_path, capsys):
   out = tmp_path / "out"
   results = cli.main([
       "--model", str(runs["sparse"]), "--model", f"ablation={runs['dense']}",
-      "--beir", f"{beir}:test", "--out", str(out), "--baselines", "bm25,dense",
+      "--beir", f"{beir}:test", "--out", str(out), "--baselines", "bm25,dense,random",
       "--dense-encoder", str(dense_dir), "--max-doc-len", "64", "--batch-size", "16"])
   assert {p.name for p in out.iterdir()} == {"results.json", "report.md",
                                               "quality_vs_k_tiny.png", "latent_frequency_tiny.png"}
@@ -197,11 +208,13 @@ def test_cli_end_to_end(beir, runs, dense_dir, tmp_path, capsys):
   tiny = written["datasets"]["tiny"]
   assert (tiny["num_queries"], tiny["num_docs"]) == (16, 32)
   systems = tiny["systems"]
-  assert list(systems) == ["sparse", "ablation", "bm25", "dense"]
-  assert [systems[n]["kind"] for n in systems] == ["sparse", "dense", "bm25", "dense"]
+  assert list(systems) == ["sparse", "ablation", "bm25", "dense", "random-topk"]
+  assert [systems[n]["kind"] for n in systems] == ["sparse", "dense", "bm25", "dense", "sparse"]
+  # The floor: the untouched encoder with an untrained SAE of the first model's S and k.
+  assert (systems["random-topk"]["k_train"], systems["random-topk"]["num_latents"]) == (8, 128)
   sparse = systems["sparse"]
   assert (sparse["k_query"], sparse["k_doc"], sparse["k_train"]) == (8, 8, 8)
-  assert [r["k"] for r in sparse["k_sweep"]] == [1, 2, 4, 8]
+  assert [r["k"] for r in sparse["k_sweep"]] == [1, 2, 4, 8, 16]
   assert 0 < sparse["active_dims_doc"] <= 8 and 0 <= sparse["dead_fraction"] <= 1
   assert sparse["flops_per_query"] == pytest.approx(sparse["flops_per_doc"] * 32)
   assert systems["ablation"]["active_dims_doc"] == 32  # the ablation's pooled width D

@@ -10,7 +10,8 @@ Systems (each ranks the top `HarnessConfig.depth` documents of every query, exac
   * `SparseSystem`: a saejax `Embedder` with its TopK SAE (a training run's workdir, or a
     sentence-transformers SparseEncoder directory through `saejax.export.load_sparse_encoder`).
     Documents go into `saejax.index.SparseIndex` (the exact inverted index) and are scored by the
-    dot product of the sparse codes, the similarity the model is trained with.
+    dot product of the sparse embeddings (unit-norm codes: cosine), the similarity the model is
+    trained with. `random_topk_system` is the floor: the untouched encoder with an untrained SAE.
   * `DenseSystem`: mean-pooled encoder output, cosine similarity (`quickeval.search_dense`): the
     untouched encoder a model was initialised from (`dense_system(HF_DIR)`), or a run trained
     without SAE (the dense ablation, ``sae.enabled=False``; its loss is InfoNCE on cosine).
@@ -33,10 +34,11 @@ What is reported per dataset and system (`SparseSystem.evaluate` and friends):
     `saejax.index` switches a latent to a dense column: a hot latent is one that makes every
     query that uses it touch a tenth of the corpus.
   * a histogram of latent document frequencies on log-spaced bins (for the report's plot).
-  * quality vs k: the same model at several k <= its training k (queries and documents alike).
-    TopK values come back sorted (``jax.lax.top_k``), so the code at k' < k is the first k'
-    columns of the code at k: one encoding pass serves every k' (tests/test_eval.py checks this
-    equals re-encoding with k = k').
+  * quality vs k: the same model at several k (queries and documents alike), above its training k
+    too (a TopK code can be read at any k). TopK values come back sorted (``jax.lax.top_k``), so
+    the code at k' < k is the first k' columns of the code at k, renormalised when the model's
+    codes are unit-norm: one encoding pass serves every k' (tests/test_eval.py checks this equals
+    re-encoding with k = k').
   * time: encoding (queries, documents; jit compilation included, once per bucket shape),
     indexing and search (the index's numba kernels are warmed up on one query first), queries/s.
 
