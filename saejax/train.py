@@ -129,13 +129,17 @@ def warm_start_sae(model: Embedder, batches, ws: ml_collections.ConfigDict,
   """
   from saejax import headtrain  # pylint: disable=import-outside-toplevel
   dense = nnx.jit(lambda m, ids, valid: m.dense(ids, valid))
-  qs, ds, n = [], [], 0
+  qs, ds, keys, n = [], [], [], 0
   while n < ws.pairs:
     batch = distributed.gather_batches([next(batches)])[0]
     qs.append(np.asarray(dense(model, batch["q_ids"], batch["q_valid"])))
     ds.append(np.asarray(dense(model, batch["d_ids"][:, 0], batch["d_valid"][:, 0])))
+    keys += [_pair_key(batch, i) for i in range(len(qs[-1]))]
     n += len(qs[-1])
-  q_v, d_v = np.concatenate(qs)[:ws.pairs], np.concatenate(ds)[:ws.pairs]
+  # The pairs in an order fixed by their content, not by how the processes' rows were gathered:
+  # one process and several see the same set of pairs, and must train the same SAE from it.
+  order = np.argsort(np.asarray(keys[:ws.pairs]), kind="stable")
+  q_v, d_v = np.concatenate(qs)[:ws.pairs][order], np.concatenate(ds)[:ws.pairs][order]
   head_cfg = headtrain.HeadTrainConfig(steps=ws.steps, batch_size=min(ws.batch_size, len(q_v)))
   head_optim = dataclasses.replace(optim_cfg, lr_sae=ws.lr, total_steps=ws.steps,
                                    warmup_steps=min(optim_cfg.warmup_steps, ws.steps // 10),
@@ -148,6 +152,15 @@ def warm_start_sae(model: Embedder, batches, ws: ml_collections.ConfigDict,
       log=print if jax.process_index() == 0 else lambda _: None)
   nnx.update(model.sae, nnx.state(trained, nnx.Param))
   return history
+
+
+def _pair_key(batch: dict, i: int) -> str:
+  """A digest of row i's query and positive tokens (padding excluded)."""
+  import hashlib
+  q = batch["q_ids"][i][batch["q_valid"][i]]
+  d = batch["d_ids"][i, 0][batch["d_valid"][i, 0]]
+  return hashlib.sha256(np.ascontiguousarray(q, np.int64).tobytes() + b"|" +
+                        np.ascontiguousarray(d, np.int64).tobytes()).hexdigest()
 
 
 def code_version() -> str:
