@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 ARMS = ("sparse", "dense", "frozen")
+K_SWEEP = "8,16,32,64,128"  # quality vs k: the codes are read at each k from one encoding
 MAX_DOC_LEN = 128  # every system gets the token budget the arms were trained with (configs/quality.py)
 DATASETS = (f"scifact={DATA / 'scifact'}:test", f"cranfield={DATA / 'cranfield'}:test",
             f"debian={DATA / 'debian-descriptions' / 'beir-dev'}:dev")
@@ -113,10 +114,12 @@ def main():
   from saejax.demo import minilm_dir
   from saejax.eval import report
   names = {"sparse": "sparse", "dense": "dense-ft", "frozen": "frozen"}
-  groups = [evaluate_group(names[arm], [f"--model={names[arm]}={out / arm}", "--baselines=none"],
-                           out) for arm in ARMS]
+  groups = [evaluate_group(names[arm], [f"--model={names[arm]}={out / arm}", "--baselines=none",
+                                        f"--k-sweep={K_SWEEP}"], out)
+            for arm in ARMS if trained_to(out / arm)]
   groups.append(evaluate_group("baselines", ["--baselines=bm25,dense,random",
-                                             f"--dense-encoder={minilm_dir()}"], out))
+                                             f"--dense-encoder={minilm_dir()}",
+                                             f"--k-sweep={K_SWEEP}"], out))
   results = report.write(merge(groups), out / "eval", command=" ".join(sys.argv))
   print(report.markdown(results))
   checks, mean = targets(results)
