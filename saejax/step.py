@@ -143,12 +143,6 @@ def dense_loss(model: Embedder, batch: dict, cfg: LossConfig) -> tuple[jax.Array
   return cfg.w_contrastive * loss, (metrics, no_codes)
 
 
-def _unit(x: jax.Array) -> jax.Array:
-  """Rows of x at unit L2 norm (rsqrt of a floored square: no NaN gradient at a zero row)."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-12))
-
-
 def objective(sae: sae_lib.SAE, q: Output, d: Output, since_fired: jax.Array, step: jax.Array,
               cfg: LossConfig) -> tuple[jax.Array, dict]:
   """Total loss and every component from the SAE outputs of B queries and B*(1+H) documents.
@@ -179,7 +173,7 @@ def objective(sae: sae_lib.SAE, q: Output, d: Output, since_fired: jax.Array, st
 
   total = add("contrastive", cfg.w_contrastive,
               losses.info_nce(z_q, z_d3[:, 0], z_d3[:, 1:], cfg.temperature))
-  v_q, v_d = _unit(q.v), _unit(d.v).reshape(b, n_docs, -1)
+  v_q, v_d = sae_lib.unit_norm(q.v), sae_lib.unit_norm(d.v).reshape(b, n_docs, -1)
   if cfg.w_distill:
     total += add("distill", cfg.w_distill, losses.distill_kl(
         z_q, z_d3[:, 0], z_d3[:, 1:], jax.lax.stop_gradient(v_q),
