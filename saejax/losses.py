@@ -45,10 +45,10 @@ def info_nce(q: Float[Array, "B S"], d_pos: Float[Array, "B S"], d_neg: Float[Ar
   Candidates are the B positives followed by the B*H hard negatives (H may be 0); query i's label is
   its own positive i. Codes are dense (`sae.densify` them first). Called inside jit on batch-sharded
   arrays, the candidates are all-gathered for the score matrix, so the negatives are the global
-  batch. A document repeated in the batch (two queries with one positive, or a positive that is
-  another query's hard negative) is a false negative for the other queries: nothing in saejax
-  removes such repeats yet (issue #13, item 14), so a mixture with many queries per document
-  (SciFact train: 919 pairs over 809 claims) pays for it as noise in the contrastive term.
+  batch. A repeat in the batch makes false negatives: a document that is the positive of two
+  queries, or one query twice with two different positives (SciFact train has 919 pairs over 809
+  claims). Nothing in saejax removes such repeats yet (issue #13, item 14); they add noise to the
+  contrastive term.
 
   Args:
     q: query codes.
