@@ -194,7 +194,11 @@ def main(argv=None):
     report({"arm": "dense (ceiling)", "k64": dense})
     sae = random_topk(d_model, 16384, args.seed)
     report({"arm": "random TopK S=16384 (floor)", **evaluate(sae, evals, health_v)})
-  for arm in [a for a in args.arms.split(",") if a]:
+  arms = [a for a in args.arms.split(",") if a]
+  unknown = [a for a in arms if a not in ARMS]
+  if unknown:
+    p.error(f"unknown arms {unknown}; choose from {sorted(ARMS)}")
+  for arm in arms:
     sae_cfg, loss_cfg, optim_cfg, head_cfg = build(ARMS[arm], d_model)
     start = time.time()
     sae = sae_lib.SAE(sae_cfg, rngs=nnx.Rngs(args.seed))
