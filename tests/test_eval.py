@@ -3,13 +3,17 @@ directories and a tiny BEIR folder of real text, bad input, and the mteb adapter
 
 import json
 import math
+import os
 import shutil
+import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flax import nnx
+from tokenizers import Tokenizer
 
 from saejax import bert, checkpoint, convert, data, quickeval, step as step_lib, train, trained
 from saejax.embedder import Embedder
@@ -226,6 +230,75 @@ def test_cli_end_to_end(beir, runs, dense_dir, tmp_path, capsys):
   assert "| sparse (k 8 / 8) | sparse |" in report and "![nDCG@10 vs k]" in report
   assert (out / "quality_vs_k_tiny.png").read_bytes()[:4] == b"\x89PNG"
   assert "## tiny" in capsys.readouterr().out
+
+
+def _eval_cli(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "saejax.eval", *args], cwd=REPO, text=True,
+                        capture_output=True, timeout=600, env={**os.environ, "SAEJAX_DEBUG": ""})
+
+
+def test_cli_reports_stages_and_reads_at_the_trained_lengths(beir, runs, tmp_path):
+  config = trained.read_config(runs["sparse"])
+  lens = (config.data.max_query_len, config.data.max_doc_len)
+  assert lens == (32, 64) != (harness.HarnessConfig().max_query_len,
+                              harness.HarnessConfig().max_doc_len)
+  args = ["--model", str(runs["sparse"]), "--beir", f"{beir}:test", "--baselines", "bm25",
+          "--no-plots", "--k-sweep", "8", "--batch-size", "16"]
+  loud = _eval_cli(*args, "--out", str(tmp_path / "loud"))
+  assert loud.returncode == 0, loud.stderr
+  # No length flags: every system reads at the lengths the model was trained with, and says so.
+  results = json.loads((tmp_path / "loud" / "results.json").read_text())
+  assert (results["config"]["max_query_len"], results["config"]["max_doc_len"]) == lens
+  assert results["token_budgets"] == {"max_query_len": 32, "max_doc_len": 64,
+                                      "from": "trained lengths of sparse"}
+  sparse = results["datasets"]["tiny"]["systems"]["sparse"]
+  assert (sparse["max_query_len"], sparse["max_doc_len"]) == lens
+  # The truncation counts are the real tokenizer's at those lengths (an independent count).
+  tok = Tokenizer.from_file(str(MINILM / "tokenizer.json"))
+  tok.no_truncation()
+  tok.no_padding()  # MiniLM's tokenizer.json pads every text to 128
+  data_ = quickeval.load_beir(beir, "test")
+  long_docs = sum(len(e.ids) > 64 for e in tok.encode_batch(list(data_.docs)))
+  long_queries = sum(len(e.ids) > 32 for e in tok.encode_batch(list(data_.queries)))
+  assert sparse["truncated_docs"] == long_docs > 0
+  assert sparse["truncated_queries"] == long_queries
+  report = (tmp_path / "loud" / "report.md").read_text()
+  assert "queries 32, documents 64 (trained lengths of sparse)" in report
+  assert f"sparse {long_queries} / {long_docs} (at 32 / 64 tokens)" in report
+  # Stage lines and progress bars on stderr by default; the table alone on stdout.
+  stages = [line for line in loud.stderr.splitlines() if line.startswith("[eval ")]
+  for says in ("loading model 1/1: ", "token budgets: queries 32, documents 64",
+               "dataset 1/1 tiny: loading", "tiny: system 1/2 sparse (sparse) on 16 queries x 32",
+               "tiny: sparse done in ", "tiny: bm25 done in ", "wrote "):
+    assert any(says in line for line in stages), (says, loud.stderr)
+  assert "sparse docs" in loud.stderr and "[eval " not in loud.stdout
+  assert "## tiny" in loud.stdout
+  quiet = _eval_cli(*args, "--out", str(tmp_path / "quiet"), "--quiet")
+  assert quiet.returncode == 0, quiet.stderr
+  assert "[eval " not in quiet.stderr and "sparse docs" not in quiet.stderr, quiet.stderr
+  assert "## tiny" in quiet.stdout
+  quiet_results = json.loads((tmp_path / "quiet" / "results.json").read_text())
+  assert quiet_results["datasets"]["tiny"]["systems"]["sparse"]["ndcg@10"] == sparse["ndcg@10"]
+
+
+def test_token_budgets_of_several_models(caplog):
+  def system(name, lens):
+    return types.SimpleNamespace(name=name, trained_lens=lens)
+
+  args = cli.parser().parse_args(["--beir", "x", "--out", "y"])
+  systems = [system("bm25", None), system("a", (32, 64)), system("b", (64, 256)),
+             system("c", (32, 64))]
+  with caplog.at_level("WARNING", logger="saejax.eval"):
+    got = cli.token_budgets(args, systems)
+  # The first model's lengths for every system; the model trained otherwise is named.
+  assert got == {"max_query_len": 32, "max_doc_len": 64, "from": "trained lengths of a"}
+  assert "b 64/256" in caplog.text and "c 32/64" not in caplog.text
+  args = cli.parser().parse_args(["--beir", "x", "--out", "y", "--max-doc-len", "128"])
+  assert cli.token_budgets(args, systems) == {
+      "max_query_len": 32, "max_doc_len": 128,
+      "from": "--max-query-len/--max-doc-len (the other from the trained lengths of a)"}
+  assert cli.token_budgets(args, systems[:1])["max_query_len"] == (
+      harness.HarnessConfig().max_query_len)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,17 +10,31 @@ is a training workdir (the dense ablation, ``sae.enabled=False``, is evaluated a
 or an exported sentence-transformers SparseEncoder directory, optionally named ``NAME=PATH``.
 Each ``--beir`` is ``[NAME=]FOLDER[:SPLIT]`` (split ``test`` by default). The "dense" baseline is
 the untouched encoder of ``--dense-encoder`` (default: the first run's ``model.init_from``).
+
+Token budgets: every system reads queries and documents at the same lengths, by default the ones
+the first ``--model`` was trained with (a run's ``data.max_query_len`` / ``data.max_doc_len``, an
+export's ``max_seq_length`` for both); baselines get the same. Models trained with other lengths
+are named in a warning: one budget for all keeps the table a comparison of models, not of
+budgets; pass ``--max-query-len`` / ``--max-doc-len`` to choose. Without a model the budgets are
+`harness.HarnessConfig`'s defaults. The budgets used and where they came from are in
+results.json (``token_budgets``, and per system ``max_query_len`` / ``max_doc_len`` after capping
+at the encoder's position table, with the truncated text counts) and in report.md.
+
+Progress: a line per stage (model loaded, dataset loaded, system started and done) and progress
+bars while encoding go to stderr; ``--quiet`` leaves only warnings and errors.
 """
 
 import argparse
 import logging
 import shlex
 import sys
+import time
 
 from saejax.errors import ConfigError
 from saejax.eval import harness, report
 
 BASELINES = ("bm25", "dense", "random")
+STAGES = logging.getLogger("saejax.eval")  # the harness logs its stages to a child of this
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -57,20 +71,71 @@ def parser() -> argparse.ArgumentParser:
                  help="k values for quality vs k (default k, k/2, k/4, k/8)")
   p.add_argument("--max-docs", type=int, default=0, help="subsample each corpus (0: all)")
   p.add_argument("--seed", type=int, default=0, help="seed of the subsample")
-  p.add_argument("--max-query-len", type=int, default=64)
-  p.add_argument("--max-doc-len", type=int, default=256)
+  p.add_argument("--max-query-len", type=int, default=None,
+                 help="query token budget (default: the first --model's trained length)")
+  p.add_argument("--max-doc-len", type=int, default=None,
+                 help="document token budget (default: the first --model's trained length)")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-  p.add_argument("--progress", action="store_true", help="show progress bars")
+  p.add_argument("--quiet", action="store_true",
+                 help="no stage lines or progress bars on stderr (warnings and errors still show)")
+  p.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)  # now the default
   return p
+
+
+class _StageFormatter(logging.Formatter):
+  """``[eval   12.3s] message``: seconds since the command started."""
+
+  def __init__(self, start: float):
+    super().__init__()
+    self.start = start
+
+  def format(self, record: logging.LogRecord) -> str:
+    return f"[eval {record.created - self.start:7.1f}s] {record.getMessage()}"
+
+
+def show_stages(quiet: bool) -> None:
+  """Stage lines to stderr (INFO), or only warnings with ``quiet``; idempotent."""
+  for handler in [h for h in STAGES.handlers if isinstance(h.formatter, _StageFormatter)]:
+    STAGES.removeHandler(handler)
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(_StageFormatter(time.time()))
+  STAGES.addHandler(handler)
+  STAGES.setLevel(logging.WARNING if quiet else logging.INFO)
+  STAGES.propagate = False  # a root handler installed by a library would print each line twice
+
+
+def token_budgets(args: argparse.Namespace, systems: list) -> dict:
+  """{"max_query_len", "max_doc_len", "from"}: the flags where given, else the first model's
+  trained lengths, else the harness defaults (see the module docstring)."""
+  trained = [(s.name, s.trained_lens) for s in systems if getattr(s, "trained_lens", None)]
+  default = harness.HarnessConfig()
+  query, doc = default.max_query_len, default.max_doc_len
+  source = "defaults (no --model records its trained lengths)"
+  if trained:
+    name, (query, doc) = trained[0]
+    source = f"trained lengths of {name}"
+    others = [f"{n} {q}/{d}" for n, (q, d) in trained[1:] if (q, d) != (query, doc)]
+    if others and (args.max_query_len is None or args.max_doc_len is None):
+      STAGES.warning("models trained with other token budgets (query/document): %s; every system "
+                     "reads %s's %d/%d; pass --max-query-len/--max-doc-len to choose",
+                     ", ".join(others), name, query, doc)
+  if args.max_query_len is not None or args.max_doc_len is not None:
+    source = "--max-query-len/--max-doc-len" + (
+        f" (the other from the {source})" if None in (args.max_query_len, args.max_doc_len) else "")
+  return {"max_query_len": query if args.max_query_len is None else args.max_query_len,
+          "max_doc_len": doc if args.max_doc_len is None else args.max_doc_len, "from": source}
 
 
 def build_systems(args: argparse.Namespace) -> list:
   """The systems the arguments name: models first, then the baselines."""
   systems = []
-  for spec in args.model:
+  for i, spec in enumerate(args.model, start=1):
     name, path = harness.split_name(spec)
+    STAGES.info("loading model %d/%d: %s", i, len(args.model), path)
     systems.append(harness.load_system(path, name))
+  if {"dense", "random"} & set(args.baselines):
+    STAGES.info("loading baselines: %s", ", ".join(args.baselines))
   if "bm25" in args.baselines:
     systems.append(harness.BM25System())
   if {"dense", "random"} & set(args.baselines):
@@ -93,14 +158,21 @@ def main(argv: list[str] | None = None) -> dict:
   """Run the evaluation; returns what was written to results.json."""
   argv = sys.argv[1:] if argv is None else argv
   args = parser().parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  cfg = harness.HarnessConfig(k_query=args.k_query, k_doc=args.k_doc, k_sweep=args.k_sweep,
-                              max_query_len=args.max_query_len, max_doc_len=args.max_doc_len,
-                              batch_size=args.batch_size, progress=args.progress)
+  show_stages(args.quiet)
   specs = [harness.BeirSpec.parse(b, max_docs=args.max_docs, seed=args.seed) for b in args.beir]
-  results = harness.evaluate(build_systems(args), specs, cfg)
+  systems = build_systems(args)
+  budgets = token_budgets(args, systems)
+  STAGES.info("token budgets: queries %d, documents %d (%s)", budgets["max_query_len"],
+              budgets["max_doc_len"], budgets["from"])
+  cfg = harness.HarnessConfig(k_query=args.k_query, k_doc=args.k_doc, k_sweep=args.k_sweep,
+                              max_query_len=budgets["max_query_len"],
+                              max_doc_len=budgets["max_doc_len"], batch_size=args.batch_size,
+                              progress=not args.quiet)
+  results = {**harness.evaluate(systems, specs, cfg), "token_budgets": budgets}
   command = shlex.join(["python", "-m", "saejax.eval", *argv])
   results = report.write(results, args.out, command=command, plots=not args.no_plots)
+  STAGES.info("wrote %s: %s", args.out, ", ".join([report.RESULTS, report.REPORT, *(
+      f for files in results["files"].values() for f in files.values())]))
   print(report.markdown(results), flush=True)
   return results
 

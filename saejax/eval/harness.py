@@ -42,6 +42,15 @@ What is reported per dataset and system (`SparseSystem.evaluate` and friends):
   * time: encoding (queries, documents; jit compilation included, once per bucket shape),
     indexing and search (the index's numba kernels are warmed up on one query first), queries/s.
 
+Token budgets: every system reads the same `HarnessConfig.max_query_len` / ``max_doc_len``
+(capped at each encoder's position table, `token_budgets`), so a table compares like with like.
+`load_system` records the budgets a model was trained with (`SparseSystem.trained_lens`); the
+CLI makes them the default (see `saejax.eval.__main__`).
+
+Progress: `evaluate` reports each stage (dataset loaded, system started, system done with its
+time and nDCG@10) on the ``saejax.eval`` logger at INFO; nothing shows unless a handler is
+attached (the CLI attaches one to stderr unless ``--quiet``).
+
 Bad input is the loader's (`quickeval.load_beir`: unknown ids in qrels and duplicate ids are
 errors naming file and line; empty queries are skipped and counted in ``skipped_empty_queries``),
 and the model loader's: a directory that is neither a run nor an export, a checkpoint of another
@@ -74,6 +83,8 @@ from saejax.tokenizer import load_tokenizer
 HOT_FREQUENCY = 0.1  # see the module docstring
 SWEEP_STEPS = 4      # default quality-vs-k points: k, k/2, k/4, k/8
 HISTOGRAM_BINS = 30  # log-spaced document-frequency bins of the latent histogram
+
+log = logging.getLogger(__name__)  # stage lines; see the module docstring
 
 Kind = Literal["sparse", "dense", "bm25"]
 
@@ -242,12 +253,14 @@ class SparseSystem:
     tokenizer: its tokenizer.
     source: where it was loaded from.
     init_from: the untouched encoder it started from (a training run's ``model.init_from``).
+    trained_lens: (query, document) token budgets it was trained with; None if unknown.
   """
   name: str
   model: Embedder
   tokenizer: Tokenizer
   source: str = ""
   init_from: str = ""
+  trained_lens: tuple[int, int] | None = None
   kind: ClassVar[Kind] = "sparse"
 
   def __post_init__(self):
@@ -341,11 +354,13 @@ class DenseSystem:
     encoder: any module called as ``encoder(ids, valid) -> [B, T, D]``.
     tokenizer: its tokenizer.
     source: where it was loaded from.
+    trained_lens: (query, document) token budgets it was trained with; None if unknown.
   """
   name: str
   encoder: nnx.Module
   tokenizer: Tokenizer
   source: str = ""
+  trained_lens: tuple[int, int] | None = None
   kind: ClassVar[Kind] = "dense"
 
   def evaluate(self, data: BeirData, cfg: HarnessConfig) -> dict:
@@ -409,7 +424,9 @@ def load_system(path: str | Path, name: str | None = None) -> SparseSystem | Den
     name: the system's name (default: the directory's name).
 
   Returns:
-    A `SparseSystem`, or a `DenseSystem` for a run trained without SAE (the dense ablation).
+    A `SparseSystem`, or a `DenseSystem` for a run trained without SAE (the dense ablation), with
+    its trained token budgets: a run's ``data.max_query_len`` / ``data.max_doc_len``, an export's
+    ``max_seq_length`` for both (sentence-transformers reads every text at that length).
 
   Raises:
     CheckpointError: a directory that is neither, a checkpoint that does not fit its config
@@ -423,8 +440,9 @@ def load_system(path: str | Path, name: str | None = None) -> SparseSystem | Den
     except ImportError as e:
       raise ConfigError(f"{path} is an exported directory (modules.json), but saejax.export cannot "
                         f"be imported: {e}") from e
-    model, tokenizer, _ = export.load_sparse_encoder(path)
-    return SparseSystem(name, model, tokenizer, source=str(path))
+    model, tokenizer, info = export.load_sparse_encoder(path)
+    length = int(info["max_seq_length"])
+    return SparseSystem(name, model, tokenizer, source=str(path), trained_lens=(length, length))
   if not ((path / "config.json").is_file() and (path / "checkpoints").is_dir()):
     raise CheckpointError(f"{path} is neither a saejax training workdir (config.json and "
                           f"checkpoints/) nor an exported SparseEncoder directory (modules.json)")
@@ -433,10 +451,19 @@ def load_system(path: str | Path, name: str | None = None) -> SparseSystem | Den
     raise CheckpointError(f"{path / 'config.json'} is not a saejax training config (it has no "
                           f"'model' and 'sae' sections); is this a Hugging Face directory?")
   config, model, tokenizer = trained.load_run(path)  # CheckpointError: another model, bad bytes
+  lens = trained_lens(config)
   if model.sae is None:
-    return DenseSystem(name, model.encoder, tokenizer, source=str(path))
+    return DenseSystem(name, model.encoder, tokenizer, source=str(path), trained_lens=lens)
   return SparseSystem(name, model, tokenizer, source=str(path),
-                      init_from=str(config.model.get("init_from") or ""))
+                      init_from=str(config.model.get("init_from") or ""), trained_lens=lens)
+
+
+def trained_lens(config) -> tuple[int, int] | None:
+  """(data.max_query_len, data.max_doc_len) of a training config; None if it lacks them."""
+  data = config.get("data") or {}
+  if "max_query_len" not in data or "max_doc_len" not in data:
+    return None
+  return int(data["max_query_len"]), int(data["max_doc_len"])
 
 
 def random_topk_system(hf_dir: str | Path, k: int, num_latents: int = 16384, seed: int = 0,
@@ -466,13 +493,18 @@ def dense_system(hf_dir: str | Path, name: str = "dense") -> DenseSystem:
 # ---------------------------------------------------------------------------------------------
 # Running
 
-def evaluate_dataset(systems: Sequence[System], data: BeirData, cfg: HarnessConfig) -> dict:
-  """{system name: metrics} of every system on one loaded dataset."""
+def evaluate_dataset(systems: Sequence[System], data: BeirData, cfg: HarnessConfig,
+                     dataset: str = "") -> dict:
+  """{system name: metrics} of every system on one loaded dataset (``dataset``: its name, for
+  the stage lines)."""
   out = {}
-  for system in systems:
-    logging.info("evaluating %s on %d queries x %d documents", system.name, len(data.query_ids),
-                 len(data.doc_ids))
+  for i, system in enumerate(systems, start=1):
+    log.info("%s: system %d/%d %s (%s) on %s queries x %s documents", dataset, i, len(systems),
+             system.name, system.kind, f"{len(data.query_ids):,}", f"{len(data.doc_ids):,}")
+    start = time.perf_counter()
     out[system.name] = {"source": system.source, **system.evaluate(data, cfg)}
+    log.info("%s: %s done in %.1f s: nDCG@10 %.4f", dataset, system.name,
+             time.perf_counter() - start, out[system.name]["ndcg@10"])
   return out
 
 
@@ -494,11 +526,12 @@ def evaluate(systems: Sequence[System], specs: Sequence[BeirSpec], cfg: HarnessC
     if repeated:
       raise ConfigError(f"two {what}s are named {repeated}; give them names (NAME=PATH)")
   datasets = {}
-  for spec in specs:
+  for i, spec in enumerate(specs, start=1):
+    log.info("dataset %d/%d %s: loading %s [%s]", i, len(specs), spec.name, spec.path, spec.split)
     data = spec.load()
     datasets[spec.name] = {
         "path": spec.path, "split": spec.split, "num_queries": len(data.query_ids),
         "num_docs": len(data.doc_ids), "max_docs": spec.max_docs,
         "skipped_empty_queries": len(data.skipped_empty_queries),
-        "systems": evaluate_dataset(systems, data, cfg)}
+        "systems": evaluate_dataset(systems, data, cfg, spec.name)}
   return {"config": dataclasses.asdict(cfg), "datasets": datasets}

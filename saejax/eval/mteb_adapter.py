@@ -93,8 +93,12 @@ class SaejaxMTEB(AbsEncoder):
 
   @classmethod
   def from_path(cls, path: str | Path, **kwargs) -> "SaejaxMTEB":
-    """Load a run's workdir or an exported SparseEncoder directory (`harness.load_system`)."""
+    """Load a run's workdir or an exported SparseEncoder directory (`harness.load_system`); the
+    token budgets default to the ones the model was trained with."""
     system = harness.load_system(path)
+    if system.trained_lens:
+      kwargs = {"max_query_len": system.trained_lens[0], "max_doc_len": system.trained_lens[1],
+                **kwargs}
     model = system.model if isinstance(system, harness.SparseSystem) else Embedder(
         system.encoder, None)
     return cls(model, system.tokenizer, **{"name": f"saejax/{system.name}", **kwargs})

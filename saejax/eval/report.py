@@ -100,6 +100,17 @@ def dataset_table(dataset: dict) -> str:
   return "\n".join(lines)
 
 
+def truncation_line(dataset: dict) -> str:
+  """Texts each tokenising system cut at its budget ("" when no system tokenises)."""
+  counts = [f"{name} {m['truncated_queries']:,} / {m['truncated_docs']:,} (at {m['max_query_len']}"
+            f" / {m['max_doc_len']} tokens)"
+            for name, m in dataset["systems"].items() if "truncated_docs" in m]
+  if not counts:
+    return ""
+  return (f"Texts cut at the token budget, queries / documents (of {dataset['num_queries']:,} / "
+          f"{dataset['num_docs']:,}): " + "; ".join(counts) + ".")
+
+
 def sweep_table(name: str, m: dict) -> str:
   """The quality-vs-k table of one sparse system."""
   lines = [f"`{name}` (trained k = {m['k_train']}, S = {m['num_latents']:,}):", "",
@@ -121,8 +132,9 @@ def markdown(results: dict) -> str:
       f"- command: `{results['command']}`" if results.get("command") else "- command: (library)",
       f"- machine: {mach['processor']}, {mach['cpu_count']} CPUs, JAX {mach['jax_version']} on "
       f"{mach['jax_backend']} ({mach['jax_device']})",
-      f"- token budgets: queries {cfg['max_query_len']}, documents {cfg['max_doc_len']}; batch "
-      f"{cfg['batch_size']}; {cfg['depth']} documents ranked per query",
+      f"- token budgets: queries {cfg['max_query_len']}, documents {cfg['max_doc_len']}"
+      + (f" ({results['token_budgets']['from']})" if results.get("token_budgets") else "")
+      + f"; batch {cfg['batch_size']}; {cfg['depth']} documents ranked per query",
       "",
       "Metrics: ir-measures (trec_eval definitions). FLOPs / query: the summed posting-list "
       "lengths of a query's active latents, averaged over queries (N x D for dense systems), "
@@ -139,6 +151,9 @@ def markdown(results: dict) -> str:
       parts += ["", f"**Warning**: {d['skipped_empty_queries']} judged queries with empty text "
                     "were skipped."]
     parts += ["", dataset_table(d)]
+    cut = truncation_line(d)
+    if cut:
+      parts += ["", cut]
     sparse = {n: m for n, m in d["systems"].items() if m["kind"] == "sparse"}
     if sparse:
       parts += ["", "### Quality vs k", ""]
