@@ -1,17 +1,30 @@
 """The training data pipeline: text sources -> shuffled, sharded, resumable token batches.
 
-Built on grain's `MapDataset` (random access end to end), in this order:
+Built on grain, in this order:
 
   per source: RecordSource (saejax.data_sources) -> shuffle(seed, reshuffled every epoch) -> repeat
-  -> MapDataset.mix(weights) -> this process's shard [shard_index::shard_count]
-  -> batch(global_batch_size / shard_count, drop_remainder) with tokenisation + bucketed padding
-  -> to_iter_dataset (prefetch threads).
+  -> MapDataset.mix(weights): the global record stream (random access, the same in every process)
+  -> global batches of `global_batch_size` records with no repeated text (below); this process
+     keeps rows [shard_index::shard_count]
+  -> tokenisation + bucketed padding -> a prefetch thread.
 
-Every batch is a pure function of (config, data, batch index), so the iterator state is one
-integer (`{"next_index": n}`): `get_state`/`set_state` and `grain.checkpoint.CheckpointSave` /
-`CheckpointRestore` (Orbax) resume at exactly the next batch. Sharding after the global shuffle
-makes the global batch i the records [i * G, (i + 1) * G) of one global stream, whatever the number
-of processes: process p holds every shard_count-th of them, and reads only those.
+No repeated text in a global batch. InfoNCE scores every query against every document of the
+global batch, so a text that appears twice is a false negative: a document that is the positive of
+two records (or one record's positive and another's hard negative), or one query twice with two
+positives. A global batch never holds two records with the same query text, nor a text that is the
+positive of one record and the positive or a (used) hard negative of another. A record that would
+break this is deferred: it waits, in stream order, and joins the first later batch it fits, ahead
+of unread records. At most `WAITING_BATCHES` global batches' worth of records wait; a repeat beyond
+that (a source that repeats a few texts in most records) is dropped, counted in the iterator state
+("dropped") and logged. At the end of a finite stream the records of a last, unfilled batch are not yielded (as
+`drop_remainder`), nor are the deferred ones; the final state says how many waited.
+
+Resume: the iterator state is {"next_index": batches yielded, "next_record": the first unread
+stream position, "deferred": the stream positions of the waiting records, "dropped": n}, all plain
+integers, so `get_state`/`set_state` and `grain.checkpoint.CheckpointSave` / `CheckpointRestore`
+(Orbax) resume at exactly the next batch. Every process assembles the same global batch (it reads
+the texts of all G records, a small part of a step) and tokenises only its own rows, so global
+batch i is the same whatever the number of processes: process p holds its rows p, p + P, ...
 
 Batches are dicts of numpy arrays in the layout of InfoNCE with hard negatives (van den Oord et al.,
 2018; Karpukhin et al., 2020): d_ids[:, 0] is each query's positive, d_ids[:, 1:] its H hard
@@ -34,7 +47,8 @@ the bucket each step: all-gather each process's (Tq, Td), take the maximum and `
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from typing import Literal, TypedDict
 
 import grain
@@ -47,8 +61,15 @@ from saejax.data_sources import (Bm25NegativesSource, OnBadRecord, Record, Recor
 from saejax.errors import ConfigError, DataError
 from saejax.tokenizer import pad_id, truncating_copy
 
-__all__ = ["Batch", "BatchTokenizer", "DataConfig", "Pipeline", "SourceConfig", "bucket_length",
-           "make_iterator", "make_pipeline", "pad_batch"]
+__all__ = ["Batch", "BatchTokenizer", "DataConfig", "DistinctBatches", "Pipeline", "SourceConfig",
+           "bucket_length", "make_iterator", "make_pipeline", "pad_batch"]
+
+log = logging.getLogger(__name__)
+
+# Records that wait for a later batch (they repeat a text of the one being built), in global
+# batches: room for chance clusters of repeats in a shuffled stream. Data that needs more repeats a
+# few texts in most records, and no queue keeps up with it.
+WAITING_BATCHES = 4
 
 # Shape legend: B = per-process batch, Tq / Td = query / document length (a bucket),
 # H = hard negatives per query, so each query has 1 + H documents.
@@ -91,7 +112,7 @@ class DataConfig:
   num_epochs: int | None = None
   # "raise": a bad record stops the run with its file and line; "skip": drop and count it.
   on_bad_record: OnBadRecord = "raise"
-  # grain prefetch: reader threads, and batches buffered ahead of the training step.
+  # grain prefetch: threads reading records ahead, and batches buffered ahead of the training step.
   read_threads: int = 2
   prefetch_batches: int = 4
 
@@ -210,23 +231,143 @@ def _source_seed(seed: int, i: int) -> int:
   return int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
 
 
+class _BatchTexts:
+  """The texts one global batch already holds; `admits` refuses a record that would repeat one."""
+
+  def __init__(self, num_negatives: int):
+    self.num_negatives = num_negatives
+    self.queries: set[str] = set()
+    self.positives: set[str] = set()
+    self.negatives: set[str] = set()
+
+  def admits(self, record: Record) -> bool:
+    """True (and the record's texts are now held) when the record repeats no text of the batch."""
+    negatives = record["negatives"][:self.num_negatives]  # only these reach the batch
+    if (record["query"] in self.queries or record["positive"] in self.positives
+        or record["positive"] in self.negatives or not self.positives.isdisjoint(negatives)):
+      return False
+    self.queries.add(record["query"])
+    self.positives.add(record["positive"])
+    self.negatives.update(negatives)
+    return True
+
+
+class DistinctBatches(grain.IterDataset):
+  """This process's rows of each global batch of `global_batch_size` records of `stream` with no
+  repeated text (module docstring): lists of records, before tokenisation."""
+
+  def __init__(self, stream: grain.MapDataset, *, global_batch_size: int, num_negatives: int,
+               num_records: int, shard_index: int, shard_count: int,
+               read_options: grain.ReadOptions):
+    """`num_records`: records in the sources (an epoch); a batch that refuses that many records in
+    a row gives up with a DataError instead of reading a repeated stream forever."""
+    super().__init__()
+    self.stream, self.global_batch_size = stream, global_batch_size
+    self.num_negatives, self.num_records = num_negatives, num_records
+    self.shard_index, self.shard_count, self.read_options = shard_index, shard_count, read_options
+
+  def __iter__(self) -> "_DistinctBatchIterator":
+    return _DistinctBatchIterator(self)
+
+
+class _DistinctBatchIterator(grain.DatasetIterator):
+  """Assembles the global batches in stream order; its state is a few integers (module docstring)."""
+
+  def __init__(self, ds: DistinctBatches):
+    super().__init__()
+    self._ds = ds
+    self._batches, self._next_record, self._dropped = 0, 0, 0
+    self._deferred: list[tuple[int, Record]] = []  # (stream position, record), oldest first
+    self._reader: Iterator[Record] | None = None  # reads the stream from _next_record on
+
+  def _read(self) -> Iterator[Record]:
+    if self._reader is None:
+      self._reader = iter(self._ds.stream[self._next_record:].to_iter_dataset(
+          self._ds.read_options))
+    return self._reader
+
+  def _reset_reader(self):
+    if self._reader is not None:
+      self._reader.close()
+    self._reader = None
+
+  def __next__(self) -> list[Record]:
+    try:
+      return self._next_batch()
+    except BaseException:
+      # The reader may have moved past the last batch yielded: restart it there, so the state
+      # (and a retry) still describe exactly the next batch.
+      self._reset_reader()
+      raise
+
+  def _next_batch(self) -> list[Record]:
+    g = self._ds.global_batch_size
+    texts, batch, waiting = _BatchTexts(self._ds.num_negatives), [], []
+    for item in self._deferred:  # the oldest waiting records go first
+      (batch if len(batch) < g and texts.admits(item[1]) else waiting).append(item)
+    position, dropped, refused = self._next_record, 0, 0
+    reader = self._read()
+    while len(batch) < g:
+      record = next(reader)  # StopIteration at the end of a finite stream; no state changed
+      if texts.admits(record):
+        batch.append((position, record))
+        refused = 0
+      else:
+        refused += 1
+        if refused >= self._ds.num_records:  # about an epoch: no record of the data fits
+          raise DataError(
+              f"global batch {self._batches}: the last {refused} records read all repeat a query "
+              f"or document of the {len(batch)} already in it; the data has too few distinct "
+              f"texts for global_batch_size={g}")
+        if len(waiting) < WAITING_BATCHES * g:
+          waiting.append((position, record))
+        else:
+          dropped += 1
+      position += 1
+    self._batches, self._next_record, self._deferred = self._batches + 1, position, waiting
+    if dropped:
+      self._dropped += dropped
+      log.warning("global batch %d: dropped %d records that repeat a text of the batch while %d "
+                  "others wait (%d dropped so far)", self._batches - 1, dropped, len(waiting),
+                  self._dropped)
+    return [record for _, record in batch[self._ds.shard_index::self._ds.shard_count]]
+
+  def get_state(self) -> dict:
+    return {"next_index": self._batches, "next_record": self._next_record,
+            "deferred": [position for position, _ in self._deferred], "dropped": self._dropped}
+
+  def set_state(self, state: dict):
+    self._reset_reader()
+    self._batches = int(state["next_index"])
+    # A checkpoint from before batches deferred repeats holds only next_index: batch n began at
+    # stream record n * G and nothing waited.
+    self._next_record = int(state.get("next_record", self._batches * self._ds.global_batch_size))
+    self._deferred = [(int(p), self._ds.stream[int(p)]) for p in state.get("deferred", ())]
+    self._dropped = int(state.get("dropped", 0))
+
+
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
-  """This process's view of the data: its records, its batches and the sources behind them."""
-  # Record dicts of this shard, in training order (before batching).
-  records: grain.MapDataset
-  # Batches of `batch_size` records of this shard.
-  batches: grain.MapDataset
+  """This process's view of the data: the record stream, its batches and the sources behind them."""
+  # The global record stream (shuffled, repeated, mixed), before batching; every process builds
+  # the same one.
+  stream: grain.MapDataset
+  # This process's rows of each global batch, as records (before tokenisation).
+  record_batches: DistinctBatches
+  # The same batches tokenised: `Batch`es of `batch_size` rows.
+  batches: grain.IterDataset
   # The opened sources, in config order (num_skipped / num_filtered: the bad-record counts).
   sources: tuple[RecordSource | Bm25NegativesSource, ...]
   batch_size: int
   shard_index: int
   shard_count: int
-  read_options: grain.ReadOptions
+  prefetch_batches: int
 
   def iterator(self) -> grain.DatasetIterator:
-    """A fresh checkpointable iterator over `batches` (get_state / set_state, Orbax handler)."""
-    return iter(self.batches.to_iter_dataset(self.read_options))
+    """A fresh checkpointable iterator over `batches` (get_state / set_state, Orbax handler),
+    tokenising up to `prefetch_batches` batches ahead in a thread."""
+    return iter(grain.experimental.ThreadPrefetchIterDataset(
+        self.batches, prefetch_buffer_size=self.prefetch_batches))
 
   def record_counts(self) -> dict[str, dict[str, int]]:
     """Per source: records kept, bad records skipped, rows refused by the filter."""
@@ -264,17 +405,23 @@ def make_pipeline(cfg: DataConfig, tokenizer: Tokenizer, *, shard_index: int | N
     if cfg.shuffle:
       ds = ds.shuffle(seed=_source_seed(cfg.seed, i))
     parts.append(ds.repeat(cfg.num_epochs))
-  mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(
+  stream = parts[0] if len(parts) == 1 else grain.MapDataset.mix(
       parts, weights=[s.weight for s in cfg.sources])
-  records = mixed[shard_index::shard_count]
+  # Records are read ahead one global batch at a time (each process reads all of its texts).
+  read_options = grain.ReadOptions(num_threads=cfg.read_threads,
+                                   prefetch_buffer_size=cfg.global_batch_size)
+  record_batches = DistinctBatches(stream, global_batch_size=cfg.global_batch_size,
+                                   num_negatives=cfg.num_hard_negatives,
+                                   num_records=sum(len(s) for s in sources),
+                                   shard_index=shard_index, shard_count=shard_count,
+                                   read_options=read_options)
   batch_fn = BatchTokenizer(tokenizer, max_query_len=cfg.max_query_len,
                             max_doc_len=cfg.max_doc_len, num_negatives=cfg.num_hard_negatives,
                             buckets=cfg.buckets, padding=cfg.padding)
-  batches = records.batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
-  read_options = grain.ReadOptions(num_threads=cfg.read_threads,
-                                   prefetch_buffer_size=cfg.prefetch_batches)
-  return Pipeline(records=records, batches=batches, sources=sources, batch_size=batch_size,
-                  shard_index=shard_index, shard_count=shard_count, read_options=read_options)
+  return Pipeline(stream=stream, record_batches=record_batches,
+                  batches=record_batches.map(batch_fn), sources=sources, batch_size=batch_size,
+                  shard_index=shard_index, shard_count=shard_count,
+                  prefetch_batches=cfg.prefetch_batches)
 
 
 def make_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, shard_index: int | None = None,

@@ -45,10 +45,14 @@ def info_nce(q: Float[Array, "B S"], d_pos: Float[Array, "B S"], d_neg: Float[Ar
   Candidates are the B positives followed by the B*H hard negatives (H may be 0); query i's label is
   its own positive i. Codes are dense (`sae.densify` them first). Called inside jit on batch-sharded
   arrays, the candidates are all-gathered for the score matrix, so the negatives are the global
-  batch. A repeat in the batch makes false negatives: a document that is the positive of two
-  queries, or one query twice with two different positives (SciFact train has 919 pairs over 809
-  claims). Nothing in saejax removes such repeats yet (issue #13, item 14); they add noise to the
-  contrastive term.
+  batch. A repeated text makes a false negative: a document that is the positive of two queries
+  (or one query's positive and another's hard negative), or one query twice with two positives
+  (SciFact train has 919 pairs over 809 claims). The training pipeline (`saejax.data`) builds global
+  batches without them, by exact text: no query text twice, no text that is the positive of one
+  record and the positive or hard negative of another; a record that would repeat one waits for a
+  later batch (or, past a queue of a few batches, is dropped and counted). This function does not
+  check it: batches built elsewhere, and near-duplicates (a document edited by one character), can
+  still hold false negatives.
 
   Args:
     q: query codes.

@@ -1,5 +1,6 @@
 """Tests of the data pipeline on real text from ../shared/data (skipped where it is absent)."""
 
+import collections
 import dataclasses
 import importlib.util
 import itertools
@@ -13,6 +14,7 @@ from etils import epath
 from grain.checkpoint import CheckpointHandler
 from tokenizers import Tokenizer
 
+from saejax import data
 from saejax.data import (DataConfig, SourceConfig, bucket_length, make_iterator, make_pipeline,
                          pad_batch)
 from saejax.tokenizer import load_tokenizer, pad_id as pad_token_id
@@ -278,8 +280,8 @@ def test_batches_carry_special_tokens_and_flag_truncation(tokenizer_path):
   cfg = config(debian(max_records=40), global_batch_size=8, max_query_len=8, max_doc_len=32,
                buckets=(8, 16, 32), num_hard_negatives=1)
   pipeline = make_pipeline(cfg, tokenizer, shard_index=0, shard_count=1)
-  batch = pipeline.batches[0]
-  records = [pipeline.records[i] for i in range(8)]
+  batch = next(pipeline.iterator())
+  records = next(iter(pipeline.record_batches))
   assert batch["d_ids"].shape[:2] == (8, 2) and batch["d_valid"].shape == batch["d_ids"].shape
   texts = [(r["query"], batch["q_ids"][i], batch["q_valid"][i], batch["q_truncated"][i], 8)
            for i, r in enumerate(records)]
@@ -308,8 +310,7 @@ def test_batches_are_padded_to_the_smallest_fitting_bucket(modernbert_tokenizer)
   cfg = config(debian(max_records=120), max_query_len=512, max_doc_len=512, buckets=buckets)
   pipeline = make_pipeline(cfg, modernbert_tokenizer, shard_index=0, shard_count=1)
   query_widths, doc_widths = set(), set()
-  for i in range(8):
-    batch = pipeline.batches[i]
+  for batch in itertools.islice(pipeline.iterator(), 8):
     for ids, valid in (("q_ids", "q_valid"), ("d_ids", "d_valid")):
       longest = int(batch[valid].sum(-1).max())
       width = batch[ids].shape[-1]
@@ -330,7 +331,7 @@ def test_fixed_padding_uses_the_max_lengths(modernbert_tokenizer):
 
 def test_pad_batch_grows_to_an_agreed_length(modernbert_tokenizer):
   cfg = config(debian(max_records=20))
-  batch = make_pipeline(cfg, modernbert_tokenizer, shard_index=0, shard_count=1).batches[0]
+  batch = next(make_iterator(cfg, modernbert_tokenizer, shard_index=0, shard_count=1))
   pad = pad_token_id(modernbert_tokenizer)
   grown = pad_batch(batch, q_len=64, d_len=128, pad_id=pad)
   assert grown["q_ids"].shape == (4, 64) and grown["d_valid"].shape == (4, 1, 128)
@@ -371,32 +372,34 @@ def test_resume_gives_exactly_the_next_batches(modernbert_tokenizer, tmp_path):
 
 def test_two_shards_split_the_records_disjointly(modernbert_tokenizer):
   cfg = config(debian(max_records=100), global_batch_size=8, num_epochs=1)
-  single = make_pipeline(cfg, modernbert_tokenizer, shard_index=0, shard_count=1)
+  single = list(make_pipeline(cfg, modernbert_tokenizer, shard_index=0,
+                              shard_count=1).record_batches)
   shards = [make_pipeline(cfg, modernbert_tokenizer, shard_index=i, shard_count=2)
             for i in range(2)]
   key = lambda r: (r["query"], r["positive"])
-  held = [[key(s.records[i]) for i in range(len(s.records))] for s in shards]
-  assert [s.batch_size for s in shards] == [4, 4] and [len(h) for h in held] == [50, 50]
-  assert not set(held[0]) & set(held[1])
-  everything = [key(single.records[i]) for i in range(len(single.records))]
-  assert set(held[0]) | set(held[1]) == set(everything)
-  # Global record g sits in shard g % 2: the global stream does not depend on the process count.
-  assert [h for pair in zip(*held) for h in pair] == everything
-  assert len(shards[0].batches) == 50 // 4
+  held = [[[key(r) for r in rows] for rows in s.record_batches] for s in shards]
+  assert [s.batch_size for s in shards] == [4, 4] and len(held[0]) == len(held[1]) == 100 // 8
+  assert all(len(rows) == 4 for h in held for rows in h)
+  flat = [set(itertools.chain(*h)) for h in held]
+  assert not flat[0] & flat[1]
+  # Row j of global batch i sits in shard j % 2: the global batches do not depend on the process
+  # count.
+  assert [[r for pair in zip(a, b) for r in pair] for a, b in zip(*held)] == \
+      [[key(r) for r in rows] for rows in single]
   with pytest.raises(ConfigError, match="not divisible by the 3 processes"):
     make_pipeline(cfg, modernbert_tokenizer, shard_index=0, shard_count=3)
 
 
 def test_epochs_cover_every_record_in_a_new_order(modernbert_tokenizer):
   cfg = config(debian(max_records=20), num_epochs=2)
-  records = make_pipeline(cfg, modernbert_tokenizer, shard_index=0, shard_count=1).records
+  records = make_pipeline(cfg, modernbert_tokenizer, shard_index=0, shard_count=1).stream
   queries = [records[i]["query"] for i in range(len(records))]
   assert len(queries) == 40
   first, second = queries[:20], queries[20:]
   assert sorted(first) == sorted(second) == sorted(r["query"] for r in jsonl_rows(DEBIAN, 20))
   assert first != second
   reseeded = make_pipeline(dataclasses.replace(cfg, seed=1), modernbert_tokenizer,
-                           shard_index=0, shard_count=1).records
+                           shard_index=0, shard_count=1).stream
   assert [reseeded[i]["query"] for i in range(20)] != first
 
 
@@ -404,10 +407,137 @@ def test_mixture_draws_sources_by_weight(modernbert_tokenizer):
   need(SCIFACT)
   cfg = config(debian(max_records=100, weight=3.0),
                SourceConfig("beir", str(SCIFACT), max_records=50, weight=1.0))
-  records = make_pipeline(cfg, modernbert_tokenizer, shard_index=0, shard_count=1).records
+  records = make_pipeline(cfg, modernbert_tokenizer, shard_index=0, shard_count=1).stream
   debian_queries = {r["query"] for r in jsonl_rows(DEBIAN, 100)}
   from_debian = [records[i]["query"] in debian_queries for i in range(400)]
   assert sum(from_debian) == 300
+
+
+# ----------------------------------------------------------------------------- no repeated text
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer() -> Tokenizer:
+  need(MINILM_TOKENIZER)
+  return load_tokenizer(MINILM_TOKENIZER)
+
+
+def planted(tmp_path: Path, rows: list[dict]) -> SourceConfig:
+  path = tmp_path / "planted.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return SourceConfig("jsonl", str(path), negative_fields=("negatives",) * ("negatives" in rows[0]))
+
+
+def repeats(batch: list[dict], num_negatives: int = 0) -> list[str]:
+  """Texts that make a false negative in one global batch: a query twice, a document that is the
+  positive of two records, or one record's positive and another's hard negative."""
+  queries = collections.Counter(r["query"] for r in batch)
+  positives = collections.Counter(r["positive"] for r in batch)
+  negatives = {(i, n) for i, r in enumerate(batch) for n in r["negatives"][:num_negatives]}
+  return ([q for q, n in queries.items() if n > 1] + [d for d, n in positives.items() if n > 1]
+          + [n for i, n in negatives if any(r["positive"] == n for j, r in enumerate(batch)
+                                            if j != i)])
+
+
+def run_to_the_end(pipeline) -> tuple[list[list[dict]], dict]:
+  it = iter(pipeline.record_batches)
+  batches = list(it)
+  return batches, it.get_state()
+
+
+# 120 records over 12 documents (each the positive of 10 records) and 100 queries (20 asked twice).
+REPEATED = [{"query": f"query {i % 100}", "positive": f"document {i % 12}"} for i in range(120)]
+
+
+def test_no_global_batch_repeats_a_positive_or_a_query(tmp_path, minilm_tokenizer):
+  cfg = config(planted(tmp_path, REPEATED), global_batch_size=8, num_epochs=1, seed=3)
+  pipeline = make_pipeline(cfg, minilm_tokenizer, shard_index=0, shard_count=1)
+  stream = [pipeline.stream[i] for i in range(len(pipeline.stream))]
+  assert sum(len(repeats(stream[i:i + 8])) > 0 for i in range(0, 120, 8)) > 10  # as shuffled
+  batches, state = run_to_the_end(pipeline)
+  assert all(len(b) == 8 and not repeats(b) for b in batches)
+  # Every record is yielded once, or still waits, or lies past the last full batch; none dropped.
+  key = lambda r: (r["query"], r["positive"])
+  yielded = [key(r) for b in batches for r in b]
+  waiting = [key(stream[p]) for p in state["deferred"]]
+  unread = [key(r) for r in stream[state["next_record"]:]]
+  assert state["dropped"] == 0 and state["next_index"] == len(batches) == 14
+  assert sorted(yielded + waiting + unread) == sorted(map(key, stream))
+  assert len(set(yielded)) == len(yielded) == 112
+  # Deferring moved records, but only later: each batch is drawn from the stream in order.
+  assert yielded != [key(r) for r in stream[:112]]
+  first_seen = [next(i for i, r in enumerate(stream) if key(r) == k) for k in yielded]
+  assert all(max(first_seen[:8 * (i + 1)]) < state["next_record"] for i in range(14))
+
+
+def test_hard_negatives_never_repeat_another_records_positive(tmp_path, minilm_tokenizer):
+  # Record i's negative is record i + 1's positive: any two neighbours in a batch would clash.
+  rows = [{"query": f"q{i}", "positive": f"d{i}", "negatives": [f"d{(i + 1) % 40}", "x"]}
+          for i in range(40)]
+  cfg = config(planted(tmp_path, rows), global_batch_size=4, num_epochs=1, shuffle=False,
+               num_hard_negatives=1)
+  batches, state = run_to_the_end(make_pipeline(cfg, minilm_tokenizer, shard_index=0,
+                                                shard_count=1))
+  assert all(not repeats(b, num_negatives=1) for b in batches) and state["dropped"] == 0
+  # In file order the first batch would clash three times; q1, q3 and q5 wait for the second batch
+  # (q0, q2 and q4 hold their positives as negatives). The second negative "x" is not in the batch
+  # (H = 1), and a repeated negative is no false negative anyway.
+  assert len(repeats(rows[:4], num_negatives=1)) == 3
+  assert [r["query"] for r in batches[0]] == ["q0", "q2", "q4", "q6"]
+  assert [r["query"] for r in batches[1]] == ["q1", "q3", "q5", "q7"]
+  assert len(batches) == 10 and not state["deferred"]
+
+
+def test_repeats_beyond_a_batch_of_waiting_records_are_dropped_and_counted(tmp_path,
+                                                                             minilm_tokenizer):
+  # 30 of 40 records share one document: each batch of 4 can hold one of them.
+  rows = [{"query": f"q{i}", "positive": "the same document" if i % 4 else f"d{i}"}
+          for i in range(40)]
+  cfg = config(planted(tmp_path, rows), global_batch_size=4, num_epochs=1, shuffle=False)
+  batches, state = run_to_the_end(make_pipeline(cfg, minilm_tokenizer, shard_index=0,
+                                                shard_count=1))
+  assert all(not repeats(b) for b in batches)
+  yielded = sum(len(b) for b in batches)
+  assert yielded + len(state["deferred"]) + state["dropped"] + 40 - state["next_record"] == 40
+  assert state["dropped"] > 0 and len(state["deferred"]) == data.WAITING_BATCHES * 4
+  # One document in every record: no batch of 4 can be filled, said in one line.
+  same = [{"query": f"q{i}", "positive": "one document"} for i in range(40)]
+  with pytest.raises(DataError, match=r"global batch 0: the last 40 records read all repeat a "
+                                      r"query or document of the 1 already in it; the data has "
+                                      r"too few distinct texts for global_batch_size=4"):
+    next(iter(make_pipeline(config(planted(tmp_path, same)), minilm_tokenizer, shard_index=0,
+                            shard_count=1).record_batches))
+
+
+def test_resume_mid_stream_with_waiting_records_is_exact(tmp_path, minilm_tokenizer):
+  cfg = config(planted(tmp_path, REPEATED), global_batch_size=8, seed=5)  # repeats forever
+  pipeline = make_pipeline(cfg, minilm_tokenizer, shard_index=0, shard_count=1)
+  it = pipeline.iterator()
+  _ = [next(it) for _ in range(6)]
+  state = it.get_state()
+  assert state["deferred"] and state["next_index"] == 6
+  CheckpointHandler().save(epath.Path(tmp_path), item=it)
+  expected = [next(it) for _ in range(20)]  # crosses epochs
+  fresh = make_pipeline(cfg, minilm_tokenizer, shard_index=0, shard_count=1).iterator()
+  fresh.set_state(state)
+  assert_same_batches([next(fresh) for _ in range(20)], expected)
+  restored = CheckpointHandler().restore(epath.Path(tmp_path), item=pipeline.iterator())
+  assert_same_batches([next(restored) for _ in range(20)], expected)
+  # A state written before batches deferred repeats holds only the batch index.
+  old = iter(pipeline.record_batches)
+  old.set_state({"next_index": 2})
+  assert next(old)[0] == pipeline.stream[16] and old.get_state()["next_index"] == 3
+
+
+def test_one_and_two_processes_see_the_same_global_batches(tmp_path, minilm_tokenizer):
+  cfg = config(planted(tmp_path, REPEATED), global_batch_size=8, seed=1)
+  single = iter(make_pipeline(cfg, minilm_tokenizer, shard_index=0, shard_count=1).record_batches)
+  shards = [iter(make_pipeline(cfg, minilm_tokenizer, shard_index=i, shard_count=2).record_batches)
+            for i in range(2)]
+  for _ in range(30):
+    rows = [next(s) for s in shards]
+    assert [r for pair in zip(*rows) for r in pair] == next(single)
+  assert shards[0].get_state() == shards[1].get_state() == single.get_state()
 
 
 def test_config_errors_name_the_key(modernbert_tokenizer):
