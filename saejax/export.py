@@ -19,13 +19,22 @@ LayerNorm of its input, and stays False. The files are produced by sentence-tran
     unit-norm decoder stays in saejax's checkpoint; a tied copy would be wrong for training.
   * ``README.md`` is saejax's model card: training config, data sources, measured metrics
     (``eval.json`` / ``summary.json`` of the workdir) and the latent labels
-    (``latent_labels.json``, copied beside it when the workdir has one).
+    (``latent_labels.json``, copied beside it when the workdir has one). A card is published:
+    it names no absolute local path (`portable_path`: the run by its directory's name, files in
+    the saejax repository or an installed package relative to it, others by their last two
+    components).
+
+Every file of the export gets the mode the process's umask gives a new file (safetensors writes
+its files 0600 while everything else gets 0644 under the usual umask 022), every directory the
+same for directories.
 
 The backbone directory at the root of the export is a plain Hugging Face model
 (``transformers.AutoModel.from_pretrained(DIR)`` loads it); ``--backbone-only`` writes just that
 (`saejax.convert.save_hf` plus the tokenizer). Max sequence length (the run's
-``data.max_doc_len``) and k carry over: tokenizer_config.json ``model_max_length`` and the SAE's
-``k``; ``dead_threshold`` becomes saejax's ``dead_after_tokens`` in steps of the run's batch.
+``data.max_doc_len``) and k carry over: ``max_seq_length`` in sentence_bert_config.json (written
+explicitly: sentence-transformers reads it before the tokenizer's ``model_max_length``, which is
+set too, for plain transformers users) and the SAE's ``k``; ``dead_threshold`` becomes saejax's
+``dead_after_tokens`` in steps of the run's batch.
 
 Import (`load_sparse_encoder`) reads such a directory, as saved by sentence-transformers itself,
 into an `Embedder`: the backbone through `saejax.convert`, the SAE as ``w_enc = encoder.weight.T``
@@ -46,6 +55,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -113,8 +123,28 @@ def _prepare_out(out: Path, force: bool) -> Path:
   return stage
 
 
+def _umask() -> int:
+  mask = os.umask(0)  # the only way to read it is to set it; put straight back
+  os.umask(mask)
+  return mask
+
+
+def match_umask(root: Path) -> None:
+  """Give every file and directory under `root` (and `root`) the mode a new one gets.
+
+  safetensors writes through a temporary file, created 0600; the other files of an export come
+  from plain ``open`` (0666 less the umask). One rule for all: the umask decides.
+  """
+  mask = _umask()
+  root.chmod(0o777 & ~mask)
+  for path in root.rglob("*"):
+    if not path.is_symlink():
+      path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _commit(stage: Path, out: Path) -> Path:
   """Replace `out` by the complete staging directory (never leaves a half-written export)."""
+  match_umask(stage)
   if out.exists():
     shutil.rmtree(out)
   stage.rename(out)
@@ -236,6 +266,7 @@ def write_sparse_encoder(model: Embedder, tokenizer_src: str | Path, out: str | 
     sae_dir = next(st_dir / m["path"] for m in json.loads((st_dir / "modules.json").read_text())
                    if m["type"].endswith("SparseAutoEncoder"))
     save_file(tensors, sae_dir / "model.safetensors", metadata={"format": "pt"})
+    pin_max_seq_length(st_dir, settings.max_seq_length)
     shutil.rmtree(backbone)
     if card is not None:
       (st_dir / "README.md").write_text(card)
@@ -245,6 +276,23 @@ def write_sparse_encoder(model: Embedder, tokenizer_src: str | Path, out: str | 
   finally:
     shutil.rmtree(stage, ignore_errors=True)
   return result
+
+
+def pin_max_seq_length(st_dir: Path, max_seq_length: int) -> Path:
+  """Write ``max_seq_length`` into the Transformer module's sentence_bert_config.json.
+
+  sentence-transformers >= 5 leaves it out when it equals the tokenizer's ``model_max_length``,
+  so the budget would hang on tokenizer_config.json alone (and on its max_position_embeddings
+  cap); written here, every sentence-transformers version reads the trained length, and so does
+  `load_sparse_encoder`.
+  """
+  modules = json.loads((st_dir / "modules.json").read_text())
+  module = next(m for m in modules if _kind(m) == "Transformer")
+  file = st_dir / module["path"] / "sentence_bert_config.json"
+  config = _read_json(file) or {}
+  config["max_seq_length"] = int(max_seq_length)
+  file.write_text(json.dumps(config, indent=4) + "\n")
+  return file
 
 
 def resolve_ckpt(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
@@ -296,10 +344,36 @@ def _read_json(file: Path) -> Any:
     raise CheckpointError(f"{file} is not valid JSON (line {e.lineno}): {e.msg}") from e
 
 
+def portable_path(path: str | os.PathLike) -> str:
+  """A local path as a published card may name it: relative to the saejax repository or to the
+  installed package that holds it, else its last two components; relative paths unchanged."""
+  path = Path(path)
+  if not path.is_absolute():
+    return str(path)
+  if "site-packages" in path.parts:  # an installed package: name it from the package on
+    return Path(*path.parts[path.parts.index("site-packages") + 1:]).as_posix()
+  repo = Path(__file__).resolve().parents[1]
+  if path.is_relative_to(repo):
+    return path.relative_to(repo).as_posix()
+  return Path(*path.parts[-2:]).as_posix() if len(path.parts) > 2 else path.name
+
+
+def portable_config(value: Any) -> Any:
+  """`value` (a config as plain dicts and lists) with every absolute path made `portable_path`."""
+  if isinstance(value, dict):
+    return {k: portable_config(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [portable_config(v) for v in value]
+  if isinstance(value, str) and os.path.isabs(value):
+    return portable_path(value)
+  return value
+
+
 def _metrics_table(eval_json: dict | None, summary: dict | None) -> str:
   lines = []
   if eval_json:
-    lines += [f"Retrieval on `{eval_json.get('beir_dir')}` (split {eval_json.get('split')}, "
+    beir_dir = portable_path(eval_json.get("beir_dir") or "?")
+    lines += [f"Retrieval on `{beir_dir}` (split {eval_json.get('split')}, "
               f"{eval_json.get('num_queries')} queries x {eval_json.get('num_docs')} documents):",
               "", "| system | nDCG@10 | Recall@100 | MRR@10 |", "|---|---|---|---|"]
     for name, m in eval_json.get("systems", {}).items():
@@ -320,7 +394,8 @@ def _metrics_table(eval_json: dict | None, summary: dict | None) -> str:
 def model_card(config: ml_collections.ConfigDict, settings: ExportSettings, *, backbone: str,
                workdir: Path, step: int, has_labels: bool) -> str:
   """README.md of an exported run: what it is, how to use it, config, data and metrics."""
-  sources = [s.get("path") or s.get("name") or s.get("kind") for s in config.data.sources]
+  sources = [portable_path(s.get("path")) if s.get("path") else s.get("name") or s.get("kind")
+             for s in config.data.sources]
   labels = (f"`{LATENT_LABELS}` names the latents (from saejax's interpretability analysis)."
             if has_labels else "No latent labels were available in the workdir.")
   scoring = (", each scaled to unit length by the final `Normalize` module (so the dot product is "
@@ -333,12 +408,14 @@ pipeline_tag: feature-extraction
 
 # saejax sparse encoder ({backbone} + TopK SAE)
 
-Exported by `python -m saejax.export` from `{workdir}` (checkpoint step {step}). Each text becomes
-a vector of {config.sae.num_latents:,} latents with at most k = {settings.k} non-zero, computed as
+Exported by `python -m saejax.export` from run `{Path(workdir).name}` (checkpoint step {step}).
+Each text becomes a vector of {config.sae.num_latents:,} latents with at most k = {settings.k}
+non-zero, computed as
 `ReLU(TopK(W_enc (v - b_pre) + b_lat))` over the mean-pooled {backbone} output `v`. Encoder and
 SAE were trained end to end (contrastive + reconstruction losses); queries and documents are
 scored by the dot product of their codes{scoring}. Texts longer than {settings.max_seq_length}
-tokens are truncated.
+tokens are truncated (`max_seq_length` in sentence_bert_config.json: the run's document length
+`data.max_doc_len`; its queries were trained at {config.data.get("max_query_len", "?")} tokens).
 
 ```python
 from sentence_transformers import SparseEncoder
@@ -364,7 +441,7 @@ Training sources: {", ".join(f"`{s}`" for s in sources) or "none recorded"}.
 ## Training config
 
 ```json
-{config.to_json_best_effort(indent=2)}
+{json.dumps(portable_config(json.loads(config.to_json_best_effort())), indent=2)}
 ```
 """
 

@@ -8,6 +8,7 @@ saejax models with `SAEConfig.normalize_codes`.
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -223,6 +224,71 @@ def test_training_continues_from_an_imported_sparse_encoder(tiny_bert_dir, tmp_p
   assert not np.allclose(np.asarray(trained_model.sae.w_enc[...]), np.asarray(start.sae.w_enc[...]))
   before, after = (jax.tree.leaves(nnx.state(m.encoder, nnx.Param)) for m in (start, trained_model))
   assert any(not np.allclose(a, b) for a, b in zip(before, after))
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_bert_dir, tmp_path_factory) -> tuple[Path, Path]:
+  """(workdir, export) of a tiny run exported by `python -m saejax.export`, with an eval.json."""
+  root = tmp_path_factory.mktemp("tiny_export")
+  st_dir = _st_sparse_encoder(tiny_bert_dir, root / "csr", max_len=48, latents=64, k=4)
+  workdir = export.init_run_from_sparse_encoder(st_dir, tiny_config.get_config(), root / "run")
+  (workdir / "eval.json").write_text(json.dumps({
+      "beir_dir": str(tiny_config.quickstart.REPO / "data/debian-quickstart/beir-dev"),
+      "split": "dev", "num_queries": 3, "num_docs": 9,
+      "systems": {"saejax": {"ndcg@10": 0.5, "recall@100": 0.9, "mrr@10": 0.4}}}))
+  out = root / "export"
+  export.main(["--ckpt", str(workdir), "--out", str(out)])
+  return workdir, out
+
+
+def test_export_writes_the_trained_length_explicitly(tiny_export):
+  workdir, out = tiny_export
+  max_doc_len = trained.read_config(workdir).data.max_doc_len
+  assert max_doc_len == 48  # the tiny config's 64, capped at the imported model's 48
+  st_config = json.loads((out / "sentence_bert_config.json").read_text())
+  assert st_config["max_seq_length"] == max_doc_len
+  assert SparseEncoder(str(out)).max_seq_length == max_doc_len
+  # sentence_bert_config.json is what decides: not the tokenizer's model_max_length.
+  tok_file = out / "tokenizer_config.json"
+  tok_config = json.loads(tok_file.read_text())
+  tok_file.write_text(json.dumps({**tok_config, "model_max_length": 128}))
+  try:
+    assert SparseEncoder(str(out)).max_seq_length == max_doc_len
+    _, _, info = export.load_sparse_encoder(out)
+    assert info["max_seq_length"] == max_doc_len
+    from saejax.eval import harness
+    assert harness.load_system(out).trained_lens == (max_doc_len, max_doc_len)
+  finally:
+    tok_file.write_text(json.dumps(tok_config))
+
+
+def test_exported_files_get_the_umask_mode(tiny_export, tmp_path):
+  workdir, out = tiny_export
+  # Every file with the mode a new file gets here (safetensors alone would write 0600).
+  mask = os.umask(0)
+  os.umask(mask)
+  modes = {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777)
+           for p in out.rglob("*") if p.is_file()}
+  assert "2_SparseAutoEncoder/model.safetensors" in modes and "model.safetensors" in modes
+  assert set(modes.values()) == {oct(0o666 & ~mask)}, modes
+  dirs = {oct(p.stat().st_mode & 0o777) for p in [out, *out.rglob("*")] if p.is_dir()}
+  assert dirs == {oct(0o777 & ~mask)}
+  bb = export.export_run(workdir, tmp_path / "backbone", backbone_only=True)  # --backbone-only
+  assert {oct(p.stat().st_mode & 0o777) for p in bb.rglob("*") if p.is_file()} == {
+      oct(0o666 & ~mask)}
+
+
+def test_model_card_names_no_local_path(tiny_export):
+  workdir, out = tiny_export
+  card = (out / "README.md").read_text()
+  # Not the run's directory, nor the repository's (data), nor the environment's (MiniLM).
+  for local in (workdir.parent, tiny_config.quickstart.REPO, Path(sys.prefix).resolve(),
+                Path(sys.prefix)):
+    assert str(local) not in card, local
+  assert "from run `run` (checkpoint step 0)" in card
+  assert "`data/debian-quickstart/train.jsonl`" in card  # repository files: relative to it
+  assert "Retrieval on `data/debian-quickstart/beir-dev`" in card
+  assert f'"init_from": "{workdir.parent.name}/csr"' in card  # elsewhere: the last two components
 
 
 def test_bad_input_names_the_problem(tiny_bert_dir, tmp_path):
