@@ -1,15 +1,24 @@
 """How every ``python -m saejax.*`` command ends: a user error is one line, a bug a traceback.
 
-Each command's ``__main__`` block calls `run(main)` (absl commands: `run(main, absl=True)`). An
-error the user can fix (a `SaejaxError`: bad config, bad data, a checkpoint that does not fit; or a
-path that does not exist) prints ``error: <message>`` to stderr and exits with status 2 (a class
-may set ``exit_code`` to tell "the check ran and failed" from "the input is wrong"). For absl
-commands, whatever fails while absl parses the flags (an unknown ``--config.x`` key, a
-``--config`` file that does not load) is a bad command line too. Any other exception is a bug
-and keeps its traceback. ``--debug`` anywhere on the command line, or ``SAEJAX_DEBUG=1`` in the
+One convention for every command:
+  * exit 0: done, or help asked for (``--help``; absl commands also ``--helpshort``,
+    ``--helpfull``, which absl itself ends with status 1);
+  * exit 2 and one line ``error: <message>`` on stderr: an error the user can fix (a
+    `SaejaxError`: bad config, bad data, a checkpoint that does not fit; a path that does not
+    exist; a bad command line). A class may set ``exit_code`` to tell "the check ran and failed"
+    from "the input is wrong";
+  * a traceback (exit 1): any other exception, a bug.
+
+Each command's ``__main__`` block calls `run(main)` (absl commands: `run(main, absl=True)`), and
+argparse commands build their parser with `ArgumentParser`, whose errors are one line too (plain
+argparse prints its usage and then the error). For absl commands, whatever fails while absl
+parses the flags (an unknown flag, a missing ``--config``, an unknown ``--config.x`` key, a
+``--config`` file that does not load) and an ``app.UsageError`` raised by ``main`` are bad
+command lines. ``--debug`` anywhere on the command line, or ``SAEJAX_DEBUG=1`` in the
 environment, shows the traceback of user errors too.
 """
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -23,6 +32,20 @@ USER_ERRORS = (SaejaxError, FileNotFoundError, NotADirectoryError, IsADirectoryE
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "SAEJAX_DEBUG"
 EXIT_USER_ERROR = 2  # what argparse uses for a bad command line
+# absl's help flags print the help and then exit 1, as if asking for help were an error.
+ABSL_HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
+class BadCommandLine(SaejaxError):
+  """An argument or flag that is unknown, missing or malformed."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose errors are one `BadCommandLine` line (exit 2 through `run`), not the usage
+  followed by the error; ``--help`` still prints the usage."""
+
+  def error(self, message: str):
+    raise BadCommandLine(f"{message} (see {self.prog} --help)")
 
 
 def run(main: Callable[..., Any], argv: Sequence[str] | None = None, *, absl: bool = False) -> Any:
@@ -46,20 +69,42 @@ def run(main: Callable[..., Any], argv: Sequence[str] | None = None, *, absl: bo
   def entered(*args):
     nonlocal started
     started = True
-    return main(*args)
+    if not absl:
+      return main(*args)
+    from absl import app
+    try:
+      return main(*args)
+    except app.UsageError as e:  # absl would print the whole usage and exit 1
+      raise BadCommandLine(str(e)) from e
 
   try:
     if absl:
       from absl import app
-      return app.run(entered, argv=[sys.argv[0], *argv])
+      return app.run(entered, argv=[sys.argv[0], *argv], flags_parser=_parse_absl_flags)
     return entered(argv)
   except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs just below
     flags_failed = absl and not started  # main never ran: absl failed to parse the flags
     if debug or not (isinstance(e, USER_ERRORS) or _config_file_error(e) or flags_failed):
       raise
-    text = message(e) if started else f"bad command line: {type(e).__name__}: {e}"
+    text = (message(e) if started or isinstance(e, SaejaxError)
+            else f"bad command line: {type(e).__name__}: {e}")
     sys.stderr.write(f"error: {text}\n")
     sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
+
+
+def _parse_absl_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with its errors as `BadCommandLine` and its help flags ending in 0."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    text = " ".join(str(e).split())  # absl may wrap a message over several lines
+    raise BadCommandLine(f"bad command line: {text} (--helpshort lists the flags)") from e
+  except SystemExit as e:
+    asked = {a.lstrip("-").split("=")[0] for a in argv[1:] if a.startswith("-")}
+    if e.code == 1 and asked & set(ABSL_HELP_FLAGS):
+      raise SystemExit(0) from None
+    raise
 
 
 def _config_file_error(e: BaseException) -> bool:

@@ -292,10 +292,8 @@ def check_tokenizer_files(src: Path, vocab_size: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
   """``python -m saejax.convert {hf-to-saejax,saejax-to-hf} SRC OUT``."""
-  import argparse
-
-  from saejax import checkpoint
-  parser = argparse.ArgumentParser(prog="python -m saejax.convert", description=main.__doc__)
+  from saejax import checkpoint, cli
+  parser = cli.ArgumentParser(prog="python -m saejax.convert", description=main.__doc__)
   parser.add_argument("direction", choices=["hf-to-saejax", "saejax-to-hf"])
   parser.add_argument("src", help="HF model directory or hub id / saejax checkpoint directory")
   parser.add_argument("out", help="output directory")

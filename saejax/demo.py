@@ -7,14 +7,13 @@ similarities rank the human similarity scores (Spearman correlation).
     python -m saejax.demo [--pairs 200]
 """
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from saejax import convert
+from saejax import cli, convert
 from saejax.encode import EncodeConfig, encode_dense
 from saejax.tokenizer import load_tokenizer
 
@@ -35,7 +34,7 @@ def encode(model, tok, texts: list[str], max_len: int = 256, batch: int = 64) ->
 
 def main(argv=None):
   from scipy.stats import spearmanr
-  parser = argparse.ArgumentParser(prog="python -m saejax.demo", description=__doc__.split("\n")[0])
+  parser = cli.ArgumentParser(prog="python -m saejax.demo", description=__doc__.split("\n")[0])
   parser.add_argument("--pairs", type=int, default=200)
   args = parser.parse_args(argv)
   t0 = time.time()
@@ -55,5 +54,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from saejax import cli
   cli.run(main)

@@ -20,7 +20,6 @@ model is refused (`FingerprintError`), so a report never pairs one model's laten
 documents.
 """
 
-import argparse
 import dataclasses
 import html
 import json
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from saejax import interpret, labels as labels_lib
+from saejax import cli, interpret, labels as labels_lib
 from saejax.embedder import Embedder
 from saejax.encode import EncodeConfig, encode_sparse
 from saejax.errors import ConfigError, DataError
@@ -211,7 +210,7 @@ def write_report(path: str | Path, payload: dict) -> Path:
 def main(argv: Sequence[str] | None = None) -> Path:
   """The command line (see the module docstring)."""
   from saejax import quickeval, trained
-  p = argparse.ArgumentParser(prog="python -m saejax.explorer", description=__doc__.splitlines()[0])
+  p = cli.ArgumentParser(prog="python -m saejax.explorer", description=__doc__.splitlines()[0])
   p.add_argument("--run", required=True, help="training workdir (saejax.trained.load_run)")
   p.add_argument("--beir", required=True, help="BEIR folder: corpus, queries, qrels/<split>.tsv")
   p.add_argument("--split", default="dev")
@@ -244,5 +243,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-  from saejax import cli
   cli.run(main)

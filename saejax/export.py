@@ -51,7 +51,6 @@ sentence-transformers and torch are imported only inside the functions that need
 costs ~9 s).
 """
 
-import argparse
 import dataclasses
 import json
 import math
@@ -66,7 +65,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from saejax import convert, sae as sae_lib
+from saejax import cli, convert, sae as sae_lib
 from saejax.embedder import Embedder
 from saejax.errors import CheckpointError, ConfigError, SaejaxError
 from saejax.tokenizer import Tokenizer, load_tokenizer
@@ -690,7 +689,7 @@ def init_run_from_sparse_encoder(st_dir: str | Path, config: ml_collections.Conf
 
 def main(argv: list[str] | None = None) -> None:
   """``python -m saejax.export --ckpt WORKDIR --out DIR [--force] [--step N] [--backbone-only]``."""
-  parser = argparse.ArgumentParser(prog="python -m saejax.export", description=main.__doc__)
+  parser = cli.ArgumentParser(prog="python -m saejax.export", description=main.__doc__)
   parser.add_argument("--ckpt", required=True,
                       help="training workdir, or WORKDIR/checkpoints/<step>")
   parser.add_argument("--out", required=True, help="export directory (absent or empty)")
@@ -707,5 +706,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  from saejax import cli
   cli.run(main)

@@ -7,9 +7,10 @@
 """
 
 import json
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+from saejax import cli
 from saejax.errors import DataError
 
 # (metric keys, panel title, log scale): the panels of `training_curves`, when the run logged them.
@@ -79,8 +80,15 @@ def training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path | No
   return out_png
 
 
-if __name__ == "__main__":
-  if len(sys.argv) != 2:
-    sys.exit("usage: python -m saejax.plots WORKDIR")
-  written = training_curves(Path(sys.argv[1]) / "metrics.jsonl", Path(sys.argv[1]) / "curves.png")
+def main(argv: Sequence[str] | None = None) -> Path | None:
+  """``python -m saejax.plots WORKDIR``: WORKDIR/metrics.jsonl drawn into WORKDIR/curves.png."""
+  parser = cli.ArgumentParser(prog="python -m saejax.plots", description=main.__doc__)
+  parser.add_argument("workdir", help="a training workdir (holds metrics.jsonl)")
+  workdir = Path(parser.parse_args(argv).workdir)
+  written = training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
   print(written or "no metrics logged")
+  return written
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -37,6 +37,55 @@ def test_a_missing_path_is_one_line_and_exit_2(args, says):
   assert len(lines) == 1 and lines[0].startswith(f"error: {says}"), lines
 
 
+# One user error per command (`python -m <module>` for every module with a __main__ block): each
+# ends with status 2 and one line, whether argparse, absl or the command itself saw it.
+USER_ERRORS = [
+    (("saejax.train",), "bad command line: flag --config=None: Flag --config must have a value"),
+    (("saejax.train", "--config=configs/quickstart.py", "--no_such_flag"),
+     "bad command line: Unknown command line flag 'no_such_flag'"),
+    (("saejax.train", "--config=configs/quickstart.py", "extra"),  # app.UsageError in main
+     "unexpected arguments ['extra']"),
+    (("saejax.aot", "--config=configs/base.py", "--devices=many"),
+     "bad command line: flag --devices=many: invalid literal for int()"),
+    (("saejax.eval", "--beir", MISSING), "the following arguments are required: --out (see "),
+    (("saejax.export", "--out", "out"), "the following arguments are required: --ckpt"),
+    (("saejax.convert", "sideways", "a", "b"), "argument direction: invalid choice: 'sideways'"),
+    (("saejax.explorer", "--run", MISSING, "--beir", MISSING, "--out", "x.html"),
+     f"{MISSING} is not a saejax training workdir"),
+    (("saejax.demo", "--pairs", "many"), "argument --pairs: invalid int value: 'many'"),
+    (("saejax.plots",), "the following arguments are required: workdir"),
+    (("saejax.plots", MISSING), f"No such file or directory: {MISSING}/metrics.jsonl"),
+]
+
+
+@pytest.mark.parametrize("args, says", USER_ERRORS)
+def test_every_command_ends_a_user_error_with_one_line_and_exit_2(args, says):
+  out = _run(*args)
+  assert out.returncode == 2, (out.returncode, out.stderr)
+  lines = out.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"error: {says}"), lines
+
+
+def test_every_command_is_checked():
+  package = REPO / "saejax"
+  commands = {".".join(f.relative_to(REPO).with_suffix("").parts).removesuffix(".__main__")
+              for f in package.rglob("*.py") if 'if __name__ == "__main__":' in f.read_text()}
+  assert commands == {args[0] for args, _ in USER_ERRORS}
+
+
+@pytest.mark.parametrize("args, shows", [
+    (("saejax.train", "--helpshort"), "--config"),
+    (("saejax.train", "--help"), "--workdir"),
+    (("saejax.aot", "--helpfull"), "--budget_gib"),
+    (("saejax.eval", "--help"), "--quiet"),
+    (("saejax.plots", "--help"), "WORKDIR/curves.png"),
+])
+def test_help_exits_0(args, shows):
+  out = _run(*args)
+  assert out.returncode == 0, (out.returncode, out.stderr)
+  assert shows in out.stdout
+
+
 def test_debug_shows_the_traceback():
   args = ("saejax.convert", "hf-to-saejax", MISSING, "out")
   for out in (_run(*args, "--debug"), _run(*args, SAEJAX_DEBUG="1")):

@@ -30,6 +30,7 @@ import shlex
 import sys
 import time
 
+from saejax import cli
 from saejax.errors import ConfigError
 from saejax.eval import harness, report
 
@@ -53,8 +54,8 @@ def _baselines(text: str) -> tuple[str, ...]:
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m saejax.eval", description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog="python -m saejax.eval", description=__doc__.split("\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
                  help="a training workdir or an exported SparseEncoder directory (repeatable)")
   p.add_argument("--beir", action="append", required=True, metavar="[NAME=]FOLDER[:SPLIT]",
@@ -158,8 +159,12 @@ def main(argv: list[str] | None = None) -> dict:
   """Run the evaluation; returns what was written to results.json."""
   argv = sys.argv[1:] if argv is None else argv
   args = parser().parse_args(argv)
-  show_stages(args.quiet)
   specs = [harness.BeirSpec.parse(b, max_docs=args.max_docs, seed=args.seed) for b in args.beir]
+  for model in args.model:  # a wrong path fails now, not after minutes of loading and encoding
+    harness.model_kind(harness.split_name(model)[1])
+  for spec in specs:
+    spec.check()
+  show_stages(args.quiet)
   systems = build_systems(args)
   budgets = token_budgets(args, systems)
   STAGES.info("token budgets: queries %d, documents %d (%s)", budgets["max_query_len"],
@@ -178,5 +183,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  from saejax import cli
   cli.run(main)

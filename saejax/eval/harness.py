@@ -74,7 +74,7 @@ from tokenizers import Tokenizer
 from saejax import convert, quickeval, trained
 from saejax.embedder import Embedder
 from saejax.encode import EncodeConfig, encode_dense, encode_sparse
-from saejax.errors import CheckpointError, ConfigError
+from saejax.errors import CheckpointError, ConfigError, DataError
 from saejax.index import SparseIndex
 from saejax.quickeval import RUN_DEPTH, BeirData
 from saejax.sae import SAE, SAEConfig
@@ -171,6 +171,14 @@ class BeirSpec:
 
   def load(self) -> BeirData:
     return quickeval.load_beir(self.path, self.split, max_docs=self.max_docs, seed=self.seed)
+
+  def check(self) -> None:
+    """A DataError now if the folder or its qrels file is missing (`load` would say it later)."""
+    if not Path(self.path).is_dir():
+      raise DataError(f"BEIR folder {self.path} does not exist")
+    qrels = Path(self.path) / "qrels" / f"{self.split}.tsv"
+    if not qrels.is_file():
+      raise DataError(f"BEIR qrels file {qrels} does not exist")
 
 
 def split_name(spec: str) -> tuple[str | None, str]:
@@ -434,7 +442,7 @@ def load_system(path: str | Path, name: str | None = None) -> SparseSystem | Den
   """
   path = Path(path)
   name = name or path.absolute().name
-  if (path / "modules.json").is_file():
+  if model_kind(path) == "export":
     try:
       from saejax import export  # pylint: disable=import-outside-toplevel  (pulls in safetensors)
     except ImportError as e:
@@ -443,9 +451,6 @@ def load_system(path: str | Path, name: str | None = None) -> SparseSystem | Den
     model, tokenizer, info = export.load_sparse_encoder(path)
     length = int(info["max_seq_length"])
     return SparseSystem(name, model, tokenizer, source=str(path), trained_lens=(length, length))
-  if not ((path / "config.json").is_file() and (path / "checkpoints").is_dir()):
-    raise CheckpointError(f"{path} is neither a saejax training workdir (config.json and "
-                          f"checkpoints/) nor an exported SparseEncoder directory (modules.json)")
   config = trained.read_config(path)
   if "model" not in config or "sae" not in config:
     raise CheckpointError(f"{path / 'config.json'} is not a saejax training config (it has no "
@@ -456,6 +461,18 @@ def load_system(path: str | Path, name: str | None = None) -> SparseSystem | Den
     return DenseSystem(name, model.encoder, tokenizer, source=str(path), trained_lens=lens)
   return SparseSystem(name, model, tokenizer, source=str(path),
                       init_from=str(config.model.get("init_from") or ""), trained_lens=lens)
+
+
+def model_kind(path: str | Path) -> Literal["run", "export"]:
+  """What a model directory is, from its files alone (cheap: the CLI checks every --model
+  before loading any); a CheckpointError if it is neither a run nor an export."""
+  path = Path(path)
+  if (path / "modules.json").is_file():
+    return "export"
+  if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+    return "run"
+  raise CheckpointError(f"{path} is neither a saejax training workdir (config.json and "
+                        f"checkpoints/) nor an exported SparseEncoder directory (modules.json)")
 
 
 def trained_lens(config) -> tuple[int, int] | None:
