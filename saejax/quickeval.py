@@ -417,10 +417,27 @@ def eval_config(config: ml_collections.ConfigDict) -> EvalConfig:
 MEANING = ("nDCG@10: 1 = every query's relevant documents ranked first, BM25 = the lexical "
            "baseline, dense = the untouched encoder (the quality a sparse code tries to keep), "
            "random = the same encoder with an untrained random TopK head (the floor).")
+# Where a longer run's numbers are kept: a pointer, not numbers that would go stale here
+# (tests/test_quickeval.py checks the section exists).
+LONGER_RUN = ("A longer run: benchmarks/RESULTS.md \"Quality\" has what the quality recipe "
+              "(configs/quality.py: S = 16,384, more steps and data) reaches against the same "
+              "baselines on SciFact, Cranfield and Debian; a few CPU minutes of training sit "
+              "below it.")
+
+
+def truncation_line(result: dict) -> str:
+  """How many texts lost tokens to the budgets ("" when no system tokenised)."""
+  m = next((m for m in result["systems"].values() if "truncated_docs" in m), None)
+  if m is None:
+    return ""
+  return (f"token budget: {m['truncated_docs']:,} of {result['num_docs']:,} documents cut at "
+          f"{result['max_doc_len']} tokens, {m['truncated_queries']:,} of "
+          f"{result['num_queries']:,} queries at {result['max_query_len']} (training's budgets "
+          "unless config.eval sets others; every encoder reads the same tokens, BM25 whole texts)")
 
 
 def format_table(result: dict) -> str:
-  """An aligned text table of `run`'s result."""
+  """An aligned text table of `run`'s result, with its truncation counts."""
   lines = [f"retrieval on {result['beir_dir']} [{result['split']}]: {result['num_queries']:,} "
            f"queries x {result['num_docs']:,} documents",
            f"{'system':<8} {'nDCG@10':>8} {'R@100':>8} {'MRR@10':>8} {'dims q/d':>12} {'time':>8}"]
@@ -429,7 +446,8 @@ def format_table(result: dict) -> str:
             if "active_dims_query" in m else "-")
     lines.append(f"{name:<8} {m['ndcg@10']:>8.4f} {m['recall@100']:>8.4f} {m['mrr@10']:>8.4f} "
                  f"{dims:>12} {m['seconds']:>7.1f}s")
-  return "\n".join(lines)
+  truncation = truncation_line(result)
+  return "\n".join(lines + ([truncation] if truncation else []))
 
 
 def run(config: ml_collections.ConfigDict, model: Embedder, workdir: str | Path) -> dict:
@@ -442,7 +460,8 @@ def run(config: ml_collections.ConfigDict, model: Embedder, workdir: str | Path)
     workdir: where ``eval.json`` is written.
 
   Returns:
-    {"beir_dir", "split", "num_queries", "num_docs", "systems": {name: metrics}}.
+    {"beir_dir", "split", "num_queries", "num_docs", "max_query_len", "max_doc_len",
+    "systems": {name: metrics}}.
   """
   cfg = eval_config(config)
   if jax.process_count() > 1:
@@ -468,9 +487,11 @@ def run(config: ml_collections.ConfigDict, model: Embedder, workdir: str | Path)
       untrained = sae_lib.SAE(dataclasses.replace(model.sae.config), rngs=nnx.Rngs(0))
       systems["random"] = eval_sparse(Embedder(encoder, untrained), tokenizer, data, cfg)
   result = {"beir_dir": str(cfg.beir_dir), "split": cfg.split, "num_queries": len(data.query_ids),
-            "num_docs": len(data.doc_ids), "systems": systems}
+            "num_docs": len(data.doc_ids), "max_query_len": cfg.max_query_len,
+            "max_doc_len": cfg.max_doc_len, "systems": systems}
   print(format_table(result), flush=True)
   print(MEANING, flush=True)
+  print(LONGER_RUN, flush=True)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from tokenizers import Tokenizer
 
 from saejax import bert, convert, quickeval, sae as sae_lib
 from saejax.embedder import Embedder
@@ -117,6 +118,32 @@ def test_run_on_random_init_model(tmp_path, capsys):
     quickeval.run(_config(baselines=("dense",)), model, tmp_path)
   with pytest.raises(ConfigError, match=r"unknown keys \['max_doc'\]"):
     quickeval.run(_config(max_doc=3), model, tmp_path)
+
+
+def test_table_says_how_many_texts_were_truncated(tmp_path, capsys):
+  rngs = nnx.Rngs(0)
+  sae = sae_lib.SAE(sae_lib.SAEConfig(d_model=32, num_latents=64, k=8, k_aux=8), rngs=rngs)
+  model = Embedder(bert.BertModel(TINY, rngs=rngs), sae)
+  result = quickeval.run(_config(max_docs=100), model, tmp_path)
+  printed = capsys.readouterr().out
+  # An independent count: the real tokenizer, untruncated and unpadded, special tokens included.
+  tok = Tokenizer.from_file(str(MINILM / "tokenizer.json"))
+  tok.no_truncation()
+  tok.no_padding()
+  data = quickeval.load_beir(DEBIAN, "dev", max_docs=100)
+  long_docs = sum(len(e.ids) > 64 for e in tok.encode_batch(list(data.docs)))
+  long_queries = sum(len(e.ids) > 32 for e in tok.encode_batch(list(data.queries)))
+  assert 0 < long_docs < 100
+  assert (f"token budget: {long_docs} of 100 documents cut at 64 tokens, {long_queries} of "
+          f"{len(data.queries)} queries at 32 ") in printed
+  assert (result["max_query_len"], result["max_doc_len"]) == (32, 64)  # in eval.json too
+  assert quickeval.MEANING in printed and quickeval.LONGER_RUN in printed
+  # The pointer to the longer run leads somewhere.
+  results_md = (Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md").read_text()
+  assert 'benchmarks/RESULTS.md "Quality"' in quickeval.LONGER_RUN
+  assert any(line.startswith("## Quality") for line in results_md.splitlines())
+  assert "configs/quality.py" in quickeval.LONGER_RUN
+  assert (Path(__file__).resolve().parents[1] / "configs" / "quality.py").is_file()
 
 
 @pytest.mark.parametrize("normalize_codes", [True, False])
