@@ -15,3 +15,7 @@ class CheckpointError(SaejaxError, ValueError):
 
 class DataError(SaejaxError, ValueError):
   """A data record or data source is malformed."""
+
+
+class ShapeError(SaejaxError, ValueError):
+  """Arrays handed to an SAE function or a loss have shapes that do not fit together."""

@@ -1,10 +1,10 @@
 """The one source of truth for sharding: a mesh from config and a logical-axis rules table.
 
-Every parameter declares logical axes (`saejax.params.param`); `RULES` maps each logical axis to
-mesh axes. Parameter shardings, batch shardings and the checks that nothing large is replicated by
-accident all derive from here. The mesh uses Auto axes (GSPMD propagation, as MaxText and Levanter
-do): jit gets explicit in/out shardings and XLA places the collectives, e.g. the all-gather that
-gives the contrastive loss every negative of the global batch.
+Every parameter declares logical axes (`saejax.models.params.param`); `RULES` maps each logical axis
+to mesh axes. Parameter shardings, batch shardings and the checks that nothing large is replicated
+by accident all derive from here. The mesh uses Auto axes (GSPMD propagation, as MaxText and
+Levanter do): jit gets explicit in/out shardings and XLA places the collectives, e.g. the all-gather
+that gives the contrastive loss every negative of the global batch.
 """
 
 import dataclasses
@@ -98,6 +98,21 @@ def shardings(specs, mesh: Mesh):
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading axis over the data-parallel mesh axes, the rest whole."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def sharding_like(x: jax.Array, keep: int, add: int) -> NamedSharding | None:
+  """Under an Explicit mesh: x's sharding of its first ``keep`` axes followed by ``add`` whole axes.
+
+  Explicit mesh axes (`jax.make_mesh`'s default) make JAX refuse ops whose output sharding it cannot
+  infer, such as a gather of decoder rows at batch-sharded indices; this names the natural answer
+  (batch axes stay sharded, latent and model axes are whole). None under Auto axes or without a
+  mesh, where XLA's propagation decides.
+  """
+  sharding = jax.typeof(x).sharding
+  if not (isinstance(sharding, NamedSharding) and sharding.mesh.explicit_axes):
+    return None
+  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  return NamedSharding(sharding.mesh, P(*spec[:keep], *(None,) * add))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -2,7 +2,7 @@
 
 Built on grain, in this order:
 
-  per source: RecordSource (saejax.data_sources) -> shuffle(seed, reshuffled every epoch) -> repeat
+  per source: RecordSource (saejax.data.sources) -> shuffle(seed, reshuffled every epoch) -> repeat
   -> MapDataset.mix(weights): the global record stream (random access, the same in every process)
   -> global batches of `global_batch_size` records with no repeated text (below); this process
      keeps rows [shard_index::shard_count]
@@ -56,10 +56,10 @@ import numpy as np
 from jaxtyping import Bool, Int32
 from tokenizers import Tokenizer
 
-from saejax.data_sources import (Bm25NegativesSource, OnBadRecord, Record, RecordSource,
+from saejax.data.sources import (Bm25NegativesSource, OnBadRecord, Record, RecordSource,
                                  SourceConfig, open_source)
+from saejax.data.tokenizer import pad_id, truncating_copy
 from saejax.errors import ConfigError, DataError
-from saejax.tokenizer import pad_id, truncating_copy
 
 __all__ = ["Batch", "BatchTokenizer", "DataConfig", "DistinctBatches", "Pipeline", "SourceConfig",
            "bucket_length", "make_iterator", "make_pipeline", "pad_batch"]

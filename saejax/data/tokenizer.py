@@ -18,8 +18,8 @@ def load_tokenizer(path: str | os.PathLike, *, vocab_size: int | None = None) ->
   Args:
     path: a model directory holding tokenizer.json, or the path of a tokenizer.json.
     vocab_size: the model's embedding rows; every token id of the tokenizer must be below it.
-      None leaves the check to where the tokenizer meets a model (saejax.encode and
-      saejax.convert call `check_vocab`).
+      None leaves the check to where the tokenizer meets a model (saejax.retrieval.encode and
+      saejax.hub.convert call `check_vocab`).
   """
   path = Path(path)
   file = path / "tokenizer.json" if path.is_dir() else path
@@ -65,8 +65,9 @@ def truncating_copy(tokenizer: Tokenizer, max_len: int) -> Tokenizer:
   """A copy that truncates to `max_len` tokens ([CLS]/[SEP] kept) and does not pad.
 
   A copy, because queries and documents need different budgets and the caller's tokenizer (MiniLM's
-  pads to 128 by default) must not change under it. Training batches (saejax.data) and encoding
-  (saejax.encode) both cut texts here, so texts are cut at inference the way they were in training.
+  pads to 128 by default) must not change under it. Training batches (saejax.data.pipeline) and
+  encoding (saejax.retrieval.encode) both cut texts here, so texts are cut at inference the way they
+  were in training.
   """
   copy = Tokenizer.from_str(tokenizer.to_str())
   copy.no_padding()

@@ -2,8 +2,8 @@
 
     python -m saejax.eval --model runs/quickstart --model dense=runs/dense_ablation \\
         --beir ../shared/data/scifact:test --beir ../shared/data/cranfield \\
-        --out eval/quickstart --baselines bm25,dense --dense-encoder "$(python -c \\
-        'from saejax.demo import minilm_dir; print(minilm_dir())')"
+        --out runs/eval/quickstart --baselines bm25,dense --dense-encoder "$(python -c \\
+        'from saejax.hub.demo import minilm_dir; print(minilm_dir())')"
 
 Writes DIR/results.json, DIR/report.md and DIR/*.png (see `saejax.eval.report`). Each ``--model``
 is a training workdir (the dense ablation, ``sae.enabled=False``, is evaluated as a dense model)
@@ -22,6 +22,9 @@ at the encoder's position table, with the truncated text counts) and in report.m
 
 Progress: a line per stage (model loaded, dataset loaded, system started and done) and progress
 bars while encoding go to stderr; ``--quiet`` leaves only warnings and errors.
+
+The repository's eval/ folder holds the suites run with this command (``eval/suites.py``: which
+BEIR sets, baselines and k) and the quality benchmark (``eval/quality.py``).
 """
 
 import argparse

@@ -8,10 +8,10 @@
 
 Systems (each ranks the top `HarnessConfig.depth` documents of every query, exactly):
   * `SparseSystem`: a saejax `Embedder` with its TopK SAE (a training run's workdir, or a
-    sentence-transformers SparseEncoder directory through `saejax.export.load_sparse_encoder`).
-    Documents go into `saejax.index.SparseIndex` (the exact inverted index) and are scored by the
-    dot product of the sparse embeddings (unit-norm codes: cosine), the similarity the model is
-    trained with. `random_topk_system` is the floor: the untouched encoder with an untrained SAE.
+    sentence-transformers SparseEncoder directory through `saejax.hub.export.load_sparse_encoder`).
+    Documents go into `saejax.retrieval.index.SparseIndex` (the exact inverted index) and are scored
+    by the dot product of the sparse embeddings (unit-norm codes: cosine), the similarity the model
+    is trained with. `random_topk_system` is the floor: the untouched encoder with an untrained SAE.
   * `DenseSystem`: mean-pooled encoder output, cosine similarity (`quickeval.search_dense`): the
     untouched encoder a model was initialised from (`dense_system(HF_DIR)`), or a run trained
     without SAE (the dense ablation, ``sae.enabled=False``; its loss is InfoNCE on cosine).
@@ -31,8 +31,8 @@ What is reported per dataset and system (`SparseSystem.evaluate` and friends):
   * dead and hot latents over the corpus: dead fires in no document; hot fires in more than
     `HOT_FREQUENCY` = 1/10 of the documents. Why 1/10: Gao et al. 2024 ("Scaling and evaluating
     sparse autoencoders", sec. 2.4) call latents above a 10% firing rate dense, and it is where
-    `saejax.index` switches a latent to a dense column: a hot latent is one that makes every
-    query that uses it touch a tenth of the corpus.
+    `saejax.retrieval.index` switches a latent to a dense column: a hot latent is one that makes
+    every query that uses it touch a tenth of the corpus.
   * a histogram of latent document frequencies on log-spaced bins (for the report's plot).
   * quality vs k: the same model at several k (queries and documents alike), above its training k
     too (a TopK code can be read at any k). TopK values come back sorted (``jax.lax.top_k``), so
@@ -51,7 +51,7 @@ Progress: `evaluate` reports each stage (dataset loaded, system started, system 
 time and nDCG@10) on the ``saejax.eval`` logger at INFO; nothing shows unless a handler is
 attached (the CLI attaches one to stderr unless ``--quiet``).
 
-Bad input is the loader's (`quickeval.load_beir`: unknown ids in qrels and duplicate ids are
+Bad input is the loader's (`saejax.data.beir.load_beir`: unknown ids in qrels and duplicate ids are
 errors naming file and line; empty queries are skipped and counted in ``skipped_empty_queries``),
 and the model loader's: a directory that is neither a run nor an export, a checkpoint of another
 architecture or an unreadable one each raise `CheckpointError`.
@@ -71,14 +71,16 @@ from flax import nnx
 from jaxtyping import Float, Int
 from tokenizers import Tokenizer
 
-from saejax import convert, quickeval, trained
-from saejax.embedder import Embedder
-from saejax.encode import EncodeConfig, encode_dense, encode_sparse
+from saejax.data.beir import BeirData, load_beir
+from saejax.data.tokenizer import load_tokenizer
 from saejax.errors import CheckpointError, ConfigError, DataError
-from saejax.index import SparseIndex
-from saejax.quickeval import RUN_DEPTH, BeirData
-from saejax.sae import SAE, SAEConfig
-from saejax.tokenizer import load_tokenizer
+from saejax.eval import quickeval
+from saejax.eval.quickeval import RUN_DEPTH
+from saejax.hub import convert, trained
+from saejax.retrieval.encode import EncodeConfig, encode_dense, encode_sparse
+from saejax.retrieval.index import SparseIndex
+from saejax.sae.embedder import Embedder
+from saejax.sae.topk import SAE, SAEConfig
 
 HOT_FREQUENCY = 0.1  # see the module docstring
 SWEEP_STEPS = 4      # default quality-vs-k points: k, k/2, k/4, k/8
@@ -143,7 +145,8 @@ class BeirSpec:
     name: the dataset's name in tables, plots and file names.
     path: the BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv).
     split: qrels split.
-    max_docs: subsample the corpus to this many documents (0 = all; see `quickeval.load_beir`).
+    max_docs: subsample the corpus to this many documents (0 = all; see
+      `saejax.data.beir.load_beir`).
     seed: seed of the subsample.
   """
   name: str
@@ -170,7 +173,7 @@ class BeirSpec:
     return cls(name=name, path=str(folder), split=split, max_docs=max_docs, seed=seed)
 
   def load(self) -> BeirData:
-    return quickeval.load_beir(self.path, self.split, max_docs=self.max_docs, seed=self.seed)
+    return load_beir(self.path, self.split, max_docs=self.max_docs, seed=self.seed)
 
   def check(self) -> None:
     """A DataError now if the folder or its qrels file is missing (`load` would say it later)."""
@@ -428,7 +431,7 @@ def load_system(path: str | Path, name: str | None = None) -> SparseSystem | Den
   Args:
     path: a ``python -m saejax.train`` workdir (config.json + checkpoints/; the newest
       checkpoint), or a sentence-transformers SparseEncoder directory (modules.json), read with
-      `saejax.export.load_sparse_encoder`.
+      `saejax.hub.export.load_sparse_encoder`.
     name: the system's name (default: the directory's name).
 
   Returns:
@@ -444,10 +447,10 @@ def load_system(path: str | Path, name: str | None = None) -> SparseSystem | Den
   name = name or path.absolute().name
   if model_kind(path) == "export":
     try:
-      from saejax import export  # pylint: disable=import-outside-toplevel  (pulls in safetensors)
+      from saejax.hub import export  # pylint: disable=import-outside-toplevel  (pulls in safetensors)
     except ImportError as e:
-      raise ConfigError(f"{path} is an exported directory (modules.json), but saejax.export cannot "
-                        f"be imported: {e}") from e
+      raise ConfigError(f"{path} is an exported directory (modules.json), but saejax.hub.export "
+                        f"cannot be imported: {e}") from e
     model, tokenizer, info = export.load_sparse_encoder(path)
     length = int(info["max_seq_length"])
     return SparseSystem(name, model, tokenizer, source=str(path), trained_lens=(length, length))

@@ -40,13 +40,14 @@ from mteb.models.model_meta import ModelMeta
 from mteb.types import PromptType
 from tokenizers import Tokenizer
 
-from saejax import quickeval
-from saejax.data_sources import beir_document
-from saejax.embedder import Embedder
-from saejax.encode import EncodeConfig, encode_dense, encode_sparse
+from saejax.data.beir import load_beir
+from saejax.data.sources import beir_document
 from saejax.errors import ConfigError, DataError
 from saejax.eval import harness
-from saejax.index import SparseIndex
+from saejax.eval import quickeval
+from saejax.retrieval.encode import EncodeConfig, encode_dense, encode_sparse
+from saejax.retrieval.index import SparseIndex
+from saejax.sae.embedder import Embedder
 
 
 def _param_count(model) -> int:
@@ -206,7 +207,7 @@ def _strings(texts: Sequence, what: str) -> list[str]:
 
 def beir_task(folder: str | Path, split: str = "test", *, name: str | None = None,
               max_docs: int = 0, seed: int = 0) -> AbsTaskRetrieval:
-  """An mteb retrieval task over a local BEIR folder (read by `quickeval.load_beir`), offline.
+  """An mteb retrieval task over a local BEIR folder (read by `load_beir`), offline.
 
   Args:
     folder: BEIR folder.
@@ -216,7 +217,7 @@ def beir_task(folder: str | Path, split: str = "test", *, name: str | None = Non
     seed: seed of the subsample.
   """
   from datasets import Dataset  # pylint: disable=import-outside-toplevel  (an mteb dependency)
-  data = quickeval.load_beir(folder, split, max_docs=max_docs, seed=seed)
+  data = load_beir(folder, split, max_docs=max_docs, seed=seed)
   task_name = name or "Local" + "".join(p.capitalize() for p in Path(folder).name.split("-"))
   metadata = TaskMetadata(
       name=task_name, description=f"The BEIR folder {folder}, split {split}, read locally.",

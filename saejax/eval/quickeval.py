@@ -3,7 +3,7 @@
     python -m saejax.train --config configs/quickstart.py   # calls `run` if config.eval.enabled
 
 Systems, each ranking the top `RUN_DEPTH` (100) documents per query exactly:
-  * saejax: the trained `Embedder`'s TopK SAE embeddings (`saejax.sae.SAE.embed`; k may differ
+  * saejax: the trained `Embedder`'s TopK SAE embeddings (`saejax.sae.topk.SAE.embed`; k may differ
     for queries and documents), scored by sparse dot product: of the unit-normalised codes
     (cosine) when `SAEConfig.normalize_codes`, else of the raw codes; the similarity the model is
     trained with (scipy CSR matrices);
@@ -20,16 +20,11 @@ count as lucky ties.
 Metrics come from `ir_measures` (trec_eval's definitions through pytrec_eval): nDCG@10
 (Jarvelin & Kekalainen 2002), Recall@100 and MRR@10, averaged over every query with at least one
 relevant judgement (a query with nothing retrieved scores 0). Documents are embedded as "title text"
-like BEIR (and `saejax.data_sources`). With ``max_docs`` the corpus is subsampled: see `load_beir`.
+like BEIR. BEIR folders are read, checked and subsampled by `saejax.data.beir.load_beir`.
 
-Bad input (`load_beir`): a qrels line naming a document or query that is not in the corpus or
-queries file is an error (a judgement that cannot be met would silently lower every system's
-recall), as is an `_id` that appears twice in corpus.jsonl or queries.jsonl (error naming the id
-and both lines); a judged query whose text is empty is skipped, counted in
-`BeirData.skipped_empty_queries` and logged as a warning.
-
-The pieces (`load_beir`, `eval_sparse`, `eval_bm25`, `eval_dense`, `evaluate`) are public for the
-full evaluation CLI in eval/; `run` prints an aligned table and writes ``workdir/eval.json``.
+The pieces (`eval_sparse`, `eval_bm25`, `eval_dense`, `evaluate`) are public for the full
+evaluation harness (`saejax.eval.harness`); `run` prints an aligned table and writes
+``workdir/eval.json``.
 """
 
 import dataclasses
@@ -50,12 +45,13 @@ from ir_measures import RR, R, nDCG
 from jaxtyping import Float, Int
 from tokenizers import Tokenizer
 
-from saejax import convert, trained
-from saejax import sae as sae_lib
-from saejax.data_sources import beir_document, read_beir_texts
-from saejax.embedder import Embedder
-from saejax.encode import EncodeConfig, encode_dense, encode_sparse
-from saejax.errors import ConfigError, DataError
+from saejax.data.beir import BeirData, Qrels, load_beir
+from saejax.errors import ConfigError
+from saejax.hub import convert, trained
+from saejax.retrieval.encode import EncodeConfig, encode_dense, encode_sparse
+from saejax.retrieval.index import sparse_matrix
+from saejax.sae import topk as sae_lib
+from saejax.sae.embedder import Embedder
 
 Baseline = Literal["bm25", "dense", "random"]
 RUN_DEPTH = 100  # documents ranked per query: Recall@100 needs the full 100
@@ -64,7 +60,6 @@ MEASURES = {"ndcg@10": nDCG @ 10, "recall@100": R @ 100, "mrr@10": RR @ 10}
 _SCORE_BLOCK = 1 << 24
 
 Run = dict[str, dict[str, float]]
-Qrels = dict[str, dict[str, int]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +69,8 @@ class EvalConfig:
   Attributes:
     beir_dir: BEIR folder with corpus.jsonl, queries.jsonl and qrels/<split>.tsv.
     split: qrels split.
-    max_docs: subsample the corpus to this many documents (0 = all); see `load_beir`.
+    max_docs: subsample the corpus to this many documents (0 = all); see
+      `saejax.data.beir.load_beir`.
     baselines: systems to run beside the trained model.
     k_query: active latents per query (0 = the model's training k).
     k_doc: active latents per document (0 = the model's training k).
@@ -109,166 +105,8 @@ class EvalConfig:
     return EncodeConfig(max_len=max_len, batch_size=self.batch_size, progress=self.progress)
 
 
-@dataclasses.dataclass(frozen=True)
-class BeirData:
-  """A BEIR split in memory: texts in parallel with their ids, and graded relevance judgements."""
-  doc_ids: tuple[str, ...]
-  docs: tuple[str, ...]
-  query_ids: tuple[str, ...]
-  queries: tuple[str, ...]
-  qrels: Qrels  # query id -> {doc id: relevance}; every query has a relevance > 0
-  skipped_empty_queries: tuple[str, ...] = ()  # judged queries left out: their text is empty
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-def read_qrels(path: Path) -> Qrels:
-  """BEIR qrels TSV (``query-id  corpus-id  score``, optional header) as {query: {doc: score}}."""
-  if not path.is_file():
-    raise DataError(f"BEIR qrels file {path} does not exist")
-  qrels: Qrels = {}
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      fields = line.rstrip("\r\n").split("\t")
-      if (number == 1 and fields[0] == "query-id") or not line.strip():
-        continue
-      if len(fields) != 3:
-        raise DataError(f"{path} line {number}: expected 3 tab-separated fields "
-                        f"(query-id, corpus-id, score), got {len(fields)}")
-      try:
-        score = int(fields[2])
-      except ValueError:
-        raise DataError(f"{path} line {number}: score {fields[2]!r} is not an integer") from None
-      qrels.setdefault(fields[0], {})[fields[1]] = score
-  return qrels
-
-
-def _first_duplicate(path: Path) -> str:
-  """Where the first repeated ``_id`` of a BEIR jsonl file is (read only after one was found)."""
-  first: dict[str, int] = {}
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      if line.strip():
-        key = str(json.loads(line)["_id"])
-        if key in first:
-          return f"{path} line {number}: duplicate _id {key!r} (first on line {first[key]})"
-        first[key] = number
-  raise AssertionError(f"{path}: a duplicate _id was counted but not found again")
-
-
-def read_unique_texts(path: Path, text_of) -> dict[str, str]:
-  """{_id: text_of(row)} of a whole BEIR jsonl file; an ``_id`` seen twice is a DataError naming
-  the id and both lines (a second copy would otherwise silently replace the first)."""
-  rows = 0
-
-  def counting(row):
-    nonlocal rows
-    rows += 1
-    return text_of(row)
-
-  texts = read_beir_texts(path, None, counting)
-  if rows != len(texts):  # the file is read a second time only to name the duplicate
-    raise DataError(_first_duplicate(path))
-  return texts
-
-
-def _subsample(doc_ids: list[str], qrels: Qrels, max_docs: int,
-               rng: np.random.Generator) -> tuple[set[str], Qrels]:
-  """(kept doc ids, kept qrels): every relevant doc of every kept query, then random distractors.
-
-  Relevant documents may fill at most half of the sample (else ranking would be trivial); when the
-  split has more, a random subset of queries is kept whose relevant documents fit.
-  """
-  relevant = {q: {d for d, s in judged.items() if s > 0} for q, judged in qrels.items()}
-  budget = max_docs // 2
-  if len(set().union(*relevant.values())) > budget:
-    kept_docs, kept_queries = set(), []
-    for q in rng.permutation(sorted(relevant)):
-      if len(kept_docs | relevant[q]) <= budget:
-        kept_docs |= relevant[q]
-        kept_queries.append(str(q))
-    if not kept_queries:
-      raise DataError(f"max_docs={max_docs} leaves no room for the relevant documents of any "
-                      f"query; raise max_docs")
-    qrels = {q: qrels[q] for q in sorted(kept_queries)}
-  keep = set().union(*({d for d, s in j.items() if s > 0} for j in qrels.values()))
-  others = [d for d in doc_ids if d not in keep]
-  extra = min(max_docs - len(keep), len(others))
-  keep |= {others[i] for i in rng.choice(len(others), extra, replace=False)}
-  return keep, qrels
-
-
-def load_beir(folder: str | Path, split: str, *, max_docs: int = 0, seed: int = 0) -> BeirData:
-  """Load a BEIR split, optionally subsampled to ``max_docs`` documents.
-
-  Only queries with at least one relevant judgement (score > 0) are kept; judged queries whose
-  text is empty are skipped with a logged warning and listed in ``skipped_empty_queries``.
-  Subsampling keeps every relevant document of the kept queries and fills the rest with random
-  other documents; if the relevant documents alone would take more than half of ``max_docs``,
-  queries are first subsampled at random until theirs fit in half.
-
-  Args:
-    folder: BEIR folder with corpus.jsonl, queries.jsonl and qrels/<split>.tsv.
-    split: qrels split name.
-    max_docs: documents to keep (0 = all).
-    seed: seed of the subsample.
-
-  Raises:
-    DataError: a missing file, a malformed qrels line, a qrels line naming an unknown query or
-      document, a duplicate ``_id`` in corpus.jsonl or queries.jsonl, no judged query left.
-  """
-  folder = Path(folder)
-  if not folder.is_dir():
-    raise DataError(f"BEIR folder {folder} does not exist")
-  qrels_path = folder / "qrels" / f"{split}.tsv"
-  qrels = {q: j for q, j in read_qrels(qrels_path).items() if any(s > 0 for s in j.values())}
-  if not qrels:
-    raise DataError(f"{qrels_path} has no query with a relevant (score > 0) document")
-  corpus = read_unique_texts(folder / "corpus.jsonl", beir_document)
-  all_queries = read_unique_texts(folder / "queries.jsonl",
-                                  lambda r: str(r.get("text") or "").strip())
-  for q, judged in qrels.items():
-    if q not in all_queries:
-      raise DataError(f"{qrels_path}: query-id {q!r} is not in {folder / 'queries.jsonl'}")
-    missing = [d for d in judged if d not in corpus]
-    if missing:
-      raise DataError(f"{qrels_path}: corpus-ids {missing[:3]} of query {q!r} are not in "
-                      f"{folder / 'corpus.jsonl'}")
-  # An empty query cannot be encoded meaningfully; scoring it 0 would charge every system alike
-  # for a data error, so it is left out, and said so.
-  empty = tuple(sorted(q for q in qrels if not all_queries[q]))
-  if empty:
-    logging.warning("%s: %d judged queries have empty text and are skipped (first: %s)",
-                    folder / "queries.jsonl", len(empty), list(empty[:3]))
-    qrels = {q: j for q, j in qrels.items() if all_queries[q]}
-    if not qrels:
-      raise DataError(f"{qrels_path}: every judged query has empty text in "
-                      f"{folder / 'queries.jsonl'}")
-  doc_ids = list(corpus)
-  if max_docs and max_docs < len(doc_ids):
-    keep, qrels = _subsample(doc_ids, qrels, max_docs, np.random.default_rng(seed))
-    doc_ids = [d for d in doc_ids if d in keep]
-  query_ids = sorted(qrels)
-  return BeirData(tuple(doc_ids), tuple(corpus[d] for d in doc_ids), tuple(query_ids),
-                  tuple(all_queries[q] for q in query_ids), qrels, empty)
-
-
 # ---------------------------------------------------------------------------------------------
 # Scoring
-
-def sparse_matrix(values: Float[np.ndarray, "N K"], indices: Int[np.ndarray, "N K"],
-                  num_latents: int) -> sp.csr_matrix:
-  """[N, S] CSR matrix of TopK codes; zero values (ReLU after TopK) are not stored."""
-  n, k = values.shape
-  # Copies: scipy compacts the index array in place when it drops zeros, and a reshape is a view
-  # of the caller's array.
-  m = sp.csr_matrix((values.reshape(-1).astype(np.float32), indices.reshape(-1).copy(),
-                     np.arange(0, n * k + 1, k)), shape=(n, num_latents))
-  m.sum_duplicates()
-  m.eliminate_zeros()
-  return m
-
 
 def _top(scores: Float[np.ndarray, "Q N"], depth: int) -> tuple[np.ndarray, np.ndarray]:
   """Per row, the ``depth`` highest scores and their columns, best first."""

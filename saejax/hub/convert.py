@@ -6,12 +6,17 @@ rest for every architecture alike: read ``config.json`` and ``model.safetensors`
 with ``model.safetensors.index.json``) from a directory or a hub id, check that the checkpoint has
 exactly the expected tensors with the expected shapes, build the nnx model, and write it back as a
 directory that ``transformers.AutoModel.from_pretrained`` loads.
+
+saejax's own encoder checkpoint (`save_encoder` / `restore_encoder`) is a directory holding
+``config.json`` (the Hugging Face dialect, so the same file describes the model on both sides) and
+``params/`` (an Orbax checkpoint of the nnx parameter state). Restoring builds the model
+abstractly first, so parameters are read straight into their target shardings without an
+intermediate random init.
 """
 
 import dataclasses
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,41 +26,11 @@ import numpy as np
 from flax import nnx
 
 from saejax.errors import CheckpointError, ConfigError
-
-Path_ = tuple[str | int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-  """One weight: its HF state-dict key and where it lives in the saejax model."""
-  hf_key: str             # key in the base model (e.g. ModernBertModel), or in the task model
-  path: Path_             # path in nnx.state(model), e.g. ("layers", 0, "attn", "wqkv")
-  transpose: bool = False  # torch Linear weight [out, in] <-> saejax kernel [in, out]
-  in_base: bool = True    # False for task-head tensors, which sit outside the base-model prefix
-
-
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-  """How to build one encoder family from an HF config and where its tensors go.
-
-  ``config_cls`` has ``from_hf_config(dict)``, ``to_hf_config()`` and a boolean field named
-  ``head_field`` that switches the optional head (ModernBERT's MLM head, BERT's pooler).
-  """
-  model_type: str           # config.json "model_type"
-  base_architecture: str    # e.g. "ModernBertModel"; other "architectures" prefix the base keys
-  prefix: str               # base-model prefix inside task models, e.g. "model." or "bert."
-  config_cls: type
-  head_field: str
-  build: Callable[..., nnx.Module]              # build(cfg, *, rngs, param_dtype) -> model
-  tensor_map: Callable[[Any], list[TensorMap]]  # tensor_map(cfg) -> one row per parameter
-  ignored_keys: tuple[str, ...] = ()  # buffers some checkpoints carry (e.g. position_ids)
-
-  def with_head(self, cfg, on: bool):
-    return dataclasses.replace(cfg, **{self.head_field: on})
+from saejax.models import bert, modernbert
+from saejax.models.architecture import Architecture, TensorMap
 
 
 def _registry() -> dict[str, Architecture]:
-  from saejax import bert, modernbert  # imported here: the registry is the only cycle
   return {a.model_type: a for a in (modernbert.ARCHITECTURE, bert.ARCHITECTURE)}
 
 
@@ -196,7 +171,7 @@ def load_hf(path_or_id: str | os.PathLike, *, head: bool | None = None,
                - {r.hf_key for r in arch.tensor_map(arch.with_head(cfg, False))})
   present = head_keys & tensors.keys()
   task_head = _task_head_keys(raw, arch, head_keys)
-  encoder_only = "load the encoder alone with head=False (saejax.convert: --no-head)"
+  encoder_only = "load the encoder alone with head=False (saejax.hub.convert: --no-head)"
   if task_head and head is not False:
     raise CheckpointError(f"{what}: its task head (tensors {task_head[:6]}) is not part of "
                           f"saejax's {arch.base_architecture}; {encoder_only}")
@@ -281,7 +256,7 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
 
 def check_tokenizer_files(src: Path, vocab_size: int) -> None:
   """Refuse src's tokenizer (tokenizer.json, else WordPiece vocab.txt) if it outgrows the model."""
-  from saejax.tokenizer import check_max_id, load_tokenizer
+  from saejax.data.tokenizer import check_max_id, load_tokenizer
   if (src / "tokenizer.json").exists():
     load_tokenizer(src, vocab_size=vocab_size)
   elif (src / "vocab.txt").exists():
@@ -290,10 +265,57 @@ def check_tokenizer_files(src: Path, vocab_size: int) -> None:
     check_max_id(largest, vocab_size, f"tokenizer {src / 'vocab.txt'}")
 
 
+# ---------------------------------------------------------------------------------------------
+# saejax encoder checkpoints
+
+def save_encoder(cfg, model: nnx.Module, directory: str | os.PathLike) -> Path:
+  """Write config.json and an Orbax checkpoint of the parameters to `directory`."""
+  import orbax.checkpoint as ocp
+  directory = Path(directory).absolute()
+  if (directory / "params").exists():
+    raise CheckpointError(f"{directory / 'params'} exists; refusing to overwrite a checkpoint")
+  directory.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(directory / "params", nnx.state(model, nnx.Param))
+  (directory / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
+  return directory
+
+
+def restore_encoder(directory: str | os.PathLike, *, shardings=None, **overrides):
+  """Read a directory written by `save_encoder`: returns (config, model).
+
+  Args:
+    shardings: optional pytree of `jax.sharding.Sharding` matching the parameter state, to restore
+      each array directly into its place on the current mesh.
+    overrides: config fields to replace (e.g. ``attention_backend``).
+  """
+  import orbax.checkpoint as ocp
+  directory = Path(directory).absolute()
+  hf_config = read_config(directory)
+  arch = architecture(hf_config, str(directory / "config.json"))
+  cfg = dataclasses.replace(arch.config_cls.from_hf_config(hf_config), **overrides)
+  if not (directory / "params").is_dir():
+    raise CheckpointError(f"{directory} has no params/ checkpoint")
+  abstract = nnx.eval_shape(lambda: arch.build(cfg, rngs=nnx.Rngs(0)))
+  params = nnx.state(abstract, nnx.Param)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  if shardings is not None:
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          target, shardings)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      restored = ckptr.restore(directory / "params", target)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise CheckpointError(f"{directory / 'params'} does not fit the model of its config.json: "
+                          f"{e}") from e
+  nnx.update(abstract, restored)
+  return cfg, abstract
+
+
 def main(argv: list[str] | None = None) -> None:
-  """``python -m saejax.convert {hf-to-saejax,saejax-to-hf} SRC OUT``."""
-  from saejax import checkpoint, cli
-  parser = cli.ArgumentParser(prog="python -m saejax.convert", description=main.__doc__)
+  """``python -m saejax.hub.convert {hf-to-saejax,saejax-to-hf} SRC OUT``."""
+  from saejax import cli
+  parser = cli.ArgumentParser(prog="python -m saejax.hub.convert", description=main.__doc__)
   parser.add_argument("direction", choices=["hf-to-saejax", "saejax-to-hf"])
   parser.add_argument("src", help="HF model directory or hub id / saejax checkpoint directory")
   parser.add_argument("out", help="output directory")
@@ -306,9 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_head:
       raise ConfigError("--no-head applies to hf-to-saejax only")
     src = Path(args.src)
-    cfg, model = checkpoint.restore_encoder(src)
+    cfg, model = restore_encoder(src)
   check_tokenizer_files(src, cfg.vocab_size)  # before anything is written
-  save = checkpoint.save_encoder if args.direction == "hf-to-saejax" else save_hf
+  save = save_encoder if args.direction == "hf-to-saejax" else save_hf
   out = save(cfg, model, args.out)
   copied = copy_tokenizer(src, out)
   print(f"wrote {out} ({type(cfg).__name__}, tokenizer files: {copied or 'none found'})")

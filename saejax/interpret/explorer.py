@@ -1,23 +1,24 @@
 """A static, self-contained HTML feature explorer for a trained SAE embedder.
 
-    python -m saejax.explorer --run runs/quickstart --beir data/debian-quickstart/beir-dev \
-        --split dev --out report.html
+    python -m saejax.interpret.explorer --run runs/quickstart \
+        --beir data/debian-quickstart/beir-dev --split dev --out report.html
 
 One file, no server: CSS and JavaScript inline, the data as embedded JSON. It shows
 
-* every listed latent with its label (`saejax.labels`), firing frequency, mean activation, held-out
-  label AUC and co-activation family (`saejax.interpret`), filterable by label words;
+* every listed latent with its label (`saejax.interpret.labels`), firing frequency, mean activation,
+  held-out label AUC and co-activation family (`saejax.interpret.latents`), filterable by label
+  words;
 * a histogram of latent firing frequencies (inline SVG, drawn at build time: visible without JS);
 * a latent's top documents with the tokens that drive it highlighted (leave-one-token-out
-  evidence, `saejax.interpret.token_evidence`);
+  evidence, `saejax.interpret.latents.token_evidence`);
 * a search box over the corpus' queries: a query's active latents, its top documents, and steer
   buttons (boost / suppress / exclude / only per latent) that re-rank in the page with the same
-  arithmetic as `saejax.steer` (sparse dot product over the embedded document codes).
+  arithmetic as `saejax.interpret.steer` (sparse dot product over the embedded document codes).
 
 Codes and labels can come precomputed (``--codes``, ``--labels``); both carry the fingerprint of
-the model that made them (`saejax.interpret.model_fingerprint`) and a mismatch with ``--run``'s
-model is refused (`FingerprintError`), so a report never pairs one model's latents with another's
-documents.
+the model that made them (`saejax.interpret.latents.model_fingerprint`) and a mismatch with
+``--run``'s model is refused (`FingerprintError`), so a report never pairs one model's latents with
+another's documents.
 """
 
 import dataclasses
@@ -30,10 +31,11 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from saejax import cli, interpret, labels as labels_lib
-from saejax.embedder import Embedder
-from saejax.encode import EncodeConfig, encode_sparse
+from saejax import cli
 from saejax.errors import ConfigError, DataError
+from saejax.interpret import labels as labels_lib, latents as latents_lib
+from saejax.retrieval.encode import EncodeConfig, encode_sparse
+from saejax.sae.embedder import Embedder
 
 TEMPLATE = Path(__file__).with_name("explorer_template.html")
 
@@ -96,7 +98,7 @@ def _histogram_svg(frequency: np.ndarray, num_dead: int, width: int = 380,
 
 
 def collect(model: Embedder, tokenizer: Tokenizer, docs: Sequence[str], queries: Sequence[str], *,
-            codes: interpret.StoredCodes | None = None,
+            codes: latents_lib.StoredCodes | None = None,
             labels: labels_lib.LatentLabels | None = None,
             config: ExplorerConfig = ExplorerConfig(), title: str = "saejax feature explorer"
             ) -> dict:
@@ -107,7 +109,7 @@ def collect(model: Embedder, tokenizer: Tokenizer, docs: Sequence[str], queries:
     tokenizer: its tokenizer.
     docs: the corpus documents.
     queries: queries offered in the search box.
-    codes: precomputed document codes (`interpret.save_codes`); refused if another model made
+    codes: precomputed document codes (`latents.save_codes`); refused if another model made
       them or if they are not one row per document.
     labels: precomputed labels (`labels.load_labels`); refused if another model's.
     config: what the report holds.
@@ -116,11 +118,11 @@ def collect(model: Embedder, tokenizer: Tokenizer, docs: Sequence[str], queries:
   Raises:
     FingerprintError: codes or labels of another model.
   """
-  fingerprint = interpret.model_fingerprint(model)
+  fingerprint = latents_lib.model_fingerprint(model)
   s = model.sae.config.num_latents
   enc = lambda n: EncodeConfig(max_len=n, batch_size=config.batch_size, progress=False)
   if codes is not None:
-    interpret.check_fingerprint(fingerprint, codes.fingerprint, "the document codes")
+    latents_lib.check_fingerprint(fingerprint, codes.fingerprint, "the document codes")
     if codes.values.shape[0] != len(docs):
       raise DataError(f"the codes hold {codes.values.shape[0]} documents but {len(docs)} "
                       f"documents were given: they are not this corpus' codes")
@@ -129,15 +131,15 @@ def collect(model: Embedder, tokenizer: Tokenizer, docs: Sequence[str], queries:
     d = encode_sparse(model, tokenizer, docs, None, enc(config.max_doc_len))
     d_v, d_i = d.values, d.indices
   if labels is not None:
-    interpret.check_fingerprint(fingerprint, labels.fingerprint, "the labels")
+    latents_lib.check_fingerprint(fingerprint, labels.fingerprint, "the labels")
   else:
     labels = labels_lib.label_latents(docs, d_v, d_i, s, fingerprint=fingerprint)
   q = encode_sparse(model, tokenizer, queries, None, enc(config.max_query_len))
 
-  stats = interpret.latent_stats(d_v, d_i, s)
-  families = interpret.latent_families(interpret.coactivation(d_v, d_i, s))
+  stats = latents_lib.latent_stats(d_v, d_i, s)
+  families = latents_lib.latent_families(latents_lib.coactivation(d_v, d_i, s))
   listed = stats.live[np.argsort(-stats.counts[stats.live], kind="stable")][:config.latents]
-  top_rows, top_acts = interpret.top_documents(d_v, d_i, s, listed, config.top_docs)
+  top_rows, top_acts = latents_lib.top_documents(d_v, d_i, s, listed, config.top_docs)
 
   # Token evidence: one leave-one-token-out pass per document, for all latents it is shown for.
   wanted: dict[int, list[int]] = {}
@@ -147,8 +149,9 @@ def collect(model: Embedder, tokenizer: Tokenizer, docs: Sequence[str], queries:
         wanted.setdefault(int(r), []).append(int(j))
   spans: dict[tuple[int, int], list] = {}
   doc_rows = sorted(wanted)
-  evidence = interpret.token_evidence(model, tokenizer, [docs[r] for r in doc_rows],
-                                      [wanted[r] for r in doc_rows], max_len=config.max_doc_len)
+  evidence = latents_lib.token_evidence(model, tokenizer, [docs[r] for r in doc_rows],
+                                        [wanted[r] for r in doc_rows],
+                                        max_len=config.max_doc_len)
   for r, ev in zip(doc_rows, evidence):
     for col, j in enumerate(ev.latents):
       score = ev.scores[:, col]
@@ -209,9 +212,11 @@ def write_report(path: str | Path, payload: dict) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> Path:
   """The command line (see the module docstring)."""
-  from saejax import quickeval, trained
-  p = cli.ArgumentParser(prog="python -m saejax.explorer", description=__doc__.splitlines()[0])
-  p.add_argument("--run", required=True, help="training workdir (saejax.trained.load_run)")
+  from saejax.data.beir import load_beir
+  from saejax.hub import trained
+  p = cli.ArgumentParser(prog="python -m saejax.interpret.explorer",
+                         description=__doc__.splitlines()[0])
+  p.add_argument("--run", required=True, help="training workdir (saejax.hub.trained.load_run)")
   p.add_argument("--beir", required=True, help="BEIR folder: corpus, queries, qrels/<split>.tsv")
   p.add_argument("--split", default="dev")
   p.add_argument("--out", required=True, help="the HTML file to write")
@@ -219,16 +224,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
                  help="subsample the corpus (0: all)")
   p.add_argument("--max-queries", "--max_queries", dest="max_queries", type=int, default=300,
                  help="queries in the search box")
-  p.add_argument("--codes", help="precomputed document codes (.npz from interpret.save_codes)")
+  p.add_argument("--codes", help="precomputed document codes (.npz from latents.save_codes)")
   p.add_argument("--labels", help="precomputed latent_labels.json")
   p.add_argument("--latents", type=int, default=ExplorerConfig.latents)
   p.add_argument("--evidence-latents", "--evidence_latents", dest="evidence_latents", type=int,
                  default=ExplorerConfig.evidence_latents)
   args = p.parse_args(argv)
   config, model, tokenizer = trained.load_run(args.run)
-  data = quickeval.load_beir(args.beir, args.split, max_docs=args.max_docs)
-  fingerprint = interpret.model_fingerprint(model)
-  codes = interpret.load_codes(args.codes, fingerprint=fingerprint) if args.codes else None
+  data = load_beir(args.beir, args.split, max_docs=args.max_docs)
+  fingerprint = latents_lib.model_fingerprint(model)
+  codes = latents_lib.load_codes(args.codes, fingerprint=fingerprint) if args.codes else None
   labels = labels_lib.load_labels(args.labels, fingerprint=fingerprint) if args.labels else None
   cfg = ExplorerConfig(latents=args.latents, evidence_latents=args.evidence_latents,
                        max_doc_len=int(config.data.max_doc_len),

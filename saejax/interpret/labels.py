@@ -21,8 +21,8 @@ An LLM labeller can be plugged in (`Labeller`: latent id, top texts and c-TF-IDF
 out); it is off by default, never called by the tests, and its labels are scored the same way.
 
 Labels are stored as ``latent_labels.json`` (`LatentLabels.save`, `load_labels`) together with the
-fingerprint of the model they describe (`saejax.interpret.model_fingerprint`); the model-card
-exporter copies the file as is.
+fingerprint of the model they describe (`saejax.interpret.latents.model_fingerprint`); the
+model-card exporter copies the file as is.
 """
 
 import dataclasses
@@ -38,8 +38,8 @@ from jaxtyping import Float, Int
 from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.metrics import roc_auc_score
 
-from saejax import interpret
 from saejax.errors import CheckpointError, ConfigError, DataError
+from saejax.interpret import latents
 
 FILE_NAME = "latent_labels.json"
 FORMAT = "saejax.latent_labels"
@@ -156,7 +156,7 @@ def load_labels(path: str | Path, *, fingerprint: str | None = None) -> LatentLa
   if data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
     raise CheckpointError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} file")
   if fingerprint is not None:
-    interpret.check_fingerprint(fingerprint, data["fingerprint"], f"labels file {path}")
+    latents.check_fingerprint(fingerprint, data["fingerprint"], f"labels file {path}")
   labels = {int(j): LatentLabel(**{**x, "terms": tuple(x["terms"]),
                                    "weights": tuple(x["weights"])})
             for j, x in data["labels"].items()}
@@ -207,14 +207,14 @@ def label_latents(texts: Sequence[str], values: Float[np.ndarray, "N K"],
     values: [N, K] their code values.
     indices: [N, K] their latent ids.
     num_latents: S.
-    fingerprint: `saejax.interpret.model_fingerprint` of the model that made the codes.
+    fingerprint: `saejax.interpret.latents.model_fingerprint` of the model that made the codes.
     config: how labels are made and scored.
     labeller: optional replacement for the c-TF-IDF label (terms are still computed).
   """
   n = len(texts)
   if values.shape[0] != n:
     raise DataError(f"{n} texts but codes for {values.shape[0]} documents")
-  acts = interpret.activations(values, indices, num_latents)
+  acts = latents.activations(values, indices, num_latents)
   order = np.random.default_rng(config.seed).permutation(n)
   n_held = int(round(config.heldout_fraction * n))
   held, fit = np.sort(order[:n_held]), np.sort(order[n_held:])
@@ -226,10 +226,10 @@ def label_latents(texts: Sequence[str], values: Float[np.ndarray, "N K"],
   vocab = counter.get_feature_names_out()
   df = np.asarray(doc_term.sum(axis=0)).ravel()
   idf = np.log1p(fit.size / np.maximum(df, 1))
-  st = interpret.latent_stats(values[fit], indices[fit], num_latents)
+  st = latents.latent_stats(values[fit], indices[fit], num_latents)
   live = st.live
-  top_rows, _ = interpret.top_documents(values[fit], indices[fit], num_latents, live,
-                                        config.top_docs)
+  top_rows, _ = latents.top_documents(values[fit], indices[fit], num_latents, live,
+                                      config.top_docs)
   held_terms = counter.transform([texts[i] for i in held]).tocsc() if held.size else None
   held_fires = (acts[held] > 0).tocsc() if held.size else None
   word_index = {w: i for i, w in enumerate(vocab)}
@@ -253,7 +253,7 @@ def label_latents(texts: Sequence[str], values: Float[np.ndarray, "N K"],
 
 
 # ---------------------------------------------------------------------------------------------
-# Search by label (used by saejax.steer)
+# Search by label (used by saejax.interpret.steer)
 
 def _stem(word: str) -> str:
   """A crude suffix stripper so that "licensing", "licenses" and "license" meet."""

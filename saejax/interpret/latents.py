@@ -1,8 +1,9 @@
 """What the latents of a trained SAE embedder do, measured on an encoded corpus.
 
-Everything here reads TopK codes, (values [N, K], indices [N, K]) as `saejax.encode.encode_sparse`
-returns them (unit-norm when `SAEConfig.normalize_codes`: an activation is then the latent's share
-of its code), and gives numpy arrays indexed by latent id, plus a printable table:
+Everything here reads TopK codes, (values [N, K], indices [N, K]) as
+`saejax.retrieval.encode.encode_sparse` returns them (unit-norm when `SAEConfig.normalize_codes`: an
+activation is then the latent's share of its code), and gives numpy arrays indexed by latent id,
+plus a printable table:
 
 * `latent_stats`: per latent, how many documents it fires in (value > 0), its firing frequency,
   mean activation over the documents it fires in, max activation; dead latents (fire nowhere)
@@ -44,11 +45,11 @@ from flax import nnx
 from jaxtyping import Bool, Float, Int
 from tokenizers import Tokenizer
 
-from saejax.embedder import Embedder
-from saejax.encode import _bucket, _pad, tokenize
+from saejax.data.tokenizer import pad_id, truncating_copy
 from saejax.errors import CheckpointError, ConfigError, DataError, SaejaxError
-from saejax.quickeval import sparse_matrix
-from saejax.tokenizer import pad_id, truncating_copy
+from saejax.retrieval.encode import _bucket, _pad, tokenize
+from saejax.retrieval.index import sparse_matrix
+from saejax.sae.embedder import Embedder
 
 HOT_FREQUENCY = 0.1  # Gao et al. call a latent dense above a firing rate of 10%
 CODES_FORMAT = "saejax.codes"
@@ -310,7 +311,7 @@ def token_evidence(model: Embedder, tokenizer: Tokenizer, texts: Sequence[str],
     tokenizer: its tokenizer.
     texts: the texts.
     latents: for each text, the latent ids to explain (e.g. those it activates).
-    max_len: token budget (texts are cut as `saejax.encode` cuts them).
+    max_len: token budget (texts are cut as `saejax.retrieval.encode` cuts them).
     buckets: padded widths.
   """
   if len(latents) != len(texts):

@@ -16,13 +16,13 @@ dot product of codes, so concept-level control is arithmetic on the query plus a
 
 Post-filters read the documents' own codes (`DocActivations`), not the index, so steering works
 with any index object that has ``search(q_values, q_indices, top_k) -> (scores, doc_ids)``: the
-exact `saejax.index.SparseIndex` or an external-engine adapter with the same method. To fill
-``top_k`` results after filtering, `SteeredSearch` over-fetches and deepens the search until every
-query has ``top_k`` survivors or the index has nothing more to give.
+exact `saejax.retrieval.index.SparseIndex` or an external-engine adapter with the same method. To
+fill ``top_k`` results after filtering, `SteeredSearch` over-fetches and deepens the search until
+every query has ``top_k`` survivors or the index has nothing more to give.
 
 Steering by words: `parse_steering("less about licensing; only about audio", labels)` turns
-phrases into operations on the latents whose labels (`saejax.labels`) match; a phrase that matches
-no label raises `SteerError` listing the closest labels. Latent ids can be given directly
+phrases into operations on the latents whose labels (`saejax.interpret.labels`) match; a phrase that
+matches no label raises `SteerError` listing the closest labels. Latent ids can be given directly
 ("suppress latent 17", or `Steering.by_id`).
 
 This is the query-side half of "steering" an SAE: activation steering (Templeton et al. 2024,
@@ -38,9 +38,9 @@ from typing import Literal, Protocol
 import numpy as np
 from jaxtyping import Float, Int
 
-from saejax import labels as labels_lib
 from saejax.errors import ConfigError, DataError
-from saejax.quickeval import sparse_matrix
+from saejax.interpret import labels as labels_lib
+from saejax.retrieval.index import sparse_matrix
 
 OpKind = Literal["boost", "suppress", "exclude", "only"]
 KINDS: tuple[str, ...] = ("boost", "suppress", "exclude", "only")
@@ -53,7 +53,7 @@ class SteerError(ConfigError):
 
 
 class SearchIndex(Protocol):
-  """What steering needs from an index (`saejax.index.SparseIndex` has it)."""
+  """What steering needs from an index (`saejax.retrieval.index.SparseIndex` has it)."""
 
   def search(self, q_values: np.ndarray, q_indices: np.ndarray,
              top_k: int = 10) -> tuple[np.ndarray, np.ndarray]:

@@ -58,6 +58,6 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B T N H"], v: Float[A
                                        implementation="cudnn")
     return out.astype(dtype)
   if backend == "splash":
-    from saejax import splash  # Pallas import is slow and TPU-specific: only when asked for.
+    from saejax.models import splash  # Pallas import is slow and TPU-specific: only when asked for.
     return splash.attention(q, k, v, valid=valid, window=window)
   raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")

@@ -14,8 +14,8 @@ arXiv:1706.03762) with:
     as a part of the model for bit-identical round trips (`BertConfig.pooler`).
 
 Dropout is not ported: saejax fine-tunes without it, so the forward pass is deterministic.
-Attention goes through `saejax.attention.attention` (backend from the config; no window).
-`tensor_map` and `ARCHITECTURE` register the HF state-dict layout with `saejax.convert`.
+Attention goes through `saejax.models.attention.attention` (backend from the config; no window).
+`tensor_map` and `ARCHITECTURE` register the HF state-dict layout with `saejax.hub.convert`.
 
 Shapes use one legend: B batch, T tokens, D hidden, N heads, H head dim (D / N), F MLP intermediate.
 """
@@ -30,10 +30,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from saejax import convert
-from saejax.attention import BACKENDS, Backend, attention
 from saejax.errors import ConfigError, DataError
-from saejax.params import Axes, layer_norm, linear, normal, ones, param, zeros
+from saejax.models.architecture import Architecture, TensorMap
+from saejax.models.attention import BACKENDS, Backend, attention
+from saejax.models.params import Axes, layer_norm, linear, normal, ones, param, zeros
 from saejax.sharding import constrain_batch
 
 Activation = Literal["gelu", "gelu_python", "gelu_new", "gelu_pytorch_tanh"]
@@ -288,15 +288,15 @@ def num_params(model: nnx.Module) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def tensor_map(cfg: BertConfig) -> list[convert.TensorMap]:
+def tensor_map(cfg: BertConfig) -> list[TensorMap]:
   """HF BertModel state-dict keys (no "bert." prefix), one row per saejax parameter."""
-  T = convert.TensorMap
+  T = TensorMap
 
-  def linear(key: str, path: tuple) -> list[convert.TensorMap]:
+  def linear(key: str, path: tuple) -> list[TensorMap]:
     return [T(key + ".weight", path + ("kernel",), transpose=True),
             T(key + ".bias", path + ("bias",))]
 
-  def norm(key: str, path: tuple) -> list[convert.TensorMap]:
+  def norm(key: str, path: tuple) -> list[TensorMap]:
     return [T(key + ".weight", path + ("scale",)), T(key + ".bias", path + ("bias",))]
 
   rows = [T("embeddings.word_embeddings.weight", ("embeddings", "word")),
@@ -326,7 +326,7 @@ PRETRAINING_HEAD_KEYS = tuple("cls." + k for k in (
     "predictions.transform.LayerNorm.weight", "predictions.transform.LayerNorm.bias",
     "seq_relationship.weight", "seq_relationship.bias"))
 
-ARCHITECTURE = convert.Architecture(
+ARCHITECTURE = Architecture(
     model_type="bert", base_architecture="BertModel", prefix="bert.", config_cls=BertConfig,
     head_field="pooler", build=BertModel, tensor_map=tensor_map,
     # position_ids: an arange buffer that transformers < 4.31 saved; positions are recomputed here.

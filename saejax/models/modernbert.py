@@ -29,10 +29,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from saejax import convert
-from saejax.attention import Backend, attention
 from saejax.errors import ConfigError
-from saejax.params import layer_norm, linear, normal, ones, param, zeros
+from saejax.models.architecture import Architecture, TensorMap
+from saejax.models.attention import Backend, attention
+from saejax.models.params import layer_norm, linear, normal, ones, param, zeros
 from saejax.sharding import constrain_batch
 
 LayerType = Literal["full_attention", "sliding_attention"]
@@ -304,9 +304,9 @@ def num_params(model: nnx.Module) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def tensor_map(cfg: ModernBertConfig) -> list[convert.TensorMap]:
+def tensor_map(cfg: ModernBertConfig) -> list[TensorMap]:
   """HF ModernBertModel state-dict keys (ModernBertForMaskedLM adds the head rows)."""
-  T = convert.TensorMap
+  T = TensorMap
   rows = [T("embeddings.tok_embeddings.weight", ("tok_embeddings",)),
           T("embeddings.norm.weight", ("emb_norm", "scale"))]
   for i in range(cfg.num_hidden_layers):
@@ -330,7 +330,7 @@ def tensor_map(cfg: ModernBertConfig) -> list[convert.TensorMap]:
   return rows
 
 
-ARCHITECTURE = convert.Architecture(
+ARCHITECTURE = Architecture(
     model_type="modernbert", base_architecture="ModernBertModel", prefix="model.",
     config_cls=ModernBertConfig, head_field="mlm_head", build=ModernBert, tensor_map=tensor_map,
     # A tied decoder.weight may be stored by some writers; it is the token embedding, so skip it.

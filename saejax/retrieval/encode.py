@@ -44,9 +44,9 @@ from jaxtyping import Array, Bool, Float, Int
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from saejax.embedder import Embedder, mean_pool
+from saejax.data.tokenizer import check_vocab, pad_id, truncating_copy
 from saejax.errors import ConfigError, DataError
-from saejax.tokenizer import check_vocab, pad_id, truncating_copy
+from saejax.sae.embedder import Embedder, mean_pool
 
 # A forward pass over one padded batch: one array, or a tuple of arrays, each with leading axis B.
 EncodeFn = Callable[[Int[Array, "B T"], Bool[Array, "B T"]], Array | tuple[Array, ...]]

@@ -1,20 +1,20 @@
 """saejax sparse codes in external search engines: Milvus (Lite or a cluster) and JSONL files.
 
-`MilvusIndex` has the search interface of `saejax.index.SparseIndex` (``build(values, indices,
-num_latents, doc_ids)``, ``search(q_values, q_indices, top_k) -> (scores, doc ids)``) over a Milvus
-collection of sparse float vectors: the key of a latent is its dimension index (latent 42 is
-dimension 42, stable across re-ingests and models of the same dictionary), the metric is the inner
-product, the very score saejax trains with, and the index is ``SPARSE_INVERTED_INDEX`` searched
-with ``drop_ratio_search = 0``: every posting is scored, so results are exact up to float32
+`MilvusIndex` has the search interface of `saejax.retrieval.index.SparseIndex` (``build(values,
+indices, num_latents, doc_ids)``, ``search(q_values, q_indices, top_k) -> (scores, doc ids)``) over
+a Milvus collection of sparse float vectors: the key of a latent is its dimension index (latent 42
+is dimension 42, stable across re-ingests and models of the same dictionary), the metric is the
+inner product, the very score saejax trains with, and the index is ``SPARSE_INVERTED_INDEX``
+searched with ``drop_ratio_search = 0``: every posting is scored, so results are exact up to float32
 summation order (Milvus documentation, "Sparse Vector"). The same client code talks to an embedded
 Milvus Lite file (``uri="path.db"``, the `milvus-lite` package; used by the tests) or to a Milvus
 server or cluster (``uri="http://host:19530"``).
 
-Results follow `saejax.index`'s result rule: only scores > 0, descending, ties by lower doc id,
-padding -inf / -1. Query weights may be negative (steering suppresses latents this way); Milvus
-refuses negative weights, so such a query fetches candidates by its positive part and rescores
-them exactly on the client, growing the candidate set until no other document can enter the top k
-(`MilvusIndex._search_signed`).
+Results follow `saejax.retrieval.index`'s result rule: only scores > 0, descending, ties by lower
+doc id, padding -inf / -1. Query weights may be negative (steering suppresses latents this way);
+Milvus refuses negative weights, so such a query fetches candidates by its positive part and
+rescores them exactly on the client, growing the candidate set until no other document can enter the
+top k (`MilvusIndex._search_signed`).
 
 `write_jsonl` / `read_jsonl` hold codes as Seismic / Anserini-style JSONL, one document a line::
 
@@ -36,7 +36,7 @@ import numpy as np
 from jaxtyping import Float, Int
 
 from saejax.errors import ConfigError, DataError
-from saejax.index import _check_codes, _check_doc_ids, _check_top_k, _sum_duplicates
+from saejax.retrieval.index import _check_codes, _check_doc_ids, _check_top_k, _sum_duplicates
 
 # Milvus caps one request: at most 16,384 results per query and 16,384 queries per search.
 _MAX_LIMIT = 16384
@@ -57,7 +57,7 @@ def _sparse_rows(values: np.ndarray, indices: np.ndarray) -> list[dict[int, floa
 
 
 class MilvusIndex:
-  """A Milvus collection of saejax codes with `saejax.index.SparseIndex`'s search interface."""
+  """A Milvus collection of saejax codes with `SparseIndex`'s search interface."""
 
   def __init__(self, client, collection: str, num_latents: int):
     """Wrap an existing collection; use `MilvusIndex.build` to create and fill one."""
@@ -142,7 +142,8 @@ class MilvusIndex:
       top_k: results per query (Milvus allows at most 16,384).
 
     Returns:
-      (scores float32 [Q, top_k], doc ids int64 [Q, top_k]) under `saejax.index`'s result rule.
+      (scores float32 [Q, top_k], doc ids int64 [Q, top_k]) under `saejax.retrieval.index`'s result
+      rule.
     """
     top_k = _check_top_k(top_k)
     if top_k > _MAX_LIMIT:
@@ -196,7 +197,7 @@ class MilvusIndex:
 
 
 def _fill(scores: np.ndarray, ids: np.ndarray, hits: list[tuple[float, int]]) -> None:
-  """Write (score, doc id) hits into one result row under `saejax.index`'s result rule."""
+  """Write (score, doc id) hits into one result row under `saejax.retrieval.index`'s result rule."""
   ranked = sorted((h for h in hits if h[0] > 0), key=lambda h: (-h[0], h[1]))
   for j, (score, doc) in enumerate(ranked[:len(ids)]):
     scores[j], ids[j] = score, doc

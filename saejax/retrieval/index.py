@@ -2,8 +2,8 @@
 
 A document's code is ``values`` [k] over ``indices`` [k] in [0, S); a query's code is the same
 with its own k (queries and documents may use different k). The score of a document is the dot
-product of the two sparse codes as `saejax.encode.encode_sparse` gives them (unit-norm when
-`SAEConfig.normalize_codes`, so the score is their cosine), the similarity the model is trained
+product of the two sparse codes as `saejax.retrieval.encode.encode_sparse` gives them (unit-norm
+when `SAEConfig.normalize_codes`, so the score is their cosine), the similarity the model is trained
 with. `SparseIndex` holds the documents as an inverted index, one posting list per latent in CSC
 form:
 
@@ -15,9 +15,9 @@ form:
 
 Entry points:
   * `SparseIndex.search`: exact top-k on CPU, single-threaded, in compiled kernels
-    (`saejax.index_kernels`: blocked term-at-a-time scoring with dense columns for head latents;
-    the docstring there says why hand-written kernels and how). It releases the GIL, so threads
-    can serve queries in parallel.
+    (`saejax.retrieval.index_kernels`: blocked term-at-a-time scoring with dense columns for head
+    latents; the docstring there says why hand-written kernels and how). It releases the GIL, so
+    threads can serve queries in parallel.
   * `SparseIndex.search_jax`: the same scores computed with JAX (each document gathers the query's
     dense vector at its latents), for GPUs/TPUs; on CPU it returns what `search` returns.
   * `SparseIndex.save` / `SparseIndex.load`: a directory with ``header.json`` and one ``.npy``
@@ -25,9 +25,11 @@ Entry points:
   * `SeismicAdapter`: the same codes in Seismic (Bruch et al., SIGIR 2024, "Efficient Inverted
     Indexes for Approximate Retrieval over Learned Sparse Representations"; pyseismic-lsr), an
     approximate engine, for comparison; `recall` measures it against the exact search.
+  * `sparse_matrix`: codes as an [N, S] scipy CSR matrix, for exact scoring by a sparse product
+    (`saejax.eval.quickeval`) and for latent statistics and steering (`saejax.interpret`).
 
-Result rule, shared by every entry point (and by `saejax.quickeval`): a document is returned only
-if its score is > 0 (a document sharing no latent with the query is never a hit); results are
+Result rule, shared by every entry point (and by `saejax.eval.quickeval`): a document is returned
+only if its score is > 0 (a document sharing no latent with the query is never a hit); results are
 ordered by score descending, ties by lower doc id first; a query with fewer than ``top_k`` hits
 is padded with score -inf and doc id -1. Scores are float32 sums whose summation order differs
 between implementations, so two implementations may order documents whose scores differ by a few
@@ -51,18 +53,32 @@ import numpy as np
 import scipy.sparse as sp
 from jaxtyping import Array, Float, Int
 
-from saejax import index_kernels as kernels
 from saejax.errors import CheckpointError, ConfigError, DataError
+from saejax.retrieval import index_kernels as kernels
 
 WeightDtype = Literal["float32", "float16"]
 FORMAT = "saejax.SparseIndex"
 FORMAT_VERSION = 1
 HEADER = "header.json"
 # Latents held by at least this fraction of documents are scored as dense columns (see
-# `saejax.index_kernels`): 0.1 measured best on head-heavy Zipf codes, 0.05-0.15 within noise.
+# `saejax.retrieval.index_kernels`): 0.1 measured best on head-heavy Zipf codes, 0.05-0.15 within
+# noise.
 DENSE_FRACTION = 0.1
 # Elements of the [queries, documents, latents] gather that `search_jax` holds at once.
 _JAX_GATHER_BUDGET = 1 << 26
+
+
+def sparse_matrix(values: Float[np.ndarray, "N K"], indices: Int[np.ndarray, "N K"],
+                  num_latents: int) -> sp.csr_matrix:
+  """[N, S] CSR matrix of TopK codes; zero values (ReLU after TopK) are not stored."""
+  n, k = values.shape
+  # Copies: scipy compacts the index array in place when it drops zeros, and a reshape is a view
+  # of the caller's array.
+  m = sp.csr_matrix((values.reshape(-1).astype(np.float32), indices.reshape(-1).copy(),
+                     np.arange(0, n * k + 1, k)), shape=(n, num_latents))
+  m.sum_duplicates()
+  m.eliminate_zeros()
+  return m
 
 
 class IndexArraysError(DataError):
@@ -126,7 +142,7 @@ class SparseIndex:
     """Index N document codes.
 
     Zero values are not stored (a TopK code's ReLU zeros); a latent repeated within one row has
-    its values summed (as `saejax.quickeval.sparse_matrix` does).
+    its values summed (as `saejax.retrieval.index.sparse_matrix` does).
 
     Args:
       values: [N, K] weights of each document's active latents.

@@ -1,4 +1,4 @@
-"""Compiled (numba) kernels of `saejax.index`: exact sparse top-k over an inverted index.
+"""Compiled (numba) kernels of `saejax.retrieval.index`: exact sparse top-k over an inverted index.
 
 Why hand-written kernels: the index IS the product's search engine, and the work per query is a
 scatter-accumulate over ~10^5-10^6 postings followed by a top-k. scipy does it as a general sparse
@@ -23,7 +23,7 @@ memory once, serve every query of the batch.
 
 Exactness: every document's score is the float32 sum of q_t * w_t over the latents it shares with
 the query (summation order differs from a dense matmul, so scores can differ by a few ulps). Only
-documents with a score > 0 are candidates (as in `saejax.quickeval`: no shared latent, no hit).
+documents with a score > 0 are candidates (as in `saejax.eval.quickeval`: no shared latent, no hit).
 Ties are broken by the lower row first; rows are in ascending doc id order (see `SparseIndex`), so
 this is "lower doc id first". Rows pass through a bounded heap of `top_k` entries whose root is the
 worst entry (lowest score, then highest row); a row enters only with a strictly higher score than

@@ -1,14 +1,14 @@
 """InfoNCE over a very large global batch with the score matrix built one query block at a time.
 
-`saejax.losses.info_nce` materialises the whole [B, C] score matrix (B queries against C = B(1+H)
-candidates), and its gradient keeps a second one: at B = 32k queries with one hard negative that
-is 8 GB of fp32 logits per copy. Here the queries are split into blocks, `jax.lax.map` walks them,
-and `jax.checkpoint` on the block makes the backward pass recompute each block's scores instead of
-storing them, so the live score memory is one [B / num_blocks, C] block in both passes. This is the
-memory-bounded contrastive loss of GradCache (Gao et al. 2021, "Scaling Deep Contrastive Learning
-Batch Size under Memory Limited Setup") and of blockwise/chunked softmax in large-batch CLIP-style
-training (e.g. Cherti et al. 2023), done inside one jitted step: every query still sees every
-candidate of the global batch, so the loss, its gradient and the metrics equal `info_nce`'s.
+`saejax.sae.losses.info_nce` materialises the whole [B, C] score matrix (B queries against C =
+B(1+H) candidates), and its gradient keeps a second one: at B = 32k queries with one hard negative
+that is 8 GB of fp32 logits per copy. Here the queries are split into blocks, `jax.lax.map` walks
+them, and `jax.checkpoint` on the block makes the backward pass recompute each block's scores
+instead of storing them, so the live score memory is one [B / num_blocks, C] block in both passes.
+This is the memory-bounded contrastive loss of GradCache (Gao et al. 2021, "Scaling Deep Contrastive
+Learning Batch Size under Memory Limited Setup") and of blockwise/chunked softmax in large-batch
+CLIP-style training (e.g. Cherti et al. 2023), done inside one jitted step: every query still sees
+every candidate of the global batch, so the loss, its gradient and the metrics equal `info_nce`'s.
 
 Blocks are strided (block j holds rows j, j + num_blocks, j + 2 num_blocks, ...), so when the batch
 axis is sharded over devices, every block takes rows from every device and each device keeps
@@ -22,15 +22,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from saejax.errors import ConfigError
-from saejax.losses import Metrics
-from saejax.sae import ShapeError, batch_sharding
+from saejax.errors import ConfigError, ShapeError
+from saejax.sae.losses import Metrics
+from saejax.sharding import sharding_like
 
 
 def _block_sums(q: Float[Array, "R S"], rows: Int[Array, "R"], pos: Float[Array, "R"],
                 candidates: Float[Array, "C S"], temperature) -> tuple[Array, Array, Array]:
   """(sum of per-query cross-entropies, correct count, sum of all scores) of one query block."""
-  scores = jnp.einsum("rs,cs->rc", q, candidates, out_sharding=batch_sharding(q, 1, 1))
+  scores = jnp.einsum("rs,cs->rc", q, candidates, out_sharding=sharding_like(q, 1, 1))
   ce = jax.nn.logsumexp(scores / temperature, -1) - pos / temperature
   is_label: Bool[Array, "R C"] = jnp.arange(candidates.shape[0])[None, :] == rows[:, None]
   best_other = jnp.max(jnp.where(is_label, -jnp.inf, scores), -1)
@@ -40,7 +40,7 @@ def _block_sums(q: Float[Array, "R S"], rows: Int[Array, "R"], pos: Float[Array,
 def chunked_info_nce(q: Float[Array, "B S"], d_pos: Float[Array, "B S"],
                      d_neg: Float[Array, "B H S"], temperature: float,
                      num_blocks: int) -> tuple[Float[Array, ""], Metrics]:
-  """`saejax.losses.info_nce` with the [B, C] scores computed in `num_blocks` query blocks.
+  """`saejax.sae.losses.info_nce` with the [B, C] scores computed in `num_blocks` query blocks.
 
   Args:
     q: query codes (dense).

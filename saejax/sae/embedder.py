@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from saejax import sae as sae_lib
+from saejax.sae import topk as sae_lib
 
 
 def mean_pool(hidden: Float[Array, "B T D"], valid: Bool[Array, "B T"]) -> Float[Array, "B D"]:
@@ -49,7 +49,7 @@ def sae_output(sae: sae_lib.SAE, v: Float[Array, "N D"], k: int | None = None) -
   """The SAE's view of pooled embeddings ``v``: pre-activations, TopK code and reconstruction.
 
   Shared by the end-to-end step (v from the encoder) and head training on cached embeddings
-  (`saejax.headtrain`), so both optimise the same objective on the same code.
+  (`saejax.train.headtrain`), so both optimise the same objective on the same code.
   """
   pre = sae.pre_activations(v)
   code = sae_lib.topk_relu(pre, sae.config.k if k is None else k)

@@ -6,10 +6,10 @@ documents, prefixes the metric names).
 
 Similarity. Training scores a query against a document with exactly the score the sparse index
 ranks by. The step hands these functions the retrieval embeddings: by default the unit-normalised
-TopK codes (`saejax.sae.SAEConfig.normalize_codes`), so the score is the cosine of the two codes,
-which an inverted index computes exactly by walking the query's k posting lists when documents
-are stored unit-normalised (a query's norm does not change its ranking). Raw dot products of
-unnormalised codes reward making codes larger: a few latents grow until they win TopK for every
+TopK codes (`saejax.sae.topk.SAEConfig.normalize_codes`), so the score is the cosine of the two
+codes, which an inverted index computes exactly by walking the query's k posting lists when
+documents are stored unit-normalised (a query's norm does not change its ranking). Raw dot products
+of unnormalised codes reward making codes larger: a few latents grow until they win TopK for every
 text and the dictionary collapses (measured in benchmarks/RESULTS.md, "Sweep"). Scores are divided
 by a temperature ``tau`` (logit scale ``1/tau``).
 
@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from saejax.errors import ConfigError
-from saejax.sae import ShapeError, batch_sharding
+from saejax.errors import ConfigError, ShapeError
+from saejax.sharding import sharding_like
 
 Metrics = dict[str, Float[Array, ""]]
 
@@ -47,12 +47,12 @@ def info_nce(q: Float[Array, "B S"], d_pos: Float[Array, "B S"], d_neg: Float[Ar
   arrays, the candidates are all-gathered for the score matrix, so the negatives are the global
   batch. A repeated text makes a false negative: a document that is the positive of two queries
   (or one query's positive and another's hard negative), or one query twice with two positives
-  (SciFact train has 919 pairs over 809 claims). The training pipeline (`saejax.data`) builds global
-  batches without them, by exact text: no query text twice, no text that is the positive of one
-  record and the positive or hard negative of another; a record that would repeat one waits for a
-  later batch (or, past a queue of a few batches, is dropped and counted). This function does not
-  check it: batches built elsewhere, and near-duplicates (a document edited by one character), can
-  still hold false negatives.
+  (SciFact train has 919 pairs over 809 claims). The training pipeline (`saejax.data.pipeline`)
+  builds global batches without them, by exact text: no query text twice, no text that is the
+  positive of one record and the positive or hard negative of another; a record that would repeat
+  one waits for a later batch (or, past a queue of a few batches, is dropped and counted). This
+  function does not check it: batches built elsewhere, and near-duplicates (a document edited by one
+  character), can still hold false negatives.
 
   Args:
     q: query codes.
@@ -79,7 +79,7 @@ def info_nce(q: Float[Array, "B S"], d_pos: Float[Array, "B S"], d_neg: Float[Ar
   candidates = jnp.concatenate([d_pos, d_neg.reshape(b * h, s)], 0).astype(jnp.float32)
   # On an Explicit mesh the product of two batch-sharded operands needs its output sharding stated:
   # rows stay sharded like q, the candidate axis is whole (the all-gather). Auto meshes infer it.
-  scores = jnp.einsum("bs,cs->bc", q, candidates, out_sharding=batch_sharding(q, 1, 1))
+  scores = jnp.einsum("bs,cs->bc", q, candidates, out_sharding=sharding_like(q, 1, 1))
   pos = jnp.sum(q * d_pos.astype(jnp.float32), -1)  # the label logits, without a sharded gather
   loss = jnp.mean(jax.nn.logsumexp(scores / temperature, -1) - pos / temperature)
   is_label = jnp.arange(scores.shape[1])[None, :] == jnp.arange(b)[:, None]
@@ -102,7 +102,7 @@ def _candidate_scores(q: Float[Array, "B E"], d_pos: Float[Array, "B E"],
   b, e = q.shape
   candidates = jnp.concatenate([d_pos, d_neg.reshape(-1, e)], 0).astype(jnp.float32)
   return jnp.einsum("be,ce->bc", q.astype(jnp.float32), candidates,
-                    out_sharding=batch_sharding(q, 1, 1))
+                    out_sharding=sharding_like(q, 1, 1))
 
 
 def distill_kl(q: Float[Array, "B S"], d_pos: Float[Array, "B S"], d_neg: Float[Array, "B H S"],
@@ -216,7 +216,7 @@ def _offdiag_second_moment(x: Float[Array, "B E"], eps: float) -> Float[Array, "
   x = x.astype(jnp.float32)
   # rsqrt of a floored squared norm: jnp.linalg.norm has a NaN gradient at an all-zero row.
   x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), eps))
-  sims = jnp.einsum("be,ce->bc", x, x, out_sharding=batch_sharding(x, 1, 1))
+  sims = jnp.einsum("be,ce->bc", x, x, out_sharding=sharding_like(x, 1, 1))
   diag = jnp.sum(jnp.square(x), -1)  # = diagonal(sims), without a gather on a sharded matrix
   off_diag = jnp.sum(jnp.square(sims)) - jnp.sum(jnp.square(diag))
   return off_diag / (b * (b - 1))

@@ -22,8 +22,8 @@ EleutherAI's sparsify), each a named pure function here:
 
 Nothing here mutates state: the `SAE` methods read their own parameters and return arrays.
 Every function runs under jit on batch-sharded arrays with Auto or Explicit mesh axes: where an
-Explicit mesh leaves an output's sharding ambiguous (top_k, gathers, scatters), `batch_sharding`
-states it.
+Explicit mesh leaves an output's sharding ambiguous (top_k, gathers, scatters),
+`saejax.sharding.sharding_like` states it.
 Shape letters: D model width, S latents, K active latents per row, N sample rows.
 """
 
@@ -33,16 +33,11 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
-from saejax.errors import ConfigError, SaejaxError
-from saejax.params import param, zeros
-
-
-class ShapeError(SaejaxError, ValueError):
-  """Arrays handed to an SAE function or a loss have shapes that do not fit together."""
+from saejax.errors import ConfigError, ShapeError
+from saejax.models.params import param, zeros
+from saejax.sharding import sharding_like
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,24 +92,9 @@ class SparseCode(NamedTuple):
   pre: Float[Array, "... S"]
 
 
-def batch_sharding(x: Array, keep: int, add: int) -> NamedSharding | None:
-  """Under an Explicit mesh: x's sharding of its first ``keep`` axes followed by ``add`` whole axes.
-
-  Explicit mesh axes (`jax.make_mesh`'s default) make JAX refuse ops whose output sharding it cannot
-  infer, such as a gather of decoder rows at batch-sharded indices; this names the natural answer
-  (batch axes stay sharded, latent and model axes are whole). None under Auto axes or without a
-  mesh, where XLA's propagation decides.
-  """
-  sharding = jax.typeof(x).sharding
-  if not (isinstance(sharding, NamedSharding) and sharding.mesh.explicit_axes):
-    return None
-  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-  return NamedSharding(sharding.mesh, P(*spec[:keep], *(None,) * add))
-
-
 def _whole_last_axis(x: Array) -> Array:
   """x with its last axis unsharded: `jax.lax.top_k` runs along an axis that must be whole."""
-  sharding = batch_sharding(x, x.ndim - 1, 1)
+  sharding = sharding_like(x, x.ndim - 1, 1)
   return x if sharding is None else jax.sharding.reshard(x, sharding)
 
 
@@ -166,7 +146,7 @@ def decode_sparse(values: Float[Array, "... K"], indices: Int[Array, "... K"],
   """
   if values.shape != indices.shape:
     raise ShapeError(f"decode: values {values.shape} and indices {indices.shape} differ")
-  rows = w_dec.at[indices].get(out_sharding=batch_sharding(indices, indices.ndim, 1))
+  rows = w_dec.at[indices].get(out_sharding=sharding_like(indices, indices.ndim, 1))
   return jnp.einsum("...k,...kd->...d", values, rows)
 
 
@@ -196,7 +176,7 @@ def fired(indices: Int[Array, "... K"], values: Float[Array, "... K"],
   hit = (values > 0).reshape(-1).astype(jnp.int32)
   flat = indices.reshape(-1)
   counts = jnp.zeros(num_latents, jnp.int32).at[flat].max(
-      hit, out_sharding=batch_sharding(flat, 0, 1))
+      hit, out_sharding=sharding_like(flat, 0, 1))
   return counts > 0
 
 
@@ -207,7 +187,7 @@ def update_since_fired(counter: Int[Array, "S"], has_fired: Bool[Array, "S"],
 
   The sum saturates at the dtype's maximum rather than wrapping to a negative (i.e. "alive") count.
   """
-  if batch_sharding(counter, 1, 0) is not None:  # Explicit mesh: select needs matching shardings
+  if sharding_like(counter, 1, 0) is not None:  # Explicit mesh: select needs matching shardings
     has_fired = jax.sharding.reshard(has_fired, jax.typeof(counter).sharding)
   n = jnp.asarray(n_texts, counter.dtype)
   grown = jnp.minimum(counter, jnp.iinfo(counter.dtype).max - n) + n

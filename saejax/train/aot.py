@@ -1,6 +1,6 @@
 """Compile the real training step for a pod-sized mesh without the pod: a check before launching.
 
-    python -m saejax.aot --config configs/base.py --devices 64 [--mesh data=8,fsdp=8,tensor=1]
+    python -m saejax.train.aot --config configs/base.py --devices 64 [--mesh data=8,fsdp=8,tensor=1]
                          [--batch 64] [--budget_gib 16] [--config.sae.k=32]
 
 The step is compiled ahead of time (`jax.jit(...).lower(...).compile()`, JAX's AOT API) on fake
@@ -33,8 +33,11 @@ import ml_collections
 from absl import app, flags
 from flax import nnx
 
-from saejax import sharding, step as step_lib, train
+from saejax import sharding
 from saejax.errors import ConfigError, SaejaxError
+from saejax.hub.build import build_model, from_section
+from saejax.hub.state import OptimConfig, init_state, make_optimizer
+from saejax.train import loop, step as step_lib
 
 GIB = 1 << 30
 
@@ -92,15 +95,15 @@ class CompileReport:
 
 def abstract_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """(jitted train_step, abstract state, abstract params, state shardings), nothing allocated."""
-  loss_cfg = train._dataclass(step_lib.LossConfig, config.loss, "loss")
-  optim_cfg = train._dataclass(step_lib.OptimConfig, config.optim, "optim")
-  build = lambda: train.build_model(config, nnx.Rngs(config.train.seed),  # noqa: E731
-                                    load_weights=False)[1]
+  loss_cfg = from_section(step_lib.LossConfig, config.loss, "loss")
+  optim_cfg = from_section(OptimConfig, config.optim, "optim")
+  build = lambda: build_model(config, nnx.Rngs(config.train.seed),  # noqa: E731
+                              load_weights=False)[1]
   graphdef, params = nnx.split(nnx.eval_shape(build), nnx.Param)
-  tx = step_lib.make_optimizer(optim_cfg, params)
-  state = jax.eval_shape(lambda: step_lib.init_state(build(), tx))
+  tx = make_optimizer(optim_cfg, params)
+  state = jax.eval_shape(lambda: init_state(build(), tx))
   param_sh = sharding.shardings(sharding.param_specs(params, mesh), mesh)
-  state_sh = train._state_shardings(state, param_sh, mesh)
+  state_sh = loop._state_shardings(state, param_sh, mesh)
   # The same jit as saejax.train's loop: explicit shardings, the state donated.
   step = jax.jit(
       functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_cfg=loss_cfg,
@@ -204,7 +207,7 @@ def parse_mesh(text: str) -> sharding.MeshConfig:
   return sharding.MeshConfig(**values)
 
 
-_CONFIG = train._CONFIG  # --config and its --config.x.y overrides, as saejax.train defines them
+_CONFIG = loop._CONFIG  # --config and its --config.x.y overrides, as saejax.train defines them
 _DEVICES = flags.DEFINE_integer("devices", 8, "Fake CPU devices to compile for (the pod's size).")
 _MESH = flags.DEFINE_string("mesh", None, "data=..,fsdp=..,tensor=..; default: config.mesh.")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch; default config.data.global_batch_size.")
@@ -225,9 +228,9 @@ def main(argv):
   config.model.attention_backend = "xla"
   if jax.device_count() != _DEVICES.value:
     raise ConfigError(f"asked for {_DEVICES.value} CPU devices but JAX has "
-                      f"{jax.device_count()}; run saejax.aot in a fresh process")
+                      f"{jax.device_count()}; run saejax.train.aot in a fresh process")
   mesh_cfg = (parse_mesh(_MESH.value) if _MESH.value else
-              train._dataclass(sharding.MeshConfig, config.mesh, "mesh"))
+              from_section(sharding.MeshConfig, config.mesh, "mesh"))
   report = compile_check(config, mesh_cfg, global_batch=_BATCH.value,
                          budget_gib=_BUDGET.value if _BUDGET.value > 0 else None, top=_TOP.value)
   print("\n".join(report.lines()))

@@ -1,6 +1,6 @@
 """PNG plots of a training run, for people who would rather look than read metrics.jsonl.
 
-    python -m saejax.plots WORKDIR        # writes WORKDIR/curves.png
+    python -m saejax.train.curves WORKDIR        # writes WORKDIR/curves.png
 
 `saejax.train` calls `training_curves` when a run ends; evaluation plots live in
 `saejax.eval.report`.
@@ -81,8 +81,9 @@ def training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path | No
 
 
 def main(argv: Sequence[str] | None = None) -> Path | None:
-  """``python -m saejax.plots WORKDIR``: WORKDIR/metrics.jsonl drawn into WORKDIR/curves.png."""
-  parser = cli.ArgumentParser(prog="python -m saejax.plots", description=main.__doc__)
+  """``python -m saejax.train.curves WORKDIR``: WORKDIR/metrics.jsonl drawn into
+  WORKDIR/curves.png."""
+  parser = cli.ArgumentParser(prog="python -m saejax.train.curves", description=main.__doc__)
   parser.add_argument("workdir", help="a training workdir (holds metrics.jsonl)")
   workdir = Path(parser.parse_args(argv).workdir)
   written = training_curves(workdir / "metrics.jsonl", workdir / "curves.png")

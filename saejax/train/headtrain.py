@@ -8,9 +8,9 @@ embeddings computed once by the frozen encoder, trains in seconds per thousand s
   * `benchmarks/sweep.py` compares recipes (similarity, temperature, lr, dead-latent window,
     distillation, ...) on cached embeddings of the shared data.
 
-Both run `saejax.step.train_step` with `head_loss`, i.e. the same optimiser, SAE invariants,
-dead-latent counters and `saejax.step.objective` as end-to-end training; only v is read from the
-batch instead of being computed by the encoder.
+Both run `saejax.train.step.train_step` with `head_loss`, i.e. the same optimiser, SAE invariants,
+dead-latent counters and `saejax.train.step.objective` as end-to-end training; only v is read from
+the batch instead of being computed by the encoder.
 """
 
 import dataclasses
@@ -22,10 +22,11 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Float
 
-from saejax import sae as sae_lib
-from saejax import step as step_lib
-from saejax.embedder import Embedder, sae_output
 from saejax.errors import ConfigError
+from saejax.hub.state import OptimConfig, TrainState, init_state, make_optimizer
+from saejax.sae import topk as sae_lib
+from saejax.sae.embedder import Embedder, sae_output
+from saejax.train import step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +71,9 @@ def batches(n: int, cfg: HeadTrainConfig):
 
 
 def train_head(sae: sae_lib.SAE, q_v: Float[np.ndarray, "N D"], d_v: Float[np.ndarray, "N D"],
-               loss_cfg: step_lib.LossConfig, optim_cfg: step_lib.OptimConfig,
+               loss_cfg: step_lib.LossConfig, optim_cfg: OptimConfig,
                cfg: HeadTrainConfig, *, log_every: int = 0,
-               log=print) -> tuple[sae_lib.SAE, step_lib.TrainState, list[dict]]:
+               log=print) -> tuple[sae_lib.SAE, TrainState, list[dict]]:
   """Train ``sae`` on (query, positive) embedding pairs; returns the trained SAE (a new module),
   the final TrainState (dead-latent counters included) and the logged metrics.
 
@@ -89,8 +90,8 @@ def train_head(sae: sae_lib.SAE, q_v: Float[np.ndarray, "N D"], d_v: Float[np.nd
   loss_cfg = dataclasses.replace(loss_cfg, recon_to_encoder=True)
   model = Embedder(None, sae)
   graphdef, params = nnx.split(model, nnx.Param)
-  tx = step_lib.make_optimizer(optim_cfg, params)
-  state = step_lib.init_state(model, tx)
+  tx = make_optimizer(optim_cfg, params)
+  state = init_state(model, tx)
   train_step = functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
                                  loss_cfg=loss_cfg, optim_cfg=optim_cfg, loss_fn=head_loss)
 

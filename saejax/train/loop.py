@@ -4,8 +4,8 @@
 
 The loop: build the mesh, the model (from converted HF weights or a random init), the optimiser and
 the data iterator from the config; resume from the newest checkpoint in the workdir if there is one;
-run the jitted `saejax.step.train_step` with explicit shardings and donation; log every metric to
-the console and TensorBoard; checkpoint asynchronously every N steps and on SIGTERM (preemption).
+run the jitted `saejax.train.step.train_step` with explicit shardings and donation; log every metric
+to the console and TensorBoard; checkpoint asynchronously every N steps and on SIGTERM (preemption).
 """
 
 import dataclasses
@@ -26,81 +26,23 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from saejax import (attention, checkpoint, convert, data, distributed, plots, sae as sae_lib,
-                    sharding, step as step_lib)
-from saejax.data_sources import SourceConfig
-from saejax.embedder import Embedder
+from saejax import sharding
+from saejax.data import pipeline
+from saejax.data.tokenizer import load_tokenizer
 from saejax.errors import ConfigError, SaejaxError
-from saejax.tokenizer import load_tokenizer
+from saejax.hub import checkpoint, convert
+from saejax.hub.build import build_model, data_config, from_section
+from saejax.hub.state import OptimConfig, TrainState, init_state, make_optimizer
+from saejax.sae import topk as sae_lib
+from saejax.sae.embedder import Embedder
+from saejax.train import distributed, step as step_lib
+from saejax.train.curves import training_curves
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and TensorBoard events go here.")
 _INIT_FROM = flags.DEFINE_string("init_from", None,
                                  "HF model directory or hub id to start the encoder from "
                                  "(overrides config.model.init_from).")
-
-
-def _dataclass(cls, section: ml_collections.ConfigDict, name: str, **extra):
-  """Build a typed dataclass from a config section; unknown keys fail with their name."""
-  values = {**section.to_dict(), **extra}
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise ConfigError(f"config.{name} has unknown keys {unknown}; {cls.__name__} takes {sorted(known)}")
-  return cls(**values)
-
-
-def data_config(config: ml_collections.ConfigDict) -> data.DataConfig:
-  section = config.data.to_dict()
-  sources = tuple(_dataclass(SourceConfig, ml_collections.ConfigDict(s), f"data.sources[{i}]")
-                  for i, s in enumerate(section.pop("sources")))
-  for key in ("buckets",):
-    if key in section:
-      section[key] = tuple(section[key])
-  return _dataclass(data.DataConfig, ml_collections.ConfigDict(section), "data", sources=sources)
-
-
-def encoder_config(config: ml_collections.ConfigDict):
-  """(architecture, encoder config): config.model.hf_config, else init_from's config.json."""
-  m = config.model
-  hf_config = m.hf_config.to_dict()
-  where = "config.model.hf_config"
-  if not hf_config:
-    if not m.init_from:
-      raise ConfigError("config.model needs init_from (HF weights) or hf_config (random init)")
-    model_dir = convert.resolve(m.init_from)
-    hf_config, where = convert.read_config(model_dir), str(model_dir / "config.json")
-  arch = convert.architecture(hf_config, where)
-  runtime = {"dtype": m.dtype,
-             "attention_backend": m.attention_backend or attention.default_backend()}
-  if m.get("remat"):
-    runtime["remat"] = True  # a ConfigError below if the architecture has no remat option
-  try:
-    enc_cfg = dataclasses.replace(arch.config_cls.from_hf_config(hf_config), **runtime)
-  except TypeError as e:
-    raise ConfigError(f"config.model: {e} ({arch.model_type} does not support it)") from e
-  return arch, arch.with_head(enc_cfg, False)
-
-
-def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs, *, load_weights: bool = True):
-  """(encoder config, Embedder): the encoder from converted HF weights (config.model.init_from)
-  or, without it or with `load_weights=False`, randomly initialised; then a fresh SAE."""
-  arch, enc_cfg = encoder_config(config)
-  if config.model.init_from and load_weights:
-    runtime = {"dtype": enc_cfg.dtype, "attention_backend": enc_cfg.attention_backend}
-    if getattr(enc_cfg, "remat", False):
-      runtime["remat"] = True
-    enc_cfg, encoder = convert.load_hf(config.model.init_from, head=False, **runtime)
-  else:
-    encoder = arch.build(enc_cfg, rngs=rngs)
-  if not config.sae.get("enabled", True):
-    return enc_cfg, Embedder(encoder, None)
-  # b_pre_init_batches and enabled are training-loop settings, not part of the SAE.
-  sae_section = {k: v for k, v in config.sae.to_dict().items()
-                 if k not in ("b_pre_init_batches", "enabled")}
-  sae_cfg = _dataclass(sae_lib.SAEConfig, ml_collections.ConfigDict(sae_section), "sae",
-                       d_model=enc_cfg.hidden_size)
-  return enc_cfg, Embedder(encoder, sae_lib.SAE(sae_cfg, rngs=rngs))
 
 
 def init_b_pre_from_data(model: Embedder, batches, method: str) -> None:
@@ -115,19 +57,19 @@ def init_b_pre_from_data(model: Embedder, batches, method: str) -> None:
 
 
 def warm_start_sae(model: Embedder, batches, ws: ml_collections.ConfigDict,
-                   loss_cfg: step_lib.LossConfig, optim_cfg: step_lib.OptimConfig,
+                   loss_cfg: step_lib.LossConfig, optim_cfg: OptimConfig,
                    log_every: int = 0) -> list[dict]:
   """Stage 1 of stage-wise training: train the SAE on the frozen encoder's embeddings.
 
   Embeds ``ws.pairs`` (query, positive) pairs of the training data once with the untouched
-  encoder, then runs ``ws.steps`` head-training steps (`saejax.headtrain`, the same objective and
-  invariants) at ``ws.lr`` on batches of ``ws.batch_size``. End-to-end training then starts from a
-  dictionary that already ranks well, instead of training the encoder through a random one. Every
+  encoder, then runs ``ws.steps`` head-training steps (`saejax.train.headtrain`, the same objective
+  and invariants) at ``ws.lr`` on batches of ``ws.batch_size``. End-to-end training then starts from
+  a dictionary that already ranks well, instead of training the encoder through a random one. Every
   process embeds the global batches, so all of them compute the same SAE. Returns the head
   training's metrics every ``log_every`` steps (default: a quarter of the steps), printed by
   process 0.
   """
-  from saejax import headtrain  # pylint: disable=import-outside-toplevel
+  from saejax.train import headtrain  # pylint: disable=import-outside-toplevel
   dense = nnx.jit(lambda m, ids, valid: m.dense(ids, valid))
   qs, ds, keys, n = [], [], [], 0
   while n < ws.pairs:
@@ -249,9 +191,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     (workdir / "code_version.txt").write_text(code_version() + "\n")
-  mesh = sharding.make_mesh(_dataclass(sharding.MeshConfig, config.mesh, "mesh"))
-  loss_cfg = _dataclass(step_lib.LossConfig, config.loss, "loss")
-  optim_cfg = _dataclass(step_lib.OptimConfig, config.optim, "optim")
+  mesh = sharding.make_mesh(from_section(sharding.MeshConfig, config.mesh, "mesh"))
+  loss_cfg = from_section(step_lib.LossConfig, config.loss, "loss")
+  optim_cfg = from_section(OptimConfig, config.optim, "optim")
   data_cfg = data_config(config)
   distributed.check_padding(data_cfg.padding)
 
@@ -262,7 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
     raise ConfigError("config.model.tokenizer is empty and there is no init_from to take it from")
   tokenizer = load_tokenizer(convert.resolve(tokenizer_path) if not str(tokenizer_path).endswith(
       ".json") else tokenizer_path, vocab_size=enc_cfg.vocab_size)
-  make_iter = functools.partial(data.make_iterator, data_cfg, tokenizer,
+  make_iter = functools.partial(pipeline.make_iterator, data_cfg, tokenizer,
                                 shard_index=jax.process_index(), shard_count=jax.process_count())
   data_iter = make_iter()
 
@@ -279,9 +221,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
     warm_start_sae(model, make_iter(), config.warmstart, loss_cfg, optim_cfg)
 
   graphdef, params = nnx.split(model, nnx.Param)
-  tx = step_lib.make_optimizer(optim_cfg, params)
+  tx = make_optimizer(optim_cfg, params)
   param_sh = sharding.shardings(sharding.param_specs(params, mesh), mesh)
-  abstract = jax.eval_shape(lambda: step_lib.init_state(model, tx))
+  abstract = jax.eval_shape(lambda: init_state(model, tx))
   state_sh = _state_shardings(abstract, param_sh, mesh)
   if resuming:
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -290,7 +232,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
     if jax.process_index() == 0:
       print(f"resumed from checkpoint step {int(state.step)} in {ckpt.directory}", flush=True)
   else:
-    state = jax.jit(lambda: step_lib.init_state(model, tx), out_shardings=state_sh)()
+    state = jax.jit(lambda: init_state(model, tx), out_shardings=state_sh)()
 
   train_step = jax.jit(
       functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_cfg=loss_cfg,
@@ -363,7 +305,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
              "last_metrics": last, "best_metrics": writer.best}
   if jax.process_index() == 0:
     try:  # a plot must never cost the run its summary
-      curves = plots.training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+      curves = training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
     except (OSError, SaejaxError) as e:
       logging.warning("training curves not written: %s", e)
       curves = None
@@ -372,7 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
   return summary, state, graphdef
 
 
-def _state_shardings(abstract: step_lib.TrainState, param_sh, mesh):
+def _state_shardings(abstract: TrainState, param_sh, mesh):
   """Params by the rules; optimiser moments like their params; counters replicated."""
   rep = sharding.replicated(mesh)
   flat_params = {jax.tree_util.keystr(p): s for p, s in
@@ -388,8 +330,8 @@ def _state_shardings(abstract: step_lib.TrainState, param_sh, mesh):
 
   opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, abstract.opt_state)
   counters = None if abstract.since_fired is None else rep
-  return step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh, since_fired=counters,
-                             fire_rate=counters, skipped=rep, consecutive_skips=rep)
+  return TrainState(step=rep, params=param_sh, opt_state=opt_sh, since_fired=counters,
+                    fire_rate=counters, skipped=rep, consecutive_skips=rep)
 
 
 def main(argv):
@@ -416,11 +358,6 @@ def main(argv):
   if config.get("eval") and config.eval.get("enabled") and jax.process_count() > 1:
     print("eval skipped: quickeval runs in one process; evaluate the checkpoint afterwards")
   elif config.get("eval") and config.eval.get("enabled") and not summary["preempted"]:
-    from saejax import quickeval
+    from saejax.eval import quickeval
     quickeval.run(config, nnx.merge(graphdef, state.params), workdir)
 
-
-if __name__ == "__main__":
-  from saejax import cli
-  flags.mark_flag_as_required("config")
-  cli.run(main, absl=True)

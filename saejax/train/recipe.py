@@ -2,8 +2,8 @@
 
 The defaults are the base recipe's model-independent settings (S = 16,384 latents, k = 64, the loss
 weights of Gao et al. 2024 and CSR); a config file overrides what differs and states its command,
-hardware and expected result in its docstring. Library code never reads a ConfigDict: `saejax.train`
-turns each section into a typed, frozen dataclass and fails on unknown keys.
+hardware and expected result in its docstring. Library code never reads a ConfigDict:
+`saejax.hub.build` turns each section into a typed, frozen dataclass and fails on unknown keys.
 """
 
 import ml_collections
@@ -68,7 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.grad_accum = 1                  # micro-batches per step (negatives per micro-batch)
 
   c.data = ml_collections.ConfigDict()
-  c.data.sources = []                     # dicts of saejax.data_sources.SourceConfig fields
+  c.data.sources = []                     # dicts of saejax.data.sources.SourceConfig fields
   c.data.global_batch_size = 32           # records per step over all processes
   c.data.max_query_len = 32               # token budgets incl. [CLS]/[SEP]; longer is truncated
   c.data.max_doc_len = 256

@@ -2,7 +2,7 @@
 
 One step embeds every query, positive and hard negative with the encoder, encodes all of them with
 the TopK SAE, and sums the weighted losses (`objective`; each term a pure function in
-`saejax.losses`). ``e(z)`` is the retrieval embedding: the code scaled to unit norm when
+`saejax.sae.losses`). ``e(z)`` is the retrieval embedding: the code scaled to unit norm when
 `SAEConfig.normalize_codes` (cosine), else the raw code:
 
   total = w_contrastive * InfoNCE(e(z_q), e(z_pos), e(z_neg))   in-batch + hard negatives
@@ -24,23 +24,21 @@ loss or gradients are not finite leaves parameters and optimiser state untouched
 """
 
 import dataclasses
-from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from saejax import losses, sae as sae_lib
-from saejax.embedder import Embedder, Output, sae_output
-from saejax.errors import ConfigError
+from saejax.hub.state import OptimConfig, TrainState, learning_rates, param_group
+from saejax.sae import losses, topk as sae_lib
+from saejax.sae.embedder import Embedder, Output, sae_output
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Loss weights; every coefficient lives here, none in the loss code. `saejax.recipe` states the
-  same defaults (a test keeps the two equal)."""
+  """Loss weights; every coefficient lives here, none in the loss code. `saejax.train.recipe`
+  states the same defaults (a test keeps the two equal)."""
   temperature: float = 0.05        # InfoNCE tau on code similarities (cosine: SAEConfig.normalize_codes)
   w_contrastive: float = 1.0
   w_fvu: float = 1.0
@@ -55,78 +53,6 @@ class LossConfig:
   distill_temperature: float = 0.05  # the teacher's tau on cosine of the pooled embeddings v
   w_dense_contrastive: float = 0.0   # InfoNCE on cosine of v itself (end to end: trains the encoder)
   recon_to_encoder: bool = False   # let FVU / multi-k / AuxK gradients reach the encoder
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-  """AdamW with warm-up + cosine decay, global-norm clipping, per-group learning rates."""
-  lr_encoder: float = 2e-5
-  lr_sae: float = 1e-4
-  warmup_steps: int = 100
-  total_steps: int = 10_000        # warm-up counts inside (optax.warmup_cosine_decay_schedule)
-  end_lr_fraction: float = 0.1
-  weight_decay_encoder: float = 0.01
-  weight_decay_sae: float = 0.0    # OpenAI's TopK SAEs train without weight decay
-  b1: float = 0.9
-  b2: float = 0.999
-  clip_norm: float = 1.0
-  freeze_encoder: bool = False     # CSR-style ablation: train the SAE on a frozen backbone
-  grad_accum: int = 1              # micro-batches per step (in-batch negatives per micro-batch)
-
-  def __post_init__(self):
-    if not 0 <= self.warmup_steps < self.total_steps:
-      raise ConfigError(f"config.optim: warmup_steps={self.warmup_steps} must be >= 0 and below "
-                        f"total_steps={self.total_steps} (the warm-up counts inside the total)")
-    if self.grad_accum < 1:
-      raise ConfigError(f"config.optim.grad_accum={self.grad_accum} must be >= 1")
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything that changes during training; checkpointed whole."""
-  step: jax.Array                  # int32 scalar
-  params: nnx.State
-  opt_state: Any
-  since_fired: jax.Array | None    # int32 [S]: texts since each latent last fired (None: no SAE)
-  fire_rate: jax.Array | None      # float32 [S]: EMA of each latent's firing rate per text
-  skipped: jax.Array               # int32: steps skipped for non-finite loss/grads, in total
-  consecutive_skips: jax.Array     # int32: skipped steps in a row (the loop stops past a limit)
-
-
-def _group(path) -> str:
-  return "encoder" if path[0] == "encoder" else "sae"
-
-
-def schedule(cfg: OptimConfig, peak: float) -> optax.Schedule:
-  """Linear warm-up from 0 to `peak`, then cosine decay to `peak * end_lr_fraction`."""
-  return optax.warmup_cosine_decay_schedule(0.0, peak, cfg.warmup_steps, cfg.total_steps,
-                                            peak * cfg.end_lr_fraction)
-
-
-def make_optimizer(cfg: OptimConfig, params: nnx.State) -> optax.GradientTransformation:
-  """Clip by global norm, then AdamW per group (encoder / sae), or freeze the encoder."""
-  enc = (optax.set_to_zero() if cfg.freeze_encoder else
-         optax.adamw(schedule(cfg, cfg.lr_encoder), cfg.b1, cfg.b2,
-                     weight_decay=cfg.weight_decay_encoder))
-  sae = optax.adamw(schedule(cfg, cfg.lr_sae), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay_sae)
-  labels = nnx.map_state(lambda path, _: _group(path), params)
-  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                     optax.partition({"encoder": enc, "sae": sae}, labels))
-
-
-def learning_rates(cfg: OptimConfig, step) -> dict[str, jax.Array]:
-  """The learning rates `make_optimizer` applies at `step` (for logging)."""
-  return {"lr_encoder": 0.0 * step if cfg.freeze_encoder else schedule(cfg, cfg.lr_encoder)(step),
-          "lr_sae": schedule(cfg, cfg.lr_sae)(step)}
-
-
-def init_state(model: Embedder, tx: optax.GradientTransformation) -> TrainState:
-  params = nnx.state(model, nnx.Param)
-  s = model.sae.config.num_latents if model.sae is not None else None
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    since_fired=None if s is None else jnp.zeros((s,), jnp.int32),
-                    fire_rate=None if s is None else jnp.zeros((s,), jnp.float32),
-                    skipped=jnp.zeros((), jnp.int32), consecutive_skips=jnp.zeros((), jnp.int32))
 
 
 def dense_loss(model: Embedder, batch: dict, cfg: LossConfig) -> tuple[jax.Array, dict]:
@@ -149,7 +75,7 @@ def objective(sae: sae_lib.SAE, q: Output, d: Output, since_fired: jax.Array, st
 
   ``d`` holds each query's positive then its H hard negatives (row ``i*(1+H) + j``). The same
   function trains end to end (`compute_loss`: v from the encoder) and on cached embeddings
-  (`saejax.headtrain`: v fixed). Pure: reads `since_fired`, writes nothing.
+  (`saejax.train.headtrain`: v fixed). Pure: reads `since_fired`, writes nothing.
 
   Contrastive and distillation scores use the retrieval embedding (the unit-normalised code when
   ``sae.config.normalize_codes``), the quantity the index ranks by. The reconstruction terms see
@@ -241,8 +167,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
   """One optimiser step on a global batch (jit it with shardings; see `saejax.train`).
 
   ``loss_fn(model, batch, since_fired, step, loss_cfg) -> (loss, (metrics, codes))`` defaults to
-  `compute_loss` (token ids through the encoder); `saejax.headtrain` passes one that reads cached
-  embeddings, so head training shares this step's optimiser, SAE invariants and counters.
+  `compute_loss` (token ids through the encoder); `saejax.train.headtrain` passes one that reads
+  cached embeddings, so head training shares this step's optimiser, SAE invariants and counters.
   """
   batch_loss = compute_loss if loss_fn is None else loss_fn
 
@@ -251,7 +177,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
       # CSR-style: no gradient reaches the encoder, so XLA drops its whole backward pass (the
       # optimiser's set_to_zero alone would still pay for computing it).
       params = nnx.map_state(
-          lambda path, x: jax.lax.stop_gradient(x) if _group(path) == "encoder" else x, params)
+          lambda path, x: jax.lax.stop_gradient(x) if param_group(path) == "encoder" else x, params)
     model = nnx.merge(graphdef, params)
     return batch_loss(model, micro, state.since_fired, state.step, loss_cfg)
 

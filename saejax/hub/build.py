@@ -1,0 +1,85 @@
+"""A model from a training config: the one place where a config becomes typed objects.
+
+`from_section` turns a config section into its frozen dataclass (an unknown key fails with its
+name); `encoder_config` reads the encoder's architecture from ``config.model``; `build_model`
+makes the `Embedder` (encoder from converted HF weights or a random init, then a fresh SAE);
+`data_config` the data pipeline's config. Training (`saejax.train`), loading a run
+(`saejax.hub.trained`), export and evaluation all build through here, so none of them needs the
+training loop.
+"""
+
+import dataclasses
+
+import ml_collections
+from flax import nnx
+
+from saejax.data.pipeline import DataConfig
+from saejax.data.sources import SourceConfig
+from saejax.errors import ConfigError
+from saejax.hub import convert
+from saejax.models import attention
+from saejax.sae.embedder import Embedder
+from saejax.sae import topk as sae_lib
+
+
+def from_section(cls, section: ml_collections.ConfigDict, name: str, **extra):
+  """Build a typed dataclass from a config section; unknown keys fail with their name."""
+  values = {**section.to_dict(), **extra}
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ConfigError(f"config.{name} has unknown keys {unknown}; {cls.__name__} takes {sorted(known)}")
+  return cls(**values)
+
+
+def data_config(config: ml_collections.ConfigDict) -> DataConfig:
+  section = config.data.to_dict()
+  sources = tuple(from_section(SourceConfig, ml_collections.ConfigDict(s), f"data.sources[{i}]")
+                  for i, s in enumerate(section.pop("sources")))
+  for key in ("buckets",):
+    if key in section:
+      section[key] = tuple(section[key])
+  return from_section(DataConfig, ml_collections.ConfigDict(section), "data", sources=sources)
+
+
+def encoder_config(config: ml_collections.ConfigDict):
+  """(architecture, encoder config): config.model.hf_config, else init_from's config.json."""
+  m = config.model
+  hf_config = m.hf_config.to_dict()
+  where = "config.model.hf_config"
+  if not hf_config:
+    if not m.init_from:
+      raise ConfigError("config.model needs init_from (HF weights) or hf_config (random init)")
+    model_dir = convert.resolve(m.init_from)
+    hf_config, where = convert.read_config(model_dir), str(model_dir / "config.json")
+  arch = convert.architecture(hf_config, where)
+  runtime = {"dtype": m.dtype,
+             "attention_backend": m.attention_backend or attention.default_backend()}
+  if m.get("remat"):
+    runtime["remat"] = True  # a ConfigError below if the architecture has no remat option
+  try:
+    enc_cfg = dataclasses.replace(arch.config_cls.from_hf_config(hf_config), **runtime)
+  except TypeError as e:
+    raise ConfigError(f"config.model: {e} ({arch.model_type} does not support it)") from e
+  return arch, arch.with_head(enc_cfg, False)
+
+
+def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs, *, load_weights: bool = True):
+  """(encoder config, Embedder): the encoder from converted HF weights (config.model.init_from)
+  or, without it or with `load_weights=False`, randomly initialised; then a fresh SAE."""
+  arch, enc_cfg = encoder_config(config)
+  if config.model.init_from and load_weights:
+    runtime = {"dtype": enc_cfg.dtype, "attention_backend": enc_cfg.attention_backend}
+    if getattr(enc_cfg, "remat", False):
+      runtime["remat"] = True
+    enc_cfg, encoder = convert.load_hf(config.model.init_from, head=False, **runtime)
+  else:
+    encoder = arch.build(enc_cfg, rngs=rngs)
+  if not config.sae.get("enabled", True):
+    return enc_cfg, Embedder(encoder, None)
+  # b_pre_init_batches and enabled are training-loop settings, not part of the SAE.
+  sae_section = {k: v for k, v in config.sae.to_dict().items()
+                 if k not in ("b_pre_init_batches", "enabled")}
+  sae_cfg = from_section(sae_lib.SAEConfig, ml_collections.ConfigDict(sae_section), "sae",
+                         d_model=enc_cfg.hidden_size)
+  return enc_cfg, Embedder(encoder, sae_lib.SAE(sae_cfg, rngs=rngs))

@@ -1,0 +1,92 @@
+"""The state of a training run, as its checkpoints hold it: `TrainState` and the optimiser.
+
+A checkpoint of a run is one `TrainState` (parameters, optimiser moments, dead-latent counters,
+skip counters); the optimiser's moments take the structure `make_optimizer` gives them. Training
+(`saejax.train.step`) advances this state and loading a run (`saejax.hub.trained`) reads it back,
+so both take its definition from here and loading never needs the trainer.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from saejax.errors import ConfigError
+from saejax.sae.embedder import Embedder
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with warm-up + cosine decay, global-norm clipping, per-group learning rates."""
+  lr_encoder: float = 2e-5
+  lr_sae: float = 1e-4
+  warmup_steps: int = 100
+  total_steps: int = 10_000        # warm-up counts inside (optax.warmup_cosine_decay_schedule)
+  end_lr_fraction: float = 0.1
+  weight_decay_encoder: float = 0.01
+  weight_decay_sae: float = 0.0    # OpenAI's TopK SAEs train without weight decay
+  b1: float = 0.9
+  b2: float = 0.999
+  clip_norm: float = 1.0
+  freeze_encoder: bool = False     # CSR-style ablation: train the SAE on a frozen backbone
+  grad_accum: int = 1              # micro-batches per step (in-batch negatives per micro-batch)
+
+  def __post_init__(self):
+    if not 0 <= self.warmup_steps < self.total_steps:
+      raise ConfigError(f"config.optim: warmup_steps={self.warmup_steps} must be >= 0 and below "
+                        f"total_steps={self.total_steps} (the warm-up counts inside the total)")
+    if self.grad_accum < 1:
+      raise ConfigError(f"config.optim.grad_accum={self.grad_accum} must be >= 1")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; checkpointed whole."""
+  step: jax.Array                  # int32 scalar
+  params: nnx.State
+  opt_state: Any
+  since_fired: jax.Array | None    # int32 [S]: texts since each latent last fired (None: no SAE)
+  fire_rate: jax.Array | None      # float32 [S]: EMA of each latent's firing rate per text
+  skipped: jax.Array               # int32: steps skipped for non-finite loss/grads, in total
+  consecutive_skips: jax.Array     # int32: skipped steps in a row (the loop stops past a limit)
+
+
+def param_group(path) -> str:
+  """The optimiser group of a parameter path: "encoder" or "sae"."""
+  return "encoder" if path[0] == "encoder" else "sae"
+
+
+def schedule(cfg: OptimConfig, peak: float) -> optax.Schedule:
+  """Linear warm-up from 0 to `peak`, then cosine decay to `peak * end_lr_fraction`."""
+  return optax.warmup_cosine_decay_schedule(0.0, peak, cfg.warmup_steps, cfg.total_steps,
+                                            peak * cfg.end_lr_fraction)
+
+
+def make_optimizer(cfg: OptimConfig, params: nnx.State) -> optax.GradientTransformation:
+  """Clip by global norm, then AdamW per group (encoder / sae), or freeze the encoder."""
+  enc = (optax.set_to_zero() if cfg.freeze_encoder else
+         optax.adamw(schedule(cfg, cfg.lr_encoder), cfg.b1, cfg.b2,
+                     weight_decay=cfg.weight_decay_encoder))
+  sae = optax.adamw(schedule(cfg, cfg.lr_sae), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay_sae)
+  labels = nnx.map_state(lambda path, _: param_group(path), params)
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                     optax.partition({"encoder": enc, "sae": sae}, labels))
+
+
+def learning_rates(cfg: OptimConfig, step) -> dict[str, jax.Array]:
+  """The learning rates `make_optimizer` applies at `step` (for logging)."""
+  return {"lr_encoder": 0.0 * step if cfg.freeze_encoder else schedule(cfg, cfg.lr_encoder)(step),
+          "lr_sae": schedule(cfg, cfg.lr_sae)(step)}
+
+
+def init_state(model: Embedder, tx: optax.GradientTransformation) -> TrainState:
+  params = nnx.state(model, nnx.Param)
+  s = model.sae.config.num_latents if model.sae is not None else None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    since_fired=None if s is None else jnp.zeros((s,), jnp.int32),
+                    fire_rate=None if s is None else jnp.zeros((s,), jnp.float32),
+                    skipped=jnp.zeros((), jnp.int32), consecutive_skips=jnp.zeros((), jnp.int32))

@@ -1,0 +1,11 @@
+"""``python -m saejax.train --config configs/X.py --workdir DIR``: train, then evaluate if the
+config asks for it (`saejax.train.loop.main`)."""
+
+from absl import flags
+
+from saejax import cli
+from saejax.train import loop
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  cli.run(loop.main, absl=True)
