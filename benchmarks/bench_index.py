@@ -1,4 +1,4 @@
-"""Top-10 sparse search over synthetic TopK SAE codes: saejax.index vs scipy vs Seismic, one thread.
+"""Top-10 sparse search over synthetic TopK SAE codes: saejax's SparseIndex vs scipy vs Seismic.
 
 Codes (the generator): S latents ranked by popularity; each text draws its k distinct latents one at
 a time with probability ~ rank^-a (``--zipf``, default 1.0), a draw that repeats a latent already
@@ -41,7 +41,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
-from saejax.index import SeismicAdapter, SparseIndex, recall  # noqa: E402
+from saejax.retrieval.index import SeismicAdapter, SparseIndex, recall  # noqa: E402
 
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py; scripts run from this folder)
 

@@ -13,8 +13,9 @@ loaded back in the same child process after everything else is freed. Bounds, wi
   serve:  peak - base <= index.nbytes + 64 MiB   (SparseIndex.load holds the index and nothing else)
 
 Part 2, encode (real text): documents of data/debian-quickstart/train.jsonl through
-`saejax.encode.encode_sparse` with all-MiniLM-L6-v2 + a TopK SAE (S = 16,384, k = 64, random
-init), batch 64, max 128 tokens. Bound: memory does not grow with N beyond the outputs themselves,
+`saejax.retrieval.encode.encode_sparse` with all-MiniLM-L6-v2 + a TopK SAE (S = 16,384, k = 64,
+random init), batch 64, max 128 tokens. Bound: memory does not grow with N beyond the outputs
+themselves,
 
   peak(N) - peak(N_0) <= (N - N_0) x k x 8 bytes + 64 MiB
 
@@ -80,7 +81,7 @@ def child_index(n: int, k: int, s: int, workdir: Path) -> dict:
   import numpy as np
   sys.path.insert(0, str(REPO / "benchmarks"))
   from bench_index import zipf_codes
-  from saejax.index import SparseIndex
+  from saejax.retrieval.index import SparseIndex
   zipf_codes(10, k, s, 1.0, seed=0)  # numba compiles outside the measurement
   gc.collect()
   base = rss()
@@ -113,14 +114,15 @@ def child_encode(n: int, k: int, s: int) -> dict:
 
   from flax import nnx
 
-  from saejax import encode, train
-  from saejax.demo import minilm_dir
-  from saejax.tokenizer import load_tokenizer
+  from saejax.data.tokenizer import load_tokenizer
+  from saejax.hub import build
+  from saejax.hub.demo import minilm_dir
+  from saejax.retrieval import encode
   sys.path.insert(0, str(REPO / "configs"))
   import quickstart
   config = quickstart.get_config()
   config.sae.num_latents, config.sae.k = s, k
-  _, model = train.build_model(config, nnx.Rngs(0))
+  _, model = build.build_model(config, nnx.Rngs(0))
   tokenizer = load_tokenizer(minilm_dir())
   rows = (REPO / "data/debian-quickstart/train.jsonl").read_text().splitlines()
   texts = [json_.loads(r)["document"] for r in rows[:n]]

@@ -4,8 +4,8 @@ A small ModernBERT (hidden 256, 4 layers, 4 heads, GeGLU intermediate 384, local
 a +-64-token window on layers 1 and 2, global attention on layers 0 and 3; vocab 50,368) is built in
 transformers with a fixed torch seed (Warner et al. 2024, "Smarter, Better, Faster, Longer",
 arXiv:2412.13663), saved with `save_pretrained` and loaded into saejax with
-`saejax.convert.load_hf`, so both sides hold the same weights. Both then run the same step on the
-same random token ids:
+`saejax.hub.convert.load_hf`, so both sides hold the same weights. Both then run the same step on
+the same random token ids:
 
   loss = mean((last_hidden_state - target) ** 2);  gradients of every parameter.
 
@@ -61,7 +61,7 @@ def build_models(args: argparse.Namespace, model_dir: str):
   import transformers
   from flax import nnx
 
-  from saejax import convert
+  from saejax.hub import convert
   torch.manual_seed(args.seed)
   hf = transformers.ModernBertModel._from_config(hf_config(args), attn_implementation="sdpa")
   hf.save_pretrained(model_dir)
@@ -99,7 +99,8 @@ def check_agreement(hf, cfg, params, graphdef, jax_step, ids: np.ndarray, valid:
   import torch
   from flax import nnx
 
-  from saejax import convert, modernbert
+  from saejax.hub import convert
+  from saejax.models import modernbert
   t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(valid.astype(np.int64))
   hf.zero_grad(set_to_none=True)
   t_loss, t_hidden = torch_step(hf, t_ids, t_mask, torch.from_numpy(target),

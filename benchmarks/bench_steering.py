@@ -2,7 +2,7 @@
 
 Model: a trained quickstart-type run (MiniLM + TopK SAE, default runs/quickstart). Data: a BEIR
 folder (default the Debian package descriptions, dev split: synopsis -> description), every
-document indexed exactly (`saejax.index.SparseIndex`), top 10 per query.
+document indexed exactly (`saejax.retrieval.index.SparseIndex`), top 10 per query.
 
 Latents: the ``--latents`` latents present in the most (query, top-10 result) pairs of the
 unsteered search, skipping latents that fire in more than ``--max_frequency`` of the documents
@@ -37,9 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from saejax import interpret, labels as labels_lib, quickeval, steer, trained
-from saejax.encode import EncodeConfig, encode_sparse
-from saejax.index import SparseIndex
+from saejax.data.beir import load_beir
+from saejax.eval import quickeval
+from saejax.hub import trained
+from saejax.interpret import labels as labels_lib, latents as interpret, steer
+from saejax.retrieval.encode import EncodeConfig, encode_sparse
+from saejax.retrieval.index import SparseIndex
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +88,7 @@ def main():
   start = time.time()
   config, model, tokenizer = trained.load_run(args.run)
   fingerprint = interpret.model_fingerprint(model)
-  data = quickeval.load_beir(args.beir, args.split, max_docs=args.max_docs)
+  data = load_beir(args.beir, args.split, max_docs=args.max_docs)
   s = model.sae.config.num_latents
   cache = Path(args.cache)
   d_v, d_i = _codes(model, tokenizer, data.docs, None, config.data.max_doc_len, cache,

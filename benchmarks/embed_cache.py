@@ -1,8 +1,8 @@
 """Frozen-encoder embeddings of the quality benchmark's training pairs and evaluation sets, cached.
 
 The SAE-head sweep (`benchmarks/sweep.py`) trains heads on these in seconds instead of running the
-encoder every step. Encoding is `saejax.encode.encode_dense` with the evaluation harness's token
-budgets (queries 64, documents 128: `benchmarks/quality.py`), so a head evaluated on the cache
+encoder every step. Encoding is `saejax.retrieval.encode.encode_dense` with the evaluation harness's
+token budgets (queries 64, documents 128: `eval/quality.py`), so a head evaluated on the cache
 scores exactly what `python -m saejax.eval` would for a frozen-encoder model.
 
     .venv/bin/python benchmarks/embed_cache.py --out runs/cache [--pairs_per_source 4000]
@@ -23,11 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ is not a package
 
 from configs import quality as quality_config  # noqa: E402
-from saejax import convert, quickeval  # noqa: E402
-from saejax.data_sources import SourceConfig, open_source  # noqa: E402
-from saejax.demo import minilm_dir  # noqa: E402
-from saejax.encode import EncodeConfig, encode_dense  # noqa: E402
-from saejax.tokenizer import load_tokenizer  # noqa: E402
+from saejax.data.beir import load_beir  # noqa: E402
+from saejax.data.sources import SourceConfig, open_source  # noqa: E402
+from saejax.data.tokenizer import load_tokenizer  # noqa: E402
+from saejax.hub import convert  # noqa: E402
+from saejax.hub.demo import minilm_dir  # noqa: E402
+from saejax.retrieval.encode import EncodeConfig, encode_dense  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 MAX_QUERY_LEN, MAX_DOC_LEN = 64, 128
@@ -69,7 +70,7 @@ def main(argv=None):
     if (out / f"eval_{name}.npz").is_file():
       continue
     start = time.time()
-    data = quickeval.load_beir(folder, split)
+    data = load_beir(folder, split)
     q = encode_dense(encoder, tok, data.queries, qcfg).v
     d = encode_dense(encoder, tok, data.docs, dcfg).v
     np.savez(out / f"eval_{name}.npz", queries=q, docs=d)

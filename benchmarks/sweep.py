@@ -1,11 +1,12 @@
 """The recipe sweep: SAE heads trained on cached frozen-MiniLM embeddings, scored on the shared sets.
 
 Each arm is one set of overrides of the SAE / loss / optimiser config; it trains a head with
-`saejax.headtrain.train_head` (the real `saejax.step.train_step` and `saejax.step.objective`, on
-embeddings instead of token ids) and evaluates it exactly (nDCG@10 by ir-measures) on SciFact test,
-Cranfield and Debian dev at several k, next to the floor (random TopK: no training) and the
-ceiling (the dense embeddings themselves, cosine). Latent health is measured over 20,000 mixed
-training and corpus texts: never-firing latents, latents active in > 10% of documents.
+`saejax.train.headtrain.train_head` (the real `saejax.train.step.train_step` and
+`saejax.train.step.objective`, on embeddings instead of token ids) and evaluates it exactly (nDCG@10
+by ir-measures) on SciFact test, Cranfield and Debian dev at several k, next to the floor (random
+TopK: no training) and the ceiling (the dense embeddings themselves, cosine). Latent health is
+measured over 20,000 mixed training and corpus texts: never-firing latents, latents active in > 10%
+of documents.
 
     .venv/bin/python benchmarks/embed_cache.py --out runs/cache     # once, ~15 min on 2 cores
     .venv/bin/python benchmarks/sweep.py --cache runs/cache --arms base,dot,lr1e-3 [--steps 2000]
@@ -29,11 +30,13 @@ from flax import nnx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from saejax import quickeval  # noqa: E402
-from saejax import sae as sae_lib  # noqa: E402
-from saejax import step as step_lib  # noqa: E402
-from saejax.headtrain import HeadTrainConfig, train_head  # noqa: E402
-from saejax.quickeval import BeirData  # noqa: E402
+from saejax.data.beir import BeirData  # noqa: E402
+from saejax.eval import quickeval  # noqa: E402
+from saejax.hub.state import OptimConfig  # noqa: E402
+from saejax.retrieval.index import sparse_matrix  # noqa: E402
+from saejax.sae import topk as sae_lib  # noqa: E402
+from saejax.train import step as step_lib  # noqa: E402
+from saejax.train.headtrain import HeadTrainConfig, train_head  # noqa: E402
 
 EVAL_SETS = ("scifact", "cranfield", "debian")
 HEALTH_TEXTS = 20_000
@@ -76,8 +79,8 @@ def load_eval(cache: Path, name: str) -> tuple[BeirData, np.ndarray, np.ndarray]
 
 
 def ndcg(data: BeirData, qv, qi, dv, di, num_latents: int) -> float:
-  q = quickeval.sparse_matrix(qv, qi, num_latents)
-  d = quickeval.sparse_matrix(dv, di, num_latents)
+  q = sparse_matrix(qv, qi, num_latents)
+  d = sparse_matrix(dv, di, num_latents)
   docs, scores = quickeval.search_sparse(q, d)
   return quickeval.evaluate(data.qrels, quickeval.to_run(data, docs, scores))["ndcg@10"]
 
@@ -147,7 +150,7 @@ def build(overrides: dict, d_model: int):
   sections["optim"].setdefault("total_steps", steps)
   sae_cfg = sae_lib.SAEConfig(d_model=d_model, **sections["sae"])
   return (sae_cfg, step_lib.LossConfig(**sections["loss"]),
-          step_lib.OptimConfig(**sections["optim"]), HeadTrainConfig(**sections["head"]))
+          OptimConfig(**sections["optim"]), HeadTrainConfig(**sections["head"]))
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ targets are BEIR nDCG@10 within 2 points of the dense ModernBERT-base fine-tuned
 with <= 64 active latents per document and < 5% dead latents.
 """
 
-from saejax.recipe import default_config
+from saejax.train.recipe import default_config
 
 MODERNBERT_BASE = dict(  # answerdotai/ModernBERT-base config.json (architecture fields)
     model_type="modernbert", vocab_size=50368, hidden_size=768, intermediate_size=1152,
@@ -54,7 +54,7 @@ def get_config(arg: str | None = None):
   c.data.max_query_len = 32
   c.data.max_doc_len = 256
   c.data.num_hard_negatives = 1
-  c.data.padding = "fixed"                # one shape on every host (see saejax/data.py)
+  c.data.padding = "fixed"                # one shape on every host (see saejax/data/pipeline.py)
 
   c.mesh.data = -1
   c.mesh.fsdp = 8

@@ -5,7 +5,7 @@ shared real training data, with its two comparison arms on the same data and bud
     python -m saejax.train --config configs/quality.py:dense  --workdir runs/quality/dense
     python -m saejax.train --config configs/quality.py:frozen --workdir runs/quality/frozen
 
-`benchmarks/quality.py` runs all three and evaluates them (with BM25, the untouched dense MiniLM and
+`eval/quality.py` runs all three and evaluates them (with BM25, the untouched dense MiniLM and
 random TopK) on SciFact test, Cranfield and Debian beir-dev. Variants ("ARM", "ARM,STEPS" or
 "runlocal"):
   sparse  saejax: stage 1 the SAE alone on frozen-encoder embeddings, stage 2 encoder and SAE jointly
@@ -21,8 +21,8 @@ paraphrases).
 
 from pathlib import Path
 
-from saejax.demo import minilm_dir
-from saejax.recipe import default_config
+from saejax.hub.demo import minilm_dir
+from saejax.train.recipe import default_config
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STEPS = 150

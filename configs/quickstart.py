@@ -13,8 +13,8 @@ dense MiniLM and random TopK (the floor); measured: 0.766 vs 0.868 / 0.870 / 0.6
 
 from pathlib import Path
 
-from saejax.demo import minilm_dir
-from saejax.recipe import default_config
+from saejax.hub.demo import minilm_dir
+from saejax.train.recipe import default_config
 
 REPO = Path(__file__).resolve().parents[1]
 

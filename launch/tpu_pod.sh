@@ -10,7 +10,7 @@
 #   install  python venv + pip install -e '.[tpu]' on every worker
 #   run      on every worker: a tmux session named after the run, whose first act is to write
 #            its PID to ~/saejax-runs/RUN.pid; `python -m saejax.train` finds the other workers
-#            by itself (saejax.distributed: Cloud TPU VM -> jax.distributed.initialize())
+#            by itself (saejax.train.distributed: Cloud TPU VM -> jax.distributed.initialize())
 #   logs     follow worker 0's log (process 0 prints the metrics)
 #   status   per worker: the run's session and PID, or that there is none
 #   stop     SIGTERM to the recorded PID on every worker (the run checkpoints at one agreed step

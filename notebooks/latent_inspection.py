@@ -12,9 +12,10 @@
 # # Latent inspection
 #
 # What do the latents of a trained saejax model respond to? This notebook encodes a BEIR corpus
-# with a trained run, prints per-latent statistics with c-TF-IDF labels (`saejax.labels`), plots
-# the firing-frequency distribution and the frequency / activation plane, and shows which tokens of
-# a top document drive a latent (leave-one-token-out evidence, `saejax.interpret`).
+# with a trained run, prints per-latent statistics with c-TF-IDF labels (`saejax.interpret.labels`),
+# plots the firing-frequency distribution and the frequency / activation plane, and shows which
+# tokens of a top document drive a latent (leave-one-token-out evidence,
+# `saejax.interpret.latents`).
 #
 # Parameters come from the environment so that a test can run this on a tiny model:
 # `SAEJAX_RUN` (training workdir), `SAEJAX_BEIR` (BEIR folder), `SAEJAX_SPLIT`,
@@ -30,8 +31,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from saejax import interpret, labels, quickeval, trained
-from saejax.encode import EncodeConfig, encode_sparse
+from saejax.data.beir import load_beir
+from saejax.hub import trained
+from saejax.interpret import labels, latents as interpret
+from saejax.retrieval.encode import EncodeConfig, encode_sparse
 
 RUN = os.environ.get("SAEJAX_RUN", "runs/quickstart")
 BEIR = os.environ.get("SAEJAX_BEIR", "data/debian-quickstart/beir-dev")
@@ -42,7 +45,7 @@ OUT.mkdir(parents=True, exist_ok=True)
 
 # %%
 config, model, tokenizer = trained.load_run(RUN)
-data = quickeval.load_beir(BEIR, SPLIT, max_docs=MAX_DOCS)
+data = load_beir(BEIR, SPLIT, max_docs=MAX_DOCS)
 S = model.sae.config.num_latents
 codes = encode_sparse(model, tokenizer, data.docs, None,
                       EncodeConfig(max_len=config.data.max_doc_len, progress=False))

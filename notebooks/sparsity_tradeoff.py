@@ -31,9 +31,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from saejax import quickeval, trained
-from saejax.encode import EncodeConfig, encode, encode_sparse
-from saejax.index import SparseIndex
+from saejax.data.beir import load_beir
+from saejax.eval import quickeval
+from saejax.hub import trained
+from saejax.retrieval.encode import EncodeConfig, encode, encode_sparse
+from saejax.retrieval.index import SparseIndex
 
 RUNS = os.environ.get("SAEJAX_RUNS", os.environ.get("SAEJAX_RUN", "runs/quickstart")).split(",")
 BEIR = os.environ.get("SAEJAX_BEIR", "data/debian-quickstart/beir-dev")
@@ -42,7 +44,7 @@ MAX_DOCS = int(os.environ.get("SAEJAX_MAX_DOCS", "1000"))
 KS = [int(k) for k in os.environ.get("SAEJAX_KS", "").split(",") if k]
 OUT = Path(os.environ.get("SAEJAX_OUT", "notebook_outputs"))
 OUT.mkdir(parents=True, exist_ok=True)
-data = quickeval.load_beir(BEIR, SPLIT, max_docs=MAX_DOCS)
+data = load_beir(BEIR, SPLIT, max_docs=MAX_DOCS)
 
 
 def fvu_fn(model, k):

@@ -11,9 +11,9 @@
 # %% [markdown]
 # # Steering
 #
-# Query-time steering (`saejax.steer`): suppress or boost one latent and watch the share of top-10
-# results that activate it, as a function of the steering strength, next to the retrieval quality
-# (nDCG@10) of all queries. Parameters from the environment: `SAEJAX_RUN`, `SAEJAX_BEIR`,
+# Query-time steering (`saejax.interpret.steer`): suppress or boost one latent and watch the share
+# of top-10 results that activate it, as a function of the steering strength, next to the retrieval
+# quality (nDCG@10) of all queries. Parameters from the environment: `SAEJAX_RUN`, `SAEJAX_BEIR`,
 # `SAEJAX_SPLIT`, `SAEJAX_MAX_DOCS`, `SAEJAX_OUT`.
 
 # %%
@@ -26,9 +26,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from saejax import labels, quickeval, steer, trained
-from saejax.encode import EncodeConfig, encode_sparse
-from saejax.index import SparseIndex
+from saejax.data.beir import load_beir
+from saejax.eval import quickeval
+from saejax.hub import trained
+from saejax.interpret import labels, steer
+from saejax.retrieval.encode import EncodeConfig, encode_sparse
+from saejax.retrieval.index import SparseIndex
 
 RUN = os.environ.get("SAEJAX_RUN", "runs/quickstart")
 BEIR = os.environ.get("SAEJAX_BEIR", "data/debian-quickstart/beir-dev")
@@ -39,7 +42,7 @@ OUT.mkdir(parents=True, exist_ok=True)
 
 # %%
 config, model, tokenizer = trained.load_run(RUN)
-data = quickeval.load_beir(BEIR, SPLIT, max_docs=MAX_DOCS)
+data = load_beir(BEIR, SPLIT, max_docs=MAX_DOCS)
 S = model.sae.config.num_latents
 d = encode_sparse(model, tokenizer, data.docs, None,
                   EncodeConfig(max_len=config.data.max_doc_len, progress=False))

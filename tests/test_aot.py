@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from saejax import aot, sharding
+from saejax import sharding
 from saejax.errors import ConfigError
+from saejax.train import aot
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs of the same program share XLA's persistent compilation cache: later runs skip the compile.
@@ -22,7 +23,7 @@ BASE = ["--config", str(REPO / "configs" / "base.py"), "--devices", "8", "--batc
 
 
 def _aot(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
-  cmd = [sys.executable, "-m", "saejax.aot", *args] if code is None else \
+  cmd = [sys.executable, "-m", "saejax.train.aot", *args] if code is None else \
       [sys.executable, "-c", code, *args]
   return subprocess.run(cmd, cwd=REPO, env={**os.environ, **CACHE}, capture_output=True,
                         text=True, timeout=300)
@@ -51,7 +52,8 @@ def test_budget_too_small_fails_with_the_report():
 
 
 REPLICATING_RULE = """
-from saejax import aot, cli, sharding
+from saejax import cli, sharding
+from saejax.train import aot
 sharding.RULES["embed"] = None  # the model dimension no longer takes fsdp
 cli.run(aot.main, absl=True)
 """

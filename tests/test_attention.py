@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saejax import attention as attn
-from saejax import splash
+from saejax.models import attention as attn
+from saejax.models import splash
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,7 +139,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 4)
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
-    from saejax import attention as attn
+    from saejax.models import attention as attn
 
     q, k, v = jax.random.normal(jax.random.key(0), (3, 4, 128, 2, 16))
     valid = jnp.arange(128)[None, :] < jnp.asarray([128, 90, 40, 1])[:, None]

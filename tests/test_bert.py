@@ -13,8 +13,9 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from saejax import bert, convert
 from saejax.errors import CheckpointError, ConfigError, DataError
+from saejax.hub import convert
+from saejax.models import bert
 
 TINY = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=128, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)

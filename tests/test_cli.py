@@ -20,13 +20,14 @@ def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args, says", [
-    (("saejax.convert", "hf-to-saejax", MISSING, "out"),
+    (("saejax.hub.convert", "hf-to-saejax", MISSING, "out"),
      f"model directory {MISSING} does not exist"),
     (("saejax.eval", "--model", MISSING, "--beir", MISSING, "--out", "out"),
      f"{MISSING} is neither a saejax training workdir"),
-    (("saejax.aot", f"--config={MISSING}.py"),
+    (("saejax.train.aot", f"--config={MISSING}.py"),
      f"cannot load the --config file: [Errno 2] No such file or directory: '{MISSING}.py'"),
-    (("saejax.aot", "--config=configs/base.py", "--config.sae.kk=3"),  # absl flag parsing fails
+    # absl flag parsing fails:
+    (("saejax.train.aot", "--config=configs/base.py", "--config.sae.kk=3"),
      "bad command line: AttributeError: \"'kk'\""),
 ])
 def test_a_missing_path_is_one_line_and_exit_2(args, says):
@@ -45,16 +46,17 @@ USER_ERRORS = [
      "bad command line: Unknown command line flag 'no_such_flag'"),
     (("saejax.train", "--config=configs/quickstart.py", "extra"),  # app.UsageError in main
      "unexpected arguments ['extra']"),
-    (("saejax.aot", "--config=configs/base.py", "--devices=many"),
+    (("saejax.train.aot", "--config=configs/base.py", "--devices=many"),
      "bad command line: flag --devices=many: invalid literal for int()"),
     (("saejax.eval", "--beir", MISSING), "the following arguments are required: --out (see "),
-    (("saejax.export", "--out", "out"), "the following arguments are required: --ckpt"),
-    (("saejax.convert", "sideways", "a", "b"), "argument direction: invalid choice: 'sideways'"),
-    (("saejax.explorer", "--run", MISSING, "--beir", MISSING, "--out", "x.html"),
+    (("saejax.hub.export", "--out", "out"), "the following arguments are required: --ckpt"),
+    (("saejax.hub.convert", "sideways", "a", "b"),
+     "argument direction: invalid choice: 'sideways'"),
+    (("saejax.interpret.explorer", "--run", MISSING, "--beir", MISSING, "--out", "x.html"),
      f"{MISSING} is not a saejax training workdir"),
-    (("saejax.demo", "--pairs", "many"), "argument --pairs: invalid int value: 'many'"),
-    (("saejax.plots",), "the following arguments are required: workdir"),
-    (("saejax.plots", MISSING), f"No such file or directory: {MISSING}/metrics.jsonl"),
+    (("saejax.hub.demo", "--pairs", "many"), "argument --pairs: invalid int value: 'many'"),
+    (("saejax.train.curves",), "the following arguments are required: workdir"),
+    (("saejax.train.curves", MISSING), f"No such file or directory: {MISSING}/metrics.jsonl"),
 ]
 
 
@@ -76,9 +78,9 @@ def test_every_command_is_checked():
 @pytest.mark.parametrize("args, shows", [
     (("saejax.train", "--helpshort"), "--config"),
     (("saejax.train", "--help"), "--workdir"),
-    (("saejax.aot", "--helpfull"), "--budget_gib"),
+    (("saejax.train.aot", "--helpfull"), "--budget_gib"),
     (("saejax.eval", "--help"), "--quiet"),
-    (("saejax.plots", "--help"), "WORKDIR/curves.png"),
+    (("saejax.train.curves", "--help"), "WORKDIR/curves.png"),
 ])
 def test_help_exits_0(args, shows):
   out = _run(*args)
@@ -87,7 +89,7 @@ def test_help_exits_0(args, shows):
 
 
 def test_debug_shows_the_traceback():
-  args = ("saejax.convert", "hf-to-saejax", MISSING, "out")
+  args = ("saejax.hub.convert", "hf-to-saejax", MISSING, "out")
   for out in (_run(*args, "--debug"), _run(*args, SAEJAX_DEBUG="1")):
     assert out.returncode != 0
     assert "Traceback" in out.stderr and "CheckpointError: model directory" in out.stderr

@@ -7,9 +7,11 @@ import pytest
 import torch
 import transformers
 
-from saejax import checkpoint, cli, convert, encode
+from saejax import cli
+from saejax.data.tokenizer import load_tokenizer, pad_id
 from saejax.errors import CheckpointError, ConfigError
-from saejax.tokenizer import load_tokenizer, pad_id
+from saejax.hub import convert
+from saejax.retrieval import encode
 
 # ModernBERT's own vocabulary, so that its tokenizer.json fits the model.
 TINY = dict(vocab_size=50368, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
@@ -73,7 +75,7 @@ def test_encode_refuses_a_tokenizer_bigger_than_the_model(tmp_path, data_dir):
   """A tokenizer loaded without vocab_size is caught where it meets the model."""
   from flax import nnx
 
-  from saejax import modernbert
+  from saejax.models import modernbert
   tok = load_tokenizer(data_dir / "modernbert-tokenizer")  # no vocab_size: not checked here
   cfg = modernbert.ModernBertConfig.from_hf_config({"model_type": "modernbert",
                                                     **TINY, "vocab_size": 1000})
@@ -87,23 +89,23 @@ def test_encode_refuses_a_tokenizer_bigger_than_the_model(tmp_path, data_dir):
 
 def test_orbax_restore_equals_saved(tmp_path, hf_dir):
   cfg, model = convert.load_hf(hf_dir, head=False)
-  checkpoint.save_encoder(cfg, model, tmp_path / "ckpt")
-  cfg2, model2 = checkpoint.restore_encoder(tmp_path / "ckpt")
+  convert.save_encoder(cfg, model, tmp_path / "ckpt")
+  cfg2, model2 = convert.restore_encoder(tmp_path / "ckpt")
   assert cfg2 == cfg
   ids = np.arange(3, 23, dtype=np.int32)[None]
   np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model2(ids)))
   with pytest.raises(CheckpointError, match="refusing to overwrite"):
-    checkpoint.save_encoder(cfg, model, tmp_path / "ckpt")
+    convert.save_encoder(cfg, model, tmp_path / "ckpt")
 
 
 def test_restore_rejects_a_config_that_does_not_fit(tmp_path, hf_dir):
   cfg, model = convert.load_hf(hf_dir, head=False)
-  checkpoint.save_encoder(cfg, model, tmp_path / "ckpt")
+  convert.save_encoder(cfg, model, tmp_path / "ckpt")
   text = (tmp_path / "ckpt" / "config.json").read_text().replace('"hidden_size": 32',
                                                                  '"hidden_size": 64')
   (tmp_path / "ckpt" / "config.json").write_text(text)
   with pytest.raises(CheckpointError, match="does not fit the model"):
-    checkpoint.restore_encoder(tmp_path / "ckpt")
+    convert.restore_encoder(tmp_path / "ckpt")
 
 
 def test_tokenizer_vocab_mismatch_is_caught(data_dir):

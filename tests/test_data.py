@@ -14,11 +14,11 @@ from etils import epath
 from grain.checkpoint import CheckpointHandler
 from tokenizers import Tokenizer
 
-from saejax import data
-from saejax.data import (DataConfig, SourceConfig, bucket_length, make_iterator, make_pipeline,
-                         pad_batch)
-from saejax.tokenizer import load_tokenizer, pad_id as pad_token_id
-from saejax.data_sources import Bm25NegativesSource, mine_bm25_negatives, open_source
+from saejax.data import pipeline as data
+from saejax.data.pipeline import (DataConfig, SourceConfig, bucket_length, make_iterator,
+                                  make_pipeline, pad_batch)
+from saejax.data.sources import Bm25NegativesSource, mine_bm25_negatives, open_source
+from saejax.data.tokenizer import load_tokenizer, pad_id as pad_token_id
 from saejax.errors import ConfigError, DataError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

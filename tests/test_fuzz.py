@@ -19,12 +19,14 @@ import pytest
 from flax import nnx
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from saejax import convert, data, data_sources, encode
-from saejax.data_sources import RecordSource, SourceConfig, open_source
-from saejax.demo import minilm_dir
+from saejax.data import pipeline as data, sources as data_sources
+from saejax.data.sources import RecordSource, SourceConfig, open_source
+from saejax.data.tokenizer import load_tokenizer
 from saejax.errors import SaejaxError
-from saejax.index import SparseIndex
-from saejax.tokenizer import load_tokenizer
+from saejax.hub import convert
+from saejax.hub.demo import minilm_dir
+from saejax.retrieval import encode
+from saejax.retrieval.index import SparseIndex
 
 FUZZ = settings(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -275,7 +277,7 @@ TINY_BERT = dict(model_type="bert", architectures=["BertModel"], vocab_size=40, 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-  """A tiny BERT written by saejax.convert.save_hf: config.json + model.safetensors."""
+  """A tiny BERT written by saejax.hub.convert.save_hf: config.json + model.safetensors."""
   arch = convert.architecture(TINY_BERT)
   cfg = arch.config_cls.from_hf_config(TINY_BERT)
   out = convert.save_hf(cfg, arch.build(cfg, rngs=nnx.Rngs(0)), tmp_path_factory.mktemp("hf"))

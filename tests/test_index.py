@@ -1,4 +1,4 @@
-"""saejax.index: exact search against dense brute force, files, the JAX path, the Seismic adapter.
+"""saejax.retrieval.index: exact search against dense brute force, files, the JAX path, Seismic.
 
 Weights in most tests are small multiples of 1/8, so every score is an exact float32 sum whatever
 the summation order: results must then match the brute force exactly, ties included (lower doc id
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from saejax import index_kernels
 from saejax.errors import CheckpointError, ConfigError, DataError
-from saejax.index import IndexArraysError, SeismicAdapter, SparseIndex, recall
+from saejax.retrieval import index_kernels
+from saejax.retrieval.index import IndexArraysError, SeismicAdapter, SparseIndex, recall
 
 
 def _zipf_codes(rng: np.random.Generator, n: int, k: int, s: int, a: float = 1.0,
@@ -29,7 +29,7 @@ def _zipf_codes(rng: np.random.Generator, n: int, k: int, s: int, a: float = 1.0
 
 
 def _brute_force(values, indices, doc_ids, q_values, q_indices, s: int, top_k: int):
-  """The result rule of saejax.index, by dense numpy: scores > 0, desc, ties by lower doc id."""
+  """The index's result rule, by dense numpy: scores > 0, desc, ties by lower doc id."""
   docs = np.zeros((values.shape[0], s), np.float32)
   np.add.at(docs, (np.arange(values.shape[0])[:, None], indices), values)
   queries = np.zeros((q_values.shape[0], s), np.float32)

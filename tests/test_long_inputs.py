@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from saejax import convert
+from saejax.hub import convert
 
 T = 8192
 LONG = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saejax import losses
 from saejax.errors import ConfigError
-from saejax.sae import ShapeError
+from saejax.errors import ShapeError
+from saejax.sae import losses
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -230,7 +230,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 4)
     import jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    from saejax import losses
+    from saejax.sae import losses
     rng = np.random.default_rng(0)
     q, d_pos = (np.maximum(rng.standard_normal((8, 16)), 0).astype(np.float32) for _ in range(2))
     d_neg = np.maximum(rng.standard_normal((8, 2, 16)), 0).astype(np.float32)

@@ -10,8 +10,9 @@ import torch
 import transformers
 from flax import nnx
 
-from saejax import convert, modernbert
 from saejax.errors import CheckpointError, ConfigError
+from saejax.hub import convert
+from saejax.models import modernbert
 
 TINY = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
             num_attention_heads=4, local_attention=8, max_position_embeddings=128, pad_token_id=0,

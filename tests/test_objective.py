@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from saejax import headtrain, step
-from saejax.embedder import sae_output
-from saejax.sae import SAE, SAEConfig
+from saejax.hub.state import OptimConfig
+from saejax.sae.embedder import sae_output
+from saejax.sae.topk import SAE, SAEConfig
+from saejax.train import headtrain, step
 
 # Objective check sizes: B queries, H hard negatives each, width D, S latents.
 B, H, D, S, K, K_AUX = 4, 1, 8, 32, 4, 6
@@ -269,7 +270,7 @@ def test_head_training_recovers_a_planted_dictionary():
 
   loss_cfg = step.LossConfig(w_contrastive=0.0, w_fvu=1.0, w_auxk=1 / 32)
   steps = 1500
-  optim_cfg = step.OptimConfig(lr_sae=1e-2, warmup_steps=50, total_steps=steps)
+  optim_cfg = OptimConfig(lr_sae=1e-2, warmup_steps=50, total_steps=steps)
   # pure reconstruction: queries and documents are both the samples, contrastive weight 0
   sae, _, _ = headtrain.train_head(SAE(config, rngs=nnx.Rngs(1)), x, x, loss_cfg, optim_cfg,
                                    headtrain.HeadTrainConfig(steps=steps, batch_size=256))

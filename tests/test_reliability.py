@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from saejax import checkpoint, train, trained
 from saejax.errors import CheckpointError
+from saejax.hub import checkpoint, trained
+from saejax.train import loop
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import (CACHE, REPO, TINY, _assert_same_params, _final_params,  # noqa: E402
@@ -243,7 +244,7 @@ def test_workdir_under_a_file_fails_at_start(tmp_path):
   blocker = tmp_path / "a-file"
   blocker.write_text("not a directory")
   with pytest.raises(CheckpointError, match=f"{blocker / 'run'} is not writable"):
-    train.train(_tiny(), blocker / "run")
+    loop.train(_tiny(), blocker / "run")
   proc = _start(blocker / "run")
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 2 and "is not writable (NotADirectoryError" in err, out + err
@@ -257,7 +258,7 @@ def test_read_only_workdir_fails_at_start(tmp_path):
   workdir.chmod(0o500)
   try:
     with pytest.raises(CheckpointError, match=r"is not writable \(PermissionError"):
-      train.train(_tiny(), workdir)
+      loop.train(_tiny(), workdir)
   finally:
     workdir.chmod(0o700)
 

@@ -14,9 +14,10 @@ import pytest
 import scipy.optimize
 from flax import nnx
 
-from saejax import sae as sae_lib
 from saejax.errors import ConfigError
-from saejax.sae import SAE, SAEConfig, ShapeError
+from saejax.errors import ShapeError
+from saejax.sae import topk as sae_lib
+from saejax.sae.topk import SAE, SAEConfig
 
 D, S, K = 8, 32, 4
 REPO = Path(__file__).resolve().parents[1]
@@ -293,7 +294,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import jax.numpy as jnp, numpy as np
     from flax import nnx
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    from saejax import losses, sae as sae_lib
+    from saejax.sae import losses, topk as sae_lib
 
     D, S, K, B = 8, 32, 4, 8
     cfg = sae_lib.SAEConfig(d_model=D, num_latents=S, k=K, k_aux=6)

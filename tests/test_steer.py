@@ -1,11 +1,11 @@
-"""saejax.steer: the query transform by hand, steering effects on a small exact index, errors."""
+"""saejax.interpret.steer: the query transform by hand, effects on a small exact index, errors."""
 
 import numpy as np
 import pytest
 
-from saejax import steer
-from saejax.index import SparseIndex
-from saejax.labels import LabelConfig, LatentLabel, LatentLabels
+from saejax.interpret import steer
+from saejax.interpret.labels import LabelConfig, LatentLabel, LatentLabels
+from saejax.retrieval.index import SparseIndex
 
 S, N, K = 32, 400, 4
 
@@ -129,10 +129,10 @@ def test_errors():
 
 
 def test_steering_through_milvus(corpus, searcher, tmp_path):
-  """The external-engine adapter (`saejax.engines.MilvusIndex`, Milvus Lite) gives the same
+  """The external-engine adapter (`saejax.retrieval.engines.MilvusIndex`, Milvus Lite) gives the same
   steered results as the exact index: suppress (negative query weights) and exclude (filter)."""
   pytest.importorskip("milvus_lite")
-  from saejax import engines
+  from saejax.retrieval import engines
   values, indices, doc_ids = corpus
   milvus = steer.SteeredSearch(
       engines.MilvusIndex.build(values, indices, S, doc_ids, uri=str(tmp_path / "docs.db")),

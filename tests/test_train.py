@@ -16,8 +16,10 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from saejax import step as step_lib, train
 from saejax.errors import ConfigError, SaejaxError
+from saejax.hub import build
+from saejax.hub.state import OptimConfig, init_state, make_optimizer
+from saejax.train import loop, step as step_lib
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "tiny_config.py"
@@ -154,13 +156,13 @@ def test_resume_after_kill9_is_exact(tmp_path, uninterrupted):
 SHARDED = """
 import json, sys
 import jax
-from saejax import train
+from saejax.train import loop
 sys.path.insert(0, "tests")
 import tiny_config
 config = tiny_config.get_config("4")
 config.mesh.data, config.mesh.fsdp, config.mesh.tensor = {mesh}
 config.train.log_every = 1
-summary, state, _ = train.train(config, sys.argv[1])
+summary, state, _ = loop.train(config, sys.argv[1])
 # Read the shardings the params actually have after training (not what the rules would say).
 unsharded = [f"{{jax.tree_util.keystr(path)}} {{x.shape}}"
              for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
@@ -196,12 +198,12 @@ def test_every_config_file_loads_and_builds():
   for file in files:
     for arg in (None, "runlocal"):
       config = _load_config(file, arg)
-      model = nnx.eval_shape(lambda: train.build_model(config, nnx.Rngs(0),
+      model = nnx.eval_shape(lambda: build.build_model(config, nnx.Rngs(0),
                                                        load_weights=False)[1])
       assert model.encoder is not None
-      train.data_config(config)  # sources and fields are valid
-      for section, cls in (("loss", step_lib.LossConfig), ("optim", step_lib.OptimConfig)):
-        train._dataclass(cls, config[section], section)
+      build.data_config(config)  # sources and fields are valid
+      for section, cls in (("loss", step_lib.LossConfig), ("optim", OptimConfig)):
+        build.from_section(cls, config[section], section)
       assert config.train.steps > 0, file
 
 
@@ -211,21 +213,21 @@ def test_unknown_config_key_fails_at_start(tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and "kk" in out.stderr
   with pytest.raises(ConfigError, match="URL workdirs are not supported"):
-    train.train(_tiny(), "gs://bucket/run")  # would silently land on local disk as ./gs:/...
+    loop.train(_tiny(), "gs://bucket/run")  # would silently land on local disk as ./gs:/...
   config = _tiny()
   config.unlock()
   config.loss.w_typo = 1.0
   with pytest.raises(ConfigError, match=r"config.loss has unknown keys \['w_typo'\]"):
-    train._dataclass(step_lib.LossConfig, config.loss, "loss")
+    build.from_section(step_lib.LossConfig, config.loss, "loss")
 
 
 def test_nonfinite_steps_are_skipped_and_counted():
   config = _tiny()
-  _, model = train.build_model(config, nnx.Rngs(0))
+  _, model = build.build_model(config, nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
-  optim = step_lib.OptimConfig(warmup_steps=1, total_steps=10)
-  tx = step_lib.make_optimizer(optim, params)
-  state = step_lib.init_state(model, tx)
+  optim = OptimConfig(warmup_steps=1, total_steps=10)
+  tx = make_optimizer(optim, params)
+  state = init_state(model, tx)
   batch = _random_batch(seed=0, docs_per_query=1)
   step = functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, optim_cfg=optim)
   bad = step_lib.LossConfig(temperature=float("nan"))  # injected: NaN loss and gradients
@@ -247,22 +249,22 @@ def test_too_many_nonfinite_steps_stop_with_last_good_checkpoint(tmp_path):
   config = _tiny(steps=12)
   config.train.max_consecutive_skips = 3
   config.train.log_every = 1
-  train.train(config, tmp_path)  # 12 good steps, checkpoints up to 12
+  loop.train(config, tmp_path)  # 12 good steps, checkpoints up to 12
   config.train.steps = config.optim.total_steps = 30
   config.loss.temperature = float("nan")  # injected fault: every later step is NaN
   with pytest.raises(SaejaxError, match=r"3 consecutive steps had a non-finite loss.*"
                                         r"last good checkpoint is step 12"):
-    train.train(config, tmp_path)
+    loop.train(config, tmp_path)
   assert (tmp_path / "checkpoints" / "12").is_dir()
 
 
 def test_frozen_encoder_and_dense_ablation():
   config = _tiny()
-  _, model = train.build_model(config, nnx.Rngs(0))
+  _, model = build.build_model(config, nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
-  optim = step_lib.OptimConfig(warmup_steps=1, total_steps=10, freeze_encoder=True)
-  tx = step_lib.make_optimizer(optim, params)
-  state = step_lib.init_state(model, tx)
+  optim = OptimConfig(warmup_steps=1, total_steps=10, freeze_encoder=True)
+  tx = make_optimizer(optim, params)
+  state = init_state(model, tx)
   batch = _random_batch(seed=1, docs_per_query=2)
   frozen_step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
                                           loss_cfg=step_lib.LossConfig(), optim_cfg=optim))
@@ -274,12 +276,12 @@ def test_frozen_encoder_and_dense_ablation():
   np.testing.assert_allclose(np.linalg.norm(w_dec, axis=1), 1.0, rtol=1e-5)
 
   config.sae.enabled = False
-  _, dense = train.build_model(config, nnx.Rngs(0))
+  _, dense = build.build_model(config, nnx.Rngs(0))
   assert dense.sae is None
   graphdef, params = nnx.split(dense, nnx.Param)
-  optim = step_lib.OptimConfig(warmup_steps=1, total_steps=10)
-  tx = step_lib.make_optimizer(optim, params)
-  state = step_lib.init_state(dense, tx)
+  optim = OptimConfig(warmup_steps=1, total_steps=10)
+  tx = make_optimizer(optim, params)
+  state = init_state(dense, tx)
   new, metrics = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
                                            loss_cfg=step_lib.LossConfig(), optim_cfg=optim))(
       state, batch)
@@ -288,13 +290,13 @@ def test_frozen_encoder_and_dense_ablation():
 
 def test_gradient_accumulation_averages_micro_batch_gradients():
   config = _tiny()
-  _, model = train.build_model(config, nnx.Rngs(0))
+  _, model = build.build_model(config, nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   batch = _random_batch(seed=2, docs_per_query=1)
   loss_cfg = step_lib.LossConfig()
-  optim = step_lib.OptimConfig(warmup_steps=1, total_steps=10, grad_accum=2)
-  tx = step_lib.make_optimizer(optim, params)
-  state = step_lib.init_state(model, tx)
+  optim = OptimConfig(warmup_steps=1, total_steps=10, grad_accum=2)
+  tx = make_optimizer(optim, params)
+  state = init_state(model, tx)
   new, metrics = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
                                            optim_cfg=optim, loss_cfg=loss_cfg))(state, batch)
 
@@ -314,7 +316,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
 def test_modernbert_recipe_trains_end_to_end(tmp_path):
   """configs/base.py shrunk to a random 2-layer ModernBERT: the real recipe's path runs."""
   config = _load_config(REPO / "configs" / "base.py", "runlocal")
-  summary, state, _ = train.train(config, tmp_path)
+  summary, state, _ = loop.train(config, tmp_path)
   assert summary["step"] == 3 and np.isfinite(summary["last_metrics"]["loss"])
   assert summary["last_metrics"]["l0"] <= config.sae.k
 
@@ -323,9 +325,10 @@ def test_recipe_defaults_equal_the_library_defaults():
   """One source of truth: every field of the config schema that a library dataclass also declares
   has the same default in both (recipe.py is what users read; the dataclasses what code builds)."""
   import dataclasses
-  from saejax import recipe, sae as sae_lib
+  from saejax.sae import topk as sae_lib
+  from saejax.train import recipe
   c = recipe.default_config()
-  pairs = ((c.loss, step_lib.LossConfig), (c.optim, step_lib.OptimConfig),
+  pairs = ((c.loss, step_lib.LossConfig), (c.optim, OptimConfig),
            (c.sae, sae_lib.SAEConfig))
   for section, cls in pairs:
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -340,18 +343,18 @@ def test_recipe_defaults_equal_the_library_defaults():
 
 def test_warm_start_trains_the_sae_on_frozen_embeddings_only():
   """Stage 1 moves the SAE (its contrastive loss falls) and leaves the encoder untouched."""
-  from saejax import data
+  from saejax.data import pipeline as data
   config = _tiny(steps=2)
   config.warmstart.steps, config.warmstart.pairs, config.warmstart.batch_size = 30, 64, 32
   config.warmstart.lr = 3e-3
-  _, model = train.build_model(config, nnx.Rngs(0))
+  _, model = build.build_model(config, nnx.Rngs(0))
   enc_before = jax.tree.map(np.asarray, nnx.state(model.encoder, nnx.Param))
   w_enc_before = np.asarray(model.sae.w_enc[...])
-  tok = train.load_tokenizer(config.model.tokenizer, vocab_size=30522)
-  batches = data.make_iterator(train.data_config(config), tok)
-  loss_cfg = train._dataclass(step_lib.LossConfig, config.loss, "loss")
-  optim_cfg = train._dataclass(step_lib.OptimConfig, config.optim, "optim")
-  history = train.warm_start_sae(model, batches, config.warmstart, loss_cfg, optim_cfg,
+  tok = loop.load_tokenizer(config.model.tokenizer, vocab_size=30522)
+  batches = data.make_iterator(build.data_config(config), tok)
+  loss_cfg = build.from_section(step_lib.LossConfig, config.loss, "loss")
+  optim_cfg = build.from_section(OptimConfig, config.optim, "optim")
+  history = loop.warm_start_sae(model, batches, config.warmstart, loss_cfg, optim_cfg,
                                  log_every=10)
   assert len(history) == 3 and history[-1]["info_nce"] < history[0]["info_nce"]
   assert not np.allclose(np.asarray(model.sae.w_enc[...]), w_enc_before)
