@@ -8,14 +8,15 @@ data, batches and number of steps (the budget):
   frozen   CSR-style: the SAE trained on the frozen MiniLM
 
 then evaluates them with `python -m saejax.eval` next to BM25 (bm25s) and the untouched dense
-MiniLM on SciFact (test), Cranfield (test) and Debian descriptions (beir-dev), and checks the
-issue's targets on the mean nDCG@10 over the three sets:
+MiniLM on the ``quality`` suite of eval/suites.py (SciFact test, Cranfield test, Debian
+descriptions beir-dev, k from 8 to 128), and checks the issue's targets on the mean nDCG@10
+over the three sets:
 
   sparse within 0.01 of dense-fine-tuned;  sparse above the untouched dense encoder;
   sparse above frozen by >= 0.02;          sparse above BM25 on SciFact;
   sparse above random TopK (the untouched encoder, no training, same k) by >= 0.10.
 
-    .venv/bin/python benchmarks/quality.py [--steps 200] [--out runs/quality]
+    .venv/bin/python eval/quality.py [--steps 200] [--out runs/quality]
 
 A finished arm (summary.json at the requested step) is not retrained; an interrupted one resumes
 from its checkpoint. Results: OUT/eval/results.json, OUT/eval/report.md (with plots), and the
@@ -29,13 +30,13 @@ import sys
 import time
 from pathlib import Path
 
+from suites import SUITES
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 ARMS = ("sparse", "dense", "frozen")
-K_SWEEP = "8,16,32,64,128"  # quality vs k: the codes are read at each k from one encoding
-MAX_DOC_LEN = 128  # every system gets the token budget the arms were trained with (configs/quality.py)
-DATASETS = (f"scifact={DATA / 'scifact'}:test", f"cranfield={DATA / 'cranfield'}:test",
-            f"debian={DATA / 'debian-descriptions' / 'beir-dev'}:dev")
+# The sets, the k sweep (the codes read at each k from one encoding) and the token budget the arms
+# were trained with (configs/quality.py), which every system gets.
+SUITE = SUITES["quality"]
 
 
 def trained_to(workdir: Path) -> int:
@@ -84,9 +85,7 @@ def evaluate_group(name: str, argv: list[str], out: Path) -> dict:
   if (group_dir / "results.json").is_file():
     print(f"{name}: evaluated already in {group_dir}", flush=True)
     return json.loads((group_dir / "results.json").read_text())
-  common = [*(f"--beir={d}" for d in DATASETS), f"--out={group_dir}",
-            f"--max-doc-len={MAX_DOC_LEN}", "--progress"]
-  return eval_cli.main([*argv, *common])
+  return eval_cli.main([*SUITE.args(), *argv, f"--out={group_dir}"])  # argv overrides the suite
 
 
 def merge(groups: list[dict]) -> dict:
@@ -111,15 +110,13 @@ def main():
   print(f"training wall time (this invocation): { {a: round(s / 60, 1) for a, s in wall.items()} } "
         f"min", flush=True)
 
-  from saejax.demo import minilm_dir
   from saejax.eval import report
+  from saejax.hub.demo import minilm_dir
   names = {"sparse": "sparse", "dense": "dense-ft", "frozen": "frozen"}
-  groups = [evaluate_group(names[arm], [f"--model={names[arm]}={out / arm}", "--baselines=none",
-                                        f"--k-sweep={K_SWEEP}"], out)
+  groups = [evaluate_group(names[arm], [f"--model={names[arm]}={out / arm}", "--baselines=none"],
+                           out)
             for arm in ARMS if trained_to(out / arm)]
-  groups.append(evaluate_group("baselines", ["--baselines=bm25,dense,random",
-                                             f"--dense-encoder={minilm_dir()}",
-                                             f"--k-sweep={K_SWEEP}"], out))
+  groups.append(evaluate_group("baselines", [f"--dense-encoder={minilm_dir()}"], out))
   results = report.write(merge(groups), out / "eval", command=" ".join(sys.argv))
   print(report.markdown(results))
   checks, mean = targets(results)

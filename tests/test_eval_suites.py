@@ -1,0 +1,55 @@
+"""eval/: every suite is a valid `python -m saejax.eval` command over folders that exist, and the
+quality benchmark evaluates with the quality suite."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from saejax.eval import __main__ as eval_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(name, REPO / "eval" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+suites = _load("suites")
+
+
+@pytest.mark.parametrize("name", sorted(suites.SUITES))
+def test_every_suite_is_an_eval_command_over_existing_folders(name):
+  suite = suites.SUITES[name]
+  args = eval_cli.parser().parse_args(suites.eval_argv(suite, ["runs/a", "b=runs/b"], "out", []))
+  assert args.model == ["runs/a", "b=runs/b"] and args.out == "out"
+  assert len(args.beir) == len(suite.beir) and set(args.baselines) == {"bm25", "dense", "random"}
+  folders = [Path(b.partition("=")[2].rpartition(":")[0]) for b in suite.beir]
+  shared = [f for f in folders if suites.DATA in f.parents]
+  if shared and not suites.DATA.is_dir():
+    pytest.skip(f"{suites.DATA} (the shared data beside the checkout) is absent")
+  for folder in folders:
+    assert (folder / "corpus.jsonl").is_file() and (folder / "qrels").is_dir(), folder
+
+
+def test_passed_through_flags_override_the_suite():
+  argv = suites.eval_argv(suites.SUITES["quality"], ["runs/a"], "out", ["--max-doc-len", "64"])
+  assert eval_cli.parser().parse_args(argv).max_doc_len == 64
+
+
+def test_the_quality_benchmark_evaluates_with_the_quality_suite():
+  assert _load("quality").SUITE is suites.SUITES["quality"]
+
+
+def test_list_names_every_suite():
+  out = subprocess.run([sys.executable, str(REPO / "eval" / "suites.py"), "--list"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert [line.split(":")[0] for line in out.stdout.splitlines()
+          if not line.startswith(" ")] == list(suites.SUITES)
