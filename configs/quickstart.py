@@ -58,7 +58,7 @@ def get_config(arg: str | None = None):
   c.eval.enabled = True
   c.eval.beir_dir = str(REPO / "data/debian-quickstart/beir-dev")
   c.eval.split = "dev"
-  c.eval.max_docs = 1000                  # 1,000 of 2,869 documents: keeps the evaluation at the end of the run short
+  c.eval.max_docs = 1000                  # 1,000 of 2,869 documents: a short final evaluation
 
   if arg == "runlocal":
     c.train.steps = c.optim.total_steps = 3
