@@ -217,6 +217,59 @@ def test_damaged_latest_checkpoint_falls_back_then_refuses_to_start_over(tmp_pat
   assert _complete_steps(hopeless) == [2, 4, 6] and "step " not in out  # nothing trained
 
 
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_of_a_killed_run_is_caught(tmp_path, reference):
+  """A killed run never reaches a later save or a clean exit, so its newest checkpoint must have
+  been sealed when Orbax committed it: damage to it is then caught instead of trained on."""
+  every = ("--config.train.checkpoint_every=6",)  # steps between commits: a wide window
+  proc = _start(tmp_path, *every)
+  committed = _ckpt_dir(tmp_path) / "12"  # renamed into place: Orbax committed step 12
+  start = time.time()
+  while not committed.is_dir():  # polled tightly: the kill lands long before the next save
+    if proc.poll() is not None or time.time() - start > 300:
+      proc.kill()
+      raise AssertionError(f"step 12 never committed: {proc.communicate()}")
+    time.sleep(0.002)
+  proc.kill()
+  proc.communicate()
+  steps = _complete_steps(tmp_path)
+  assert len(steps) >= 2 and max(steps) >= 12, steps
+  for step in steps:  # the newest too: sealed before the commit, not at the next save or exit
+    assert checkpoint.verify_step(_ckpt_dir(tmp_path) / str(step)), f"step {step} is unsealed"
+
+  newest, previous = steps[-1], steps[-2]
+  damaged = _state_files(_ckpt_dir(tmp_path) / str(newest))[0]
+  _flip_bytes(damaged)
+  out = _run(tmp_path, *every, steps=STEPS)
+  assert f"checkpoint step {newest} in {_ckpt_dir(tmp_path)} cannot be used" in out, out
+  assert f"{damaged} does not match the SHA-256" in out
+  assert f"resumed from checkpoint step {previous}" in out
+  assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints_damaged").iterdir()] == [
+      str(newest)]
+  _same_as_reference(tmp_path, reference)  # the damaged step's updates redone, exactly
+
+
+@pytest.mark.slow
+def test_unsealed_checkpoint_is_used_only_after_every_sealed_one(tmp_path, reference):
+  """A step without a digest (an older saejax's, or a synchronous save killed between commit and
+  seal) cannot be checked: resuming prefers an older sealed step and sets the unsealed one aside."""
+  _run(tmp_path, "--config.train.steps=6", steps=STEPS)
+  assert _complete_steps(tmp_path) == [2, 4, 6]
+  (_ckpt_dir(tmp_path) / "6" / checkpoint.DIGEST_FILE).unlink()
+  out = _run(tmp_path, steps=STEPS)
+  assert "resumed from checkpoint step 4" in out and "unsealed checkpoints [6] were moved" in out
+  assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints_unsealed").iterdir()] == ["6"]
+  _same_as_reference(tmp_path, reference)
+
+  only = tmp_path / "only-unsealed"  # no sealed step at all: used, with a warning
+  _run(only, "--config.train.steps=2", steps=STEPS)
+  for step in _complete_steps(only):
+    (_ckpt_dir(only) / str(step) / checkpoint.DIGEST_FILE).unlink()
+  out = _run(only, "--config.train.steps=4", steps=STEPS)
+  assert "checkpoint step 2 in" in out and "has no digest" in out, out
+  assert "resumed from checkpoint step 2" in out
+
+
 def test_verify_step_names_the_damage(tmp_path, reference):
   step_dir = tmp_path / "16"
   shutil.copytree(_ckpt_dir(reference) / "16", step_dir)
