@@ -308,6 +308,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
   fingerprints = (open(workdir / f"batches.process{jax.process_index()}.jsonl", "a")
                   if tc.get("log_batch_fingerprints") else None)
   last, window_tokens, window_start = {}, 0, time.time()
+  streak = None  # the previous step's count of non-finite steps in a row (a device scalar)
   try:
     while step < tc.steps:
       local = next(data_iter)
@@ -323,6 +324,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
       compiled = True
       state, metrics = train_step(state, batch)
       step += 1
+      # The streak limit holds every step, read one step late: step t-1's counter is fetched while
+      # step t runs, so the host never waits for the step it has just dispatched, and a run stops
+      # at most one step past the limit (exactly at it on logging steps, read below).
+      if streak is not None:
+        _stop_if_diverged(int(streak), step - 1, tc.max_consecutive_skips, ckpt)
+      streak = metrics["consecutive_skips"]
       preempt.update(step)  # several processes: stop at the same step
       window_tokens += int(local["q_valid"].sum() + local["d_valid"].sum()) * jax.process_count()
       if step % tc.log_every == 0 or step == tc.steps:
@@ -336,12 +343,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
           metrics["mfu"] = flops / elapsed / (peak * jax.device_count())
         writer.write(step, metrics, elapsed / tc.log_every)
         last, window_tokens, window_start = metrics, 0, time.time()
-        if metrics["skipped"] and int(state.consecutive_skips) >= tc.max_consecutive_skips:
-          ckpt.wait()
-          raise SaejaxError(
-              f"{int(state.consecutive_skips)} consecutive steps had a non-finite loss or gradient "
-              f"(limit config.train.max_consecutive_skips={tc.max_consecutive_skips}); stopping. "
-              f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+        _stop_if_diverged(int(metrics["consecutive_skips"]), step, tc.max_consecutive_skips, ckpt)
       if preempt.requested or step == tc.steps or ckpt.due(step):
         # Steps in a non-finite streak keep the old parameters, but a checkpoint taken there would
         # still be named after a step that did not train: wait for a finite step (preemption and
@@ -370,6 +372,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
     summary["curves"] = str(curves) if curves else None
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary, state, graphdef
+
+
+def _stop_if_diverged(streak: int, step: int, limit: int, ckpt: checkpoint.TrainCheckpointer):
+  """Stop the run when `streak` steps in a row, up to `step`, had a non-finite loss or gradient.
+
+  Raises:
+    SaejaxError: the limit is reached; names the last good checkpoint (none is written during a
+      streak, so it predates the first bad step).
+  """
+  if streak > 0 and streak >= limit:
+    ckpt.wait()
+    raise SaejaxError(
+        f"{streak} consecutive steps had a non-finite loss or gradient, up to step {step} "
+        f"(limit config.train.max_consecutive_skips={limit}); stopping. "
+        f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
 
 
 def _state_shardings(abstract: step_lib.TrainState, param_sh, mesh):

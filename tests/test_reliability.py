@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 
 from saejax import checkpoint, train, trained
-from saejax.errors import CheckpointError
+from saejax.errors import CheckpointError, SaejaxError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import (CACHE, REPO, TINY, _assert_same_params, _final_params,  # noqa: E402
@@ -345,6 +345,24 @@ def test_infinite_loss_stops_run_with_last_good_checkpoint_loadable(tmp_path, re
   assert _complete_steps(tmp_path) == [12, 14, 16]  # nothing saved during the streak
   assert checkpoint.verify_step(_ckpt_dir(tmp_path) / "16")
   _assert_same_params(_final_params(tmp_path, 16), _final_params(reference, 16))
+
+
+def test_nonfinite_streak_stops_between_logging_steps(tmp_path):
+  """The streak limit is checked every step (one step late, so the host never waits for the step
+  it just dispatched), not only on logging steps: with log_every=50 a run must not go on to step 30
+  or 50 before it notices."""
+  config = _tiny(steps=12)
+  config.train.max_consecutive_skips = 3
+  config.train.log_every = 50
+  train.train(config, tmp_path)  # 12 good steps, checkpoints up to 12
+  config.train.steps = config.optim.total_steps = 40
+  config.loss.temperature = float("nan")  # injected fault: every step from 13 on is NaN
+  with pytest.raises(SaejaxError, match=r"3 consecutive steps had a non-finite loss or gradient, "
+                                        r"up to step 15 .*last good checkpoint is step 12"):
+    train.train(config, tmp_path)
+  ran = max(_fingerprints(tmp_path))  # every step that took a batch, in both runs
+  assert 15 <= ran <= 16, f"the run went on to step {ran}; the limit was reached at step 15"
+  assert _complete_steps(tmp_path)[-1] == 12  # nothing saved during the streak
 
 
 def test_load_run_skips_a_damaged_newest_checkpoint(tmp_path):
