@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 
 from saejax import checkpoint, train, trained
-from saejax.errors import CheckpointError, SaejaxError
+from saejax.errors import CheckpointError, ConfigError, SaejaxError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import (CACHE, REPO, TINY, _assert_same_params, _final_params,  # noqa: E402
@@ -377,3 +377,38 @@ def test_load_run_skips_a_damaged_newest_checkpoint(tmp_path):
   _assert_same_params(nnx.state(model, nnx.Param), nnx.state(good, nnx.Param))
   with pytest.raises(CheckpointError, match="step 4.*SHA-256"):
     trained.load_run(run, step=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Command-line mistakes: one line naming the fix, and nothing left behind
+
+def _train_cli(*args) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "saejax.train", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300, env={**os.environ, **CACHE})
+
+
+def test_misspelt_override_names_section_key_and_nearest_keys(tmp_path):
+  workdir = tmp_path / "run"
+  for override, section, key, nearest in (("--config.sae.kk=3", "config.sae", "kk", "k"),
+                                          ("--config.sea.k=3", "config", "sea", "sae")):
+    out = _train_cli("--config", "configs/quickstart.py", override, "--workdir", str(workdir))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.splitlines() == [out.stderr.strip()], out.stderr  # one line, no traceback
+    assert out.stderr.startswith(f"error: {override.split('=')[0]}: {section} has no key "
+                                 f"'{key}'; did you mean {nearest}? its keys are "), out.stderr
+    assert not workdir.exists()
+
+
+def test_missing_config_file_is_one_line_and_makes_no_workdir(tmp_path):
+  workdir = tmp_path / "run"
+  out = _train_cli("--config=configs/no_such_config.py", f"--workdir={workdir}")
+  assert out.returncode == 2, out.stdout + out.stderr
+  assert not workdir.exists()
+  assert out.stderr.splitlines() == [
+      "error: --config configs/no_such_config.py: no such config file (e.g. configs/quickstart.py)"]
+  config = _tiny()  # in-process too: a config error is found before the workdir is made
+  config.unlock()
+  config.loss.w_typo = 1.0
+  with pytest.raises(ConfigError, match=r"config.loss has unknown keys \['w_typo'\]"):
+    train.train(config, workdir)
+  assert not workdir.exists()
