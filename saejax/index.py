@@ -41,6 +41,7 @@ import functools
 import json
 import os
 import shutil
+import tokenize
 import uuid
 from pathlib import Path
 from typing import Literal
@@ -479,8 +480,22 @@ def _read_npy(file: Path) -> np.ndarray:
   if not file.is_file():
     raise CheckpointError(f"{file} is missing from the index directory")
   try:
-    return np.load(file, allow_pickle=False)
-  except (OSError, ValueError, EOFError) as e:
+    with open(file, "rb") as f:
+      # The header first: numpy parses it as a Python literal, so a damaged one fails with
+      # SyntaxError or tokenize.TokenError (found by the long fuzz run), and one that claims a
+      # shape far beyond the file would have np.load try to allocate it (MemoryError).
+      version = np.lib.format.read_magic(f)
+      if version not in ((1, 0), (2, 0)):
+        raise ValueError(f".npy format version {version} (np.save writes 1.0 or 2.0)")
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, _, dtype = read_header(f)
+      need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+      if need > file.stat().st_size - f.tell():
+        raise ValueError(f"its header claims shape {shape} of {dtype}: more bytes than the file")
+      f.seek(0)
+      return np.load(f, allow_pickle=False)
+  except (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError) as e:
     raise CheckpointError(f"{file} is truncated or not a .npy array ({e})") from None
 
 
