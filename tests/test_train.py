@@ -114,7 +114,21 @@ def test_run_writes_checkpoints_logs_and_summary(uninterrupted):
   rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert {"loss", "info_nce", "fvu", "auxk", "l0", "dead_fraction", "hot_fraction", "grad_norm",
           "param_norm", "update_norm", "lr_encoder", "lr_sae", "tokens_per_s"} <= rows[-1].keys()
-  assert rows[-1]["l0"] <= 8
+  # l0 of step 39, recomputed: checkpoint 38's encoder on the 39th batch, then a NumPy TopK SAE.
+  from saejax import data, trained
+  assert rows[38]["step"] == 39
+  _, model, tokenizer = trained.load_run(workdir, step=38)
+  batches = data.make_iterator(train.data_config(_tiny(40)), tokenizer, shard_index=0,
+                               shard_count=1)
+  batch = [next(batches) for _ in range(39)][-1]
+  assert train._fingerprint(batch) == _fingerprints(workdir)[39]
+  b, n_docs, t_d = batch["d_ids"].shape
+  v = np.concatenate([model.dense(batch["q_ids"], batch["q_valid"]), model.dense(
+      batch["d_ids"].reshape(b * n_docs, t_d), batch["d_valid"].reshape(b * n_docs, t_d))])
+  sae = {name: np.asarray(getattr(model.sae, name)[...]) for name in ("w_enc", "b_lat", "b_pre")}
+  pre = (v - sae["b_pre"]) @ sae["w_enc"] + sae["b_lat"]
+  top8 = -np.sort(-pre, axis=1)[:, :8]
+  assert rows[38]["l0"] == pytest.approx((top8 > 0).sum(1).mean(), abs=1e-6)
   best = summary["best_metrics"]
   assert best["loss"]["value"] == min(r["loss"] for r in rows)
   assert best["accuracy"]["value"] == max(r["accuracy"] for r in rows)
@@ -312,11 +326,50 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
 
 
 def test_modernbert_recipe_trains_end_to_end(tmp_path):
-  """configs/base.py shrunk to a random 2-layer ModernBERT: the real recipe's path runs."""
+  """configs/base.py shrunk to a random 2-layer ModernBERT: the real recipe's path runs, and its
+  first step's loss is what NumPy computes from checkpoint 1 on the first batch."""
+  from scipy.special import logsumexp
+  from saejax import data, trained
   config = _load_config(REPO / "configs" / "base.py", "runlocal")
+  config.train.log_batch_fingerprints = True
   summary, state, _ = train.train(config, tmp_path)
-  assert summary["step"] == 3 and np.isfinite(summary["last_metrics"]["loss"])
-  assert summary["last_metrics"]["l0"] <= config.sae.k
+  assert summary["step"] == 3 and int(state.step) == 3
+  first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+  # Step 1 runs at learning rate 0 (warm-up from 0), so checkpoint 1 holds the parameters (after
+  # b_pre init and warm start) that computed step 1's loss; the FLOPS weights ramp from 0 too.
+  assert first["step"] == 1 and first["lr_encoder"] == first["lr_sae"] == 0.0
+  _, model, tokenizer = trained.load_run(tmp_path, step=1)
+  batch = next(data.make_iterator(train.data_config(config), tokenizer, shard_index=0,
+                                  shard_count=1))
+  assert train._fingerprint(batch) == _fingerprints(tmp_path)[1]
+  b, t_d = batch["d_ids"].shape[0], batch["d_ids"].shape[-1]  # no hard negatives here
+  v_q = np.asarray(model.dense(batch["q_ids"], batch["q_valid"]), np.float64)
+  v_d = np.asarray(model.dense(batch["d_ids"].reshape(b, t_d), batch["d_valid"].reshape(b, t_d)),
+                   np.float64)
+  sae = {n: np.asarray(getattr(model.sae, n)[...], np.float64)
+         for n in ("w_enc", "b_lat", "b_pre", "w_dec")}
+  k, tau = config.sae.k, config.loss.temperature
+
+  def code(v):  # z = ReLU(TopK(W_enc (v - b_pre) + b_lat))
+    pre = (v - sae["b_pre"]) @ sae["w_enc"] + sae["b_lat"]
+    return np.where(pre >= -np.sort(-pre, axis=1)[:, k - 1:k], np.maximum(pre, 0), 0)
+
+  def info_nce(q, d):  # cosine similarities at temperature tau, in-batch negatives
+    q, d = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (q, d))
+    logits = q @ d.T / tau
+    return np.mean(logsumexp(logits, axis=1) - np.diag(logits))
+
+  z_q, z_d = code(v_q), code(v_d)
+  v, z = np.concatenate([v_q, v_d]), np.concatenate([z_q, z_d])
+  fvu = ((v - (z @ sae["w_dec"] + sae["b_pre"])) ** 2).sum() / ((v - v.mean(0)) ** 2).sum()
+  expected = {"info_nce": info_nce(z_q, z_d), "dense/info_nce": info_nce(v_q, v_d), "fvu": fvu,
+              "l0": (z > 0).sum(1).mean()}
+  for key, value in expected.items():
+    assert first[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+  auxk = config.loss.w_auxk * first["auxk"]
+  assert first["loss"] == pytest.approx(
+      expected["info_nce"] + config.loss.w_dense_contrastive * expected["dense/info_nce"]
+      + config.loss.w_fvu * fvu + auxk, rel=1e-4)
 
 
 def test_recipe_defaults_equal_the_library_defaults():
