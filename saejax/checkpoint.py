@@ -157,6 +157,15 @@ def is_sealed(step_dir: str | os.PathLike) -> bool:
   return (Path(step_dir) / DIGEST_FILE).exists()
 
 
+def restore_order(directory: str | os.PathLike, steps: list[int]) -> tuple[list[int], list[int]]:
+  """(candidates, sealed): the order in which to try `steps` of a checkpoint directory - sealed
+  ones newest first, then unsealed ones (no digest: unverifiable) newest first - and the sealed
+  ones. Training's resume and `trained.load_run` share this rule."""
+  newest_first = sorted(steps, reverse=True)
+  sealed = [s for s in newest_first if is_sealed(Path(directory) / str(s))]
+  return sealed + [s for s in newest_first if s not in sealed], sealed
+
+
 def verify_step(step_dir: str | os.PathLike) -> bool:
   """Check a committed checkpoint against its digest.
 
@@ -299,9 +308,9 @@ class TrainCheckpointer:
     Raises:
       CheckpointError: no checkpoint (or not `step`) can be restored; names each one's problem.
     """
-    newest_first = self.all_steps()[::-1]
-    sealed = [s for s in newest_first if is_sealed(self.step_dir(s))]
-    candidates = sealed + [s for s in newest_first if s not in sealed] if step is None else [step]
+    candidates, sealed = restore_order(self.directory, self.all_steps())
+    if step is not None:
+      candidates = [step]
     if not candidates:
       raise CheckpointError(f"{self.directory} holds no complete checkpoint")
     problems = []

@@ -8,6 +8,7 @@ skip-and-count policy for NaN steps; this file goes further.
 """
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -378,6 +379,27 @@ def test_load_run_skips_a_damaged_newest_checkpoint(tmp_path):
   with pytest.raises(CheckpointError, match="step 4.*SHA-256"):
     trained.load_run(run, step=4)
 
+
+
+def test_load_run_prefers_a_sealed_checkpoint_to_a_newer_unsealed_one(tmp_path, caplog):
+  """An unsealed step (no digest: its files cannot be checked) is not loaded while a sealed one
+  reads, the same order as resuming (`checkpoint.restore_order`); alone, it loads with a warning."""
+  run = tmp_path / "run"
+  _run(run, "--config.train.steps=4", steps=STEPS)
+  _, step2, _ = trained.load_run(run, step=2)
+  _, step4, _ = trained.load_run(run, step=4)
+  (_ckpt_dir(run) / "4" / checkpoint.DIGEST_FILE).unlink()
+  with caplog.at_level(logging.WARNING):
+    _, model, _ = trained.load_run(run)
+  _assert_same_params(nnx.state(model, nnx.Param), nnx.state(step2, nnx.Param))
+  assert "skipped checkpoints [4]" in caplog.text
+  caplog.clear()
+  for older in _complete_steps(run)[:-1]:
+    shutil.rmtree(_ckpt_dir(run) / str(older))
+  with caplog.at_level(logging.WARNING):
+    _, model, _ = trained.load_run(run)
+  _assert_same_params(nnx.state(model, nnx.Param), nnx.state(step4, nnx.Param))
+  assert "checkpoint 4" in caplog.text and "unsealed" in caplog.text
 
 # ---------------------------------------------------------------------------------------------
 # 6. Command-line mistakes: one line naming the fix, and nothing left behind
