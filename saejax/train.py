@@ -9,11 +9,8 @@ the console and TensorBoard; checkpoint asynchronously every N steps and on SIGT
 """
 
 import dataclasses
-import difflib
 import functools
-import importlib.util
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -414,57 +411,6 @@ def _state_shardings(abstract: step_lib.TrainState, param_sh, mesh):
                              fire_rate=counters, skipped=rep, consecutive_skips=rep)
 
 
-def check_command_line(argv: list[str]) -> None:
-  """Check ``--config`` and its ``--config.a.b=v`` overrides before absl parses them or anything
-  starts: a config file that does not exist, or an override of a key the config lacks, is a
-  `ConfigError` naming the section, the key and the closest valid keys.
-
-  ml_collections would report a misspelt key as a bare ``AttributeError: "'kk'"`` from inside
-  absl's flag parsing; a missing file only when the config is first read, after the workdir was
-  made. Without ``--config`` on the command line (e.g. ``--help``) there is nothing to check.
-  """
-  spec, paths = _config_arguments(argv)
-  if spec is None:
-    return
-  file, *arg = spec.split(":", 1)  # "file.py:arg" calls get_config(arg), as config_flags does
-  if not Path(file).is_file():
-    raise ConfigError(f"--config {file}: no such config file (e.g. configs/quickstart.py)")
-  module_spec = importlib.util.spec_from_file_location("saejax_checked_config", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(*arg)
-  for path in paths:
-    _check_override(config, path)
-
-
-def _config_arguments(argv: list[str]) -> tuple[str | None, list[str]]:
-  """(the --config value or None, the dotted paths of the --config.* overrides), as config_flags
-  reads them from the command line."""
-  spec, paths = None, []
-  for i, arg in enumerate(argv):
-    if match := re.match(r"^-{1,2}config(=|$)", arg):  # --config=FILE or --config FILE
-      following = argv[i + 1] if i + 1 < len(argv) else None
-      spec = arg.split("=", 1)[1] if match.group(1) else following
-    elif match := re.match(r"^-{1,2}(?:no)?config\.([^=]+)", arg):
-      paths.append(match.group(1))
-  return spec, paths
-
-
-def _check_override(config: ml_collections.ConfigDict, path: str) -> None:
-  """Raise a `ConfigError` if the dotted `path` names a key that `config` does not have."""
-  section, where = config, "config"
-  for key in path.split("."):
-    if not isinstance(section, ml_collections.ConfigDict) or "[" in key:
-      return  # a list, tuple or dataclass field: config_flags checks the rest
-    keys = sorted(section.keys())
-    if key not in keys:
-      close = difflib.get_close_matches(key, keys, n=3)
-      hint = f"did you mean {' or '.join(close)}? " if close else ""
-      raise ConfigError(f"--config.{path}: {where} has no key '{key}'; {hint}"
-                        f"its keys are {', '.join(keys) or '(none)'}")
-    section, where = section[key], f"{where}.{key}"
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -496,5 +442,5 @@ def main(argv):
 if __name__ == "__main__":
   from saejax import cli
   flags.mark_flag_as_required("config")
-  cli.run(check_command_line)  # a misspelt override or a missing file: one line, nothing made
+  cli.run(cli.check_command_line)  # a misspelt override or a missing file: one line, nothing made
   cli.run(main, absl=True)
