@@ -6,6 +6,9 @@ rest for every architecture alike: read ``config.json`` and ``model.safetensors`
 with ``model.safetensors.index.json``) from a directory or a hub id, check that the checkpoint has
 exactly the expected tensors with the expected shapes, build the nnx model, and write it back as a
 directory that ``transformers.AutoModel.from_pretrained`` loads.
+
+Written files get the mode a new file gets under the process's umask (0644 under the usual 022),
+model.safetensors included, which safetensors would leave 0600 (`match_umask`).
 """
 
 import dataclasses
@@ -243,6 +246,25 @@ def tensors_from_params(model: nnx.Module, rows: list[TensorMap]) -> dict[str, n
   return out
 
 
+def _umask() -> int:
+  mask = os.umask(0)  # the only way to read it is to set it; put straight back
+  os.umask(mask)
+  return mask
+
+
+def match_umask(root: Path) -> None:
+  """Give `root` (a file, or a directory and everything under it) the mode a new one gets.
+
+  safetensors writes through a temporary file, created 0600; every other file saejax writes comes
+  from plain ``open`` (0666 less the umask), every directory from ``mkdir`` (0777 less the umask).
+  One rule for all: the umask decides. Used by `save_hf` and by `saejax.export` for a whole export.
+  """
+  mask = _umask()
+  for path in (root, *(root.rglob("*") if root.is_dir() else ())):
+    if not path.is_symlink():
+      path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def save_hf(cfg: Any, model: nnx.Module, out_dir: str | os.PathLike) -> Path:
   """Write config.json + model.safetensors that transformers' AutoModel loads with no warnings."""
   from safetensors.numpy import save_file
@@ -259,6 +281,7 @@ def save_hf(cfg: Any, model: nnx.Module, out_dir: str | os.PathLike) -> Path:
   (out / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would win
   tmp = out / "model.safetensors.tmp"
   save_file(tensors, tmp, metadata={"format": "pt"})
+  match_umask(tmp)  # 0600 from safetensors' temporary file; its siblings get the umask's mode
   os.replace(tmp, out / "model.safetensors")  # never leave a half-written weights file behind
   (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
   return out
