@@ -180,6 +180,7 @@ class MetricWriter:
              ("auxk", "auxk", "{:.3f}", 1), ("l0", "L0", "{:.1f}", 1),
              ("dead_fraction_window", "dead%", "{:.1f}", 100),
              ("hot_fraction", "hot%", "{:.1f}", 100), ("freq_max", "maxfreq%", "{:.1f}", 100),
+             ("data/dropped_repeats", "dropped", "{:,.0f}", 1),
              ("tokens_per_s", "tok/s", "{:,.0f}", 1), ("mfu", "MFU%", "{:.1f}", 100))
 
   # Metrics whose best value over the run goes into summary.json, and which way is better.
@@ -339,6 +340,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
         elapsed = time.time() - window_start
         texts = local["q_ids"].shape[0] * (1 + local["d_ids"].shape[1]) * jax.process_count()
         metrics["tokens_per_s"] = window_tokens / elapsed
+        # Records the pipeline dropped as in-batch repeats so far, over the whole run (checkpointed
+        # with the iterator): read from its state, a few integers, on logging steps only.
+        metrics["data/dropped_repeats"] = int(data_iter.get_state().get("dropped", 0))
         if peak:
           flops = step_lib.flops_per_step(n_encoder, window_tokens, texts * tc.log_every,
                                           enc_cfg.hidden_size, n_latents)

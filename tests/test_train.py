@@ -409,3 +409,61 @@ def test_warm_start_trains_the_sae_on_frozen_embeddings_only():
   assert len(history) == 3 and history[-1]["info_nce"] < history[0]["info_nce"]
   assert not np.allclose(np.asarray(model.sae.w_enc[...]), w_enc_before)
   _assert_same_params(enc_before, jax.tree.map(np.asarray, nnx.state(model.encoder, nnx.Param)))
+
+
+def _dropped_repeats(rows: list[dict], global_batch: int, waiting_batches: int,
+                     batches: int) -> list[int]:
+  """The records dropped as in-batch repeats after each of `batches` global batches, counted by
+  the rule saejax.data documents, on the rows in file order repeated: a batch takes the waiting
+  records first (oldest first), then reads on; a record whose query or document the batch already
+  holds waits, unless `waiting_batches` batches' worth already wait: then it is dropped."""
+  stream = (row for _ in range(batches * global_batch) for row in rows)  # enough epochs
+  waiting, dropped, after = [], 0, []
+  for _ in range(batches):
+    queries, documents, size, still = set(), set(), 0, []
+
+    def fits(row):
+      return row["query"] not in queries and row["document"] not in documents
+
+    def take(row):
+      nonlocal size
+      queries.add(row["query"])
+      documents.add(row["document"])
+      size += 1
+
+    for row in waiting:
+      take(row) if size < global_batch and fits(row) else still.append(row)
+    while size < global_batch:
+      row = next(stream)
+      if fits(row):
+        take(row)
+      elif len(still) < waiting_batches * global_batch:
+        still.append(row)
+      else:
+        dropped += 1
+    waiting = still
+    after.append(dropped)
+  return after
+
+
+def test_records_dropped_as_repeats_are_logged(tmp_path, capsys):
+  """Planted data where 30 of 40 records share one document (a batch of 4 holds one of them): the
+  run logs, on every logging step, exactly the records dropped so far as data/dropped_repeats."""
+  from saejax import data
+  rows = [{"query": f"question {i}", "document": "the same document" if i % 4 else f"document {i}"}
+          for i in range(40)]
+  path = tmp_path / "planted.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  config = _tiny(steps=8)
+  config.data.sources = [dict(kind="jsonl", path=str(path), query_field="query",
+                              positive_field="document")]
+  config.data.global_batch_size, config.data.shuffle = 4, False
+  config.train.log_every = 2
+  train.train(config, tmp_path / "run")
+  expected = _dropped_repeats(rows, 4, data.WAITING_BATCHES, 8)
+  assert 0 < expected[3] < expected[-1]  # the planted data drops records, more as it runs
+  logged = {r["step"]: r["data/dropped_repeats"] for r in map(
+      json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
+  assert logged == {step: expected[step - 1] for step in (2, 4, 6, 8)}
+  last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")][-1]
+  assert f"  dropped {expected[-1]}  " in last, last
