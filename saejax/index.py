@@ -582,8 +582,10 @@ class SeismicAdapter:
     values, indices = _check_codes(values, indices, int(num_latents), "document")
     n, k = values.shape
     doc_ids = _check_doc_ids(doc_ids, n)
-    csr = sp.csr_matrix((values.reshape(-1), indices.reshape(-1), np.arange(0, n * k + 1, k)),
-                        shape=(n, int(num_latents)))
+    # Copies: scipy keeps views of its inputs, and sum_duplicates sorts them in place (the caller's
+    # int32 indices would come back scrambled, out of step with their values).
+    csr = sp.csr_matrix((values.reshape(-1).copy(), indices.reshape(-1).copy(),
+                         np.arange(0, n * k + 1, k)), shape=(n, int(num_latents)))
     csr.sum_duplicates()  # also sorts each row: Seismic needs strictly increasing components
     csr.eliminate_zeros()
     dataset = seismic.SeismicDataset()
