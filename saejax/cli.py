@@ -15,8 +15,9 @@ argparse prints its usage and then the error). For absl commands, whatever fails
 parses the flags (an unknown flag, a missing ``--config``, an unknown ``--config.x`` key, a
 ``--config`` file that does not load) and an ``app.UsageError`` raised by ``main`` are bad
 command lines. Commands that take a ``--config`` file check it first with `check_command_line`: a
-missing file, or an override of a key the config lacks, is one line naming the closest keys. ``--debug`` anywhere on the command line, or ``SAEJAX_DEBUG=1`` in the
-environment, shows the traceback of user errors too.
+missing file, or an override of a key the config lacks, is one line naming the closest keys.
+``--debug`` anywhere on the command line, or ``SAEJAX_DEBUG=1`` in the environment, shows the
+traceback of user errors too.
 """
 
 import argparse
