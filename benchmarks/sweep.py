@@ -140,6 +140,17 @@ def evaluate(sae: sae_lib.SAE, evals: dict, health_v: np.ndarray, ks=(32, 64, 12
   return out
 
 
+def frozen_run_sae(workdir: str) -> sae_lib.SAE:
+  """The SAE of a trained run whose encoder is the untouched MiniLM (refused otherwise: codes of
+  the cached embeddings would not be the run's)."""
+  from saejax.hub import trained  # noqa: PLC0415 - only this option loads a run
+  config, model, _ = trained.load_run(workdir)
+  if not config.optim.get("freeze_encoder", False):
+    raise SystemExit(f"error: --run {workdir}: its encoder was trained (optim.freeze_encoder is "
+                     "off), so the cached frozen-MiniLM embeddings are not its inputs")
+  return model.sae
+
+
 def build(overrides: dict, d_model: int):
   cfg = {**BASE, **overrides}
   sections = {"sae": {}, "loss": {}, "optim": {}, "head": {}}
@@ -160,6 +171,10 @@ def main(argv=None):
   p.add_argument("--out", default="runs/sweep/results.jsonl")
   p.add_argument("--baselines", action="store_true", help="also score random TopK and dense")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--run", action="append", default=[], metavar="WORKDIR",
+                 help="also score the SAE of a trained frozen-encoder run (e.g. configs/quality.py:"
+                      "frozen) on the cache: its codes of the cached embeddings are exactly the "
+                      "run's, so this gives its latent health over the mixed texts")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override BASE for every arm, e.g. --set sae.num_latents=4096")
   args = p.parse_args(argv)
@@ -197,6 +212,8 @@ def main(argv=None):
     report({"arm": "dense (ceiling)", "k64": dense})
     sae = random_topk(d_model, 16384, args.seed)
     report({"arm": "random TopK S=16384 (floor)", **evaluate(sae, evals, health_v)})
+  for workdir in args.run:
+    report({"arm": f"run {workdir}", **evaluate(frozen_run_sae(workdir), evals, health_v)})
   arms = [a for a in args.arms.split(",") if a]
   unknown = [a for a in arms if a not in ARMS]
   if unknown:

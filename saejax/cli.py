@@ -14,17 +14,23 @@ argparse commands build their parser with `ArgumentParser`, whose errors are one
 argparse prints its usage and then the error). For absl commands, whatever fails while absl
 parses the flags (an unknown flag, a missing ``--config``, an unknown ``--config.x`` key, a
 ``--config`` file that does not load) and an ``app.UsageError`` raised by ``main`` are bad
-command lines. ``--debug`` anywhere on the command line, or ``SAEJAX_DEBUG=1`` in the
-environment, shows the traceback of user errors too.
+command lines. Commands that take a ``--config`` file check it first with `check_command_line`: a
+missing file, or an override of a key the config lacks, is one line naming the closest keys.
+``--debug`` anywhere on the command line, or ``SAEJAX_DEBUG=1`` in the environment, shows the
+traceback of user errors too.
 """
 
 import argparse
+import difflib
+import importlib.util
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from saejax.errors import SaejaxError
+from saejax.errors import ConfigError, SaejaxError
 
 # Errors a user causes and can fix from the message alone; everything else is a bug.
 USER_ERRORS = (SaejaxError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
@@ -122,3 +128,59 @@ def message(e: BaseException) -> str:
     # Its last line is the cause, e.g. "[Errno 2] No such file or directory: 'configs/x.py'".
     return f"cannot load the --config file: {str(e).strip().splitlines()[-1].strip()}"
   return str(e) or type(e).__name__
+
+
+def check_command_line(argv: list[str]) -> None:
+  """Check ``--config`` and its ``--config.a.b=v`` overrides before absl parses them or anything
+  starts: a config file that does not exist, or an override of a key the config lacks, is a
+  `ConfigError` naming the section, the key and the closest valid keys.
+
+  The commands that take a config file (``saejax.train``, ``saejax.train.aot``) call
+  ``run(check_command_line)`` before ``run(main, absl=True)``.
+
+  ml_collections would report a misspelt key as a bare ``AttributeError: "'kk'"`` from inside
+  absl's flag parsing; a missing file only when the config is first read, after the workdir was
+  made. Without ``--config`` on the command line (e.g. ``--help``) there is nothing to check.
+  """
+  spec, paths = _config_arguments(argv)
+  if spec is None:
+    return
+  file, *arg = spec.split(":", 1)  # "file.py:arg" calls get_config(arg), as config_flags does
+  if not Path(file).is_file():
+    raise ConfigError(f"--config {file}: no such config file (e.g. configs/quickstart.py)")
+  module_spec = importlib.util.spec_from_file_location("saejax_checked_config", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(*arg)
+  for path in paths:
+    _check_override(config, path)
+
+
+def _config_arguments(argv: list[str]) -> tuple[str | None, list[str]]:
+  """(the --config value or None, the dotted paths of the --config.* overrides), as config_flags
+  reads them from the command line."""
+  spec, paths = None, []
+  for i, arg in enumerate(argv):
+    if match := re.match(r"^-{1,2}config(=|$)", arg):  # --config=FILE or --config FILE
+      following = argv[i + 1] if i + 1 < len(argv) else None
+      spec = arg.split("=", 1)[1] if match.group(1) else following
+    elif match := re.match(r"^-{1,2}(?:no)?config\.([^=]+)", arg):
+      paths.append(match.group(1))
+  return spec, paths
+
+
+def _check_override(config, path: str) -> None:
+  """Raise a `ConfigError` if the dotted `path` names a key that `config` (an
+  ``ml_collections.ConfigDict``) does not have."""
+  import ml_collections  # only the commands that take a config file need it
+  section, where = config, "config"
+  for key in path.split("."):
+    if not isinstance(section, ml_collections.ConfigDict) or "[" in key:
+      return  # a list, tuple or dataclass field: config_flags checks the rest
+    keys = sorted(section.keys())
+    if key not in keys:
+      close = difflib.get_close_matches(key, keys, n=3)
+      hint = f"did you mean {' or '.join(close)}? " if close else ""
+      raise ConfigError(f"--config.{path}: {where} has no key '{key}'; {hint}"
+                        f"its keys are {', '.join(keys) or '(none)'}")
+    section, where = section[key], f"{where}.{key}"

@@ -24,11 +24,15 @@ def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
      f"model directory {MISSING} does not exist"),
     (("saejax.eval", "--model", MISSING, "--beir", MISSING, "--out", "out"),
      f"{MISSING} is neither a saejax training workdir"),
+    # saejax.train.aot checks --config and its overrides as saejax.train does
+    # (cli.check_command_line), before absl parses them: ml_collections alone would say only AttributeError: "'kk'".
     (("saejax.train.aot", f"--config={MISSING}.py"),
-     f"cannot load the --config file: [Errno 2] No such file or directory: '{MISSING}.py'"),
-    # absl flag parsing fails:
+     f"--config {MISSING}.py: no such config file (e.g. configs/quickstart.py)"),
     (("saejax.train.aot", "--config=configs/base.py", "--config.sae.kk=3"),
-     "bad command line: AttributeError: \"'kk'\""),
+     "--config.sae.kk: config.sae has no key 'kk'; did you mean k? its keys are b_pre_init, "
+     "b_pre_init_batches, dead_after_tokens, enabled, k, k_aux, normalize_codes, num_latents"),
+    (("saejax.train.aot", "--config", "configs/base.py", "--config.sea.k=3"),
+     "--config.sea.k: config has no key 'sea'; did you mean sae? its keys are data, eval, loss, "),
 ])
 def test_a_missing_path_is_one_line_and_exit_2(args, says):
   out = _run(*args)

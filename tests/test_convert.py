@@ -1,6 +1,10 @@
 """Conversion CLI, Orbax encoder checkpoints and tokenizer checks."""
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,8 @@ from saejax.data.tokenizer import load_tokenizer, pad_id
 from saejax.errors import CheckpointError, ConfigError
 from saejax.hub import convert
 from saejax.retrieval import encode
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ModernBERT's own vocabulary, so that its tokenizer.json fits the model.
 TINY = dict(vocab_size=50368, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
@@ -43,6 +49,26 @@ def test_cli_round_trip_through_orbax(tmp_path, hf_dir, capsys):
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
   reloaded = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "back")
   assert reloaded.config.layer_types == transformers.AutoConfig.from_pretrained(hf_dir).layer_types
+
+
+def test_cli_writes_every_file_with_the_umask_mode(tmp_path, hf_dir):
+  """Every file ``python -m saejax.hub.convert`` writes, both ways, gets 0666 less the umask, and
+  every directory 0777 less it: safetensors alone would leave model.safetensors 0600. A umask other
+  than the usual 022 tells the umask's mode from a fixed 0644."""
+  mask = 0o027
+  for direction, src, out in (("hf-to-saejax", hf_dir, tmp_path / "ckpt"),
+                              ("saejax-to-hf", tmp_path / "ckpt", tmp_path / "back")):
+    done = subprocess.run([sys.executable, "-m", "saejax.hub.convert", direction, str(src),
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: os.umask(mask))
+    assert done.returncode == 0, done.stderr
+    files = {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777)
+             for p in out.rglob("*") if p.is_file()}
+    assert files and set(files.values()) == {oct(0o666 & ~mask)}, (direction, files)
+    dirs = {oct(p.stat().st_mode & 0o777) for p in (out, *out.rglob("*")) if p.is_dir()}
+    assert dirs == {oct(0o777 & ~mask)}, (direction, dirs)
+  assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(
+      p.name for p in (tmp_path / "back").iterdir())
 
 
 def test_cli_round_trip_keeps_an_untied_decoder(tmp_path, data_dir):

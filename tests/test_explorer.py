@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from saejax.data.beir import load_beir
 from saejax.errors import DataError
 from saejax.hub import trained
 from saejax.interpret import explorer, latents as interpret
@@ -43,20 +44,82 @@ def _payload(page: Path) -> dict:
                               re.S).group(1).replace("<\\/", "</"))
 
 
+def _numpy_sae(model) -> dict[str, np.ndarray]:
+  return {n: np.asarray(getattr(model.sae, n)[...], np.float64)
+          for n in ("w_enc", "b_lat", "b_pre")}
+
+
+def _pre(sae: dict, v: np.ndarray) -> np.ndarray:
+  """The SAE's pre-activations, in NumPy: (v - b_pre) W_enc + b_lat."""
+  return (np.asarray(v, np.float64) - sae["b_pre"]) @ sae["w_enc"] + sae["b_lat"]
+
+
+def _batch(encodings, pad: int) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, valid) of tokenised texts, right-padded to the longest."""
+  lengths = np.array([len(e.ids) for e in encodings])
+  ids = np.full((len(encodings), lengths.max()), pad, np.int32)
+  for row, e in enumerate(encodings):
+    ids[row, :len(e.ids)] = e.ids
+  return ids, np.arange(lengths.max())[None] < lengths[:, None]
+
+
 def test_report_content(report, run_dir):
+  """The page's latents, frequencies, top documents and token evidence equal what NumPy computes
+  from the run's weights: the documents cut and tokenised here, the pooled vectors through a NumPy
+  TopK SAE, then counted, ranked and left out one token at a time."""
+  from saejax.data.tokenizer import pad_id, truncating_copy
   data = _payload(report)
-  _, model, _ = trained.load_run(run_dir)
+  config, model, tokenizer = trained.load_run(run_dir)
   assert data["model"]["fingerprint"] == interpret.model_fingerprint(model)
   assert data["model"]["num_docs"] == 40 and len(data["queries"]) == 20
+  docs = list(load_beir(BEIR, "dev", max_docs=40).docs)
+  max_len, k = int(config.data.max_doc_len), model.sae.config.k
+  shown = explorer.ExplorerConfig()  # top_docs, evidence_docs and doc_chars as the command has them
+  doc_chars = shown.doc_chars
+  assert data["docs"] == [d[:doc_chars] for d in docs]
+  cut = truncating_copy(tokenizer, max_len)
+  encodings = cut.encode_batch(docs)
+  sae = _numpy_sae(model)
+  pre = _pre(sae, model.dense(*_batch(encodings, pad_id(tokenizer))))
+  z = np.where(pre >= -np.sort(-pre, axis=1)[:, k - 1:k], np.maximum(pre, 0), 0)  # ReLU(TopK)
+  z /= np.linalg.norm(z, axis=1, keepdims=True)  # the unit-norm codes of normalize_codes
+  counts = (z > 0).sum(0)
+  live = np.flatnonzero(counts)
+  order = live[np.argsort(-counts[live], kind="stable")]  # most frequent first, ties by id
   latents = data["latents"]
-  assert latents and all(0 <= latent["id"] < 128 for latent in latents)
-  freqs = [latent["freq"] for latent in latents]
-  assert freqs == sorted(freqs, reverse=True)
-  # The first latents' top documents carry token evidence whose spans index into the text.
-  spans = [(t["doc"], s) for t in latents[0]["top"] if t["spans"] for s in t["spans"]]
-  assert spans
-  for doc, (a, b, w) in spans:
-    assert 0 <= a < b <= len(data["docs"][doc]) and 0 < w <= 1
+  assert [latent["id"] for latent in latents] == order.tolist()
+  assert [latent["freq"] for latent in latents] == pytest.approx(counts[order] / 40)
+  for latent in latents:
+    fired = z[:, latent["id"]][z[:, latent["id"]] > 0]
+    assert latent["mean"] == pytest.approx(fired.mean(), rel=1e-4)
+    assert latent["max"] == pytest.approx(fired.max(), rel=1e-4)
+    top = np.argsort(-z[:, latent["id"]], kind="stable")[:min(shown.top_docs, fired.size)]
+    assert [t["doc"] for t in latent["top"]] == top.tolist(), latent["id"]
+    assert [t["act"] for t in latent["top"]] == pytest.approx(z[top, latent["id"]], abs=1e-4)
+  # Token evidence of the first 4 latents' (--evidence-latents) top 3 documents (evidence_docs):
+  # pre(text) - pre(text without token t) per token (special tokens 0), over its peak; the spans
+  # are the character offsets of the tokens that push the latent up, within the shown characters.
+  checked = 0
+  for latent in latents[:4]:
+    j = latent["id"]
+    for top in latent["top"][:shown.evidence_docs]:
+      enc = encodings[top["doc"]]
+      n = len(enc.ids)
+      ids = np.tile(np.asarray(enc.ids, np.int32), (n + 1, 1))
+      valid = np.concatenate([~np.eye(n, dtype=bool), np.ones((1, n), bool)])  # last: whole text
+      p = _pre(sae, model.dense(ids, valid))[:, j]
+      w = np.where(np.asarray(enc.special_tokens_mask, bool), 0.0, p[-1] - p[:n])
+      if w.max() <= 0:
+        assert top["spans"] is None
+        continue
+      ref = {(a, b): x / w.max() for (a, b), x in zip(enc.offsets, w) if b > a and b <= doc_chars}
+      got = {(a, b): x for a, b, x in top["spans"]}
+      assert set(got) <= set(ref), (j, top["doc"], sorted(set(got) - set(ref)))
+      assert {key for key, x in ref.items() if x > 2e-3} <= set(got), (j, top["doc"])
+      for key, x in got.items():
+        assert x == pytest.approx(ref[key], abs=2e-3), (j, top["doc"], key)
+      checked += len(got)
+  assert checked > 0
   assert "<svg id='histogram'" in report.read_text()
 
 

@@ -5,10 +5,18 @@ The contract under test: every input either works or raises one of saejax's own 
 (`saejax.errors.SaejaxError`) with a message; any other exception is a bug. Examples are
 derandomised (the same cases on every run) and small; each test prints how many cases it tried and
 how they ended (run with -s to see them).
+
+Two profiles: the default is fast and derandomised (CI: the same 780 cases on every run); the long
+one draws new random cases on every run, >= 10,000 in all (README, Reliability):
+
+  SAEJAX_FUZZ=long .venv/bin/python -m pytest -p no:xdist -s tests/test_fuzz.py
+
+A failure there prints a `@reproduce_failure` blob; `--hypothesis-seed=N` replays a whole run.
 """
 
 import collections
 import json
+import os
 import struct
 import tempfile
 from pathlib import Path
@@ -28,8 +36,24 @@ from saejax.hub.demo import minilm_dir
 from saejax.retrieval import encode
 from saejax.retrieval.index import SparseIndex
 
-FUZZ = settings(deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROFILES = ("fast", "long")
+PROFILE = os.environ.get("SAEJAX_FUZZ") or "fast"
+if PROFILE not in PROFILES:
+  raise pytest.UsageError(f"SAEJAX_FUZZ={PROFILE!r}: use one of {PROFILES}")
+LONG = PROFILE == "long"
+# Cases per target (fast, long). The long counts are sized so the whole file runs in ~10-20 min on
+# 2 CPU cores: the tokenizer and the converter cost ~50 ms a case, the readers a few ms.
+CASES = {"jsonl": (150, 4000), "beir": (120, 3000), "hf/tfds rows": (200, 4000),
+         "tokenize": (60, 2000), "convert": (100, 3000), "index": (150, 4000)}
+
+
+def fuzz_settings(name: str) -> settings:
+  """The hypothesis settings of one target under the chosen profile."""
+  return settings(max_examples=CASES[name][LONG], deadline=None, derandomize=not LONG,
+                  database=None, print_blob=True,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
 COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
 
@@ -45,10 +69,10 @@ def _outcome(name: str, fn, *args):
   return result
 
 
-def _report(name: str, minimum: int):
+def _report(name: str):
   counts = COUNTS[name]
-  print(f"\nfuzz {name}: {sum(counts.values())} cases: {dict(counts)}")
-  assert sum(counts.values()) >= minimum
+  print(f"\nfuzz {name} ({PROFILE}): {sum(counts.values())} cases: {dict(counts)}")
+  assert sum(counts.values()) >= CASES[name][LONG]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +129,7 @@ def _read_all(source) -> int:
 # 1. JSONL
 
 def test_fuzz_jsonl_reader():
-  @settings(FUZZ, max_examples=150)
+  @fuzz_settings("jsonl")
   @given(lines=st.lists(LINE, max_size=8), on_bad=st.sampled_from(["raise", "skip"]),
          negatives=st.booleans(), filtered=st.booleans())
   def case(lines, on_bad, negatives, filtered):
@@ -121,7 +145,7 @@ def test_fuzz_jsonl_reader():
       if source is not None:
         _read_all(source)
   case()
-  _report("jsonl", 150)
+  _report("jsonl")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +168,7 @@ QRELS_LINE = st.one_of(*[GOOD_QREL] * 4,
 
 
 def test_fuzz_beir_folder():
-  @settings(FUZZ, max_examples=120)
+  @fuzz_settings("beir")
   @given(corpus=st.lists(st.one_of(*[GOOD_DOC.map(_json_line)] * 4, BEIR_LINE), max_size=5),
          queries=st.lists(st.one_of(*[GOOD_QUERY.map(_json_line)] * 4, BEIR_LINE), max_size=5),
          qrels=st.lists(QRELS_LINE, max_size=6), on_bad=st.sampled_from(["raise", "skip"]))
@@ -163,7 +187,7 @@ def test_fuzz_beir_folder():
       if source is not None:
         _read_all(source)
   case()
-  _report("beir", 120)
+  _report("beir")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,14 +221,14 @@ ROW = st.fixed_dictionaries({}, optional={k: JSON_VALUE | NUMPY_VALUE | TEXT for
 
 
 def test_fuzz_hf_tfds_rows():
-  @settings(FUZZ, max_examples=200)
+  @fuzz_settings("hf/tfds rows")
   @given(rows=st.lists(st.one_of(*[GOOD_RECORD] * 3, ROW), min_size=1, max_size=5),
          on_bad=st.sampled_from(["raise", "skip"]),
          kind=st.sampled_from(["plain", "negatives", "score", "label"]))
   def case(rows, on_bad, kind):
     _one_table(rows, on_bad, kind)
   case()
-  _report("hf/tfds rows", 200)
+  _report("hf/tfds rows")
 
 
 def _one_table(rows, on_bad, kind):
@@ -227,14 +251,14 @@ SAFE_TEXT = TEXT.filter(lambda t: not any(0xD800 <= ord(c) <= 0xDFFF for c in t)
 
 
 def test_fuzz_batch_tokenizer(tokenizer):
-  @settings(FUZZ, max_examples=60)
+  @fuzz_settings("tokenize")
   @given(queries=st.lists(SAFE_TEXT, min_size=1, max_size=3),
          docs=st.lists(SAFE_TEXT, min_size=3, max_size=3),
          max_len=st.sampled_from([2, 3, 8, 64]), padding=st.sampled_from(["bucket", "fixed"]))
   def case(queries, docs, max_len, padding):
     _one_batch(tokenizer, queries, docs, max_len, padding)
   case()
-  _report("tokenize", 60)
+  _report("tokenize")
 
 
 def _one_batch(tokenizer, queries, docs, max_len, padding):
@@ -344,12 +368,12 @@ def consistent_wrong_tensor(draw, tensors: dict) -> dict:
 
 
 def test_fuzz_weight_converter(hf_dir):
-  @settings(FUZZ, max_examples=100)
+  @fuzz_settings("convert")
   @given(data_=st.data())
   def case(data_):
     _one_checkpoint(hf_dir, data_)
   case()
-  _report("convert", 100)
+  _report("convert")
 
 
 def _one_checkpoint(hf_dir, data_):
@@ -412,12 +436,12 @@ def damaged_index(draw, files: dict[str, bytes]) -> dict[str, bytes]:
 
 
 def test_fuzz_index_loader(index_dir):
-  @settings(FUZZ, max_examples=150)
+  @fuzz_settings("index")
   @given(data_=st.data())
   def case(data_):
     _one_index(index_dir, data_)
   case()
-  _report("index", 150)
+  _report("index")
 
 
 def _one_index(index_dir, data_):
@@ -463,3 +487,16 @@ def test_found_array_label_is_a_data_error():
     RecordSource(RowTable(rows), data_sources._fields_of(cfg))
   rows[0]["label"] = np.int64(1)  # a numpy scalar label (TFDS) compares as its value
   assert len(RecordSource(RowTable(rows), data_sources._fields_of(cfg))) == 1
+
+
+@pytest.mark.parametrize("damage", ["token", "shape"])
+def test_found_damaged_npy_header_is_a_checkpoint_error(index_dir, tmp_path, damage):
+  # The long run's crash: numpy parses a .npy header as a Python literal, and a damaged quote
+  # escaped as tokenize.TokenError. A header claiming a huge shape made np.load try to allocate it.
+  for p in index_dir.iterdir():
+    (tmp_path / p.name).write_bytes(p.read_bytes())
+  raw = (tmp_path / "doc_ids.npy").read_bytes()
+  old, new = {"token": (b"{'descr'", b"{[descr'"), "shape": (b"(30,), ", b"(9999999999999,)")}[damage]
+  (tmp_path / "doc_ids.npy").write_bytes(raw.replace(old, new, 1))
+  with pytest.raises(SaejaxError, match=r"doc_ids\.npy is truncated or not a \.npy array"):
+    SparseIndex.load(tmp_path)

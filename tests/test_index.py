@@ -292,7 +292,11 @@ def test_seismic_adapter_recall(corpus):
   values, indices, doc_ids, q_values, q_indices = corpus
   q_values = np.abs(q_values)
   exact_scores, exact_ids = _brute_force(values, indices, doc_ids, q_values, q_indices, 300, 600)
+  given = values.copy(), indices.copy()
   seismic = SeismicAdapter.build(values, indices, 300, doc_ids)
+  # The caller's codes are left as they were (scipy once sorted the int32 indices in place).
+  np.testing.assert_array_equal(values, given[0])
+  np.testing.assert_array_equal(indices, given[1])
   scores, ids = seismic.search(q_values, q_indices, top_k=10, query_cut=5, heap_factor=1.0)
   assert ids.shape == (40, 10) and set(ids[ids >= 0].tolist()) <= set(doc_ids.tolist())
   assert recall(ids, exact_ids[:, :10]) >= 0.9

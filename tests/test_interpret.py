@@ -188,14 +188,30 @@ def test_labels_known_topics(tmp_path):
   noise = [labs[j].auc for j in range(10, 20) if labs[j].auc is not None]
   assert len(noise) >= 5 and np.median(noise) < 0.75  # random latents: labels predict little
   assert labs[4].auc is None  # fires in every held-out document: no negatives, no AUC
+  # The summary of these AUCs, recounted here from the labels themselves.
+  held_out = [x.auc for x in labs.labels.values() if x.auc is not None]
   summary = labels.auc_summary(labs.aucs())
-  assert summary["count"] == len(labs.aucs()) and 0 <= summary["above_0.9"] <= 1
+  assert summary["count"] == len(held_out) >= 8
+  assert summary["mean"] == pytest.approx(sum(held_out) / len(held_out))
+  for t in (0.5, 0.7, 0.9):
+    assert summary[f"above_{t}"] == sum(a > t for a in held_out) / len(held_out), t
+  assert summary["above_0.9"] >= 3 / len(held_out)  # the three topics at least
   path = labs.save(tmp_path)
   assert path.name == "latent_labels.json"
   back = labels.load_labels(path, fingerprint="abc")
   assert back.labels == labs.labels and back.config == labs.config
   with pytest.raises(interpret.FingerprintError):
     labels.load_labels(tmp_path, fingerprint="other")
+
+
+def test_auc_summary_by_hand():
+  # Values on the thresholds: "above" is strict. Quartiles by linear interpolation: 5 values put
+  # them exactly on the 2nd, 3rd and 4th.
+  summary = labels.auc_summary([0.95, 0.3, 0.7, 0.5, 0.9])
+  assert summary == pytest.approx({"count": 5, "mean": 0.67, "p25": 0.5, "median": 0.7,
+                                   "p75": 0.9, "above_0.5": 0.6, "above_0.7": 0.4,
+                                   "above_0.9": 0.2})
+  assert labels.auc_summary([]) == {"count": 0}
 
 
 def test_labeller_hook_and_matching():

@@ -1,5 +1,6 @@
 """saejax.eval.quickeval: BEIR loading and subsampling, exact search, metrics, baselines, run()."""
 
+import collections
 import json
 from pathlib import Path
 
@@ -101,20 +102,78 @@ def test_search_is_exact():
   np.testing.assert_array_equal(docs, np.argsort(-cos, axis=1, kind="stable")[:, :5])
 
 
+def _numpy_codes(model: Embedder, texts, max_len: int, k: int) -> np.ndarray:
+  """Dense [N, S] unit-norm ReLU(TopK) codes of ``texts`` by a NumPy SAE on the model's pooled
+  vectors; the texts cut to ``max_len`` tokens by the MiniLM tokenizer loaded here."""
+  from saejax.data.tokenizer import pad_id, truncating_copy
+  tok = load_tokenizer(MINILM, vocab_size=TINY.vocab_size)
+  encodings = truncating_copy(tok, max_len).encode_batch(list(texts))
+  lengths = np.array([len(e.ids) for e in encodings])
+  ids = np.full((len(texts), lengths.max()), pad_id(tok), np.int32)
+  for row, e in enumerate(encodings):
+    ids[row, :len(e.ids)] = e.ids
+  v = np.asarray(model.dense(ids, np.arange(lengths.max())[None] < lengths[:, None]), np.float64)
+  sae = {n: np.asarray(getattr(model.sae, n)[...], np.float64) for n in ("w_enc", "b_lat", "b_pre")}
+  pre = (v - sae["b_pre"]) @ sae["w_enc"] + sae["b_lat"]
+  z = np.where(pre >= -np.sort(-pre, axis=1)[:, k - 1:k], np.maximum(pre, 0), 0)
+  return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+def _numpy_bm25(docs, queries, k1: float = 1.5, b: float = 0.75) -> np.ndarray:
+  """[Q, N] Okapi BM25 as quickeval documents it (Lucene's variant: idf log(1 + (N - df + 0.5) /
+  (df + 0.5)), tf / (tf + k1 (1 - b + b |d| / avgdl)), every query word counted), on lower-cased
+  ``\\w\\w+`` words without bm25s' English stopwords."""
+  import re
+  from bm25s.stopwords import STOPWORDS_EN
+  stop = set(STOPWORDS_EN)
+  words = lambda text: [w for w in re.findall(r"(?u)\b\w\w+\b", text.lower()) if w not in stop]
+  counts = [collections.Counter(words(d)) for d in docs]
+  lengths = np.array([sum(c.values()) for c in counts], np.float64)
+  df = collections.Counter(w for c in counts for w in c)
+  norm = k1 * (1 - b + b * lengths / lengths.mean())
+  scores = np.zeros((len(queries), len(docs)))
+  for i, query in enumerate(queries):
+    for w in words(query):
+      if w in df:
+        tf = np.array([c[w] for c in counts], np.float64)
+        scores[i] += np.log(1 + (len(docs) - df[w] + 0.5) / (df[w] + 0.5)) * tf / (tf + norm)
+  return scores
+
+
+def _ir_metrics(data: BeirData, scores: np.ndarray) -> dict[str, float]:
+  """nDCG@10, Recall@100 and MRR@10 by ir_measures of every document scoring > 0."""
+  import ir_measures
+  from ir_measures import RR, R, nDCG
+  run = {q: {data.doc_ids[j]: float(x) for j, x in enumerate(row) if x > 0}
+         for q, row in zip(data.query_ids, scores)}
+  got = ir_measures.calc_aggregate([nDCG @ 10, R @ 100, RR @ 10], data.qrels, run)
+  return {"ndcg@10": got[nDCG @ 10], "recall@100": got[R @ 100], "mrr@10": got[RR @ 10]}
+
+
 def test_run_on_random_init_model(tmp_path, capsys):
   rngs = nnx.Rngs(0)
   sae = sae_lib.SAE(sae_lib.SAEConfig(d_model=32, num_latents=256, k=16, k_aux=16,
                                       dead_after_tokens=100), rngs=rngs)
+  # Lowered so that ReLU zeroes part of most texts' TopK: active dims then differ from k.
+  sae.b_lat.set_value(sae.b_lat[...] - 1.3)
   model = Embedder(bert.BertModel(TINY, rngs=rngs), sae)
   result = quickeval.run(_config(k_query=8), model, tmp_path)
   assert json.loads((tmp_path / "eval.json").read_text()) == result
   assert result["num_docs"] == 200 and result["num_queries"] == 100
   ours, bm25 = result["systems"]["saejax"], result["systems"]["bm25"]
-  for metrics in (ours, bm25):
-    assert all(0 <= metrics[m] <= 1 for m in quickeval.MEASURES)
-  assert 0 < ours["active_dims_query"] <= 8 and 0 < ours["active_dims_doc"] <= 16
   assert (ours["k_query"], ours["k_doc"]) == (8, 16)
-  floor = _random_ranking(load_beir(DEBIAN, "dev", max_docs=200))
+  # Both systems recomputed here: NumPy codes (cosine of unit-norm codes) and a NumPy BM25, every
+  # document that scores > 0 ranked, then ir_measures.
+  data = load_beir(DEBIAN, "dev", max_docs=200)
+  z_q, z_d = _numpy_codes(model, data.queries, 32, 8), _numpy_codes(model, data.docs, 64, 16)
+  active_q, active_d = (z_q > 0).sum(1).mean(), (z_d > 0).sum(1).mean()
+  assert 1 < active_q < 7.5 and 1 < active_d < 15.5  # the lowered bias zeroed some, not all
+  assert ours["active_dims_query"] == pytest.approx(active_q)
+  assert ours["active_dims_doc"] == pytest.approx(active_d)
+  for metrics, scores in ((ours, z_q @ z_d.T), (bm25, _numpy_bm25(data.docs, data.queries))):
+    for key, value in _ir_metrics(data, scores).items():
+      assert metrics[key] == pytest.approx(value, abs=1e-6), key
+  floor = _random_ranking(data)
   assert bm25["ndcg@10"] > max(0.3, 5 * floor["ndcg@10"])
   assert bm25["mrr@10"] > 5 * floor["mrr@10"]
   table = capsys.readouterr().out

@@ -8,6 +8,7 @@ skip-and-count policy for NaN steps; this file goes further.
 """
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from saejax.errors import CheckpointError
+from saejax.errors import CheckpointError, ConfigError, SaejaxError
 from saejax.hub import checkpoint, trained
 from saejax.train import loop
 
@@ -218,6 +219,59 @@ def test_damaged_latest_checkpoint_falls_back_then_refuses_to_start_over(tmp_pat
   assert _complete_steps(hopeless) == [2, 4, 6] and "step " not in out  # nothing trained
 
 
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_of_a_killed_run_is_caught(tmp_path, reference):
+  """A killed run never reaches a later save or a clean exit, so its newest checkpoint must have
+  been sealed when Orbax committed it: damage to it is then caught instead of trained on."""
+  every = ("--config.train.checkpoint_every=6",)  # steps between commits: a wide window
+  proc = _start(tmp_path, *every)
+  committed = _ckpt_dir(tmp_path) / "12"  # renamed into place: Orbax committed step 12
+  start = time.time()
+  while not committed.is_dir():  # polled tightly: the kill lands long before the next save
+    if proc.poll() is not None or time.time() - start > 300:
+      proc.kill()
+      raise AssertionError(f"step 12 never committed: {proc.communicate()}")
+    time.sleep(0.002)
+  proc.kill()
+  proc.communicate()
+  steps = _complete_steps(tmp_path)
+  assert len(steps) >= 2 and max(steps) >= 12, steps
+  for step in steps:  # the newest too: sealed before the commit, not at the next save or exit
+    assert checkpoint.verify_step(_ckpt_dir(tmp_path) / str(step)), f"step {step} is unsealed"
+
+  newest, previous = steps[-1], steps[-2]
+  damaged = _state_files(_ckpt_dir(tmp_path) / str(newest))[0]
+  _flip_bytes(damaged)
+  out = _run(tmp_path, *every, steps=STEPS)
+  assert f"checkpoint step {newest} in {_ckpt_dir(tmp_path)} cannot be used" in out, out
+  assert f"{damaged} does not match the SHA-256" in out
+  assert f"resumed from checkpoint step {previous}" in out
+  assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints_damaged").iterdir()] == [
+      str(newest)]
+  _same_as_reference(tmp_path, reference)  # the damaged step's updates redone, exactly
+
+
+@pytest.mark.slow
+def test_unsealed_checkpoint_is_used_only_after_every_sealed_one(tmp_path, reference):
+  """A step without a digest (an older saejax's, or a synchronous save killed between commit and
+  seal) cannot be checked: resuming prefers an older sealed step and sets the unsealed one aside."""
+  _run(tmp_path, "--config.train.steps=6", steps=STEPS)
+  assert _complete_steps(tmp_path) == [2, 4, 6]
+  (_ckpt_dir(tmp_path) / "6" / checkpoint.DIGEST_FILE).unlink()
+  out = _run(tmp_path, steps=STEPS)
+  assert "resumed from checkpoint step 4" in out and "unsealed checkpoints [6] were moved" in out
+  assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints_unsealed").iterdir()] == ["6"]
+  _same_as_reference(tmp_path, reference)
+
+  only = tmp_path / "only-unsealed"  # no sealed step at all: used, with a warning
+  _run(only, "--config.train.steps=2", steps=STEPS)
+  for step in _complete_steps(only):
+    (_ckpt_dir(only) / str(step) / checkpoint.DIGEST_FILE).unlink()
+  out = _run(only, "--config.train.steps=4", steps=STEPS)
+  assert "checkpoint step 2 in" in out and "has no digest" in out, out
+  assert "resumed from checkpoint step 2" in out
+
+
 def test_verify_step_names_the_damage(tmp_path, reference):
   step_dir = tmp_path / "16"
   shutil.copytree(_ckpt_dir(reference) / "16", step_dir)
@@ -295,6 +349,24 @@ def test_infinite_loss_stops_run_with_last_good_checkpoint_loadable(tmp_path, re
   _assert_same_params(_final_params(tmp_path, 16), _final_params(reference, 16))
 
 
+def test_nonfinite_streak_stops_between_logging_steps(tmp_path):
+  """The streak limit is checked every step (one step late, so the host never waits for the step
+  it just dispatched), not only on logging steps: with log_every=50 a run must not go on to step 30
+  or 50 before it notices."""
+  config = _tiny(steps=12)
+  config.train.max_consecutive_skips = 3
+  config.train.log_every = 50
+  loop.train(config, tmp_path)  # 12 good steps, checkpoints up to 12
+  config.train.steps = config.optim.total_steps = 40
+  config.loss.temperature = float("nan")  # injected fault: every step from 13 on is NaN
+  with pytest.raises(SaejaxError, match=r"3 consecutive steps had a non-finite loss or gradient, "
+                                        r"up to step 15 .*last good checkpoint is step 12"):
+    loop.train(config, tmp_path)
+  ran = max(_fingerprints(tmp_path))  # every step that took a batch, in both runs
+  assert 15 <= ran <= 16, f"the run went on to step {ran}; the limit was reached at step 15"
+  assert _complete_steps(tmp_path)[-1] == 12  # nothing saved during the streak
+
+
 def test_load_run_skips_a_damaged_newest_checkpoint(tmp_path):
   """Evaluation and export read runs through `trained.load_run`: the same digest check and
   newest-good fallback as resuming; an explicitly requested damaged step is an error."""
@@ -307,3 +379,59 @@ def test_load_run_skips_a_damaged_newest_checkpoint(tmp_path):
   _assert_same_params(nnx.state(model, nnx.Param), nnx.state(good, nnx.Param))
   with pytest.raises(CheckpointError, match="step 4.*SHA-256"):
     trained.load_run(run, step=4)
+
+
+
+def test_load_run_prefers_a_sealed_checkpoint_to_a_newer_unsealed_one(tmp_path, caplog):
+  """An unsealed step (no digest: its files cannot be checked) is not loaded while a sealed one
+  reads, the same order as resuming (`checkpoint.restore_order`); alone, it loads with a warning."""
+  run = tmp_path / "run"
+  _run(run, "--config.train.steps=4", steps=STEPS)
+  _, step2, _ = trained.load_run(run, step=2)
+  _, step4, _ = trained.load_run(run, step=4)
+  (_ckpt_dir(run) / "4" / checkpoint.DIGEST_FILE).unlink()
+  with caplog.at_level(logging.WARNING):
+    _, model, _ = trained.load_run(run)
+  _assert_same_params(nnx.state(model, nnx.Param), nnx.state(step2, nnx.Param))
+  assert "skipped checkpoints [4]" in caplog.text
+  caplog.clear()
+  for older in _complete_steps(run)[:-1]:
+    shutil.rmtree(_ckpt_dir(run) / str(older))
+  with caplog.at_level(logging.WARNING):
+    _, model, _ = trained.load_run(run)
+  _assert_same_params(nnx.state(model, nnx.Param), nnx.state(step4, nnx.Param))
+  assert "checkpoint 4" in caplog.text and "unsealed" in caplog.text
+
+# ---------------------------------------------------------------------------------------------
+# 6. Command-line mistakes: one line naming the fix, and nothing left behind
+
+def _train_cli(*args) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "saejax.train", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300, env={**os.environ, **CACHE})
+
+
+def test_misspelt_override_names_section_key_and_nearest_keys(tmp_path):
+  workdir = tmp_path / "run"
+  for override, section, key, nearest in (("--config.sae.kk=3", "config.sae", "kk", "k"),
+                                          ("--config.sea.k=3", "config", "sea", "sae")):
+    out = _train_cli("--config", "configs/quickstart.py", override, "--workdir", str(workdir))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.splitlines() == [out.stderr.strip()], out.stderr  # one line, no traceback
+    assert out.stderr.startswith(f"error: {override.split('=')[0]}: {section} has no key "
+                                 f"'{key}'; did you mean {nearest}? its keys are "), out.stderr
+    assert not workdir.exists()
+
+
+def test_missing_config_file_is_one_line_and_makes_no_workdir(tmp_path):
+  workdir = tmp_path / "run"
+  out = _train_cli("--config=configs/no_such_config.py", f"--workdir={workdir}")
+  assert out.returncode == 2, out.stdout + out.stderr
+  assert not workdir.exists()
+  assert out.stderr.splitlines() == [
+      "error: --config configs/no_such_config.py: no such config file (e.g. configs/quickstart.py)"]
+  config = _tiny()  # in-process too: a config error is found before the workdir is made
+  config.unlock()
+  config.loss.w_typo = 1.0
+  with pytest.raises(ConfigError, match=r"config.loss has unknown keys \['w_typo'\]"):
+    loop.train(config, workdir)
+  assert not workdir.exists()

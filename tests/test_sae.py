@@ -48,8 +48,42 @@ def test_config_rejects_bad_fields_by_name(field, kwargs):
 
 
 def test_defaults_match_csr():
-  cfg = SAEConfig(d_model=768)
-  assert (cfg.num_latents, cfg.k, cfg.k_aux, cfg.b_pre_init) == (16384, 64, 512, "geometric_median")
+  """What saejax shares with CSR as sentence-transformers implements it, read from the installed
+  library: AuxK over the k_aux = 512 top dead latents, the contrastive term at weight gamma = 1, and
+  the same head (zero-initialised biases, no input normalisation, ReLU(TopK(W_enc (v - b_pre) +
+  b_lat)), tied decoder at init, v_hat = z W_dec + b_pre). Departures are deliberate and documented
+  in SAEConfig / LossConfig: S and k (the module's 512 and 8 are toy sizes), cosine codes at tau
+  0.05 (CSR's loss: raw dot products at scale 1), the AuxK weight (Gao et al. 1/32, CSR 0.1), the
+  dead-latent window (texts, not steps) and b_pre from data."""
+  import inspect
+  import torch
+  pytest.importorskip("sentence_transformers")
+  from sentence_transformers.sparse_encoder.losses import CSRLoss
+  from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder
+  from saejax.train.step import LossConfig
+
+  def default(cls, name):
+    return inspect.signature(cls.__init__).parameters[name].default
+
+  assert SAEConfig(d_model=768).k_aux == default(SparseAutoEncoder, "k_aux")
+  assert LossConfig().w_contrastive == default(CSRLoss, "gamma")
+  csr, ours = SparseAutoEncoder(input_dim=D, hidden_dim=S, k=K), make_sae()
+  for theirs, mine in ((csr.pre_bias, ours.b_pre), (csr.latent_bias, ours.b_lat)):
+    assert theirs.shape == mine.shape and not theirs.any() and not np.any(np.asarray(mine[...]))
+  # The same head: CSR's module holding saejax's (tied, as initialised) weights and random biases.
+  ours.b_lat[...], ours.b_pre[...] = jnp.asarray(randn(1, S)), jnp.asarray(randn(2, D))
+  with torch.no_grad():
+    csr.encoder.weight.copy_(torch.tensor(np.asarray(ours.w_enc[...]).T))
+    csr.latent_bias.copy_(torch.tensor(np.asarray(ours.b_lat[...])))
+    csr.pre_bias.copy_(torch.tensor(np.asarray(ours.b_pre[...])))
+  v = randn(3, 5, D)
+  with torch.inference_mode():
+    z_csr = csr({"sentence_embedding": torch.from_numpy(v)})["sentence_embedding"]
+    v_hat_csr = csr.decode(z_csr).numpy()
+  code, v_hat = ours(jnp.asarray(v))
+  np.testing.assert_allclose(np.asarray(sae_lib.densify(code.values, code.indices, S)),
+                             z_csr.numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(v_hat), v_hat_csr, rtol=1e-5, atol=1e-5)
 
 
 def test_init_openai_style_with_axes():
@@ -266,9 +300,13 @@ def test_everything_jits():
   assert jax.jit(sae_lib.dead_mask, static_argnums=1)(counter, 5).sum() == S - has_fired.sum()
   w = jax.jit(sae_lib.normalize_decoder)(model.w_dec[...] * 2)
   g = jax.jit(sae_lib.project_out_parallel_grad)(w, jnp.ones_like(w))
-  assert np.all(np.isfinite(g))
+  # What is left of an all-ones gradient is orthogonal to each (unit) decoder row.
+  ones = np.ones(D, np.float32)
+  np.testing.assert_allclose(g, ones - np.sum(np.asarray(w), 1, keepdims=True) * np.asarray(w),
+                             atol=1e-5)
   b = jax.jit(sae_lib.init_b_pre, static_argnums=(1, 2))(v, "geometric_median", 10)
-  assert b.shape == (D,) and np.all(np.isfinite(b))
+  np.testing.assert_allclose(b, sae_lib.init_b_pre(v, "geometric_median", 10), rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_all_zero_codes_reconstruct_b_pre_without_nan():

@@ -116,7 +116,22 @@ def test_run_writes_checkpoints_logs_and_summary(uninterrupted):
   rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert {"loss", "info_nce", "fvu", "auxk", "l0", "dead_fraction", "hot_fraction", "grad_norm",
           "param_norm", "update_norm", "lr_encoder", "lr_sae", "tokens_per_s"} <= rows[-1].keys()
-  assert rows[-1]["l0"] <= 8
+  # l0 of step 39, recomputed: checkpoint 38's encoder on the 39th batch, then a NumPy TopK SAE.
+  from saejax.data import pipeline as data
+  from saejax.hub import trained
+  assert rows[38]["step"] == 39
+  _, model, tokenizer = trained.load_run(workdir, step=38)
+  batches = data.make_iterator(build.data_config(_tiny(40)), tokenizer, shard_index=0,
+                               shard_count=1)
+  batch = [next(batches) for _ in range(39)][-1]
+  assert loop._fingerprint(batch) == _fingerprints(workdir)[39]
+  b, n_docs, t_d = batch["d_ids"].shape
+  v = np.concatenate([model.dense(batch["q_ids"], batch["q_valid"]), model.dense(
+      batch["d_ids"].reshape(b * n_docs, t_d), batch["d_valid"].reshape(b * n_docs, t_d))])
+  sae = {name: np.asarray(getattr(model.sae, name)[...]) for name in ("w_enc", "b_lat", "b_pre")}
+  pre = (v - sae["b_pre"]) @ sae["w_enc"] + sae["b_lat"]
+  top8 = -np.sort(-pre, axis=1)[:, :8]
+  assert rows[38]["l0"] == pytest.approx((top8 > 0).sum(1).mean(), abs=1e-6)
   best = summary["best_metrics"]
   assert best["loss"]["value"] == min(r["loss"] for r in rows)
   assert best["accuracy"]["value"] == max(r["accuracy"] for r in rows)
@@ -314,11 +329,51 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
 
 
 def test_modernbert_recipe_trains_end_to_end(tmp_path):
-  """configs/base.py shrunk to a random 2-layer ModernBERT: the real recipe's path runs."""
+  """configs/base.py shrunk to a random 2-layer ModernBERT: the real recipe's path runs, and its
+  first step's loss is what NumPy computes from checkpoint 1 on the first batch."""
+  from scipy.special import logsumexp
+  from saejax.data import pipeline as data
+  from saejax.hub import trained
   config = _load_config(REPO / "configs" / "base.py", "runlocal")
+  config.train.log_batch_fingerprints = True
   summary, state, _ = loop.train(config, tmp_path)
-  assert summary["step"] == 3 and np.isfinite(summary["last_metrics"]["loss"])
-  assert summary["last_metrics"]["l0"] <= config.sae.k
+  assert summary["step"] == 3 and int(state.step) == 3
+  first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+  # Step 1 runs at learning rate 0 (warm-up from 0), so checkpoint 1 holds the parameters (after
+  # b_pre init and warm start) that computed step 1's loss; the FLOPS weights ramp from 0 too.
+  assert first["step"] == 1 and first["lr_encoder"] == first["lr_sae"] == 0.0
+  _, model, tokenizer = trained.load_run(tmp_path, step=1)
+  batch = next(data.make_iterator(build.data_config(config), tokenizer, shard_index=0,
+                                  shard_count=1))
+  assert loop._fingerprint(batch) == _fingerprints(tmp_path)[1]
+  b, t_d = batch["d_ids"].shape[0], batch["d_ids"].shape[-1]  # no hard negatives here
+  v_q = np.asarray(model.dense(batch["q_ids"], batch["q_valid"]), np.float64)
+  v_d = np.asarray(model.dense(batch["d_ids"].reshape(b, t_d), batch["d_valid"].reshape(b, t_d)),
+                   np.float64)
+  sae = {n: np.asarray(getattr(model.sae, n)[...], np.float64)
+         for n in ("w_enc", "b_lat", "b_pre", "w_dec")}
+  k, tau = config.sae.k, config.loss.temperature
+
+  def code(v):  # z = ReLU(TopK(W_enc (v - b_pre) + b_lat))
+    pre = (v - sae["b_pre"]) @ sae["w_enc"] + sae["b_lat"]
+    return np.where(pre >= -np.sort(-pre, axis=1)[:, k - 1:k], np.maximum(pre, 0), 0)
+
+  def info_nce(q, d):  # cosine similarities at temperature tau, in-batch negatives
+    q, d = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (q, d))
+    logits = q @ d.T / tau
+    return np.mean(logsumexp(logits, axis=1) - np.diag(logits))
+
+  z_q, z_d = code(v_q), code(v_d)
+  v, z = np.concatenate([v_q, v_d]), np.concatenate([z_q, z_d])
+  fvu = ((v - (z @ sae["w_dec"] + sae["b_pre"])) ** 2).sum() / ((v - v.mean(0)) ** 2).sum()
+  expected = {"info_nce": info_nce(z_q, z_d), "dense/info_nce": info_nce(v_q, v_d), "fvu": fvu,
+              "l0": (z > 0).sum(1).mean()}
+  for key, value in expected.items():
+    assert first[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+  auxk = config.loss.w_auxk * first["auxk"]
+  assert first["loss"] == pytest.approx(
+      expected["info_nce"] + config.loss.w_dense_contrastive * expected["dense/info_nce"]
+      + config.loss.w_fvu * fvu + auxk, rel=1e-4)
 
 
 def test_recipe_defaults_equal_the_library_defaults():
@@ -359,3 +414,61 @@ def test_warm_start_trains_the_sae_on_frozen_embeddings_only():
   assert len(history) == 3 and history[-1]["info_nce"] < history[0]["info_nce"]
   assert not np.allclose(np.asarray(model.sae.w_enc[...]), w_enc_before)
   _assert_same_params(enc_before, jax.tree.map(np.asarray, nnx.state(model.encoder, nnx.Param)))
+
+
+def _dropped_repeats(rows: list[dict], global_batch: int, waiting_batches: int,
+                     batches: int) -> list[int]:
+  """The records dropped as in-batch repeats after each of `batches` global batches, counted by
+  the rule saejax.data documents, on the rows in file order repeated: a batch takes the waiting
+  records first (oldest first), then reads on; a record whose query or document the batch already
+  holds waits, unless `waiting_batches` batches' worth already wait: then it is dropped."""
+  stream = (row for _ in range(batches * global_batch) for row in rows)  # enough epochs
+  waiting, dropped, after = [], 0, []
+  for _ in range(batches):
+    queries, documents, size, still = set(), set(), 0, []
+
+    def fits(row):
+      return row["query"] not in queries and row["document"] not in documents
+
+    def take(row):
+      nonlocal size
+      queries.add(row["query"])
+      documents.add(row["document"])
+      size += 1
+
+    for row in waiting:
+      take(row) if size < global_batch and fits(row) else still.append(row)
+    while size < global_batch:
+      row = next(stream)
+      if fits(row):
+        take(row)
+      elif len(still) < waiting_batches * global_batch:
+        still.append(row)
+      else:
+        dropped += 1
+    waiting = still
+    after.append(dropped)
+  return after
+
+
+def test_records_dropped_as_repeats_are_logged(tmp_path, capsys):
+  """Planted data where 30 of 40 records share one document (a batch of 4 holds one of them): the
+  run logs, on every logging step, exactly the records dropped so far as data/dropped_repeats."""
+  from saejax.data import pipeline as data
+  rows = [{"query": f"question {i}", "document": "the same document" if i % 4 else f"document {i}"}
+          for i in range(40)]
+  path = tmp_path / "planted.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  config = _tiny(steps=8)
+  config.data.sources = [dict(kind="jsonl", path=str(path), query_field="query",
+                              positive_field="document")]
+  config.data.global_batch_size, config.data.shuffle = 4, False
+  config.train.log_every = 2
+  loop.train(config, tmp_path / "run")
+  expected = _dropped_repeats(rows, 4, data.WAITING_BATCHES, 8)
+  assert 0 < expected[3] < expected[-1]  # the planted data drops records, more as it runs
+  logged = {r["step"]: r["data/dropped_repeats"] for r in map(
+      json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
+  assert logged == {step: expected[step - 1] for step in (2, 4, 6, 8)}
+  last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")][-1]
+  assert f"  dropped {expected[-1]}  " in last, last

@@ -18,8 +18,8 @@ from saejax.data.sources import SourceConfig
 from saejax.errors import ConfigError
 from saejax.hub import convert
 from saejax.models import attention
-from saejax.sae.embedder import Embedder
 from saejax.sae import topk as sae_lib
+from saejax.sae.embedder import Embedder
 
 
 def from_section(cls, section: ml_collections.ConfigDict, name: str, **extra):

@@ -5,13 +5,21 @@ Training checkpoints (`TrainCheckpointer`) are guarded against the faults of lon
   * atomic: Orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when whole; a
     run killed mid-write leaves only that temporary directory, which is never listed or restored
     (and is deleted at the next start);
-  * sealed: once a step is committed, a digest (size and SHA-256 of every file,
-    ``<step>/saejax_digest.json``) is written beside it. Orbax keeps no checksums, so a flipped
-    bit in an array file would otherwise be restored as silently different weights;
-  * verified on restore: the newest checkpoint whose files match their digest and that Orbax can
-    read is used; a damaged newer one is named in a warning and moved to
-    ``<checkpoints>_damaged/``; when none can be read, the run stops with a `CheckpointError` rather
-    than silently training from scratch;
+  * sealed: a digest (size and SHA-256 of every file, ``<step>/saejax_digest.json``) is written
+    into the temporary directory once every process's files are in it and before Orbax renames it,
+    so a committed step has its digest from the moment it exists, and a run killed at any moment
+    resumes from a checkpoint that can be checked. Orbax keeps no checksums, so a flipped bit in
+    an array file would otherwise be restored as silently different weights. (Synchronous saves,
+    used for one-off checkpoints, are sealed just after the commit.) The two step-level files
+    Orbax rewrites while committing, its ``_CHECKPOINT_METADATA`` timestamps and
+    ``commit_success.txt``, are not in the digest; the arrays and the data-iterator state are;
+  * verified on restore: the newest sealed checkpoint whose files match their digest and that
+    Orbax can read is used; a damaged one is named in a warning and moved to
+    ``<checkpoints>_damaged/``. A committed step without a digest (written by an older saejax, or a
+    synchronous save killed between commit and seal) cannot be checked: it is used only when no
+    sealed step can be, with a warning; one newer than the sealed step resumed from is moved to
+    ``<checkpoints>_unsealed/``, as the run will write that step again. When none can be read, the
+    run stops with a `CheckpointError` rather than silently training from scratch;
   * write failures (disk full, file-size limit, permissions) surface as a `CheckpointError` naming
     the step and the newest complete checkpoint, which the failed write never touches.
 """
@@ -32,6 +40,9 @@ from saejax.errors import CheckpointError
 
 DIGEST_FILE = "saejax_digest.json"
 DIGEST_FORMAT = "saejax-checkpoint-digest"
+# Written by Orbax into a step directory while it commits, after the digest: not sealed.
+ORBAX_COMMIT_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's temporary directory of a step being written
 
 
 class DamagedCheckpointError(CheckpointError):
@@ -65,9 +76,12 @@ def check_writable(directory: str | os.PathLike) -> Path:
 
 
 def _digests(step_dir: Path) -> dict[str, dict]:
-  """{relative path: {"bytes", "sha256"}} of every file of a committed checkpoint."""
+  """{relative path: {"bytes", "sha256"}} of every file of a checkpoint (Orbax's commit files
+  excepted)."""
   files = {}
   for path in sorted(step_dir.rglob("*")):
+    if path.parent == step_dir and path.name in ORBAX_COMMIT_FILES:
+      continue
     if path.is_file() and not path.name.startswith((DIGEST_FILE, "." + DIGEST_FILE)):
       with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
@@ -76,7 +90,7 @@ def _digests(step_dir: Path) -> dict[str, dict]:
 
 
 def write_digest(step_dir: str | os.PathLike) -> Path:
-  """Seal a committed checkpoint: write the size and SHA-256 of each of its files, atomically."""
+  """Seal a checkpoint whose files are all written: each one's size and SHA-256, atomically."""
   step_dir = Path(step_dir)
   body = json.dumps({"format": DIGEST_FORMAT, "version": 1, "files": _digests(step_dir)}, indent=1)
   tmp = step_dir / f".{DIGEST_FILE}.tmp"
@@ -88,13 +102,27 @@ def write_digest(step_dir: str | os.PathLike) -> Path:
   return step_dir / DIGEST_FILE
 
 
+def is_sealed(step_dir: str | os.PathLike) -> bool:
+  """Whether a checkpoint has a digest (which `verify_step` checks)."""
+  return (Path(step_dir) / DIGEST_FILE).exists()
+
+
+def restore_order(directory: str | os.PathLike, steps: list[int]) -> tuple[list[int], list[int]]:
+  """(candidates, sealed): the order in which to try `steps` of a checkpoint directory - sealed
+  ones newest first, then unsealed ones (no digest: unverifiable) newest first - and the sealed
+  ones. Training's resume and `trained.load_run` share this rule."""
+  newest_first = sorted(steps, reverse=True)
+  sealed = [s for s in newest_first if is_sealed(Path(directory) / str(s))]
+  return sealed + [s for s in newest_first if s not in sealed], sealed
+
+
 def verify_step(step_dir: str | os.PathLike) -> bool:
   """Check a committed checkpoint against its digest.
 
   Returns:
     True when every file matches; False when the checkpoint has no digest (written by an older
-    saejax, or the run was killed between the commit and the seal), so only Orbax's own reading
-    can check it.
+    saejax, or a synchronous save killed between the commit and the seal), so only Orbax's own
+    reading can check it.
 
   Raises:
     DamagedCheckpointError: a file is missing, has another size (truncated) or other contents,
@@ -132,10 +160,10 @@ class TrainCheckpointer:
 
   Saves are asynchronous (the step loop goes on while arrays are written) and atomic: Orbax writes
   into a temporary directory and renames it when complete, so a run killed mid-save leaves either
-  the previous checkpoint or a temporary directory that is never restored. Each committed step is
-  then sealed with a digest, and `restore` falls back past damaged steps (see the module
-  docstring). The newest `keep` are kept. Every process calls every method: Orbax coordinates
-  multi-host saves; process 0 writes digests and moves damaged steps aside.
+  the previous checkpoint or a temporary directory that is never restored. Each step is sealed
+  with a digest just before that rename, and `restore` falls back past damaged steps (see the
+  module docstring). The newest `keep` are kept. Every process calls every method: Orbax
+  coordinates multi-host saves; process 0 writes digests and moves damaged steps aside.
   """
 
   def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int,
@@ -143,13 +171,18 @@ class TrainCheckpointer:
     import grain
     self._grain = grain
     self.directory = Path(directory).absolute()
+    self._async = async_save
+    self._in_flight: int | None = None  # the step being written, which the seal callback names
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=save_every, max_to_keep=keep,
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=True),
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+            # Orbax calls it on the primary process only, when every process's files are written
+            # and before the rename that commits the step (only an async checkpointer has it).
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._seal_in_flight)
+            if async_save else None),
         item_names=("state", "data_iter"))
-    self._unsealed: list[int] = []  # steps this run saved that have no digest yet
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -172,17 +205,37 @@ class TrainCheckpointer:
       CheckpointError: this write, or the previous asynchronous one, failed (disk full, file-size
         limit, permissions); the newest complete checkpoint is left as it was.
     """
-    self.wait()  # Orbax waits for the previous save here anyway; then it can be sealed
+    self.wait()  # Orbax waits for the previous save here anyway; this reports its failure
+    self._in_flight = step
     try:
       started = self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
           data_iter=self._grain.checkpoint.CheckpointSave(data_iter)), force=force)
+      if started and not self._async and jax.process_index() == 0:
+        write_digest(self.step_dir(step))  # committed already: a kill just before this is unsealed
     # tensorstore reports I/O failures as plain Exception; any failure here loses this checkpoint.
     except Exception as e:  # pylint: disable=broad-exception-caught
+      self._in_flight = None
       raise self._write_error(step, e) from e
-    if started:
-      self._unsealed.append(step)
+    if not started:
+      self._in_flight = None
     return started
+
+  def _seal_in_flight(self) -> None:
+    """Write the digest of the step being saved into its temporary directory, before the commit.
+
+    Orbax's post-finalisation callback: it runs in Orbax's background thread on the primary
+    process, after every process's files are written and before the temporary directory is
+    renamed to the step, so no committed step is ever without its digest. A failure here fails
+    the save (reported by `wait`), and the step is never committed.
+    """
+    step = self._in_flight
+    # Renamed at the commit (POSIX); written in place, committed by a marker file (object stores).
+    found = sorted(self.directory.glob(f"{step}{TMP_SUFFIX}*")) or [self.step_dir(step)]
+    if step is None or len(found) != 1 or not found[0].is_dir():
+      raise CheckpointError(f"cannot seal checkpoint step {step}: expected one directory being "
+                            f"written in {self.directory}, found {[p.name for p in found]}")
+    write_digest(found[0])
 
   def _write_error(self, step: int | None, e: Exception) -> CheckpointError:
     self.manager.reload()
@@ -196,14 +249,18 @@ class TrainCheckpointer:
     """Restore `step` (default: the newest good one) into `abstract_state`'s shapes and shardings;
     the data iterator is set in place to continue at the exact next batch.
 
-    Without `step`, checkpoints are tried newest first: one whose files differ from its digest or
-    that Orbax cannot read is named in a warning and moved to ``<checkpoints>_damaged/``, and the
-    next older one is tried. Returns the restored TrainState.
+    Without `step`, sealed checkpoints are tried newest first: one whose files differ from its
+    digest or that Orbax cannot read is named in a warning and moved to ``<checkpoints>_damaged/``,
+    and the next older one is tried. Unsealed ones (no digest, so unverifiable) come after every
+    sealed one, with a warning when used; those newer than the step resumed from are moved to
+    ``<checkpoints>_unsealed/``. Returns the restored TrainState.
 
     Raises:
       CheckpointError: no checkpoint (or not `step`) can be restored; names each one's problem.
     """
-    candidates = self.all_steps()[::-1] if step is None else [step]
+    candidates, sealed = restore_order(self.directory, self.all_steps())
+    if step is not None:
+      candidates = [step]
     if not candidates:
       raise CheckpointError(f"{self.directory} holds no complete checkpoint")
     problems = []
@@ -214,11 +271,8 @@ class TrainCheckpointer:
         problems.append((s, e))
         logging.warning("checkpoint step %d in %s cannot be used: %s", s, self.directory, e)
         continue
-      if problems:
-        self._set_aside([bad for bad, _ in problems])
-        logging.warning("resuming from checkpoint step %d, the newest good one; damaged newer "
-                        "checkpoints %s were moved to %s", s, [bad for bad, _ in problems],
-                        self._damaged_dir())
+      if step is None:
+        self._set_aside_after_restoring(s, [bad for bad, _ in problems], sealed)
       return restored
     raise CheckpointError(
         f"no checkpoint in {self.directory} can be restored, so the run stops instead of starting "
@@ -228,7 +282,10 @@ class TrainCheckpointer:
   def _restore_step(self, step: int, abstract_state, data_iter):
     if not self.step_dir(step).is_dir():
       raise CheckpointError(f"{self.step_dir(step)} does not exist (steps: {self.all_steps()})")
-    verify_step(self.step_dir(step))
+    if not verify_step(self.step_dir(step)):
+      logging.warning("checkpoint step %d in %s has no digest (%s is missing: written by an older "
+                      "saejax, or killed between commit and seal), so its files cannot be checked; "
+                      "restoring it as Orbax reads it", step, self.directory, DIGEST_FILE)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
@@ -241,38 +298,43 @@ class TrainCheckpointer:
                             f"{str(e)[:500]}") from e
     return restored["state"]
 
-  def _damaged_dir(self) -> Path:
-    return self.directory.parent / f"{self.directory.name}_damaged"
+  def _set_aside_after_restoring(self, step: int, damaged: list[int], sealed: list[int]) -> None:
+    """Move damaged steps, and unsealed steps newer than `step`, out of the manager's directory:
+    the run will save those steps again."""
+    unsealed = [s for s in self.all_steps() if s > step and s not in sealed and s not in damaged]
+    for steps, kind in ((damaged, "damaged"), (unsealed, "unsealed")):
+      if steps:
+        logging.warning("resuming from checkpoint step %d, the newest good one; %s checkpoints %s "
+                        "were moved to %s", step, kind, steps, self._aside_dir(kind))
+        self._set_aside(steps, kind)
 
-  def _set_aside(self, steps: list[int]) -> None:
-    """Move damaged steps out of the manager's directory: the run will save those steps again."""
+  def _aside_dir(self, kind: str) -> Path:
+    return self.directory.parent / f"{self.directory.name}_{kind}"
+
+  def _set_aside(self, steps: list[int], kind: str) -> None:
+    """Move `steps` to ``<checkpoints>_<kind>/``, named by step and time."""
     if jax.process_index() == 0:
-      self._damaged_dir().mkdir(exist_ok=True)
+      self._aside_dir(kind).mkdir(exist_ok=True)
       for s in steps:
         if self.step_dir(s).exists():
-          self.step_dir(s).rename(self._damaged_dir() / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}")
+          self.step_dir(s).rename(self._aside_dir(kind) / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("saejax: damaged checkpoints set aside")
+      multihost_utils.sync_global_devices(f"saejax: {kind} checkpoints set aside")
     self.manager.reload()
 
   def wait(self):
-    """Wait for the asynchronous save in flight, then seal what this run committed.
+    """Wait for the asynchronous save in flight (sealed by then, see `_seal_in_flight`).
 
     Raises:
-      CheckpointError: the asynchronous write failed.
+      CheckpointError: the asynchronous write, or its seal, failed.
     """
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-exception-caught  (see save)
-      failed = self._unsealed[-1] if self._unsealed else None
-      self._unsealed.clear()
+      failed, self._in_flight = self._in_flight, None
       raise self._write_error(failed, e) from e
-    if jax.process_index() == 0:
-      for s in self._unsealed:
-        if self.step_dir(s).is_dir():  # max_to_keep may already have deleted it
-          write_digest(self.step_dir(s))
-    self._unsealed.clear()
+    self._in_flight = None
 
   def close(self):
     self.manager.close()

@@ -12,6 +12,9 @@ saejax's own encoder checkpoint (`save_encoder` / `restore_encoder`) is a direct
 ``params/`` (an Orbax checkpoint of the nnx parameter state). Restoring builds the model
 abstractly first, so parameters are read straight into their target shardings without an
 intermediate random init.
+
+Written files get the mode a new file gets under the process's umask (0644 under the usual 022),
+model.safetensors included, which safetensors would leave 0600 (`match_umask`).
 """
 
 import dataclasses
@@ -218,6 +221,26 @@ def tensors_from_params(model: nnx.Module, rows: list[TensorMap]) -> dict[str, n
   return out
 
 
+def _umask() -> int:
+  mask = os.umask(0)  # the only way to read it is to set it; put straight back
+  os.umask(mask)
+  return mask
+
+
+def match_umask(root: Path) -> None:
+  """Give `root` (a file, or a directory and everything under it) the mode a new one gets.
+
+  safetensors writes through a temporary file, created 0600; every other file saejax writes comes
+  from plain ``open`` (0666 less the umask), every directory from ``mkdir`` (0777 less the umask).
+  One rule for all: the umask decides. Used by `save_hf` and by `saejax.hub.export` for a whole
+  export.
+  """
+  mask = _umask()
+  for path in (root, *(root.rglob("*") if root.is_dir() else ())):
+    if not path.is_symlink():
+      path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def save_hf(cfg: Any, model: nnx.Module, out_dir: str | os.PathLike) -> Path:
   """Write config.json + model.safetensors that transformers' AutoModel loads with no warnings."""
   from safetensors.numpy import save_file
@@ -234,6 +257,7 @@ def save_hf(cfg: Any, model: nnx.Module, out_dir: str | os.PathLike) -> Path:
   (out / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would win
   tmp = out / "model.safetensors.tmp"
   save_file(tensors, tmp, metadata={"format": "pt"})
+  match_umask(tmp)  # 0600 from safetensors' temporary file; its siblings get the umask's mode
   os.replace(tmp, out / "model.safetensors")  # never leave a half-written weights file behind
   (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
   return out

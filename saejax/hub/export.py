@@ -26,7 +26,8 @@ a LayerNorm of its input, and stays False. The files are produced by sentence-tr
 
 Every file of the export gets the mode the process's umask gives a new file (safetensors writes
 its files 0600 while everything else gets 0644 under the usual umask 022), every directory the
-same for directories.
+same for directories (`saejax.hub.convert.match_umask`, the rule ``python -m saejax.hub.convert``
+follows too).
 
 The backbone directory at the root of the export is a plain Hugging Face model
 (``transformers.AutoModel.from_pretrained(DIR)`` loads it); ``--backbone-only`` writes just that
@@ -124,28 +125,9 @@ def _prepare_out(out: Path, force: bool) -> Path:
   return stage
 
 
-def _umask() -> int:
-  mask = os.umask(0)  # the only way to read it is to set it; put straight back
-  os.umask(mask)
-  return mask
-
-
-def match_umask(root: Path) -> None:
-  """Give every file and directory under `root` (and `root`) the mode a new one gets.
-
-  safetensors writes through a temporary file, created 0600; the other files of an export come
-  from plain ``open`` (0666 less the umask). One rule for all: the umask decides.
-  """
-  mask = _umask()
-  root.chmod(0o777 & ~mask)
-  for path in root.rglob("*"):
-    if not path.is_symlink():
-      path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
-
-
 def _commit(stage: Path, out: Path) -> Path:
   """Replace `out` by the complete staging directory (never leaves a half-written export)."""
-  match_umask(stage)
+  convert.match_umask(stage)
   if out.exists():
     shutil.rmtree(out)
   stage.rename(out)

@@ -76,8 +76,9 @@ def load_run(workdir: str | Path, step: int | None = None, **model_overrides
 
   Args:
     workdir: the directory given to ``python -m saejax.train --workdir``.
-    step: which checkpoint; default the newest one that passes its digest and reads (a damaged
-      newer one is skipped with a warning, as training resumes).
+    step: which checkpoint; default the newest sealed one that passes its digest and reads (a
+      damaged or unsealed newer one is skipped with a warning, as training resumes; an unsealed one
+      is used, with a warning, only when no sealed one can be read).
     model_overrides: ``config.model`` fields to replace before building, e.g.
       ``attention_backend="xla"`` to read a GPU-trained model on a CPU, or ``dtype="float32"``.
   """
@@ -99,9 +100,11 @@ def load_run(workdir: str | Path, step: int | None = None, **model_overrides
   # The saved item is a whole TrainState; restore its shape, then keep the parameters only.
   target = jax.eval_shape(functools.partial(init_state, tx=tx),
                           nnx.merge(graphdef, params))
-  # An explicit step must be good; otherwise the newest good one, as training resumes.
+  # An explicit step must be good; otherwise the newest good one, as training resumes: sealed
+  # steps newest first, then unsealed ones (no digest: their files cannot be checked).
+  candidates, sealed = checkpoint.restore_order(workdir / "checkpoints", steps)
   problems = []
-  for candidate in [step] if step is not None else sorted(steps, reverse=True):
+  for candidate in [step] if step is not None else candidates:
     try:
       state = _restore_state(workdir / "checkpoints", candidate, target)
       break
@@ -113,6 +116,15 @@ def load_run(workdir: str | Path, step: int | None = None, **model_overrides
   else:
     raise CheckpointError(f"no readable checkpoint in {workdir / 'checkpoints'}:\n  " +
                           "\n  ".join(problems))
+  newer_unsealed = [s for s in steps if s > candidate and s not in sealed]
+  if newer_unsealed:
+    logging.warning("%s: skipped checkpoints %s, which have no digest (unsealed: the run was killed "
+                    "while sealing them, or an older saejax wrote them); loaded the sealed step %d",
+                    workdir, newer_unsealed, candidate)
+  if candidate not in sealed:
+    logging.warning("checkpoint %d of %s has no digest (unsealed), so its files could not be "
+                    "checked%s", candidate, workdir,
+                    "" if step is not None else "; no sealed checkpoint could be read")
   model = nnx.merge(graphdef, state.params)
   return config, model, tokenizer_for(config, model.encoder.cfg.vocab_size)
 

@@ -43,6 +43,7 @@ import functools
 import json
 import os
 import shutil
+import tokenize
 import uuid
 from pathlib import Path
 from typing import Literal
@@ -495,8 +496,22 @@ def _read_npy(file: Path) -> np.ndarray:
   if not file.is_file():
     raise CheckpointError(f"{file} is missing from the index directory")
   try:
-    return np.load(file, allow_pickle=False)
-  except (OSError, ValueError, EOFError) as e:
+    with open(file, "rb") as f:
+      # The header first: numpy parses it as a Python literal, so a damaged one fails with
+      # SyntaxError or tokenize.TokenError (found by the long fuzz run), and one that claims a
+      # shape far beyond the file would have np.load try to allocate it (MemoryError).
+      version = np.lib.format.read_magic(f)
+      if version not in ((1, 0), (2, 0)):
+        raise ValueError(f".npy format version {version} (np.save writes 1.0 or 2.0)")
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, _, dtype = read_header(f)
+      need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+      if need > file.stat().st_size - f.tell():
+        raise ValueError(f"its header claims shape {shape} of {dtype}: more bytes than the file")
+      f.seek(0)
+      return np.load(f, allow_pickle=False)
+  except (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError) as e:
     raise CheckpointError(f"{file} is truncated or not a .npy array ({e})") from None
 
 
@@ -583,8 +598,10 @@ class SeismicAdapter:
     values, indices = _check_codes(values, indices, int(num_latents), "document")
     n, k = values.shape
     doc_ids = _check_doc_ids(doc_ids, n)
-    csr = sp.csr_matrix((values.reshape(-1), indices.reshape(-1), np.arange(0, n * k + 1, k)),
-                        shape=(n, int(num_latents)))
+    # Copies: scipy keeps views of its inputs, and sum_duplicates sorts them in place (the caller's
+    # int32 indices would come back scrambled, out of step with their values).
+    csr = sp.csr_matrix((values.reshape(-1).copy(), indices.reshape(-1).copy(),
+                         np.arange(0, n * k + 1, k)), shape=(n, int(num_latents)))
     csr.sum_duplicates()  # also sorts each row: Seismic needs strictly increasing components
     csr.eliminate_zeros()
     dataset = seismic.SeismicDataset()

@@ -8,4 +8,5 @@ from saejax.train import loop
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
+  cli.run(cli.check_command_line)  # a misspelt override or a missing file: one line, nothing made
   cli.run(loop.main, absl=True)

@@ -241,4 +241,5 @@ def main(argv):
 if __name__ == "__main__":
   from saejax import cli
   flags.mark_flag_as_required("config")
+  cli.run(cli.check_command_line)  # a misspelt override or a missing file: one line
   cli.run(main, absl=True)

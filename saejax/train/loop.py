@@ -122,6 +122,7 @@ class MetricWriter:
              ("auxk", "auxk", "{:.3f}", 1), ("l0", "L0", "{:.1f}", 1),
              ("dead_fraction_window", "dead%", "{:.1f}", 100),
              ("hot_fraction", "hot%", "{:.1f}", 100), ("freq_max", "maxfreq%", "{:.1f}", 100),
+             ("data/dropped_repeats", "dropped", "{:,.0f}", 1),
              ("tokens_per_s", "tok/s", "{:,.0f}", 1), ("mfu", "MFU%", "{:.1f}", 100))
 
   # Metrics whose best value over the run goes into summary.json, and which way is better.
@@ -184,18 +185,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
     # the host's own disk, lost with the VM: refuse until the workdir code speaks URLs (epath).
     raise ConfigError(f"--workdir {workdir}: URL workdirs are not supported yet; mount the bucket "
                       "on every host (e.g. gcsfuse BUCKET /mnt/gcs) and pass the mounted path")
-  # Fail now, not at the first checkpoint: an unwritable workdir would lose every step trained.
-  workdir = checkpoint.check_writable(Path(workdir))
-  checkpoint.check_writable(workdir / "checkpoints")
+  # A config error is found before the workdir is made: a failed start leaves nothing behind.
   tc = config.train
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    (workdir / "code_version.txt").write_text(code_version() + "\n")
-  mesh = sharding.make_mesh(from_section(sharding.MeshConfig, config.mesh, "mesh"))
+  mesh_cfg = from_section(sharding.MeshConfig, config.mesh, "mesh")
   loss_cfg = from_section(step_lib.LossConfig, config.loss, "loss")
   optim_cfg = from_section(OptimConfig, config.optim, "optim")
   data_cfg = data_config(config)
   distributed.check_padding(data_cfg.padding)
+  # Fail now, not at the first checkpoint: an unwritable workdir would lose every step trained.
+  workdir = checkpoint.check_writable(Path(workdir))
+  checkpoint.check_writable(workdir / "checkpoints")
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    (workdir / "code_version.txt").write_text(code_version() + "\n")
+  mesh = sharding.make_mesh(mesh_cfg)
 
   rngs = nnx.Rngs(tc.seed)
   enc_cfg, model = build_model(config, rngs)
@@ -250,6 +253,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
   fingerprints = (open(workdir / f"batches.process{jax.process_index()}.jsonl", "a")
                   if tc.get("log_batch_fingerprints") else None)
   last, window_tokens, window_start = {}, 0, time.time()
+  streak = None  # the previous step's count of non-finite steps in a row (a device scalar)
   try:
     while step < tc.steps:
       local = next(data_iter)
@@ -265,6 +269,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
       compiled = True
       state, metrics = train_step(state, batch)
       step += 1
+      # The streak limit holds every step, read one step late: step t-1's counter is fetched while
+      # step t runs, so the host never waits for the step it has just dispatched, and a run stops
+      # at most one step past the limit (exactly at it on logging steps, read below).
+      if streak is not None:
+        _stop_if_diverged(int(streak), step - 1, tc.max_consecutive_skips, ckpt)
+      streak = metrics["consecutive_skips"]
       preempt.update(step)  # several processes: stop at the same step
       window_tokens += int(local["q_valid"].sum() + local["d_valid"].sum()) * jax.process_count()
       if step % tc.log_every == 0 or step == tc.steps:
@@ -272,18 +282,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
         elapsed = time.time() - window_start
         texts = local["q_ids"].shape[0] * (1 + local["d_ids"].shape[1]) * jax.process_count()
         metrics["tokens_per_s"] = window_tokens / elapsed
+        # Records the pipeline dropped as in-batch repeats so far, over the whole run (checkpointed
+        # with the iterator): read from its state, a few integers, on logging steps only.
+        metrics["data/dropped_repeats"] = int(data_iter.get_state().get("dropped", 0))
         if peak:
           flops = step_lib.flops_per_step(n_encoder, window_tokens, texts * tc.log_every,
                                           enc_cfg.hidden_size, n_latents)
           metrics["mfu"] = flops / elapsed / (peak * jax.device_count())
         writer.write(step, metrics, elapsed / tc.log_every)
         last, window_tokens, window_start = metrics, 0, time.time()
-        if metrics["skipped"] and int(state.consecutive_skips) >= tc.max_consecutive_skips:
-          ckpt.wait()
-          raise SaejaxError(
-              f"{int(state.consecutive_skips)} consecutive steps had a non-finite loss or gradient "
-              f"(limit config.train.max_consecutive_skips={tc.max_consecutive_skips}); stopping. "
-              f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+        _stop_if_diverged(int(metrics["consecutive_skips"]), step, tc.max_consecutive_skips, ckpt)
       if preempt.requested or step == tc.steps or ckpt.due(step):
         # Steps in a non-finite streak keep the old parameters, but a checkpoint taken there would
         # still be named after a step that did not train: wait for a finite step (preemption and
@@ -312,6 +320,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
     summary["curves"] = str(curves) if curves else None
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary, state, graphdef
+
+
+def _stop_if_diverged(streak: int, step: int, limit: int, ckpt: checkpoint.TrainCheckpointer):
+  """Stop the run when `streak` steps in a row, up to `step`, had a non-finite loss or gradient.
+
+  Raises:
+    SaejaxError: the limit is reached; names the last good checkpoint (none is written during a
+      streak, so it predates the first bad step).
+  """
+  if streak > 0 and streak >= limit:
+    ckpt.wait()
+    raise SaejaxError(
+        f"{streak} consecutive steps had a non-finite loss or gradient, up to step {step} "
+        f"(limit config.train.max_consecutive_skips={limit}); stopping. "
+        f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
 
 
 def _state_shardings(abstract: TrainState, param_sh, mesh):
@@ -360,4 +383,3 @@ def main(argv):
   elif config.get("eval") and config.eval.get("enabled") and not summary["preempted"]:
     from saejax.eval import quickeval
     quickeval.run(config, nnx.merge(graphdef, state.params), workdir)
-

@@ -230,7 +230,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
   metrics = {**metrics, **sparse_metrics,  # dead_fraction: from auxk_loss (this step's mask)
              "grad_norm": _tree_norm(grads), "param_norm": _tree_norm(params),
              "update_norm": _tree_norm(updates), "finite": finite.astype(jnp.float32),
-             "skipped": new_state.skipped,
+             "skipped": new_state.skipped, "consecutive_skips": new_state.consecutive_skips,
              **learning_rates(optim_cfg, state.step)}
   return new_state, metrics
 
