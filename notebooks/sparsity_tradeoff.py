@@ -24,9 +24,6 @@ import os
 from pathlib import Path
 
 import jax
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx

@@ -1,7 +1,9 @@
 """notebooks/: each jupytext notebook runs top to bottom on a tiny trained run and tiny data, writes
 its plot (a PNG) to the folder given in SAEJAX_OUT, and plots what an independent recomputation
-here (NumPy search, statistics and SAE, ir_measures scores) says it should."""
+here (NumPy search, statistics and SAE, ir_measures scores) says it should; and each has its
+.ipynb (built by `python notebooks/build.py`, with outputs) in sync with its source."""
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -37,7 +39,31 @@ def run_dir(tiny_run) -> Path:
 
 
 def test_every_notebook_is_tested():
-  assert sorted(p.name for p in (REPO / "notebooks").glob("*.py")) == sorted(NOTEBOOKS)
+  assert sorted(p.name for p in (REPO / "notebooks").glob("*.py")
+                if p.name != "build.py") == sorted(NOTEBOOKS)
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_ipynb_in_sync(name):
+  """notebooks/X.ipynb exists, records the SHA-256 of X.py, and has X.py's cells (as jupytext
+  reads them) after its generated header: an edited .py or a hand-edited .ipynb fails here."""
+  py = REPO / "notebooks" / name
+  ipynb = py.with_suffix(".ipynb")
+  rebuild = f"rebuild it: python notebooks/build.py {py.stem}"
+  assert ipynb.is_file(), f"{ipynb.relative_to(REPO)} is missing; {rebuild}"
+  built = nbformat.read(ipynb, as_version=4)
+  recorded = built.metadata.get("saejax", {}).get("source_sha256")
+  assert recorded == hashlib.sha256(py.read_bytes()).hexdigest(), (
+      f"{ipynb.relative_to(REPO)} was built from another version of {name}; {rebuild}")
+  header, *cells = built.cells
+  assert header.cell_type == "markdown" and "generated-from-source" in header.metadata.get(
+      "tags", []) and name in header.source and "python notebooks/build.py" in header.source
+  source = jupytext.read(py).cells
+  assert [(c.cell_type, c.source) for c in cells] == [(c.cell_type, c.source) for c in source], (
+      f"{ipynb.relative_to(REPO)}'s cells differ from {name}'s; {rebuild}")
+  for c in cells:  # every code cell ran, in order
+    if c.cell_type == "code":
+      assert c.execution_count is not None, f"{ipynb.relative_to(REPO)} has unexecuted cells"
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
