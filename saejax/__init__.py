@@ -16,7 +16,7 @@ it in this list, never from one below, and nothing imports in a cycle
   retrieval  encoding a corpus, the exact sparse index and its kernels, external engines
   hub        models on disk: Hugging Face conversion, a model built from a training config, a
              run's state and sealed checkpoints, loading a trained run, sentence-transformers
-             export and import
+             export and import, a corpus encoded into an index over devices and hosts
   interpret  latent statistics, labels, query-time steering, the HTML explorer
   eval       retrieval evaluation: the post-training table, the BEIR harness and its reports,
              the MTEB adapter (``python -m saejax.eval``)

@@ -59,6 +59,8 @@ USER_ERRORS = [
     (("saejax.interpret.explorer", "--run", MISSING, "--beir", MISSING, "--out", "x.html"),
      f"{MISSING} is not a saejax training workdir"),
     (("saejax.hub.demo", "--pairs", "many"), "argument --pairs: invalid int value: 'many'"),
+    (("saejax.hub.corpus", "--run", MISSING, "--corpus", MISSING, "--out", "out"),
+     f"corpus {MISSING} does not exist"),
     (("saejax.train.curves",), "the following arguments are required: workdir"),
     (("saejax.train.curves", MISSING), f"No such file or directory: {MISSING}/metrics.jsonl"),
 ]

@@ -100,6 +100,12 @@ def load_run(workdir: str | Path, step: int | None = None, **model_overrides
   # The saved item is a whole TrainState; restore its shape, then keep the parameters only.
   target = jax.eval_shape(functools.partial(init_state, tx=tx),
                           nnx.merge(graphdef, params))
+  if jax.process_count() > 1:
+    # Multi-process (e.g. `saejax.hub.corpus` on several hosts): each process reads its own whole
+    # copy onto its first local device; the default placement would spread one array over every
+    # process's devices, which no single process can read or use alone.
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=here), target)
   # An explicit step must be good; otherwise the newest good one, as training resumes: sealed
   # steps newest first, then unsealed ones (no digest: their files cannot be checked).
   candidates, sealed = checkpoint.restore_order(workdir / "checkpoints", steps)

@@ -40,10 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from saejax import sharding
 from saejax.data.tokenizer import check_vocab, pad_id, truncating_copy
 from saejax.errors import ConfigError, DataError
 from saejax.sae.embedder import Embedder, mean_pool
@@ -238,16 +240,28 @@ def mean_pooled(encoder: nnx.Module) -> EncodeFn:
   return functools.partial(_mean_pooled_forward, graphdef, state)
 
 
-def sparse_code(model: Embedder, k: int | None = None) -> EncodeFn:
+def sparse_code(model: Embedder, k: int | None = None, *, mesh: Mesh | None = None) -> EncodeFn:
   """A jitted ``(ids, valid) -> (values [B, K], indices [B, K])``: the model's TopK SAE code.
 
   Args:
     model: the trained encoder + SAE.
     k: active latents per text; None uses the training k (`SAEConfig.k`).
+    mesh: data-parallel encoding: the parameters are replicated over the mesh's devices once and
+      each batch is split over its data axes (`saejax.sharding.batch_sharding`), so every device
+      encodes B / devices rows of each batch; B must divide by the data-parallel device count.
+      None: the default device.
   """
   k = model.sae.config.k if k is None else k
   graphdef, state = nnx.split(model)
-  return lambda ids, valid: _sparse_code_forward(graphdef, state, ids, valid, k)
+  if mesh is None:
+    return lambda ids, valid: _sparse_code_forward(graphdef, state, ids, valid, k)
+  state = jax.device_put(state, sharding.replicated(mesh))
+  rows = sharding.batch_sharding(mesh, 2)
+
+  def fn(ids, valid):
+    return _sparse_code_forward(graphdef, state, jax.device_put(ids, rows),
+                                jax.device_put(valid, rows), k)
+  return fn
 
 
 def encode_dense(encoder: nnx.Module, tokenizer: Tokenizer, texts: Sequence[str],
@@ -267,7 +281,8 @@ def encode_dense(encoder: nnx.Module, tokenizer: Tokenizer, texts: Sequence[str]
 
 
 def encode_sparse(model: Embedder, tokenizer: Tokenizer, texts: Sequence[str], k: int | None = None,
-                  config: EncodeConfig = EncodeConfig(), *, desc: str = "encode") -> SparseCodes:
+                  config: EncodeConfig = EncodeConfig(), *, desc: str = "encode",
+                  mesh: Mesh | None = None) -> SparseCodes:
   """TopK SAE codes of ``texts``.
 
   Args:
@@ -277,7 +292,8 @@ def encode_sparse(model: Embedder, tokenizer: Tokenizer, texts: Sequence[str], k
     k: active latents per text; None uses the training k.
     config: batching and padding.
     desc: label of the progress bar.
+    mesh: encode each batch data-parallel over this mesh (see `sparse_code`); None: one device.
   """
-  (values, indices), stats = encode(sparse_code(model, k), tokenizer, texts, config, desc=desc,
-                                    vocab_size=vocab_size_of(model.encoder))
+  (values, indices), stats = encode(sparse_code(model, k, mesh=mesh), tokenizer, texts, config,
+                                    desc=desc, vocab_size=vocab_size_of(model.encoder))
   return SparseCodes(values, indices, stats)

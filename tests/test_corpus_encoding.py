@@ -1,0 +1,166 @@
+"""`python -m saejax.hub.corpus`: a corpus encoded over 8 fake CPU devices, over 2 processes, and
+resumed after a stop, gives the index that `encode_sparse` on one device gives."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from saejax import cli
+from saejax.hub import corpus, trained
+from saejax.retrieval import encode
+from saejax.retrieval.index import SparseIndex
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_distributed import CACHE, _finish, _free_port  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_DOCS, SHARD = 45, 10  # 5 shards, the last one short
+WORDS = ("audio video play ogg files license free software network server client library python "
+         "kernel driver font image editor game music").split()
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> Path:
+  """45 documents of 1-40 words; every third has a title."""
+  rng = np.random.default_rng(0)
+  file = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+  rows = [{"id": f"doc{i}", "title": str(rng.choice(WORDS)) if i % 3 == 0 else "",
+           "text": " ".join(rng.choice(WORDS, rng.integers(1, 41)))} for i in range(NUM_DOCS)]
+  file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return file
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run, corpus_file):
+  """`encode_sparse` in this process on one device: (config, model, tokenizer, ids, codes)."""
+  config, model, tok = trained.load_run(tiny_run)
+  ids, texts = corpus.read_corpus(corpus_file)
+  codes = encode.encode_sparse(model, tok, texts, config=encode.EncodeConfig(
+      max_len=int(config.data.max_doc_len), batch_size=16, progress=False))
+  return config, model, tok, ids, texts, codes
+
+
+def _command(run: Path, corpus_path: Path, out: Path, *flags: str) -> list[str]:
+  return [sys.executable, "-m", "saejax.hub.corpus", f"--run={run}", f"--corpus={corpus_path}",
+          f"--out={out}", f"--shard-size={SHARD}", "--batch-size=8", *flags]
+
+
+def _env(devices: int) -> dict:
+  return {**os.environ, **CACHE, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _run(cmd: list[str], devices: int) -> str:
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(devices), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return proc.stderr
+
+
+def _assert_matches(out: Path, reference) -> None:
+  """The merged index and every shard hold `encode_sparse`'s codes; search agrees."""
+  _, model, tok, ids, texts, codes = reference
+  index, got_ids = corpus.load_index(out)
+  assert got_ids == ids
+  for shard in range(-(-NUM_DOCS // SHARD)):
+    values, indices = corpus.read_shard(corpus.shard_file(out, shard))
+    rows = slice(shard * SHARD, (shard + 1) * SHARD)
+    np.testing.assert_array_equal(indices, codes.indices[rows])
+    np.testing.assert_allclose(values, codes.values[rows], atol=1e-5, rtol=0)
+  expected = SparseIndex.build(codes.values, codes.indices, model.sae.config.num_latents)
+  np.testing.assert_array_equal(index.offsets, expected.offsets)
+  np.testing.assert_array_equal(index.docs, expected.docs)
+  np.testing.assert_allclose(index.weights, expected.weights, atol=1e-5, rtol=0)
+  q = encode.encode_sparse(model, tok, ["play ogg audio files", "free software license",
+                                        texts[7], texts[30]],
+                           config=encode.EncodeConfig(max_len=64, batch_size=4, progress=False))
+  got, want = index.search(q.values, q.indices, top_k=10), expected.search(q.values, q.indices,
+                                                                           top_k=10)
+  np.testing.assert_array_equal(got[1], want[1])
+  np.testing.assert_allclose(got[0], want[0], atol=1e-5, rtol=0)
+
+
+def test_eight_devices_give_the_one_device_codes(tiny_run, corpus_file, reference, tmp_path):
+  log = _run(_command(tiny_run, corpus_file, tmp_path / "out"), 8)
+  assert "5 shards here, batch 8 over 8 local devices" in log, log
+  assert sum(f"shard {s}: encoded {n} documents" in log
+             for s, n in [(0, 10), (1, 10), (2, 10), (3, 10), (4, 5)]) == 5, log
+  _assert_matches(tmp_path / "out", reference)
+
+
+def test_resume_skips_finished_shards_and_redoes_a_damaged_one(tiny_run, corpus_file, reference,
+                                                                tmp_path):
+  out = tmp_path / "out"
+  log = _run(_command(tiny_run, corpus_file, out, "--max-shards-this-run=3"), 2)
+  assert "stopping after 3 shards" in log, log
+  assert sorted(p.name for p in (out / "shards").iterdir()) == [
+      f"shard-0000{i}.npz" for i in range(3)]  # no temporary file left behind
+  assert not (out / "index").exists()
+  first = corpus.shard_file(out, 0).stat().st_mtime_ns
+  damaged = corpus.shard_file(out, 2)
+  damaged.write_bytes(damaged.read_bytes()[:100])  # a truncated file, e.g. a disk filled up
+
+  log = _run(_command(tiny_run, corpus_file, out), 2)
+  assert "shard 0: complete on disk, skipped" in log and "shard 1: complete on disk" in log, log
+  assert "shard 0: encoded" not in log and "shard 1: encoded" not in log, log
+  assert f"warning: shard 2 ({damaged}) is damaged: unreadable" in log, log
+  assert all(f"shard {s}: encoded" in log for s in (2, 3, 4)), log
+  assert corpus.shard_file(out, 0).stat().st_mtime_ns == first
+  _assert_matches(out, reference)
+
+  # Merging again from the shards alone re-encodes nothing and writes the same index.
+  log = _run(_command(tiny_run, corpus_file, out, "--merge-only"), 1)
+  assert "encoded" not in log and "merged 5 shards" in log, log
+  _assert_matches(out, reference)
+
+
+@pytest.mark.slow  # two processes joined by jax.distributed
+def test_two_processes_encode_disjoint_shards(tiny_run, corpus_file, reference, tmp_path):
+  out = tmp_path / "out"
+  coordinator = f"--coordinator-address=127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen(_command(tiny_run, corpus_file, out, coordinator,
+                                     "--num-processes=2", f"--process-id={i}"),
+                            cwd=REPO, env=_env(2), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = _finish(procs)
+  encoded = [{s for s in range(5) if f"process {i}/2: shard {s}: encoded" in logs[i]}
+             for i in range(2)]
+  assert encoded == [{0, 2, 4}, {1, 3}], logs
+  assert "merged 5 shards" in logs[0] and "merged" not in logs[1], logs
+  _assert_matches(out, reference)
+
+
+def test_user_errors_are_one_line(tiny_run, corpus_file, tmp_path, capsys):
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n")
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"id": "a", "text": "x"}\n{"text": "no id"}\n')
+  dup = tmp_path / "dup.jsonl"
+  dup.write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
+  cases = [
+      ([f"--run={tiny_run}", f"--corpus={tmp_path / 'nope.jsonl'}"], "does not exist"),
+      ([f"--run={tiny_run}", f"--corpus={tmp_path}"], "has no corpus.jsonl"),
+      ([f"--run={tiny_run}", f"--corpus={empty}"], "holds no documents"),
+      ([f"--run={tiny_run}", f"--corpus={bad}"], "bad.jsonl line 2: not a JSON object"),
+      ([f"--run={tiny_run}", f"--corpus={dup}"], "line 2: duplicate id 'a' (first on line 1)"),
+      ([f"--run={tmp_path}", f"--corpus={corpus_file}"], "has no config.json"),
+      ([f"--run={tiny_run}", f"--corpus={corpus_file}", "--merge-only"], "shard 0"),
+  ]
+  for argv, expected in cases:
+    with pytest.raises(SystemExit) as e:
+      cli.run(corpus.main, [*argv, f"--out={tmp_path / 'out'}", "--shard-size=10"])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert e.value.code == 2 and last.startswith("error: ") and expected in last, (argv, err)
+    assert "Traceback" not in err and err.count("error: ") == 1, (argv, err)
+  # Shards of other settings are never mixed in: another k in the same --out is refused.
+  with pytest.raises(SystemExit):
+    cli.run(corpus.main, [f"--run={tiny_run}", f"--corpus={corpus_file}",
+                          f"--out={tmp_path / 'out'}", "--shard-size=10", "--k=4"])
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "holds shards of other inputs (k differ" in err, err
+  assert err.count("\n") == 1, err
