@@ -164,3 +164,25 @@ def test_user_errors_are_one_line(tiny_run, corpus_file, tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.startswith("error: ") and "holds shards of other inputs (k differ" in err, err
   assert err.count("\n") == 1, err
+
+
+SPLIT_CHECK = """
+import sys, jax, numpy as np
+from saejax import sharding
+from saejax.hub import trained
+from saejax.retrieval import encode
+_, model, _ = trained.load_run(sys.argv[1])
+mesh = sharding.make_mesh(sharding.MeshConfig(data=-1), jax.local_devices())
+values, indices = encode.sparse_code(model, mesh=mesh)(np.full((8, 16), 5, np.int32),
+                                                       np.ones((8, 16), bool))
+print(len(jax.local_devices()), len(values.sharding.device_set),
+      [s.data.shape[0] for s in values.addressable_shards])
+"""
+
+
+def test_each_device_encodes_its_rows_of_the_batch(tiny_run):
+  """With a mesh, `sparse_code` splits a batch of 8 over 8 devices: one row each."""
+  out = subprocess.run([sys.executable, "-c", SPLIT_CHECK, str(tiny_run)], cwd=REPO, env=_env(8),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split("\n")[-2] == "8 8 [1, 1, 1, 1, 1, 1, 1, 1]", out.stdout
