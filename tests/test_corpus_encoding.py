@@ -186,3 +186,15 @@ def test_each_device_encodes_its_rows_of_the_batch(tiny_run):
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
   assert out.stdout.split("\n")[-2] == "8 8 [1, 1, 1, 1, 1, 1, 1, 1]", out.stdout
+
+
+def test_a_run_without_an_sae_is_one_line(tiny_run, corpus_file, tmp_path, monkeypatch, capsys):
+  config, model, tok = trained.load_run(tiny_run)
+  model.sae = None  # what a sae.enabled=False run (the dense ablation) loads as
+  monkeypatch.setattr(corpus.trained, "load_run", lambda run: (config, model, tok))
+  with pytest.raises(SystemExit) as e:
+    cli.run(corpus.main, [f"--run={tiny_run}", f"--corpus={corpus_file}",
+                          f"--out={tmp_path / 'out'}"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.startswith("error: run ") and "has no SAE" in err, err
+  assert err.count("\n") == 1 and not (tmp_path / "out").exists(), err
