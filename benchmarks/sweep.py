@@ -68,6 +68,10 @@ ARMS = {
     "k32": {"sae.k": 32},
     "k128": {"sae.k": 128},
     "s4096": {"sae.num_latents": 4096},
+    "batch1024": {"head.batch_size": 1024},
+    "resample50": {"head.resample_every": 50},
+    "resample100": {"head.resample_every": 100},
+    "batch1024_steps1500": {"head.batch_size": 1024, "head.steps": 1500},
 }
 
 
@@ -151,6 +155,24 @@ def frozen_run_sae(workdir: str) -> sae_lib.SAE:
   return model.sae
 
 
+def mixture_rows(source: np.ndarray, n: int, weights: list[float], seed: int) -> np.ndarray:
+  """``n`` cached pair rows drawn as stage 1 draws them from the training pipeline: source i gets a
+  share ``weights[i] / sum(weights)`` of the rows; within a source, its pairs in a random order,
+  repeated only once all of them are taken (a source smaller than its share repeats)."""
+  rng = np.random.default_rng(seed)
+  share = np.asarray(weights, float) / np.sum(weights)
+  counts = np.floor(share * n).astype(int)
+  counts[np.argmax(share)] += n - counts.sum()
+  rows = []
+  for i, count in enumerate(counts):
+    pool = np.flatnonzero(source == i)
+    if count and not len(pool):
+      raise SystemExit(f"error: the cache holds no pairs of source {i}")
+    cycles = [rng.permutation(pool) for _ in range(-(-count // max(len(pool), 1)))]
+    rows.append(np.concatenate(cycles)[:count] if cycles else pool[:0])
+  return rng.permutation(np.concatenate(rows))
+
+
 def build(overrides: dict, d_model: int):
   cfg = {**BASE, **overrides}
   sections = {"sae": {}, "loss": {}, "optim": {}, "head": {}}
@@ -175,6 +197,12 @@ def main(argv=None):
                  help="also score the SAE of a trained frozen-encoder run (e.g. configs/quality.py:"
                       "frozen) on the cache: its codes of the cached embeddings are exactly the "
                       "run's, so this gives its latent health over the mixed texts")
+  p.add_argument("--health_cache", default=None,
+                 help="the cache whose training texts the health pool draws from (default --cache; "
+                      "runs/cache for numbers comparable with RESULTS.md's)")
+  p.add_argument("--pairs", type=int, default=0,
+                 help="train on this many pairs drawn with configs/quality.py's source weights, as "
+                      "stage 1 draws them (default 0: every cached pair once per epoch, uniformly)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override BASE for every arm, e.g. --set sae.num_latents=4096")
   args = p.parse_args(argv)
@@ -184,9 +212,15 @@ def main(argv=None):
   cache = Path(args.cache)
   train = np.load(cache / "train.npz")
   q_train, d_train = train["q"], train["d"]
+  if args.pairs:
+    from configs import quality as quality_config  # noqa: PLC0415 - configs/ is not a package
+    weights = [spec["weight"] for spec in quality_config.sources()]
+    rows = mixture_rows(train["source"], args.pairs, weights, args.seed)
+    q_train, d_train = q_train[rows], d_train[rows]
   evals = {name: load_eval(cache, name) for name in EVAL_SETS}
   rng = np.random.default_rng(0)
-  pool = np.concatenate([q_train, d_train] + [d for _, _, d in evals.values()])
+  health = np.load(Path(args.health_cache or cache) / "train.npz")
+  pool = np.concatenate([health["q"], health["d"]] + [d for _, _, d in evals.values()])
   health_v = pool[rng.permutation(len(pool))[:HEALTH_TEXTS]]
   d_model = q_train.shape[1]
   out = Path(args.out)
@@ -224,7 +258,8 @@ def main(argv=None):
     sae = sae_lib.SAE(sae_cfg, rngs=nnx.Rngs(args.seed))
     sae, _, history = train_head(sae, q_train, d_train, loss_cfg, optim_cfg, head_cfg,
                                  log_every=max(head_cfg.steps // 4, 1))
-    report({"arm": arm, "overrides": ARMS[arm], "train_s": time.time() - start,
+    report({"arm": arm, "overrides": ARMS[arm], "pairs": len(q_train), "cache": str(cache),
+            "train_s": time.time() - start,
             "last": history[-1], **evaluate(sae, evals, health_v)})
 
 if __name__ == "__main__":

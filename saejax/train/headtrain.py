@@ -26,7 +26,10 @@ from saejax.errors import ConfigError
 from saejax.hub.state import OptimConfig, TrainState, init_state, make_optimizer
 from saejax.sae import topk as sae_lib
 from saejax.sae.embedder import Embedder, sae_output
+from saejax.train import resample as resample_lib
 from saejax.train import step as step_lib
+
+RESAMPLE_SAMPLE = 8192  # inputs scored per resampling; the worst reconstructed seed dead latents
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,16 +39,24 @@ class HeadTrainConfig:
   Attributes:
     steps: optimiser steps.
     batch_size: query-document pairs per step (in-batch negatives: batch_size - 1 per query).
-    seed: batch order.
+    seed: batch order (and the inputs resampling draws).
+    resample_every: every this many steps, latents that have not fired since the last resampling
+      are re-initialised from badly reconstructed inputs (`saejax.train.resample`; 0: never).
+    resample_until: no resampling after this fraction of the steps (the last ones settle).
   """
   steps: int = 2000
   batch_size: int = 256
   seed: int = 0
+  resample_every: int = 0
+  resample_until: float = 0.5
 
   def __post_init__(self):
     if self.steps < 1 or self.batch_size < 2:
       raise ConfigError(f"HeadTrainConfig: steps={self.steps} must be >= 1 and "
                         f"batch_size={self.batch_size} >= 2 (InfoNCE needs a negative)")
+    if self.resample_every < 0 or not 0 <= self.resample_until <= 1:
+      raise ConfigError(f"HeadTrainConfig: resample_every={self.resample_every} must be >= 0 and "
+                        f"resample_until={self.resample_until} in [0, 1]")
 
 
 def head_loss(model: Embedder, batch: dict, since_fired, step, cfg: step_lib.LossConfig):
@@ -99,10 +110,25 @@ def train_head(sae: sae_lib.SAE, q_v: Float[np.ndarray, "N D"], d_v: Float[np.nd
   def step(state, q_all, d_all, rows):  # the batch is gathered on device, inside the step
     return train_step(state, {"q_v": q_all[rows], "d_v": d_all[rows][:, None]})
 
+  @functools.partial(jax.jit, donate_argnums=0)
+  def resample(state, pool, key):
+    # Dead: no firing since the last resampling (texts per step: the batch's queries and docs).
+    dead = state.since_fired >= cfg.resample_every * 2 * cfg.batch_size
+    sample_key, key = jax.random.split(key)
+    sample = pool[jax.random.choice(sample_key, pool.shape[0], (RESAMPLE_SAMPLE,))]
+    return resample_lib.resample_dead(state, graphdef, sample, dead, key)
+
   q_all, d_all = jnp.asarray(q_v, jnp.float32), jnp.asarray(d_v, jnp.float32)
+  key = jax.random.key(cfg.seed)
   history = []
   for i, rows in enumerate(batches(len(q_v), cfg)):
     state, metrics = step(state, q_all, d_all, jnp.asarray(rows))
+    if cfg.resample_every and (i + 1) % cfg.resample_every == 0 and (
+        i + 1 <= cfg.resample_until * cfg.steps):
+      key, sub = jax.random.split(key)
+      state, resampled = resample(state, jnp.concatenate([q_all, d_all]), sub)
+      if log_every:
+        log(f"head step {i + 1}: resampled {int(resampled['resampled'])} dead latents")
     if log_every and ((i + 1) % log_every == 0 or i + 1 == cfg.steps):
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
       history.append({"step": i + 1, **m})

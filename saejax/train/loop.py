@@ -82,7 +82,9 @@ def warm_start_sae(model: Embedder, batches, ws: ml_collections.ConfigDict,
   # one process and several see the same set of pairs, and must train the same SAE from it.
   order = np.argsort(np.asarray(keys[:ws.pairs]), kind="stable")
   q_v, d_v = np.concatenate(qs)[:ws.pairs][order], np.concatenate(ds)[:ws.pairs][order]
-  head_cfg = headtrain.HeadTrainConfig(steps=ws.steps, batch_size=min(ws.batch_size, len(q_v)))
+  head_cfg = headtrain.HeadTrainConfig(steps=ws.steps, batch_size=min(ws.batch_size, len(q_v)),
+                                       resample_every=ws.resample_every,
+                                       resample_until=ws.resample_until)
   head_optim = dataclasses.replace(optim_cfg, lr_sae=ws.lr, total_steps=ws.steps,
                                    warmup_steps=min(optim_cfg.warmup_steps, ws.steps // 10),
                                    freeze_encoder=True)
