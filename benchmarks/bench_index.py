@@ -101,6 +101,8 @@ SCIFACT = REPO.parent / "shared" / "data" / "scifact"  # for the spot check of r
 EVAL_SETS = ("scifact", "cranfield", "debian")
 SIZED = ("zipf", "balanced", "real:1m")  # the corpora whose size --docs sets
 CODES = SIZED + ("real:scifact", "real:debian")
+# The texts real:1m tiles, in the order their codes are concatenated.
+TILED_SOURCES = ("train_d",) + tuple(f"{e}_docs" for e in EVAL_SETS) + ("train_q",)
 RECALL_RTOL = 1e-5
 
 
@@ -114,6 +116,10 @@ class Corpus:
   q_indices: np.ndarray
   num_latents: int
   about: str  # where the codes come from, one line
+  # real:1m: the rows of the documents and queries in the concatenated sources (TILED_SOURCES,
+  # the evaluation sets' queries), so that other representations of the same texts line up
+  rows: np.ndarray | None = None
+  q_rows: np.ndarray | None = None
 
 
 @numba.njit(cache=True)
@@ -209,11 +215,7 @@ def make_real_codes(workdir: str, cache: str, k: int) -> tuple[str, str]:
     return np.concatenate(out_v), np.concatenate(out_i)
 
   arrays = {"num_latents": np.int64(s)}
-  train = np.load(cache / "train.npz")
-  embeddings = {"train_q": train["q"], "train_d": train["d"]}
-  for name in EVAL_SETS:
-    data = np.load(cache / f"eval_{name}.npz")
-    embeddings[f"{name}_queries"], embeddings[f"{name}_docs"] = data["queries"], data["docs"]
+  embeddings = cached_embeddings(cache)
   for name, v in embeddings.items():
     arrays[f"{name}_values"], arrays[f"{name}_indices"] = codes(v)
   print(f"  computed the codes of {sum(len(v) for v in embeddings.values()):,} cached texts in "
@@ -240,6 +242,17 @@ def make_real_codes(workdir: str, cache: str, k: int) -> tuple[str, str]:
   return str(path), about + f"; computed, cached in {path}"
 
 
+def cached_embeddings(cache: Path) -> dict[str, np.ndarray]:
+  """The cached frozen-MiniLM embeddings [texts, D] by source: train_q, train_d, and NAME_queries,
+  NAME_docs of each evaluation set (the names of the codes file's arrays, less _values)."""
+  train = np.load(cache / "train.npz")
+  embeddings = {"train_q": train["q"], "train_d": train["d"]}
+  for name in EVAL_SETS:
+    data = np.load(cache / f"eval_{name}.npz")
+    embeddings[f"{name}_queries"], embeddings[f"{name}_docs"] = data["queries"], data["docs"]
+  return embeddings
+
+
 def real_codes(args: argparse.Namespace, k: int) -> tuple[dict, str]:
   """(codes file contents, about) for codes at ``k``, from a child process (see the docstring)."""
   with concurrent.futures.ProcessPoolExecutor(
@@ -255,12 +268,28 @@ def distinct_rows(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
   return np.sort(np.unique(key, axis=0, return_index=True)[1])
 
 
+def query_rows(count: int, cap: int | None) -> np.ndarray:
+  """Rows of the queries kept of ``count``: all, or a seeded random ``cap`` of them, in order."""
+  if cap is None or cap >= count:
+    return np.arange(count)
+  return np.sort(np.random.default_rng(3).choice(count, cap, replace=False))
+
+
 def pick_queries(values: np.ndarray, indices: np.ndarray, cap: int | None
                  ) -> tuple[np.ndarray, np.ndarray]:
   if cap is None or cap >= len(values):
     return values, indices
-  rows = np.sort(np.random.default_rng(3).choice(len(values), cap, replace=False))
+  rows = query_rows(len(values), cap)
   return values[rows], indices[rows]
+
+
+def tiled_rows(values: np.ndarray, indices: np.ndarray, n: int) -> tuple[np.ndarray, int]:
+  """(rows of N documents, the number T of distinct texts): the distinct codes shuffled and tiled
+  to N rows (each ~N/T times), shuffled again; below T, a random subset (see real:1m)."""
+  keep = distinct_rows(values, indices)
+  texts = len(keep)
+  rng = np.random.default_rng(0)
+  return keep[rng.permutation(texts)][np.arange(n) % texts][rng.permutation(n)], texts
 
 
 def real_corpus(codes: str, n: int | None, args: argparse.Namespace, arrays: dict,
@@ -272,23 +301,21 @@ def real_corpus(codes: str, n: int | None, args: argparse.Namespace, arrays: dic
                                        arrays[f"{name}_queries_indices"], args.queries)
     return Corpus(codes, arrays[f"{name}_docs_values"], arrays[f"{name}_docs_indices"],
                   q_values, q_indices, s, f"{about}; {name}'s own documents and queries")
-  sources = ["train_d"] + [f"{e}_docs" for e in EVAL_SETS] + ["train_q"]
+  sources = TILED_SOURCES
   all_values = np.concatenate([arrays[f"{x}_values"] for x in sources])
   all_indices = np.concatenate([arrays[f"{x}_indices"] for x in sources])
-  keep = distinct_rows(all_values, all_indices)
-  texts = len(keep)
-  rng = np.random.default_rng(0)
-  rows = keep[rng.permutation(texts)][np.arange(n) % texts][rng.permutation(n)]
-  q_values, q_indices = pick_queries(
-      np.concatenate([arrays[f"{e}_queries_values"] for e in EVAL_SETS]),
-      np.concatenate([arrays[f"{e}_queries_indices"] for e in EVAL_SETS]), args.queries)
+  rows, texts = tiled_rows(all_values, all_indices, n)
+  all_q_values = np.concatenate([arrays[f"{e}_queries_values"] for e in EVAL_SETS])
+  q_rows = query_rows(len(all_q_values), args.queries)
+  q_values = all_q_values[q_rows]
+  q_indices = np.concatenate([arrays[f"{e}_queries_indices"] for e in EVAL_SETS])[q_rows]
   sizes = ", ".join(f"{x} {len(arrays[f'{x}_values']):,}" for x in sources)
   tiling = (f"each text {n / texts:.1f} times on average (repeat factor), shuffled" if n > texts
             else f"a random {n:,} of them, no repeats")
   return Corpus(codes, all_values[rows], all_indices[rows], q_values, q_indices, s,
                 f"{about}; {texts:,} distinct texts ({sizes}, {len(all_values) - texts:,} "
                 f"repeated codes dropped) tiled to N={n:,} documents with distinct ids: {tiling}; "
-                f"queries: the evaluation sets' ({', '.join(EVAL_SETS)})")
+                f"queries: the evaluation sets' ({', '.join(EVAL_SETS)})", rows, q_rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +360,12 @@ def tie_recall(found: np.ndarray, exact_scores: np.ndarray, exact_ids: np.ndarra
   rows = np.repeat(np.arange(found.shape[0]), found.shape[1])[valid]
   true = np.full(flat.shape, -np.inf, dtype=np.float64)
   true[valid] = np.asarray(d[flat[valid]].multiply(q[rows]).sum(axis=1)).ravel()
-  true = true.reshape(found.shape)
+  return recall_at_scores(found, true.reshape(found.shape), exact_scores, exact_ids)
+
+
+def recall_at_scores(found: np.ndarray, true: np.ndarray, exact_scores: np.ndarray,
+                     exact_ids: np.ndarray) -> float:
+  """`tie_recall` given the true scores [Q, 10] of the found documents (-inf where id -1)."""
   per_query = []
   for f, t, e_ids, e_scores in zip(found, true, exact_ids, exact_scores):
     m = int((e_ids >= 0).sum())
