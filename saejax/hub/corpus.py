@@ -58,6 +58,7 @@ from saejax.errors import CheckpointError, ConfigError, DataError
 from saejax.hub import trained
 from saejax.retrieval import encode as encode_lib
 from saejax.retrieval.index import SparseIndex
+from saejax.sae.embedder import model_fingerprint
 
 FORMAT = "saejax.CorpusShards"
 FORMAT_VERSION = 1
@@ -115,16 +116,6 @@ def _digest(strings: Sequence[str]) -> str:
     data = s.encode("utf-8", "surrogatepass")
     h.update(len(data).to_bytes(8, "little"))
     h.update(data)
-  return h.hexdigest()
-
-
-def _params_digest(model) -> str:
-  """A digest of the model's parameters: shards of another checkpoint are never mixed in."""
-  h = hashlib.sha256()
-  for leaf in jax.tree.leaves(jax.device_get(nnx.state(model, nnx.Param))):
-    a = np.ascontiguousarray(leaf)
-    h.update(str((a.dtype, a.shape)).encode())
-    h.update(a.tobytes())
   return h.hexdigest()
 
 
@@ -388,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
       "format": FORMAT, "version": FORMAT_VERSION,
       "corpus": str(Path(args.corpus).absolute()), "corpus_digest": _digest(ids + texts),
       "num_docs": plan.num_docs, "run": str(Path(args.run).absolute()),
-      "params_digest": _params_digest(model), "k": k, "max_len": max_len,
+      "model_fingerprint": model_fingerprint(model), "k": k, "max_len": max_len,
       "num_latents": model.sae.config.num_latents, "shard_size": plan.shard_size,
       "num_shards": plan.num_shards})
   job = Job(out, ids, texts, plan, model, tokenizer, k,

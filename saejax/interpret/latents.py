@@ -25,8 +25,9 @@ plus a printable table:
   embed is a fraction of a second. Evidence is read on SAE pre-activations, not on the TopK code:
   a token can move a latent across the TopK cut-off, where the code jumps from 0 to a value and a
   difference of codes would say nothing about the tokens that did not cross it.
-* `model_fingerprint`: a short hash of a model's configuration and parameters, stored beside codes
-  and labels so that analysis of one model is never shown as another's (`check_fingerprint`).
+* `model_fingerprint` (defined in `saejax.sae.embedder`, which corpus shards use too): a short
+  hash of a model's configuration and parameters, stored beside codes and labels so that analysis
+  of one model is never shown as another's (`check_fingerprint`).
 
 Shape legend: N documents, K active latents per document, S latents, T tokens, L latents asked for.
 """
@@ -49,7 +50,7 @@ from saejax.data.tokenizer import pad_id, truncating_copy
 from saejax.errors import CheckpointError, ConfigError, DataError, SaejaxError
 from saejax.retrieval.encode import _bucket, _pad, tokenize
 from saejax.retrieval.index import sparse_matrix
-from saejax.sae.embedder import Embedder
+from saejax.sae.embedder import Embedder, model_fingerprint  # noqa: F401 - part of this API
 
 HOT_FREQUENCY = 0.1  # Gao et al. call a latent dense above a firing rate of 10%
 CODES_FORMAT = "saejax.codes"
@@ -345,23 +346,6 @@ def token_evidence(model: Embedder, tokenizer: Tokenizer, texts: Sequence[str],
 
 # ---------------------------------------------------------------------------------------------
 # Fingerprints and stored codes
-
-def model_fingerprint(model: Embedder) -> str:
-  """16 hex digits identifying a model: its SAE config, encoder config and every parameter.
-
-  Two checkpoints of one run (same shapes, different weights) get different fingerprints, which
-  is the case that matters: codes of step 100 shown as step 150's would look plausible.
-  """
-  digest = hashlib.sha256()
-  digest.update(repr(model.sae.config).encode())
-  digest.update(repr(getattr(model.encoder, "cfg", type(model.encoder).__name__)).encode())
-  leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
-  for path, leaf in sorted(leaves, key=lambda x: jax.tree_util.keystr(x[0])):
-    array = np.asarray(leaf)
-    digest.update(f"{jax.tree_util.keystr(path)}{array.shape}{array.dtype}".encode())
-    digest.update(np.ascontiguousarray(array).tobytes())
-  return digest.hexdigest()[:16]
-
 
 def check_fingerprint(expected: str, found: str, what: str) -> None:
   """Raise FingerprintError unless ``found`` (stored with ``what``) equals ``expected``."""

@@ -5,9 +5,12 @@ both as (values, indices) and, for the losses, scattered to [N, S]. The encoder 
 architecture (ModernBERT, BERT family); the SAE reads its pooled output.
 """
 
+import hashlib
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
@@ -54,3 +57,20 @@ def sae_output(sae: sae_lib.SAE, v: Float[Array, "N D"], k: int | None = None) -
   pre = sae.pre_activations(v)
   code = sae_lib.topk_relu(pre, sae.config.k if k is None else k)
   return Output(v, pre, code, sae.decode(code.values, code.indices))
+
+
+def model_fingerprint(model: Embedder) -> str:
+  """16 hex digits identifying a model: its SAE config, encoder config and every parameter.
+
+  Two checkpoints of one run (same shapes, different weights) get different fingerprints, which
+  is the case that matters: codes of step 100 shown as step 150's would look plausible.
+  """
+  digest = hashlib.sha256()
+  digest.update(repr(model.sae.config).encode())
+  digest.update(repr(getattr(model.encoder, "cfg", type(model.encoder).__name__)).encode())
+  leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+  for path, leaf in sorted(leaves, key=lambda x: jax.tree_util.keystr(x[0])):
+    array = np.asarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}{array.shape}{array.dtype}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()[:16]
