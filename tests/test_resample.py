@@ -109,7 +109,8 @@ def test_resampling_revives_latents_that_head_training_leaves_dead():
   w_dec /= np.linalg.norm(w_dec, axis=1, keepdims=True)
 
   def never_fire(resample_every):
-    sae = sae_lib.SAE(sae_lib.SAEConfig(d_model=D, num_latents=64, k=2, k_aux=8),
+    sae = sae_lib.SAE(sae_lib.SAEConfig(d_model=D, num_latents=64, k=2, k_aux=8,
+                                        dead_after_tokens=1000),
                       rngs=nnx.Rngs(0))
     sae.w_dec.set_value(jnp.asarray(w_dec))
     sae.w_enc.set_value(jnp.asarray(w_dec.T))

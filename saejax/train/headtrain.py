@@ -40,8 +40,9 @@ class HeadTrainConfig:
     steps: optimiser steps.
     batch_size: query-document pairs per step (in-batch negatives: batch_size - 1 per query).
     seed: batch order (and the inputs resampling draws).
-    resample_every: every this many steps, latents that have not fired since the last resampling
-      are re-initialised from badly reconstructed inputs (`saejax.train.resample`; 0: never).
+    resample_every: every this many steps, dead latents (silent for `SAEConfig.dead_after_tokens`
+      texts, as AuxK counts them) are re-initialised from badly reconstructed inputs
+      (`saejax.train.resample`; 0: never).
     resample_until: no resampling after this fraction of the steps (the last ones settle).
   """
   steps: int = 2000
@@ -112,8 +113,8 @@ def train_head(sae: sae_lib.SAE, q_v: Float[np.ndarray, "N D"], d_v: Float[np.nd
 
   @functools.partial(jax.jit, donate_argnums=0)
   def resample(state, pool, key):
-    # Dead: no firing since the last resampling (texts per step: the batch's queries and docs).
-    dead = state.since_fired >= cfg.resample_every * 2 * cfg.batch_size
+    # Dead as AuxK and the curves count it: silent for the SAE's dead_after_tokens texts.
+    dead = sae_lib.dead_mask(state.since_fired, sae.config.dead_after_tokens)
     sample_key, key = jax.random.split(key)
     sample = pool[jax.random.choice(sample_key, pool.shape[0], (RESAMPLE_SAMPLE,))]
     return resample_lib.resample_dead(state, graphdef, sample, dead, key)

@@ -36,7 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.warmstart.pairs = 8192                # training pairs embedded once by the untouched encoder
   c.warmstart.batch_size = 256            # pairs per head-training step (in-batch negatives)
   c.warmstart.lr = 2e-4                   # peak SAE learning rate of stage 1
-  c.warmstart.resample_every = 0          # re-initialise latents silent this many steps (0: never)
+  c.warmstart.resample_every = 0          # every N steps re-initialise dead latents (0: never)
   c.warmstart.resample_until = 0.5        # ... only in this first fraction of stage 1
 
   c.loss = ml_collections.ConfigDict()
