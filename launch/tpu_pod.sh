@@ -19,12 +19,12 @@
 #
 # Options: --name TPU --zone ZONE (required) [--project P] [--accelerator v4-32]
 #   [--version tpu-ubuntu2204-base] [--spot] [--run NAME] [--config configs/base.py]
-#   [--workdir /mnt/gcs/runs/NAME] [--log-worker 0] [--stop-wait 300] [--dry-run]
+#   [--workdir gs://BUCKET/runs/NAME] [--log-worker 0] [--stop-wait 300] [--dry-run]
 #
 # Example (a v4-32: 4 workers x 4 chips):
 #   launch/tpu_pod.sh --name sae-v4 --zone us-central2-b --accelerator v4-32 create copy install
 #   launch/tpu_pod.sh --name sae-v4 --zone us-central2-b --run base1 --config configs/base.py \
-#     --workdir /mnt/gcs/runs/base1 run logs
+#     --workdir gs://my-bucket/runs/base1 run logs
 #   launch/tpu_pod.sh --name sae-v4 --zone us-central2-b --run base1 stop delete
 # Extra training flags go after `--`:  ... run -- --config.sae.k=32
 set -euo pipefail
@@ -103,7 +103,7 @@ for step in "${STEPS[@]}"; do
     run)
       need_run run
       [[ -n "$WORKDIR" ]] ||
-        die "step 'run' needs --workdir (/mnt/gcs/runs/NAME, a bucket mounted on every worker: each writes checkpoints there)"
+        die "step 'run' needs --workdir (gs://BUCKET/runs/NAME, or /mnt/gcs/runs/NAME where the bucket is mounted on every worker: each writes checkpoints there)"
       flags=(--config="$CONFIG" --workdir="$WORKDIR" "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}")
       train_q="\$HOME/saejax-venv/bin/python -m saejax.train $(quote_all "${flags[@]}")"
       # The session's shell writes its PID, then exec's the trainer (same PID): `stop` signals it.

@@ -60,6 +60,7 @@ architecture or an unreadable one each raise `CheckpointError`.
 import dataclasses
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -67,10 +68,12 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
+from etils import epath
 from flax import nnx
 from jaxtyping import Float, Int
 from tokenizers import Tokenizer
 
+from saejax import paths
 from saejax.data.beir import BeirData, load_beir
 from saejax.data.tokenizer import load_tokenizer
 from saejax.errors import CheckpointError, ConfigError, DataError
@@ -430,8 +433,8 @@ def load_system(path: str | Path, name: str | None = None) -> SparseSystem | Den
 
   Args:
     path: a ``python -m saejax.train`` workdir (config.json + checkpoints/; the newest
-      checkpoint), or a sentence-transformers SparseEncoder directory (modules.json), read with
-      `saejax.hub.export.load_sparse_encoder`.
+      checkpoint; local or gs://), or a local sentence-transformers SparseEncoder directory
+      (modules.json), read with `saejax.hub.export.load_sparse_encoder`.
     name: the system's name (default: the directory's name).
 
   Returns:
@@ -443,7 +446,7 @@ def load_system(path: str | Path, name: str | None = None) -> SparseSystem | Den
     CheckpointError: a directory that is neither, a checkpoint that does not fit its config
       (another architecture) or cannot be read.
   """
-  path = Path(path)
+  path = _model_path(path)
   name = name or path.absolute().name
   if model_kind(path) == "export":
     try:
@@ -469,13 +472,19 @@ def load_system(path: str | Path, name: str | None = None) -> SparseSystem | Den
 def model_kind(path: str | Path) -> Literal["run", "export"]:
   """What a model directory is, from its files alone (cheap: the CLI checks every --model
   before loading any); a CheckpointError if it is neither a run nor an export."""
-  path = Path(path)
-  if (path / "modules.json").is_file():
+  path = _model_path(path)
+  if paths.is_local(path) and (path / "modules.json").is_file():
     return "export"
   if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
     return "run"
   raise CheckpointError(f"{path} is neither a saejax training workdir (config.json and "
-                        f"checkpoints/) nor an exported SparseEncoder directory (modules.json)")
+                        f"checkpoints/) nor an exported SparseEncoder directory (modules.json; "
+                        f"read from a local directory)")
+
+
+def _model_path(path: str | os.PathLike) -> Path | epath.Path:
+  """A local model directory as a `Path`; a run in a bucket (gs://) as a checked epath."""
+  return Path(path) if paths.is_local(path) else paths.resolve(path, "--model")
 
 
 def trained_lens(config) -> tuple[int, int] | None:

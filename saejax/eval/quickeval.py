@@ -45,6 +45,7 @@ from ir_measures import RR, R, nDCG
 from jaxtyping import Float, Int
 from tokenizers import Tokenizer
 
+from saejax import paths
 from saejax.data.beir import BeirData, Qrels, load_beir
 from saejax.errors import ConfigError
 from saejax.hub import convert, trained
@@ -330,7 +331,7 @@ def run(config: ml_collections.ConfigDict, model: Embedder, workdir: str | Path)
   print(format_table(result), flush=True)
   print(MEANING, flush=True)
   print(LONGER_RUN, flush=True)
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = paths.resolve(workdir)  # a local directory or a gs:// URL
+  paths.makedirs(workdir)
   (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
   return result

@@ -22,6 +22,11 @@ Training checkpoints (`TrainCheckpointer`) are guarded against the faults of lon
     run stops with a `CheckpointError` rather than silently training from scratch;
   * write failures (disk full, file-size limit, permissions) surface as a `CheckpointError` naming
     the step and the newest complete checkpoint, which the failed write never touches.
+
+The checkpoint directory may be in a bucket (``gs://``, `saejax.paths`). Orbax then writes each step
+in place and commits it with a ``commit_success.txt`` marker instead of a rename; the seal is
+written by the same callback, after every file and before that marker, as one direct upload (an
+object is whole or absent: no temporary file, rename or fsync there).
 """
 
 import hashlib
@@ -29,12 +34,14 @@ import json
 import os
 import tempfile
 import time
-from pathlib import Path
+import uuid
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
+from saejax import paths
 from saejax.errors import CheckpointError
 
 
@@ -49,16 +56,20 @@ class DamagedCheckpointError(CheckpointError):
   """A committed checkpoint's files differ from the digest written when it was saved."""
 
 
-def check_writable(directory: str | os.PathLike) -> Path:
+def check_writable(directory: str | os.PathLike) -> epath.Path:
   """Create `directory` if needed and prove that a file can be written, synced and removed there.
 
   Called at start-up so that an unwritable workdir fails before any compute rather than at the
-  first checkpoint, minutes or hours later.
+  first checkpoint, minutes or hours later. In a bucket (no directories, no fsync) a small object
+  is uploaded and deleted: a missing bucket or missing permissions fail here, and no bucket is
+  ever created.
 
   Raises:
     CheckpointError: the directory cannot be created or written, naming it and the OS reason.
   """
-  directory = Path(directory).absolute()
+  directory = paths.resolve(directory)
+  if not paths.is_local(directory):
+    return _check_bucket_writable(directory)
   try:
     directory.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=directory, prefix=".saejax-write-test-")
@@ -75,36 +86,53 @@ def check_writable(directory: str | os.PathLike) -> Path:
   return directory
 
 
-def _digests(step_dir: Path) -> dict[str, dict]:
+def _check_bucket_writable(directory: epath.Path) -> epath.Path:
+  probe = directory / f".saejax-write-test-{uuid.uuid4().hex}"
+  try:
+    probe.write_bytes(b"saejax")
+    probe.unlink()
+  # gcsfs and google-auth raise their own errors (no bucket, no credentials, no permission).
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise CheckpointError(f"{directory} is not writable ({type(e).__name__}: {e}): checkpoints and "
+                          "logs could not be saved there; check that the bucket exists and that "
+                          "this machine's credentials may write to it, or choose another "
+                          "--workdir") from e
+  return directory
+
+
+def _sha256(path: epath.Path) -> str:
+  h = hashlib.sha256()
+  with path.open("rb") as f:
+    while chunk := f.read(1 << 23):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _digests(step_dir: epath.Path) -> dict[str, dict]:
   """{relative path: {"bytes", "sha256"}} of every file of a checkpoint (Orbax's commit files
   excepted)."""
   files = {}
-  for path in sorted(step_dir.rglob("*")):
+  for path in paths.files_under(step_dir):
     if path.parent == step_dir and path.name in ORBAX_COMMIT_FILES:
       continue
-    if path.is_file() and not path.name.startswith((DIGEST_FILE, "." + DIGEST_FILE)):
-      with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-      files[str(path.relative_to(step_dir))] = {"bytes": path.stat().st_size, "sha256": digest}
+    if not path.name.startswith((DIGEST_FILE, "." + DIGEST_FILE)):
+      files[str(path.relative_to(step_dir))] = {"bytes": path.stat().length,
+                                                "sha256": _sha256(path)}
   return files
 
 
-def write_digest(step_dir: str | os.PathLike) -> Path:
-  """Seal a checkpoint whose files are all written: each one's size and SHA-256, atomically."""
-  step_dir = Path(step_dir)
+def write_digest(step_dir: str | os.PathLike) -> epath.Path:
+  """Seal a checkpoint whose files are all written: each one's size and SHA-256, written whole
+  (`saejax.paths.write_atomic`: tmp + fsync + rename on disk, one upload in a bucket)."""
+  step_dir = paths.resolve(step_dir)
   body = json.dumps({"format": DIGEST_FORMAT, "version": 1, "files": _digests(step_dir)}, indent=1)
-  tmp = step_dir / f".{DIGEST_FILE}.tmp"
-  with open(tmp, "w") as f:
-    f.write(body + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, step_dir / DIGEST_FILE)  # a kill here leaves no digest, never half of one
+  paths.write_atomic(step_dir / DIGEST_FILE, body + "\n")
   return step_dir / DIGEST_FILE
 
 
 def is_sealed(step_dir: str | os.PathLike) -> bool:
   """Whether a checkpoint has a digest (which `verify_step` checks)."""
-  return (Path(step_dir) / DIGEST_FILE).exists()
+  return (paths.resolve(step_dir) / DIGEST_FILE).exists()
 
 
 def restore_order(directory: str | os.PathLike, steps: list[int]) -> tuple[list[int], list[int]]:
@@ -112,7 +140,8 @@ def restore_order(directory: str | os.PathLike, steps: list[int]) -> tuple[list[
   ones newest first, then unsealed ones (no digest: unverifiable) newest first - and the sealed
   ones. Training's resume and `trained.load_run` share this rule."""
   newest_first = sorted(steps, reverse=True)
-  sealed = [s for s in newest_first if is_sealed(Path(directory) / str(s))]
+  directory = paths.resolve(directory)
+  sealed = [s for s in newest_first if is_sealed(directory / str(s))]
   return sealed + [s for s in newest_first if s not in sealed], sealed
 
 
@@ -128,7 +157,7 @@ def verify_step(step_dir: str | os.PathLike) -> bool:
     DamagedCheckpointError: a file is missing, has another size (truncated) or other contents,
       or the digest itself is unreadable; the message names the file.
   """
-  step_dir = Path(step_dir)
+  step_dir = paths.resolve(step_dir)
   file = step_dir / DIGEST_FILE
   if not file.exists():
     return False
@@ -145,13 +174,13 @@ def verify_step(step_dir: str | os.PathLike) -> bool:
     path = step_dir / name
     if not path.is_file():
       raise DamagedCheckpointError(f"{path} is missing")
-    if path.stat().st_size != want["bytes"]:
-      raise DamagedCheckpointError(f"{path} has {path.stat().st_size} bytes, {want['bytes']} were "
+    size = path.stat().length
+    if size != want["bytes"]:
+      raise DamagedCheckpointError(f"{path} has {size} bytes, {want['bytes']} were "
                                    "written (truncated or overwritten)")
-    with open(path, "rb") as f:
-      if hashlib.file_digest(f, "sha256").hexdigest() != want["sha256"]:
-        raise DamagedCheckpointError(f"{path} does not match the SHA-256 recorded when it was "
-                                     "written (corrupted)")
+    if _sha256(path) != want["sha256"]:
+      raise DamagedCheckpointError(f"{path} does not match the SHA-256 recorded when it was "
+                                   "written (corrupted)")
   return True
 
 
@@ -170,7 +199,7 @@ class TrainCheckpointer:
                async_save: bool = True):
     import grain
     self._grain = grain
-    self.directory = Path(directory).absolute()
+    self.directory = paths.resolve(directory)
     self._async = async_save
     self._in_flight: int | None = None  # the step being written, which the seal callback names
     self.manager = ocp.CheckpointManager(
@@ -191,7 +220,7 @@ class TrainCheckpointer:
     """Committed steps, oldest first (temporary directories of interrupted writes excluded)."""
     return sorted(self.manager.all_steps())
 
-  def step_dir(self, step: int) -> Path:
+  def step_dir(self, step: int) -> epath.Path:
     return self.directory / str(step)
 
   def due(self, step: int) -> bool:
@@ -308,16 +337,16 @@ class TrainCheckpointer:
                         "were moved to %s", step, kind, steps, self._aside_dir(kind))
         self._set_aside(steps, kind)
 
-  def _aside_dir(self, kind: str) -> Path:
+  def _aside_dir(self, kind: str) -> epath.Path:
     return self.directory.parent / f"{self.directory.name}_{kind}"
 
   def _set_aside(self, steps: list[int], kind: str) -> None:
     """Move `steps` to ``<checkpoints>_<kind>/``, named by step and time."""
     if jax.process_index() == 0:
-      self._aside_dir(kind).mkdir(exist_ok=True)
       for s in steps:
         if self.step_dir(s).exists():
-          self.step_dir(s).rename(self._aside_dir(kind) / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}")
+          paths.move_dir(self.step_dir(s),
+                         self._aside_dir(kind) / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"saejax: {kind} checkpoints set aside")

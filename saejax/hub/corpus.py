@@ -52,7 +52,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from saejax import cli, sharding
+from saejax import cli, paths, sharding
 from saejax.data.sources import beir_document
 from saejax.errors import CheckpointError, ConfigError, DataError
 from saejax.hub import trained
@@ -360,9 +360,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
   _initialize(args)  # before any device is touched
   ids, texts = read_corpus(args.corpus)
-  if not Path(args.run).is_dir():
+  run = paths.resolve(args.run, "--run")  # a local workdir or a gs:// one
+  if not run.is_dir():
     raise CheckpointError(f"--run {args.run} is not a directory")
-  config, model, tokenizer = trained.load_run(args.run)
+  config, model, tokenizer = trained.load_run(run)
   if model.sae is None:
     raise ConfigError(f"run {args.run} has no SAE (sae.enabled=False, the dense ablation): it "
                       "gives no sparse codes to index")
@@ -378,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
   _check_manifest(out, {
       "format": FORMAT, "version": FORMAT_VERSION,
       "corpus": str(Path(args.corpus).absolute()), "corpus_digest": _digest(ids + texts),
-      "num_docs": plan.num_docs, "run": str(Path(args.run).absolute()),
+      "num_docs": plan.num_docs, "run": str(run),
       "model_fingerprint": model_fingerprint(model), "k": k, "max_len": max_len,
       "num_latents": model.sae.config.num_latents, "shard_size": plan.shard_size,
       "num_shards": plan.num_shards})

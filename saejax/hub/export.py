@@ -66,7 +66,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from saejax import cli
+from saejax import cli, paths
 from saejax.data.tokenizer import Tokenizer, load_tokenizer
 from saejax.errors import CheckpointError, ConfigError, SaejaxError
 from saejax.hub import convert
@@ -254,7 +254,7 @@ def write_sparse_encoder(model: Embedder, tokenizer_src: str | Path, out: str | 
     if card is not None:
       (st_dir / "README.md").write_text(card)
     for name, file in (extra_files or {}).items():
-      shutil.copyfile(file, st_dir / name)
+      (st_dir / name).write_bytes(file.read_bytes())  # the file may be in a bucket (a gs:// run)
     result = _commit(st_dir, out)
   finally:
     shutil.rmtree(stage, ignore_errors=True)
@@ -279,8 +279,9 @@ def pin_max_seq_length(st_dir: Path, max_seq_length: int) -> Path:
 
 
 def resolve_ckpt(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
-  """(workdir, step) of ``--ckpt``: a training workdir or one of its ``checkpoints/<step>``."""
-  path = Path(path).absolute()
+  """(workdir, step) of ``--ckpt``: a training workdir or one of its ``checkpoints/<step>``, on
+  disk or in a bucket (gs://)."""
+  path = Path(path).absolute() if paths.is_local(path) else paths.resolve(path, "--ckpt")
   if path.parent.name == "checkpoints" and path.name.isdigit():
     if step is not None and step != int(path.name):
       raise ConfigError(f"--ckpt {path} is step {path.name} but --step {step} was given")

@@ -7,19 +7,22 @@ Everything downstream of training (evaluation, export, interpretability, steerin
 The workdir holds ``config.json`` (the resolved training config that `saejax.train` wrote) and
 ``checkpoints/<step>/state`` (Orbax). The model is built abstractly from the config and only the
 parameters are read from the checkpoint (the optimiser moments and the data iterator stay on disk),
-so loading costs one read of the weights and no random initialisation.
+so loading costs one read of the weights and no random initialisation. The workdir may be a
+bucket URL (``gs://BUCKET/PATH``, `saejax.paths`), read with the same checks.
 """
 
 import functools
 import json
 import logging
-from pathlib import Path
+import os
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
+from saejax import paths
 from saejax.data.tokenizer import Tokenizer, load_tokenizer
 from saejax.errors import CheckpointError, ConfigError
 from saejax.hub import build, checkpoint, convert
@@ -33,13 +36,13 @@ from saejax.sae.embedder import Embedder
 _BEFORE_FIELD_EXISTED = {("sae", "normalize_codes"): False}
 
 
-def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The resolved training config a run wrote to ``workdir/config.json``.
 
   A field the run's code did not have yet (`_BEFORE_FIELD_EXISTED`) is filled with the value
   that code behaved as, so an old run loads exactly as it trained.
   """
-  file = Path(workdir) / "config.json"
+  file = paths.resolve(workdir) / "config.json"
   if not file.is_file():
     raise CheckpointError(f"{workdir} is not a saejax training workdir: it has no config.json")
   try:
@@ -61,28 +64,28 @@ def tokenizer_for(config: ml_collections.ConfigDict, vocab_size: int) -> Tokeniz
   return load_tokenizer(path, vocab_size=vocab_size)
 
 
-def checkpoint_steps(workdir: str | Path) -> list[int]:
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
   """Steps of the complete checkpoints in ``workdir/checkpoints`` (Orbax skips partial ones)."""
-  directory = Path(workdir).absolute() / "checkpoints"
+  directory = paths.resolve(workdir) / "checkpoints"
   if not directory.is_dir():
     return []
   with ocp.CheckpointManager(directory, item_names=("state", "data_iter")) as manager:
     return list(manager.all_steps())
 
 
-def load_run(workdir: str | Path, step: int | None = None, **model_overrides
+def load_run(workdir: str | os.PathLike, step: int | None = None, **model_overrides
              ) -> tuple[ml_collections.ConfigDict, Embedder, Tokenizer]:
   """(config, model, tokenizer) of a training run, with the parameters of checkpoint `step`.
 
   Args:
-    workdir: the directory given to ``python -m saejax.train --workdir``.
+    workdir: the directory (or gs:// URL) given to ``python -m saejax.train --workdir``.
     step: which checkpoint; default the newest sealed one that passes its digest and reads (a
       damaged or unsealed newer one is skipped with a warning, as training resumes; an unsealed one
       is used, with a warning, only when no sealed one can be read).
     model_overrides: ``config.model`` fields to replace before building, e.g.
       ``attention_backend="xla"`` to read a GPU-trained model on a CPU, or ``dtype="float32"``.
   """
-  workdir = Path(workdir).absolute()
+  workdir = paths.resolve(workdir)
   config = read_config(workdir)
   if model_overrides:
     config.model.update(model_overrides)
@@ -135,7 +138,7 @@ def load_run(workdir: str | Path, step: int | None = None, **model_overrides
   return config, model, tokenizer_for(config, model.encoder.cfg.vocab_size)
 
 
-def _restore_state(directory: Path, step: int, target):
+def _restore_state(directory: epath.Path, step: int, target):
   """The TrainState of checkpoint `step`, verified against its digest when it has one."""
   checkpoint.verify_step(directory / str(step))  # DamagedCheckpointError names the file
   try:

@@ -1,5 +1,5 @@
 """``python -m saejax.train --config configs/X.py --workdir DIR``: train, then evaluate if the
-config asks for it (`saejax.train.loop.main`)."""
+config asks for it (`saejax.train.loop.main`). DIR may be a bucket, ``gs://BUCKET/PATH``."""
 
 from absl import flags
 

@@ -3,14 +3,17 @@
     python -m saejax.train.curves WORKDIR        # writes WORKDIR/curves.png
 
 `saejax.train` calls `training_curves` when a run ends; evaluation plots live in
-`saejax.eval.report`.
+`saejax.eval.report`. WORKDIR may be a gs:// URL (`saejax.paths`).
 """
 
+import io
 import json
+import os
 from collections.abc import Sequence
-from pathlib import Path
 
-from saejax import cli
+from etils import epath
+
+from saejax import cli, paths
 from saejax.errors import DataError
 
 # (metric keys, panel title, log scale): the panels of `training_curves`, when the run logged them.
@@ -30,10 +33,10 @@ PANELS = ((("loss",), "total loss", True), (("info_nce", "dense/info_nce", "dist
           (("tokens_per_s",), "tokens / s", False))
 
 
-def read_metrics(path: str | Path) -> list[dict]:
+def read_metrics(path: str | os.PathLike) -> list[dict]:
   """The records of a metrics.jsonl; for a resumed run the last record of each step wins."""
   by_step = {}
-  with open(path) as f:
+  with paths.resolve(path, "metrics file").open() as f:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -45,7 +48,8 @@ def read_metrics(path: str | Path) -> list[dict]:
   return [by_step[s] for s in sorted(by_step)]
 
 
-def training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path | None:
+def training_curves(metrics_jsonl: str | os.PathLike,
+                    out_png: str | os.PathLike) -> epath.Path | None:
   """One panel per logged metric against the step; None when nothing was logged."""
   import matplotlib
   matplotlib.use("Agg")  # files only, no display
@@ -74,18 +78,20 @@ def training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path | No
   for ax in list(axes.flat)[len(panels):]:
     ax.axis("off")
   fig.tight_layout()
-  out_png = Path(out_png)
-  fig.savefig(out_png, dpi=100)
+  png = io.BytesIO()  # drawn in memory, then written in one go: a file on disk or an object
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
+  out_png = paths.resolve(out_png, "plot file")
+  out_png.write_bytes(png.getvalue())
   return out_png
 
 
-def main(argv: Sequence[str] | None = None) -> Path | None:
+def main(argv: Sequence[str] | None = None) -> epath.Path | None:
   """``python -m saejax.train.curves WORKDIR``: WORKDIR/metrics.jsonl drawn into
   WORKDIR/curves.png."""
   parser = cli.ArgumentParser(prog="python -m saejax.train.curves", description=main.__doc__)
-  parser.add_argument("workdir", help="a training workdir (holds metrics.jsonl)")
-  workdir = Path(parser.parse_args(argv).workdir)
+  parser.add_argument("workdir", help="a training workdir (holds metrics.jsonl), or its gs:// URL")
+  workdir = paths.resolve(parser.parse_args(argv).workdir, "workdir")
   written = training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
   print(written or "no metrics logged")
   return written

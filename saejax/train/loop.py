@@ -6,11 +6,13 @@ The loop: build the mesh, the model (from converted HF weights or a random init)
 the data iterator from the config; resume from the newest checkpoint in the workdir if there is one;
 run the jitted `saejax.train.step.train_step` with explicit shardings and donation; log every metric
 to the console and TensorBoard; checkpoint asynchronously every N steps and on SIGTERM (preemption).
+The workdir is a local directory or a bucket URL (``--workdir gs://BUCKET/PATH``, `saejax.paths`).
 """
 
 import dataclasses
 import functools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -22,11 +24,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from saejax import sharding
+from saejax import paths, sharding
 from saejax.data import pipeline
 from saejax.data.tokenizer import load_tokenizer
 from saejax.errors import ConfigError, SaejaxError
@@ -39,7 +42,8 @@ from saejax.train import distributed, step as step_lib
 from saejax.train.curves import training_curves
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and TensorBoard events go here.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and TensorBoard events go here: "
+                               "a local directory or gs://BUCKET/PATH.")
 _INIT_FROM = flags.DEFINE_string("init_from", None,
                                  "HF model directory or hub id to start the encoder from "
                                  "(overrides config.model.init_from).")
@@ -117,7 +121,11 @@ def code_version() -> str:
 
 
 class MetricWriter:
-  """Console lines and TensorBoard events, written by process 0 only."""
+  """Console lines, TensorBoard events and metrics.jsonl, written by process 0 only.
+
+  In a bucket, TensorBoard's gs:// writer and `saejax.paths.LineLog` upload their files now and
+  then (objects cannot be appended to); `flush` uploads them now (after each checkpoint).
+  """
 
   COLUMNS = (("loss", "loss", "{:.4f}", 1), ("info_nce", "nce", "{:.3f}", 1),
              ("accuracy", "acc", "{:.2f}", 1), ("fvu", "fvu", "{:.3f}", 1),
@@ -130,7 +138,7 @@ class MetricWriter:
   # Metrics whose best value over the run goes into summary.json, and which way is better.
   BEST = {"loss": min, "info_nce": min, "fvu": min, "accuracy": max}
 
-  def __init__(self, workdir: Path, total_steps: int):
+  def __init__(self, workdir: epath.Path, total_steps: int):
     self.active = jax.process_index() == 0
     self.total = total_steps
     self.best: dict[str, dict] = {}  # key -> {"value", "step"}, over this invocation's logs
@@ -138,15 +146,14 @@ class MetricWriter:
     if self.active:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(str(workdir / "tensorboard"))
-      self.jsonl = open(workdir / "metrics.jsonl", "a")  # the same numbers, for scripts
+      self.jsonl = paths.LineLog(workdir / "metrics.jsonl")  # the same numbers, for scripts
 
   def write(self, step: int, metrics: dict, seconds_per_step: float):
     if not self.active:
       return
     for k, v in metrics.items():
       self.tb.add_scalar(k, v, step)
-    self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    self.jsonl.flush()
+    self.jsonl.write(json.dumps({"step": step, **metrics}))
     for key, better in self.BEST.items():
       if key in metrics and (key not in self.best or
                              better(metrics[key], self.best[key]["value"]) != self.best[key]["value"]):
@@ -156,6 +163,12 @@ class MetricWriter:
              if key in metrics]
     print(f"step {step:>6}/{self.total}  " + "  ".join(shown) + f"  ETA {eta / 60:.1f} min",
           flush=True)
+
+  def flush(self):
+    """Make the events and metrics.jsonl written so far durable (uploaded, in a bucket)."""
+    if self.tb is not None:
+      self.tb.flush()
+      self.jsonl.flush()
 
   def close(self):
     if self.tb is not None:
@@ -179,14 +192,15 @@ def _global_batch(batch: dict, mesh) -> dict:
                                                     batch[k]) for k in keys}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path):
-  """Run (or resume) training: returns (summary dict, final TrainState, the model graphdef)."""
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
+  """Run (or resume) training: returns (summary dict, final TrainState, the model graphdef).
+
+  `workdir` is a local directory or a gs:// URL; a scheme Orbax cannot write to, or gs:// without
+  its packages, is a `ConfigError` before anything starts (`saejax.paths.resolve`).
+  """
   start = time.time()
-  if "://" in str(workdir):
-    # pathlib would turn "gs://b/run" into a local "./gs:/b/run" and every checkpoint would land on
-    # the host's own disk, lost with the VM: refuse until the workdir code speaks URLs (epath).
-    raise ConfigError(f"--workdir {workdir}: URL workdirs are not supported yet; mount the bucket "
-                      "on every host (e.g. gcsfuse BUCKET /mnt/gcs) and pass the mounted path")
+  # Not pathlib: it would turn "gs://b/run" into a local "./gs:/b/run", lost with the VM.
+  workdir = paths.resolve(workdir)
   # A config error is found before the workdir is made: a failed start leaves nothing behind.
   tc = config.train
   mesh_cfg = from_section(sharding.MeshConfig, config.mesh, "mesh")
@@ -195,7 +209,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
   data_cfg = data_config(config)
   distributed.check_padding(data_cfg.padding)
   # Fail now, not at the first checkpoint: an unwritable workdir would lose every step trained.
-  workdir = checkpoint.check_writable(Path(workdir))
+  workdir = checkpoint.check_writable(workdir)
   checkpoint.check_writable(workdir / "checkpoints")
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
@@ -252,7 +266,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
   preempt = distributed.Preemption()
   step = int(state.step)
   compiled = False
-  fingerprints = (open(workdir / f"batches.process{jax.process_index()}.jsonl", "a")
+  fingerprints = (paths.LineLog(workdir / f"batches.process{jax.process_index()}.jsonl")
                   if tc.get("log_batch_fingerprints") else None)
   last, window_tokens, window_start = {}, 0, time.time()
   streak = None  # the previous step's count of non-finite steps in a row (a device scalar)
@@ -260,8 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
     while step < tc.steps:
       local = next(data_iter)
       if fingerprints is not None:  # what the step saw, to prove exact resumption
-        fingerprints.write(json.dumps({"step": step + 1, "batch": _fingerprint(local)}) + "\n")
-        fingerprints.flush()
+        fingerprints.write(json.dumps({"step": step + 1, "batch": _fingerprint(local)}))
       batch = _global_batch(local, mesh)
       if not compiled and jax.process_count() > 1:
         # Compile first (this fills jit's cache), then meet: gloo's rendezvous at the step's first
@@ -300,6 +313,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path):
         # the last step save regardless, so nothing is lost).
         if preempt.requested or step == tc.steps or int(state.consecutive_skips) == 0:
           ckpt.save(step, state, data_iter, force=True)
+          # In a bucket the logs are uploaded now and then: at least every step resumed from.
+          writer.flush()
+          if fingerprints is not None:
+            fingerprints.flush()
       if preempt.requested:
         break
   finally:
