@@ -11,6 +11,10 @@ of documents.
     .venv/bin/python benchmarks/embed_cache.py --out runs/cache     # once, ~15 min on 2 cores
     .venv/bin/python benchmarks/sweep.py --cache runs/cache --arms base,dot,lr1e-3 [--steps 2000]
 
+``--pairs N`` draws N training pairs with configs/quality.py's source weights, as stage 1 draws them
+from the pipeline (default: every cached pair, uniformly); a bigger cache (`embed_cache.py
+--pairs_per_source 50000`) has every pair of every source.
+
 Arms are named in ARMS below; results are appended to runs/sweep/results.jsonl (one line per
 arm) and printed as a markdown table.
 """
