@@ -70,6 +70,7 @@ ARMS = {
     "flops1": {"loss.w_flops_q": 1.0, "loss.w_flops_d": 1.0},
     "flops10": {"loss.w_flops_q": 10.0, "loss.w_flops_d": 10.0},
     "k32": {"sae.k": 32},
+    "k96": {"sae.k": 96},
     "k128": {"sae.k": 128},
     "s4096": {"sae.num_latents": 4096},
     "batch1024": {"head.batch_size": 1024},
