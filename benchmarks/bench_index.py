@@ -277,8 +277,6 @@ def query_rows(count: int, cap: int | None) -> np.ndarray:
 
 def pick_queries(values: np.ndarray, indices: np.ndarray, cap: int | None
                  ) -> tuple[np.ndarray, np.ndarray]:
-  if cap is None or cap >= len(values):
-    return values, indices
   rows = query_rows(len(values), cap)
   return values[rows], indices[rows]
 
