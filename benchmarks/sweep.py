@@ -211,6 +211,8 @@ def main(argv=None):
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override BASE for every arm, e.g. --set sae.num_latents=4096")
   args = p.parse_args(argv)
+  if args.pairs < 0:
+    p.error(f"--pairs {args.pairs}: a number of training pairs must be >= 0 (0: every cached pair)")
   for item in args.set:
     key, _, value = item.partition("=")
     BASE[key] = json.loads(value)  # JSON: 4096, 2e-4, true
