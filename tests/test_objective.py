@@ -140,7 +140,7 @@ def run_objective(sae, v, since_fired, cfg):
 def test_objective_matches_numpy_reference(normalize_codes, recon_to_encoder):
   sae, v, since_fired = make_inputs(normalize_codes)
   cfg = loss_config(recon_to_encoder=recon_to_encoder)
-  total, (metrics, codes) = run_objective(sae, jnp.asarray(v), since_fired, cfg)
+  total, (metrics, codes, entries) = run_objective(sae, jnp.asarray(v), since_fired, cfg)
   ref_total, ref_terms = reference_objective(sae, v, since_fired, STEP, cfg)
   for name, value in ref_terms.items():
     assert value > 1e-4, name  # every term is live, so a wrong one cannot hide at 0
@@ -170,7 +170,7 @@ def test_flops_weight_ramps_quadratically_and_saturates():
 
   def flops_q(at_step):
     q, d = sae_output(sae, jnp.asarray(v[:B])), sae_output(sae, jnp.asarray(v[B:]))
-    _, (m, _) = step.objective(sae, q, d, jnp.asarray(since_fired), jnp.asarray(at_step), cfg)
+    _, (m, *_) = step.objective(sae, q, d, jnp.asarray(since_fired), jnp.asarray(at_step), cfg)
     return float(m["weighted/flops_q"])
 
   full = flops_q(WARMUP)
@@ -277,3 +277,68 @@ def test_head_training_recovers_a_planted_dictionary():
   assert recovered_fraction(np.asarray(sae.w_dec[...]), dirs) >= 0.9  # 0.97-1.0 over data seeds 0-5
   assert never_fired_fraction(sae, x) <= 0.1  # 0-0.03 over the same seeds
   assert reconstruction_fvu(sae, x) < 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# The memory bank (`LossConfig.bank_size`): more negatives for both InfoNCE terms.
+
+M = 6
+
+
+def make_bank(rng):
+  """M bank entries: unit sparse codes and unit v's, one of them a copy of query 1's positive
+  (masked for query 1 only), one holding query 2's own text, one not yet filled."""
+  dense = np.maximum(rng.standard_normal((M, S)), 0.0)
+  codes = ref_unit(ref_topk_relu(dense, K))
+  indices = np.argsort(-codes, -1)[:, :K]
+  values = np.take_along_axis(codes, indices, -1)
+  bank_v = ref_unit(rng.standard_normal((M, D)))
+  bank = {"values": jnp.asarray(values, jnp.float32), "indices": jnp.asarray(indices, jnp.int32),
+          "v": jnp.asarray(bank_v, jnp.float32), "valid": jnp.asarray([1, 1, 1, 1, 1, 0], jnp.int32),
+          "text_hash": jnp.asarray([12, 99, 3, 98, 97, 96], jnp.int32)}
+  q_hash, pos_hash = jnp.arange(1, B + 1, dtype=jnp.int32), jnp.arange(11, B + 11, dtype=jnp.int32)
+  mask = np.ones((B, M), bool)
+  mask[1, 0] = False  # entry 0 is query 1's positive (hash 12)
+  mask[2, 2] = False  # entry 2 is query 2's own text (hash 3)
+  mask[:, 5] = False  # entry 5 was never written
+  return bank, (q_hash, pos_hash), codes, bank_v, mask
+
+
+def ref_info_nce_bank(q, docs, bank, mask, tau):
+  logits = np.concatenate([ref_scores(q, docs), np.where(mask, q @ bank.T, -np.inf)], 1) / tau
+  log_p = ref_log_softmax(logits)
+  return -np.mean(log_p[np.arange(len(q)), np.arange(len(q))])
+
+
+@pytest.mark.parametrize("normalize_codes", [True, False])
+def test_memory_bank_adds_its_entries_as_negatives(normalize_codes):
+  sae, v, since_fired = make_inputs(normalize_codes)
+  bank, hashes, bank_codes, bank_v, mask = make_bank(np.random.default_rng(1))
+  cfg = loss_config()
+  q, d = sae_output(sae, jnp.asarray(v[:B])), sae_output(sae, jnp.asarray(v[B:]))
+  _, (metrics, _, entries) = step.objective(sae, q, d, jnp.asarray(since_fired),
+                                            jnp.asarray(STEP), cfg, bank, hashes)
+  _, no_bank = reference_objective(sae, v, since_fired, STEP, cfg)
+
+  c = sae.config
+  v64 = np.float64(v)
+  pre = (v64 - np.float64(sae.b_pre[...])) @ np.float64(sae.w_enc[...]) + np.float64(sae.b_lat[...])
+  z = ref_topk_relu(pre, c.k)
+  emb = ref_unit(z) if normalize_codes else z
+  e_q, e_d = emb[:B], emb[B:].reshape(B, 1 + H, S)
+  t = ref_unit(v64)
+  t_q, t_d = t[:B], t[B:].reshape(B, 1 + H, D)
+  want = cfg.w_contrastive * ref_info_nce_bank(e_q, e_d, bank_codes, mask, cfg.temperature)
+  want_dense = cfg.w_dense_contrastive * ref_info_nce_bank(t_q, t_d, bank_v, mask, cfg.temperature)
+  np.testing.assert_allclose(metrics["weighted/contrastive"], want, rtol=1e-4)
+  np.testing.assert_allclose(metrics["weighted/dense_contrastive"], want_dense, rtol=1e-4)
+  assert want > no_bank["contrastive"] and want_dense > no_bank["dense_contrastive"]
+  for name in ("fvu", "auxk", "flops_q", "distill"):  # the bank touches the InfoNCE terms only
+    np.testing.assert_allclose(metrics[f"weighted/{name}"], no_bank[name], rtol=1e-4)
+
+  # The bank's next entries: each query's positive, as the retrieval embedding and unit v.
+  got = np.zeros((B, S))
+  np.put_along_axis(got, np.asarray(entries["indices"]), np.asarray(entries["values"]), -1)
+  np.testing.assert_allclose(got, e_d[:, 0], atol=1e-5)
+  np.testing.assert_allclose(entries["v"], t_d[:, 0], atol=1e-5)
+  np.testing.assert_array_equal(entries["text_hash"], hashes[1])

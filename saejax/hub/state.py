@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from saejax.errors import ConfigError
+from saejax.sae import memory
 from saejax.sae.embedder import Embedder
 
 
@@ -53,6 +54,7 @@ class TrainState:
   fire_rate: jax.Array | None      # float32 [S]: EMA of each latent's firing rate per text
   skipped: jax.Array               # int32: steps skipped for non-finite loss/grads, in total
   consecutive_skips: jax.Array     # int32: skipped steps in a row (the loop stops past a limit)
+  bank: dict | None = None         # recent documents as extra negatives (`saejax.sae.memory`)
 
 
 def param_group(path) -> str:
@@ -83,10 +85,18 @@ def learning_rates(cfg: OptimConfig, step) -> dict[str, jax.Array]:
           "lr_sae": schedule(cfg, cfg.lr_sae)(step)}
 
 
-def init_state(model: Embedder, tx: optax.GradientTransformation) -> TrainState:
+def init_state(model: Embedder, tx: optax.GradientTransformation, bank_size: int = 0
+               ) -> TrainState:
+  """Step 0 of a run; `bank_size` > 0 adds an empty memory bank of that many documents (the
+  config's ``loss.bank_size``)."""
   params = nnx.state(model, nnx.Param)
   s = model.sae.config.num_latents if model.sae is not None else None
+  bank = None
+  if bank_size:
+    width = model.encoder.cfg.hidden_size
+    bank = memory.init_bank(bank_size, width, None if s is None else model.sae.config.k)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     since_fired=None if s is None else jnp.zeros((s,), jnp.int32),
                     fire_rate=None if s is None else jnp.zeros((s,), jnp.float32),
-                    skipped=jnp.zeros((), jnp.int32), consecutive_skips=jnp.zeros((), jnp.int32))
+                    skipped=jnp.zeros((), jnp.int32), consecutive_skips=jnp.zeros((), jnp.int32),
+                    bank=bank)

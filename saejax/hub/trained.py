@@ -101,7 +101,8 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, **model_overri
   optim_cfg = build.from_section(OptimConfig, config.optim, "optim")
   tx = make_optimizer(optim_cfg, params)
   # The saved item is a whole TrainState; restore its shape, then keep the parameters only.
-  target = jax.eval_shape(functools.partial(init_state, tx=tx),
+  target = jax.eval_shape(functools.partial(init_state, tx=tx,
+                                            bank_size=config.loss.get("bank_size", 0)),
                           nnx.merge(graphdef, params))
   if jax.process_count() > 1:
     # Multi-process (e.g. `saejax.hub.corpus` on several hosts): each process reads its own whole

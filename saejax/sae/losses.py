@@ -39,7 +39,8 @@ Metrics = dict[str, Float[Array, ""]]
 
 
 def info_nce(q: Float[Array, "B S"], d_pos: Float[Array, "B S"], d_neg: Float[Array, "B H S"],
-             temperature: float) -> tuple[Float[Array, ""], Metrics]:
+             temperature: float, extra: Float[Array, "B M"] | None = None
+             ) -> tuple[Float[Array, ""], Metrics]:
   """InfoNCE over the whole batch: each query against every positive and every hard negative.
 
   Candidates are the B positives followed by the B*H hard negatives (H may be 0); query i's label is
@@ -59,12 +60,14 @@ def info_nce(q: Float[Array, "B S"], d_pos: Float[Array, "B S"], d_neg: Float[Ar
     d_pos: the positive document code of each query.
     d_neg: H hard-negative codes per query.
     temperature: tau; logits are dot scores / tau.
+    extra: more negatives' scores per query, already computed (`saejax.sae.memory`'s bank of
+      recent documents); an entry at -inf is not a candidate.
 
   Returns:
     Mean cross-entropy, and metrics: ``info_nce``; ``accuracy`` (own positive strictly above every
     other candidate); ``pos_score`` and ``neg_score``, the mean raw dot score of the label and of
-    all other candidates; ``hard_neg_score`` (when H > 0), the mean score of each query's own hard
-    negatives.
+    all other in-batch candidates; ``hard_neg_score`` (when H > 0), the mean score of each query's
+    own hard negatives; ``bank_score`` (with `extra`), the mean score of its candidates.
   """
   b, s = q.shape
   if d_pos.shape != (b, s) or d_neg.ndim != 3 or d_neg.shape[0] != b or d_neg.shape[2] != s:
@@ -81,9 +84,16 @@ def info_nce(q: Float[Array, "B S"], d_pos: Float[Array, "B S"], d_neg: Float[Ar
   # rows stay sharded like q, the candidate axis is whole (the all-gather). Auto meshes infer it.
   scores = jnp.einsum("bs,cs->bc", q, candidates, out_sharding=sharding_like(q, 1, 1))
   pos = jnp.sum(q * d_pos.astype(jnp.float32), -1)  # the label logits, without a sharded gather
-  loss = jnp.mean(jax.nn.logsumexp(scores / temperature, -1) - pos / temperature)
   is_label = jnp.arange(scores.shape[1])[None, :] == jnp.arange(b)[:, None]
   best_other = jnp.max(jnp.where(is_label, -jnp.inf, scores), -1)
+  logits = scores
+  if extra is not None:
+    if extra.shape[0] != b:
+      raise ShapeError(f"info_nce: extra scores {extra.shape} must be [B={b}, M]")
+    extra = extra.astype(jnp.float32)
+    logits = jnp.concatenate([scores, extra], -1)
+    best_other = jnp.maximum(best_other, jnp.max(extra, -1))
+  loss = jnp.mean(jax.nn.logsumexp(logits / temperature, -1) - pos / temperature)
   metrics = {
       "info_nce": loss,
       "accuracy": jnp.mean(pos > best_other),
@@ -93,6 +103,9 @@ def info_nce(q: Float[Array, "B S"], d_pos: Float[Array, "B S"], d_neg: Float[Ar
   if h:
     own_neg = jnp.einsum("bs,bhs->bh", q, d_neg.astype(jnp.float32))
     metrics["hard_neg_score"] = jnp.mean(own_neg)
+  if extra is not None:
+    live = jnp.isfinite(extra)
+    metrics["bank_score"] = jnp.sum(jnp.where(live, extra, 0.0)) / jnp.maximum(jnp.sum(live), 1)
   return loss, metrics
 
 

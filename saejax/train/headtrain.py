@@ -60,8 +60,12 @@ class HeadTrainConfig:
                         f"resample_until={self.resample_until} in [0, 1]")
 
 
-def head_loss(model: Embedder, batch: dict, since_fired, step, cfg: step_lib.LossConfig):
-  """`step.objective` on cached embeddings: ``batch["q_v"]`` [B, D], ``batch["d_v"]`` [B, 1+H, D]."""
+def head_loss(model: Embedder, batch: dict, since_fired, step, cfg: step_lib.LossConfig,
+              bank=None):
+  """`step.objective` on cached embeddings: ``batch["q_v"]`` [B, D], ``batch["d_v"]`` [B, 1+H, D].
+  No memory bank: its entries are keyed by token ids, which cached embeddings do not have."""
+  if bank is not None:
+    raise ConfigError("head training on cached embeddings has no memory bank (loss.bank_size)")
   b, n_docs, d = batch["d_v"].shape
   q = sae_output(model.sae, batch["q_v"])
   docs = sae_output(model.sae, batch["d_v"].reshape(b * n_docs, d))

@@ -207,6 +207,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   loss_cfg = from_section(step_lib.LossConfig, config.loss, "loss")
   optim_cfg = from_section(OptimConfig, config.optim, "optim")
   data_cfg = data_config(config)
+  if loss_cfg.bank_size % data_cfg.global_batch_size:
+    raise ConfigError(f"config.loss.bank_size={loss_cfg.bank_size} must be a multiple of "
+                      f"config.data.global_batch_size={data_cfg.global_batch_size} (the bank is a "
+                      "ring of whole batches)")
   distributed.check_padding(data_cfg.padding)
   # Fail now, not at the first checkpoint: an unwritable workdir would lose every step trained.
   workdir = checkpoint.check_writable(workdir)
@@ -242,7 +246,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   graphdef, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(optim_cfg, params)
   param_sh = sharding.shardings(sharding.param_specs(params, mesh), mesh)
-  abstract = jax.eval_shape(lambda: init_state(model, tx))
+  abstract = jax.eval_shape(lambda: init_state(model, tx, loss_cfg.bank_size))
   state_sh = _state_shardings(abstract, param_sh, mesh)
   if resuming:
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -251,7 +255,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
     if jax.process_index() == 0:
       print(f"resumed from checkpoint step {int(state.step)} in {ckpt.directory}", flush=True)
   else:
-    state = jax.jit(lambda: init_state(model, tx), out_shardings=state_sh)()
+    state = jax.jit(lambda: init_state(model, tx, loss_cfg.bank_size), out_shardings=state_sh)()
 
   train_step = jax.jit(
       functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_cfg=loss_cfg,
@@ -357,7 +361,8 @@ def _stop_if_diverged(streak: int, step: int, limit: int, ckpt: checkpoint.Train
 
 
 def _state_shardings(abstract: TrainState, param_sh, mesh):
-  """Params by the rules; optimiser moments like their params; counters replicated."""
+  """Params by the rules; optimiser moments like their params; counters and memory bank
+  replicated."""
   rep = sharding.replicated(mesh)
   flat_params = {jax.tree_util.keystr(p): s for p, s in
                  jax.tree_util.tree_flatten_with_path(param_sh)[0]}
@@ -372,8 +377,9 @@ def _state_shardings(abstract: TrainState, param_sh, mesh):
 
   opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, abstract.opt_state)
   counters = None if abstract.since_fired is None else rep
+  bank = None if abstract.bank is None else jax.tree.map(lambda _: rep, abstract.bank)
   return TrainState(step=rep, params=param_sh, opt_state=opt_sh, since_fired=counters,
-                    fire_rate=counters, skipped=rep, consecutive_skips=rep)
+                    fire_rate=counters, skipped=rep, consecutive_skips=rep, bank=bank)
 
 
 def main(argv):

@@ -5,7 +5,7 @@ the TopK SAE, and sums the weighted losses (`objective`; each term a pure functi
 `saejax.sae.losses`). ``e(z)`` is the retrieval embedding: the code scaled to unit norm when
 `SAEConfig.normalize_codes` (cosine), else the raw code:
 
-  total = w_contrastive * InfoNCE(e(z_q), e(z_pos), e(z_neg))   in-batch + hard negatives
+  total = w_contrastive * InfoNCE(e(z_q), e(z_pos), e(z_neg))   in-batch + hard (+ bank) negatives
         + w_distill * KL(teacher cos(v) || student e(z))        in-batch distillation from v
         + w_dense_contrastive * InfoNCE(cos of v)               trains the encoder as a dense model
         + w_fvu * FVU(v, v_hat) [+ w_multi_k * FVU(v, v_hat_{m k})] reconstruction (Gao et al. 2024)
@@ -13,8 +13,10 @@ the TopK SAE, and sums the weighted losses (`objective`; each term a pure functi
         + flops_weight(step) * (FLOPS(e(z_q)) + FLOPS(e(z_d)))     SPLADE-style sparsity of use
         + w_spread_out * GOR(e(z_q), e(z_pos))                     optional
 
-The reconstruction terms read a detached v unless `LossConfig.recon_to_encoder`: the encoder is
-then shaped by the retrieval terms only, and the SAE follows it.
+With ``LossConfig.bank_size`` both InfoNCE terms also rank the last `bank_size` positives of earlier
+steps (`saejax.sae.memory`, checkpointed in `TrainState.bank`). The reconstruction terms read a
+detached v unless `LossConfig.recon_to_encoder`: the encoder is then shaped by the retrieval terms
+only, and the SAE follows it.
 
 Then the SAE invariants (sparsify / OpenAI): the decoder gradient's component parallel to each
 decoder row is removed before the optimiser, and decoder rows are renormalised after it. The
@@ -30,8 +32,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from saejax.errors import ConfigError
 from saejax.hub.state import OptimConfig, TrainState, learning_rates, param_group
-from saejax.sae import losses, topk as sae_lib
+from saejax.sae import losses, memory, topk as sae_lib
 from saejax.sae.embedder import Embedder, Output, sae_output
 
 
@@ -53,24 +56,42 @@ class LossConfig:
   distill_temperature: float = 0.05  # the teacher's tau on cosine of the pooled embeddings v
   w_dense_contrastive: float = 0.0   # InfoNCE on cosine of v itself (end to end: trains the encoder)
   recon_to_encoder: bool = False   # let FVU / multi-k / AuxK gradients reach the encoder
+  bank_size: int = 0               # XBM: the last bank_size positives (detached) as more negatives
+
+  def __post_init__(self):
+    if self.bank_size < 0:
+      raise ConfigError(f"config.loss.bank_size={self.bank_size} must be >= 0 (0: no memory bank)")
 
 
-def dense_loss(model: Embedder, batch: dict, cfg: LossConfig) -> tuple[jax.Array, dict]:
-  """The dense ablation (no SAE): InfoNCE on L2-normalised pooled embeddings (cosine / tau)."""
+def text_hashes(batch: dict) -> tuple[jax.Array, jax.Array]:
+  """Hashes of each query's text and of each query's positive (`memory.text_hash`)."""
+  pos = memory.text_hash(batch["d_ids"][:, 0], batch["d_valid"][:, 0])
+  return memory.text_hash(batch["q_ids"], batch["q_valid"]), pos
+
+
+def dense_loss(model: Embedder, batch: dict, cfg: LossConfig, bank: memory.Bank | None = None
+               ) -> tuple[jax.Array, tuple]:
+  """The dense ablation (no SAE): InfoNCE on L2-normalised pooled embeddings (cosine / tau), with
+  the memory bank's documents as more negatives when there is one."""
   b, n_docs, t_d = batch["d_ids"].shape
-  unit = lambda v: v / jnp.linalg.norm(v, axis=-1, keepdims=True).clip(1e-9)  # noqa: E731
-  q = unit(model.dense(batch["q_ids"], batch["q_valid"]))
-  d = unit(model.dense(batch["d_ids"].reshape(b * n_docs, t_d),
-                       batch["d_valid"].reshape(b * n_docs, t_d))).reshape(b, n_docs, -1)
-  loss, metrics = losses.info_nce(q, d[:, 0], d[:, 1:], cfg.temperature)
+  q = sae_lib.unit_norm(model.dense(batch["q_ids"], batch["q_valid"]))
+  d = sae_lib.unit_norm(model.dense(batch["d_ids"].reshape(b * n_docs, t_d),
+                                    batch["d_valid"].reshape(b * n_docs, t_d))).reshape(b, n_docs, -1)
+  extra, entries = None, None
+  if bank is not None:
+    q_hash, pos_hash = text_hashes(batch)
+    extra = memory.masked(q @ bank["v"].T, memory.candidate_mask(bank, q_hash, pos_hash))
+    entries = {"v": jax.lax.stop_gradient(d[:, 0]), "text_hash": pos_hash}
+  loss, metrics = losses.info_nce(q, d[:, 0], d[:, 1:], cfg.temperature, extra)
   metrics = {**metrics, "weighted/contrastive": cfg.w_contrastive * loss,
              "loss": cfg.w_contrastive * loss}
   no_codes = (jnp.zeros((0, 1)), jnp.zeros((0, 1), jnp.int32))
-  return cfg.w_contrastive * loss, (metrics, no_codes)
+  return cfg.w_contrastive * loss, (metrics, no_codes, entries)
 
 
 def objective(sae: sae_lib.SAE, q: Output, d: Output, since_fired: jax.Array, step: jax.Array,
-              cfg: LossConfig) -> tuple[jax.Array, dict]:
+              cfg: LossConfig, bank: memory.Bank | None = None,
+              hashes: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, tuple]:
   """Total loss and every component from the SAE outputs of B queries and B*(1+H) documents.
 
   ``d`` holds each query's positive then its H hard negatives (row ``i*(1+H) + j``). The same
@@ -81,6 +102,10 @@ def objective(sae: sae_lib.SAE, q: Output, d: Output, since_fired: jax.Array, st
   ``sae.config.normalize_codes``), the quantity the index ranks by. The reconstruction terms see
   the raw code; unless ``cfg.recon_to_encoder`` they are computed from a stop-gradient copy of v,
   so the encoder is shaped by the retrieval terms only and the SAE follows it.
+
+  With a memory ``bank`` (and the ``hashes`` of each query's text and its positive's), both InfoNCE
+  terms also rank the bank's documents, and the aux output carries this batch's positives as the
+  bank's next entries (else None). Returns ``(total, (metrics, codes, entries))``.
   """
   b, s = q.v.shape[0], sae.config.num_latents
   n_docs = d.v.shape[0] // b
@@ -97,9 +122,19 @@ def objective(sae: sae_lib.SAE, q: Output, d: Output, since_fired: jax.Array, st
     metrics[f"weighted/{name}"] = weight * loss
     return weight * loss
 
-  total = add("contrastive", cfg.w_contrastive,
-              losses.info_nce(z_q, z_d3[:, 0], z_d3[:, 1:], cfg.temperature))
   v_q, v_d = sae_lib.unit_norm(q.v), sae_lib.unit_norm(d.v).reshape(b, n_docs, -1)
+  bank_codes = bank_dense = entries = None
+  if bank is not None:
+    q_hash, pos_hash = hashes
+    mask = memory.candidate_mask(bank, q_hash, pos_hash)
+    bank_codes = memory.masked(memory.sparse_scores(z_q, bank["values"], bank["indices"]), mask)
+    bank_dense = memory.masked(v_q @ bank["v"].T, mask)
+    k = q.code.values.shape[-1]
+    entries = {"v": jax.lax.stop_gradient(v_d[:, 0]), "text_hash": pos_hash,
+               "values": jax.lax.stop_gradient(embed(d.code).reshape(b, n_docs, k)[:, 0]),
+               "indices": d.code.indices.reshape(b, n_docs, k)[:, 0]}
+  total = add("contrastive", cfg.w_contrastive,
+              losses.info_nce(z_q, z_d3[:, 0], z_d3[:, 1:], cfg.temperature, bank_codes))
   if cfg.w_distill:
     total += add("distill", cfg.w_distill, losses.distill_kl(
         z_q, z_d3[:, 0], z_d3[:, 1:], jax.lax.stop_gradient(v_q),
@@ -107,7 +142,8 @@ def objective(sae: sae_lib.SAE, q: Output, d: Output, since_fired: jax.Array, st
         cfg.temperature, cfg.distill_temperature))
   if cfg.w_dense_contrastive:
     total += add("dense_contrastive", cfg.w_dense_contrastive,
-                 losses.info_nce(v_q, v_d[:, 0], v_d[:, 1:], cfg.temperature), prefix="dense/")
+                 losses.info_nce(v_q, v_d[:, 0], v_d[:, 1:], cfg.temperature, bank_dense),
+                 prefix="dense/")
 
   v = jnp.concatenate([q.v, d.v])
   if cfg.recon_to_encoder:
@@ -135,18 +171,19 @@ def objective(sae: sae_lib.SAE, q: Output, d: Output, since_fired: jax.Array, st
   metrics["v_norm"] = jnp.mean(jnp.linalg.norm(v.astype(jnp.float32), axis=-1))
   codes = (jnp.concatenate([q.code.values, d.code.values]),
            jnp.concatenate([q.code.indices, d.code.indices]))
-  return total, (metrics, codes)
+  return total, (metrics, codes, entries)
 
 
 def compute_loss(model: Embedder, batch: dict, since_fired: jax.Array, step: jax.Array,
-                 cfg: LossConfig) -> tuple[jax.Array, dict]:
+                 cfg: LossConfig, bank: memory.Bank | None = None) -> tuple[jax.Array, tuple]:
   """Total loss and every component for one (micro-)batch of token ids (see `objective`)."""
   if model.sae is None:
-    return dense_loss(model, batch, cfg)
+    return dense_loss(model, batch, cfg, bank)
   b, n_docs, t_d = batch["d_ids"].shape
   q = model(batch["q_ids"], batch["q_valid"])
   d = model(batch["d_ids"].reshape(b * n_docs, t_d), batch["d_valid"].reshape(b * n_docs, t_d))
-  return objective(model.sae, q, d, since_fired, step, cfg)
+  return objective(model.sae, q, d, since_fired, step, cfg, bank,
+                   None if bank is None else text_hashes(batch))
 
 
 def _project_decoder_grad(grads: nnx.State, params: nnx.State) -> nnx.State:
@@ -166,7 +203,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                fire_rate_decay: float = 0.99, loss_fn=None) -> tuple[TrainState, dict]:
   """One optimiser step on a global batch (jit it with shardings; see `saejax.train`).
 
-  ``loss_fn(model, batch, since_fired, step, loss_cfg) -> (loss, (metrics, codes))`` defaults to
+  ``loss_fn(model, batch, since_fired, step, loss_cfg, bank) -> (loss, (metrics, codes, entries))``
+  defaults to
   `compute_loss` (token ids through the encoder); `saejax.train.headtrain` passes one that reads
   cached embeddings, so head training shares this step's optimiser, SAE invariants and counters.
   """
@@ -179,24 +217,25 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
       params = nnx.map_state(
           lambda path, x: jax.lax.stop_gradient(x) if param_group(path) == "encoder" else x, params)
     model = nnx.merge(graphdef, params)
-    return batch_loss(model, micro, state.since_fired, state.step, loss_cfg)
+    return batch_loss(model, micro, state.since_fired, state.step, loss_cfg, state.bank)
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
   accum = optim_cfg.grad_accum
   if accum == 1:
-    (loss, (metrics, codes)), grads = grad_fn(state.params, batch)
+    (loss, (metrics, codes, entries)), grads = grad_fn(state.params, batch)
   else:  # scan over micro-batches: memory of one micro-batch, gradients summed in fp32
     micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
     def body(carry, mb):
-      (loss, (metrics, codes)), grads = grad_fn(state.params, mb)
-      return jax.tree.map(jnp.add, carry, grads), (loss, metrics, codes)
+      (loss, (metrics, codes, entries)), grads = grad_fn(state.params, mb)
+      return jax.tree.map(jnp.add, carry, grads), (loss, metrics, codes, entries)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, (loss, metrics, codes) = jax.lax.scan(body, zeros, micro)
+    grads, (loss, metrics, codes, entries) = jax.lax.scan(body, zeros, micro)
     grads = jax.tree.map(lambda g: g / accum, grads)
     loss, metrics = loss.mean(), jax.tree.map(jnp.mean, metrics)
     codes = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), codes)
+    entries = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), entries)
 
   grads = _project_decoder_grad(grads, state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -222,10 +261,13 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     sparse_metrics = {"l0": jnp.sum(values > 0).astype(jnp.float32) / n_texts,
                       **latent_health(params["sae"], since_fired, fire_rate,
                                       nnx.merge(graphdef, params).sae.config.k)}
+  bank = state.bank
+  if bank is not None:  # this batch's positives replace the oldest entries (a skipped step: none)
+    bank = keep(memory.push(bank, entries, state.step), bank)
   new_state = TrainState(
       step=state.step + 1, params=params, opt_state=opt_state, since_fired=since_fired,
       fire_rate=fire_rate, skipped=state.skipped + (~finite).astype(jnp.int32),
-      consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1))
+      consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1), bank=bank)
 
   metrics = {**metrics, **sparse_metrics,  # dead_fraction: from auxk_loss (this step's mask)
              "grad_norm": _tree_norm(grads), "param_norm": _tree_norm(params),
