@@ -3,6 +3,7 @@ use of it (entries written and read back as negatives, in the sparse and the den
 with a bank that, stopped and resumed from its checkpoint, ends exactly where an uninterrupted one
 does."""
 
+import dataclasses
 import functools
 import signal
 
@@ -14,7 +15,8 @@ import pytest
 from flax import nnx
 
 from saejax.errors import ConfigError, ShapeError
-from saejax.hub import build
+from saejax.data import pipeline as data
+from saejax.hub import build, checkpoint, trained
 from saejax.hub.state import OptimConfig, init_state, make_optimizer
 from saejax.sae import memory, topk as sae_lib
 from saejax.train import loop, step as step_lib
@@ -134,6 +136,39 @@ def test_run_with_a_bank_resumes_exactly(tmp_path):
   banks = [_saved(run, 12)["bank"] for run in (resumed, reference)]
   _assert_same_params(banks[0], banks[1])
   assert np.asarray(banks[0]["valid"]).all()
+  _, model, _ = trained.load_run(reference)  # the config's bank_size gives the saved tree
+  _assert_same_params(nnx.state(model, nnx.Param), _final_params(reference, 12))
+
+
+def test_checkpoint_from_before_the_bank_field_loads_and_resumes(tmp_path):
+  """A TrainState saved without a ``bank`` entry (saejax before the memory bank) is still read by
+  `load_run` and by a resuming run: Orbax restores only into the tree it saved."""
+  config = _tiny()
+  workdir = tmp_path / "old"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  _, model = build.build_model(config, nnx.Rngs(0))
+  _, params = nnx.split(model, nnx.Param)
+  tx = make_optimizer(build.from_section(OptimConfig, config.optim, "optim"), params)
+  tokenizer = trained.tokenizer_for(config, model.encoder.cfg.vocab_size)
+  make_iter = lambda: data.make_iterator(build.data_config(config), tokenizer, shard_index=0,  # noqa: E731
+                                         shard_count=1)
+  state = init_state(model, tx)
+  legacy = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "bank"}
+  ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", save_every=1, keep=1,
+                                      async_save=False)
+  try:
+    ckpt.save(0, legacy, make_iter(), force=True)
+    ckpt.wait()
+    assert "bank" not in _saved(workdir, 0)
+    restored = ckpt.restore(jax.eval_shape(lambda: init_state(model, tx)), make_iter())
+  finally:
+    ckpt.close()
+  assert restored.bank is None
+  _assert_same_params(restored.params, state.params)
+  _assert_same_params(restored.opt_state, state.opt_state)
+  _, loaded, _ = trained.load_run(workdir)
+  _assert_same_params(nnx.state(loaded, nnx.Param), state.params)
 
 
 def _saved(workdir, step):

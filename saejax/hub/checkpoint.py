@@ -29,6 +29,7 @@ written by the same callback, after every file and before that marker, as one di
 object is whole or absent: no temporary file, rename or fsync there).
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -133,6 +134,25 @@ def write_digest(step_dir: str | os.PathLike) -> epath.Path:
 def is_sealed(step_dir: str | os.PathLike) -> bool:
   """Whether a checkpoint has a digest (which `verify_step` checks)."""
   return (paths.resolve(step_dir) / DIGEST_FILE).exists()
+
+
+def state_target(step_dir: str | os.PathLike, abstract_state):
+  """The restore target for the TrainState saved in `step_dir`, and the function that turns what
+  Orbax returns into a TrainState.
+
+  Orbax restores only into the tree it saved. Checkpoints written before `TrainState` had its
+  ``bank`` field (the memory bank) hold no ``bank`` entry; a run without a bank restores them into
+  the other fields, so they stay loadable and resumable.
+  """
+  fields = getattr(abstract_state, "__dataclass_fields__", {})
+  if "bank" not in fields or abstract_state.bank is not None:
+    return abstract_state, lambda state: state
+  with ocp.StandardCheckpointer() as reader:
+    saved = reader.metadata(paths.resolve(step_dir) / "state").item_metadata.tree
+  if "bank" in saved:
+    return abstract_state, lambda state: state
+  target = {name: getattr(abstract_state, name) for name in fields if name != "bank"}
+  return target, lambda state: dataclasses.replace(abstract_state, **state)
 
 
 def restore_order(directory: str | os.PathLike, steps: list[int]) -> tuple[list[int], list[int]]:
@@ -316,8 +336,9 @@ class TrainCheckpointer:
                       "saejax, or killed between commit and seal), so its files cannot be checked; "
                       "restoring it as Orbax reads it", step, self.directory, DIGEST_FILE)
     try:
+      target, to_state = state_target(self.step_dir(step), abstract_state)
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
+          state=ocp.args.StandardRestore(target),
           data_iter=self._grain.checkpoint.CheckpointRestore(data_iter)))
     # tensorstore raises plain Exception for unreadable chunks; Orbax ValueError / KeyError for
     # metadata that does not fit the target (a changed config) or cannot be parsed.
@@ -325,7 +346,7 @@ class TrainCheckpointer:
       raise CheckpointError(f"{self.step_dir(step)} cannot be restored into this run's model and "
                             f"data (damaged, or did the config change?): {type(e).__name__}: "
                             f"{str(e)[:500]}") from e
-    return restored["state"]
+    return to_state(restored["state"])
 
   def _set_aside_after_restoring(self, step: int, damaged: list[int], sealed: list[int]) -> None:
     """Move damaged steps, and unsealed steps newer than `step`, out of the manager's directory:

@@ -143,9 +143,10 @@ def _restore_state(directory: epath.Path, step: int, target):
   """The TrainState of checkpoint `step`, verified against its digest when it has one."""
   checkpoint.verify_step(directory / str(step))  # DamagedCheckpointError names the file
   try:
+    target, to_state = checkpoint.state_target(directory / str(step), target)
     with ocp.CheckpointManager(directory, item_names=("state", "data_iter")) as manager:
-      return manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target)))["state"]
+      return to_state(manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))["state"])
   except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise bare errors on damaged bytes
     raise CheckpointError(f"checkpoint {directory}/{step} cannot be read into the model of its "
                           f"config.json: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
