@@ -86,14 +86,16 @@ def info_nce(q: Float[Array, "B S"], d_pos: Float[Array, "B S"], d_neg: Float[Ar
   pos = jnp.sum(q * d_pos.astype(jnp.float32), -1)  # the label logits, without a sharded gather
   is_label = jnp.arange(scores.shape[1])[None, :] == jnp.arange(b)[:, None]
   best_other = jnp.max(jnp.where(is_label, -jnp.inf, scores), -1)
-  logits = scores
+  log_norm = jax.nn.logsumexp(scores / temperature, -1)
   if extra is not None:
     if extra.shape[0] != b:
       raise ShapeError(f"info_nce: extra scores {extra.shape} must be [B={b}, M]")
     extra = extra.astype(jnp.float32)
-    logits = jnp.concatenate([scores, extra], -1)
+    # Two log-sum-exps joined, not one over concatenated logits: the backward pass of a concat of
+    # a batch-sharded and a replicated block makes XLA's SPMD partitioner rematerialise it whole.
+    log_norm = jnp.logaddexp(log_norm, jax.nn.logsumexp(extra / temperature, -1))
     best_other = jnp.maximum(best_other, jnp.max(extra, -1))
-  loss = jnp.mean(jax.nn.logsumexp(logits / temperature, -1) - pos / temperature)
+  loss = jnp.mean(log_norm - pos / temperature)
   metrics = {
       "info_nce": loss,
       "accuracy": jnp.mean(pos > best_other),
