@@ -53,3 +53,27 @@ def test_list_names_every_suite():
   assert out.returncode == 0, out.stderr
   assert [line.split(":")[0] for line in out.stdout.splitlines()
           if not line.startswith(" ")] == list(suites.SUITES)
+
+
+def _results(**means):
+  """Three datasets where each system scores the same nDCG@10 everywhere."""
+  systems = {name: {"ndcg@10": value} for name, value in means.items()}
+  return {"datasets": {d: {"systems": systems} for d in ("scifact", "cranfield", "debian")}}
+
+
+def test_quality_targets_hand_computed_and_only_for_the_arms_present():
+  quality = _load("quality")
+  checks, mean = quality.targets(_results(**{
+      "sparse": 0.62, "dense-ft": 0.625, "dense": 0.63, "frozen": 0.605, "bm25": 0.61,
+      "random-topk": 0.50}))
+  got = {what.split(": ")[1]: (round(value, 6), met) for what, value, _, met in checks}
+  assert got == {"sparse - dense fine-tuned": (-0.005, True),  # within 0.01
+                 "sparse - untouched dense": (-0.01, False),
+                 "sparse - frozen SAE": (0.015, False),        # must beat frozen by 0.02
+                 "sparse - BM25": (0.01, True),
+                 "sparse - random TopK (no training)": (0.12, True)}
+  assert mean["sparse"] == pytest.approx(0.62)
+  # `eval/quality.py --arms sparse`: only the rows whose two systems were evaluated
+  checks, _ = quality.targets(_results(sparse=0.6, bm25=0.5, dense=0.55, **{"random-topk": 0.4}))
+  assert [what.split(": ")[1] for what, *_ in checks] == [
+      "sparse - untouched dense", "sparse - BM25", "sparse - random TopK (no training)"]
