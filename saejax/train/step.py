@@ -204,9 +204,9 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
   """One optimiser step on a global batch (jit it with shardings; see `saejax.train`).
 
   ``loss_fn(model, batch, since_fired, step, loss_cfg, bank) -> (loss, (metrics, codes, entries))``
-  defaults to
-  `compute_loss` (token ids through the encoder); `saejax.train.headtrain` passes one that reads
-  cached embeddings, so head training shares this step's optimiser, SAE invariants and counters.
+  defaults to `compute_loss` (token ids through the encoder); `saejax.train.headtrain` passes one
+  that reads cached embeddings, so head training shares this step's optimiser, SAE invariants and
+  counters.
   """
   batch_loss = compute_loss if loss_fn is None else loss_fn
 
