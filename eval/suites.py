@@ -47,9 +47,11 @@ SUITES = {
         (f"debian-quickstart={REPO / 'data' / 'debian-quickstart' / 'beir-dev'}:dev",),
         k_sweep="8,16,32,64", max_docs=1000),
     "quality": Suite(
-        "the quality benchmark's three sets at the arms' training budget (documents 128 tokens)",
+        "the quality benchmark's three sets at the arms' training budget (documents 128 tokens), "
+        "and SciFact's 104 test claims whose relevant abstracts no training pair holds",
         (f"scifact={DATA / 'scifact'}:test", f"cranfield={DATA / 'cranfield'}:test",
-         f"debian={DATA / 'debian-descriptions' / 'beir-dev'}:dev"),
+         f"debian={DATA / 'debian-descriptions' / 'beir-dev'}:dev",
+         f"scifact-unseen={DATA / 'scifact'}:test~train"),
         k_sweep="8,16,32,64,128", max_doc_len=128),
     "beir": Suite(
         "every BEIR retrieval set in ../shared/data, CLIMATE-FEVER's derived set included",

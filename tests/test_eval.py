@@ -364,6 +364,28 @@ def test_empty_queries_are_skipped_and_counted(tmp_path, caplog):
   assert got["datasets"]["b"]["systems"]["bm25"]["ndcg@10"] == 1.0  # over q1 alone, not q1 + 0
 
 
+def test_unseen_split_leaves_out_queries_whose_documents_training_saw(tmp_path):
+  docs = [{"_id": f"d{i}", "text": f"doc {i}"} for i in range(1, 6)]
+  queries = [{"_id": f"q{i}", "text": f"query {i}"} for i in range(1, 5)]
+  test = [("q1", "d1", 1), ("q2", "d2", 1), ("q2", "d3", 0), ("q3", "d3", 1), ("q3", "d4", 2),
+          ("q4", "d5", 1)]
+  folder = _write_beir(tmp_path / "b", queries, docs, test)
+  # Train: d1 and d4 relevant (seen); d3 only judged not relevant and d2 absent (unseen).
+  _write_beir(folder, queries, docs, [("q9", "d1", 1), ("q8", "d3", 0), ("q7", "d4", 1)], "train")
+  assert load_beir(folder, "test").query_ids == ("q1", "q2", "q3", "q4")
+  unseen = load_beir(folder, "test~train")
+  assert unseen.query_ids == ("q2", "q4")  # q1 (d1) and q3 (d4 of its two) have a seen document
+  assert unseen.doc_ids == tuple(f"d{i}" for i in range(1, 6))  # the corpus stays whole
+  spec = harness.BeirSpec.parse(f"{folder}:test~train")
+  assert (spec.name, spec.split) == ("b~train", "test~train")
+  spec.check()
+  with pytest.raises(DataError, match=r"qrels/dev.tsv does not exist"):
+    harness.BeirSpec.parse(f"{folder}:test~dev").check()
+  _write_beir(folder, queries, docs, [(q, d, 1) for q, d, _ in test], "all")
+  with pytest.raises(DataError, match=r"no unseen query is left"):
+    load_beir(folder, "test~all")
+
+
 def test_unknown_qrels_document_is_an_error(tmp_path):
   folder = _write_beir(tmp_path / "b", [{"_id": "q1", "text": "x"}], [{"_id": "d1", "text": "y"}],
                        [("q1", "d9", 1)])

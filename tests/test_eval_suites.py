@@ -56,9 +56,12 @@ def test_list_names_every_suite():
 
 
 def _results(**means):
-  """Three datasets where each system scores the same nDCG@10 everywhere."""
+  """Three datasets where each system scores the same nDCG@10 everywhere, and a SciFact-unseen
+  line where each scores 0 (reported beside the targets, never averaged into them)."""
   systems = {name: {"ndcg@10": value} for name, value in means.items()}
-  return {"datasets": {d: {"systems": systems} for d in ("scifact", "cranfield", "debian")}}
+  datasets = {d: {"systems": systems} for d in ("scifact", "cranfield", "debian")}
+  zero = {name: {"ndcg@10": 0.0} for name in means}
+  return {"datasets": {**datasets, "scifact-unseen": {"systems": zero}}}
 
 
 def test_quality_targets_hand_computed_and_only_for_the_arms_present():

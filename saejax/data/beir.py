@@ -8,6 +8,10 @@ judgement that cannot be met would silently lower every system's recall), as is 
 appears twice in corpus.jsonl or queries.jsonl (error naming the id and both lines); a judged
 query whose text is empty is skipped, counted in `BeirData.skipped_empty_queries` and logged as a
 warning. With ``max_docs`` the corpus is subsampled: see `load_beir`.
+
+A split ``test~train`` is the test queries none of whose relevant documents is relevant to a query
+of the train split: documents a model trained on the train pairs has never been shown. SciFact is
+the case in point (196 of its 300 test claims have a relevant abstract among the train pairs).
 """
 
 import dataclasses
@@ -84,6 +88,10 @@ def read_unique_texts(path: Path, text_of) -> dict[str, str]:
   return texts
 
 
+def _relevant(judged: dict[str, int]) -> set[str]:
+  return {d for d, s in judged.items() if s > 0}
+
+
 def _subsample(doc_ids: list[str], qrels: Qrels, max_docs: int,
                rng: np.random.Generator) -> tuple[set[str], Qrels]:
   """(kept doc ids, kept qrels): every relevant doc of every kept query, then random distractors.
@@ -91,7 +99,7 @@ def _subsample(doc_ids: list[str], qrels: Qrels, max_docs: int,
   Relevant documents may fill at most half of the sample (else ranking would be trivial); when the
   split has more, a random subset of queries is kept whose relevant documents fit.
   """
-  relevant = {q: {d for d, s in judged.items() if s > 0} for q, judged in qrels.items()}
+  relevant = {q: _relevant(judged) for q, judged in qrels.items()}
   budget = max_docs // 2
   if len(set().union(*relevant.values())) > budget:
     kept_docs, kept_queries = set(), []
@@ -103,15 +111,28 @@ def _subsample(doc_ids: list[str], qrels: Qrels, max_docs: int,
       raise DataError(f"max_docs={max_docs} leaves no room for the relevant documents of any "
                       f"query; raise max_docs")
     qrels = {q: qrels[q] for q in sorted(kept_queries)}
-  keep = set().union(*({d for d, s in j.items() if s > 0} for j in qrels.values()))
+  keep = set().union(*map(_relevant, qrels.values()))
   others = [d for d in doc_ids if d not in keep]
   extra = min(max_docs - len(keep), len(others))
   keep |= {others[i] for i in rng.choice(len(others), extra, replace=False)}
   return keep, qrels
 
 
+def _unseen(qrels: Qrels, seen_path: Path) -> Qrels:
+  """The queries of ``qrels`` none of whose relevant documents is relevant in ``seen_path``."""
+  seen = set().union(*map(_relevant, read_qrels(seen_path).values()))
+  kept = {q: j for q, j in qrels.items() if not _relevant(j) & seen}
+  if not kept:
+    raise DataError(f"every query has a relevant document that is relevant in {seen_path}: "
+                    "no unseen query is left")
+  return kept
+
+
 def load_beir(folder: str | Path, split: str, *, max_docs: int = 0, seed: int = 0) -> BeirData:
   """Load a BEIR split, optionally subsampled to ``max_docs`` documents.
+
+  ``split`` may be ``SPLIT~SEEN`` (e.g. ``test~train``): the queries of SPLIT none of whose
+  relevant documents is relevant in the qrels of SEEN, for a model trained on SEEN's pairs.
 
   Only queries with at least one relevant judgement (score > 0) are kept; judged queries whose
   text is empty are skipped with a logged warning and listed in ``skipped_empty_queries``.
@@ -121,21 +142,25 @@ def load_beir(folder: str | Path, split: str, *, max_docs: int = 0, seed: int = 
 
   Args:
     folder: BEIR folder with corpus.jsonl, queries.jsonl and qrels/<split>.tsv.
-    split: qrels split name.
+    split: qrels split name, or ``SPLIT~SEEN``.
     max_docs: documents to keep (0 = all).
     seed: seed of the subsample.
 
   Raises:
     DataError: a missing file, a malformed qrels line, a qrels line naming an unknown query or
-      document, a duplicate ``_id`` in corpus.jsonl or queries.jsonl, no judged query left.
+      document, a duplicate ``_id`` in corpus.jsonl or queries.jsonl, no judged query left
+      (also after leaving out the queries SEEN covers).
   """
   folder = Path(folder)
   if not folder.is_dir():
     raise DataError(f"BEIR folder {folder} does not exist")
+  split, _, seen = split.partition("~")
   qrels_path = folder / "qrels" / f"{split}.tsv"
   qrels = {q: j for q, j in read_qrels(qrels_path).items() if any(s > 0 for s in j.values())}
   if not qrels:
     raise DataError(f"{qrels_path} has no query with a relevant (score > 0) document")
+  if seen:
+    qrels = _unseen(qrels, folder / "qrels" / f"{seen}.tsv")
   corpus = read_unique_texts(folder / "corpus.jsonl", beir_document)
   all_queries = read_unique_texts(folder / "queries.jsonl",
                                   lambda r: str(r.get("text") or "").strip())

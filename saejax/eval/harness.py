@@ -147,7 +147,8 @@ class BeirSpec:
   Attributes:
     name: the dataset's name in tables, plots and file names.
     path: the BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv).
-    split: qrels split.
+    split: qrels split, or ``SPLIT~SEEN``: the queries of SPLIT whose relevant documents are not
+      relevant in SEEN (unseen by a model trained on SEEN; `saejax.data.beir.load_beir`).
     max_docs: subsample the corpus to this many documents (0 = all; see
       `saejax.data.beir.load_beir`).
     seed: seed of the subsample.
@@ -161,7 +162,8 @@ class BeirSpec:
   @classmethod
   def parse(cls, spec: str, *, max_docs: int = 0, seed: int = 0) -> "BeirSpec":
     """``[NAME=]FOLDER[:SPLIT]``; the default name is the folder's name (``parent/name`` for a
-    folder called ``beir*``, e.g. debian-descriptions/beir-dev), the default split ``test``."""
+    folder called ``beir*``, e.g. debian-descriptions/beir-dev; ``scifact~train`` for the split
+    ``test~train``), the default split ``test``."""
     name, rest = split_name(spec)
     split = "test"
     if ":" in rest and "/" not in rest.rsplit(":", 1)[1]:
@@ -173,6 +175,8 @@ class BeirSpec:
       name = folder.name
       if name.startswith("beir") and folder.parent.name:
         name = f"{folder.parent.name}/{name}"
+      if "~" in split:
+        name += "~" + split.partition("~")[2]
     return cls(name=name, path=str(folder), split=split, max_docs=max_docs, seed=seed)
 
   def load(self) -> BeirData:
@@ -182,9 +186,10 @@ class BeirSpec:
     """A DataError now if the folder or its qrels file is missing (`load` would say it later)."""
     if not Path(self.path).is_dir():
       raise DataError(f"BEIR folder {self.path} does not exist")
-    qrels = Path(self.path) / "qrels" / f"{self.split}.tsv"
-    if not qrels.is_file():
-      raise DataError(f"BEIR qrels file {qrels} does not exist")
+    for split in self.split.split("~"):
+      qrels = Path(self.path) / "qrels" / f"{split}.tsv"
+      if not qrels.is_file():
+        raise DataError(f"BEIR qrels file {qrels} does not exist")
 
 
 def split_name(spec: str) -> tuple[str | None, str]:
