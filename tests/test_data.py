@@ -413,6 +413,38 @@ def test_mixture_draws_sources_by_weight(modernbert_tokenizer):
   assert sum(from_debian) == 300
 
 
+
+def test_batch_by_source_draws_each_global_batch_from_one_source_by_weight(tmp_path,
+                                                                           minilm_tokenizer):
+  a = tmp_path / "a"
+  a.mkdir()
+  b = tmp_path / "b"
+  b.mkdir()
+  source_a = planted(a, [{"query": f"a query {i}", "positive": f"a doc {i}"} for i in range(40)])
+  source_b = planted(b, [{"query": f"b query {i}", "positive": f"b doc {i}"} for i in range(40)])
+  cfg = config(dataclasses.replace(source_a, weight=3.0), dataclasses.replace(source_b, weight=1.0),
+               global_batch_size=4, seed=3)
+  by_source = dataclasses.replace(cfg, batch_by_source=True)
+
+  def sources_of(config_, n=40, shard_index=0, shard_count=1):
+    it = iter(make_pipeline(config_, minilm_tokenizer, shard_index=shard_index,
+                            shard_count=shard_count).record_batches)
+    return [{r["query"][0] for r in next(it)} for _ in range(n)], it
+
+  batches, it = sources_of(by_source)
+  assert all(len(s) == 1 for s in batches)  # 4 records, one source
+  assert sum(s == {"a"} for s in batches) == 30  # weights 3 : 1, as records are drawn otherwise
+  assert any(len(s) == 2 for s in sources_of(cfg)[0])  # the default mixes within a batch
+  # Two processes: each one's rows of a global batch are of that batch's source.
+  halves = [sources_of(by_source, 10, p, 2)[0] for p in (0, 1)]
+  assert halves[0] == halves[1] == batches[:10]
+  # Resume: the state after 40 batches gives the same next batches.
+  state, expected = it.get_state(), [next(it) for _ in range(8)]
+  fresh = iter(make_pipeline(by_source, minilm_tokenizer, shard_index=0,
+                             shard_count=1).record_batches)
+  fresh.set_state(state)
+  assert [next(fresh) for _ in range(8)] == expected
+
 # ----------------------------------------------------------------------------- no repeated text
 
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Literal, TypedDict
 
@@ -110,6 +111,11 @@ class DataConfig:
   shuffle: bool = True
   # Passes over the data; None repeats forever. With a mixture, ends when a source runs out.
   num_epochs: int | None = None
+  # Draw each global batch from one source (picked by weight, as records are otherwise), so a
+  # query's in-batch negatives come from its own domain, as sentence-transformers' proportional
+  # multi-dataset sampler does; False mixes the sources record by record. A record deferred for a
+  # repeated text may still join a later batch of another source.
+  batch_by_source: bool = False
   # "raise": a bad record stops the run with its file and line; "skip": drop and count it.
   on_bad_record: OnBadRecord = "raise"
   # grain prefetch: threads reading records ahead, and batches buffered ahead of the training step.
@@ -229,6 +235,23 @@ def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
 def _source_seed(seed: int, i: int) -> int:
   # Independent shuffle streams per source; grain wants a seed in [0, 2**32).
   return int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+
+
+class _Unblocked(grain.MapDataset):
+  """The records of a stream of equal-size blocks (lists), in order: record i is
+  ``parent[i // size][i % size]``."""
+
+  def __init__(self, parent: grain.MapDataset, size: int):
+    super().__init__(parent)
+    self._size = size
+
+  def __len__(self) -> int:
+    return min(len(self._parent) * self._size, sys.maxsize)  # a repeated stream is sys.maxsize
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[index // self._size][index % self._size]
 
 
 class _BatchTexts:
@@ -405,8 +428,15 @@ def make_pipeline(cfg: DataConfig, tokenizer: Tokenizer, *, shard_index: int | N
     if cfg.shuffle:
       ds = ds.shuffle(seed=_source_seed(cfg.seed, i))
     parts.append(ds.repeat(cfg.num_epochs))
-  stream = parts[0] if len(parts) == 1 else grain.MapDataset.mix(
-      parts, weights=[s.weight for s in cfg.sources])
+  weights = [s.weight for s in cfg.sources]
+  if len(parts) == 1:
+    stream = parts[0]
+  elif cfg.batch_by_source:  # mix blocks of one global batch each, then read them record by record
+    blocks = [part.batch(cfg.global_batch_size, drop_remainder=True, batch_fn=list)
+              for part in parts]
+    stream = _Unblocked(grain.MapDataset.mix(blocks, weights=weights), cfg.global_batch_size)
+  else:
+    stream = grain.MapDataset.mix(parts, weights=weights)
   # Records are read ahead one global batch at a time (each process reads all of its texts).
   read_options = grain.ReadOptions(num_threads=cfg.read_threads,
                                    prefetch_buffer_size=cfg.global_batch_size)

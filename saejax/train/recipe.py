@@ -81,6 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.seed = 0                         # shuffle seed
   c.data.shuffle = True
   c.data.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat forever
+  c.data.batch_by_source = False          # each batch from one source (in-domain negatives)
   c.data.on_bad_record = "raise"          # or "skip": drop and count malformed records
   c.data.read_threads = 2
   c.data.prefetch_batches = 4
