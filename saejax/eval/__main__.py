@@ -8,8 +8,11 @@
 Writes DIR/results.json, DIR/report.md and DIR/*.png (see `saejax.eval.report`). Each ``--model``
 is a training workdir (the dense ablation, ``sae.enabled=False``, is evaluated as a dense model)
 or an exported sentence-transformers SparseEncoder directory, optionally named ``NAME=PATH``.
-Each ``--beir`` is ``[NAME=]FOLDER[:SPLIT]`` (split ``test`` by default). The "dense" baseline is
-the untouched encoder of ``--dense-encoder`` (default: the first run's ``model.init_from``).
+Each ``--beir`` is ``[NAME=]FOLDER[:SPLIT]`` (split ``test`` by default); a split ``test~train``
+keeps the test queries whose relevant documents no train query has (what a model trained on the
+train pairs never saw: ``--beir scifact-unseen=../shared/data/scifact:test~train``). The "dense"
+baseline is the untouched encoder of ``--dense-encoder`` (default: the first run's
+``model.init_from``).
 
 Token budgets: every system reads queries and documents at the same lengths, by default the ones
 the first ``--model`` was trained with (a run's ``data.max_query_len`` / ``data.max_doc_len``, an
@@ -62,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
                  help="a training workdir or an exported SparseEncoder directory (repeatable)")
   p.add_argument("--beir", action="append", required=True, metavar="[NAME=]FOLDER[:SPLIT]",
-                 help="a BEIR folder and qrels split (repeatable)")
+                 help="a BEIR folder and qrels split (repeatable); SPLIT~SEEN: the queries of "
+                 "SPLIT whose relevant documents are not relevant in SEEN")
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--baselines", type=_baselines, default=BASELINES,
                  help="comma-separated from bm25,dense,random ('none' for none; default all). "
