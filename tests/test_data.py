@@ -438,6 +438,10 @@ def test_batch_by_source_draws_each_global_batch_from_one_source_by_weight(tmp_p
   # Two processes: each one's rows of a global batch are of that batch's source.
   halves = [sources_of(by_source, 10, p, 2)[0] for p in (0, 1)]
   assert halves[0] == halves[1] == batches[:10]
+  # The tokenised batches carry each record's source index (stage 1 groups its pairs by it).
+  tokenised = make_pipeline(by_source, minilm_tokenizer, shard_index=0, shard_count=1).iterator()
+  for expected_sources in batches[:5]:
+    assert set(next(tokenised)["source"]) == {"ab".index(c) for c in expected_sources}
   # Resume: the state after 40 batches gives the same next batches.
   state, expected = it.get_state(), [next(it) for _ in range(8)]
   fresh = iter(make_pipeline(by_source, minilm_tokenizer, shard_index=0,

@@ -47,6 +47,7 @@ the bucket each step: all-gather each process's (Tq, Td), take the maximum and `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -84,6 +85,7 @@ class Batch(TypedDict):
   d_valid: Bool[np.ndarray, "B 1+H Td"]
   q_truncated: Bool[np.ndarray, "B"]  # the query lost tokens to max_query_len
   d_truncated: Bool[np.ndarray, "B 1+H"]  # the document lost tokens to max_doc_len
+  source: Int32[np.ndarray, "B"]  # each record's source, its index in DataConfig.sources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +202,8 @@ class BatchTokenizer:
     b = len(records)
     return {"q_ids": q_ids, "q_valid": q_valid,
             "d_ids": d_ids.reshape(b, 1 + h, -1), "d_valid": d_valid.reshape(b, 1 + h, -1),
-            "q_truncated": q_truncated, "d_truncated": d_truncated.reshape(b, 1 + h)}
+            "q_truncated": q_truncated, "d_truncated": d_truncated.reshape(b, 1 + h),
+            "source": np.asarray([r.get("source", 0) for r in records], np.int32)}
 
 
 def pad_batch(batch: Batch, *, q_len: int, d_len: int, pad_id: int) -> Batch:
@@ -235,6 +238,10 @@ def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
 def _source_seed(seed: int, i: int) -> int:
   # Independent shuffle streams per source; grain wants a seed in [0, 2**32).
   return int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+
+
+def _tag_source(index: int, record: Record) -> Record:
+  return {**record, "source": index}
 
 
 class _Unblocked(grain.MapDataset):
@@ -427,7 +434,7 @@ def make_pipeline(cfg: DataConfig, tokenizer: Tokenizer, *, shard_index: int | N
     ds = grain.MapDataset.source(source)
     if cfg.shuffle:
       ds = ds.shuffle(seed=_source_seed(cfg.seed, i))
-    parts.append(ds.repeat(cfg.num_epochs))
+    parts.append(ds.repeat(cfg.num_epochs).map(functools.partial(_tag_source, i)))
   weights = [s.weight for s in cfg.sources]
   if len(parts) == 1:
     stream = parts[0]

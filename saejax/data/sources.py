@@ -31,7 +31,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypedDict
+from typing import Any, Literal, NotRequired, Protocol, TypedDict
 
 import numpy as np
 from grain.sources import RandomAccessDataSource
@@ -51,6 +51,7 @@ class Record(TypedDict):
   query: str
   positive: str
   negatives: list[str]
+  source: NotRequired[int]  # the source's index in DataConfig.sources (set by the pipeline)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Float
+from jaxtyping import Float, Int
 
 from saejax.errors import ConfigError
 from saejax.hub.state import OptimConfig, TrainState, init_state, make_optimizer
@@ -72,11 +72,21 @@ def head_loss(model: Embedder, batch: dict, since_fired, step, cfg: step_lib.Los
   return step_lib.objective(model.sae, q, docs, since_fired, step, cfg)
 
 
-def batches(n: int, cfg: HeadTrainConfig):
-  """Row indices of each step: shuffled epochs, the tail of an epoch dropped (fixed shapes)."""
+def batches(n: int, cfg: HeadTrainConfig, groups: Int[np.ndarray, "N"] | None = None):
+  """Row indices of each step: shuffled epochs, the tail of an epoch dropped (fixed shapes).
+
+  With ``groups`` (e.g. each pair's source), every batch is drawn from one group, picked with
+  probability proportional to its size, in a shuffled pass over that group's rows; groups with
+  fewer rows than a batch are pooled into one mixed group.
+  """
   if n < cfg.batch_size:
     raise ConfigError(f"head training: {n} pairs are fewer than batch_size={cfg.batch_size}")
   rng = np.random.default_rng(cfg.seed)
+  if groups is not None:
+    if np.shape(groups) != (n,):
+      raise ConfigError(f"head training: groups of shape {np.shape(groups)} for {n} pairs")
+    yield from _group_batches(np.asarray(groups), cfg, rng)
+    return
   per_epoch = n // cfg.batch_size
   order = None
   for i in range(cfg.steps):
@@ -86,12 +96,28 @@ def batches(n: int, cfg: HeadTrainConfig):
     yield order[j * cfg.batch_size:(j + 1) * cfg.batch_size]
 
 
+def _group_batches(groups: np.ndarray, cfg: HeadTrainConfig, rng: np.random.Generator):
+  ids, counts = np.unique(groups, return_counts=True)
+  small = np.isin(groups, ids[counts < cfg.batch_size])
+  pools = [np.flatnonzero((groups == g) & ~small) for g in ids[counts >= cfg.batch_size]]
+  pools += [np.flatnonzero(small)] if small.sum() >= cfg.batch_size else []
+  sizes = np.asarray([len(p) for p in pools], float)
+  queues = [rng.permutation(p) for p in pools]
+  for _ in range(cfg.steps):
+    g = rng.choice(len(pools), p=sizes / sizes.sum())
+    if len(queues[g]) < cfg.batch_size:  # a new pass over the group (its tail dropped)
+      queues[g] = rng.permutation(pools[g])
+    yield queues[g][:cfg.batch_size]
+    queues[g] = queues[g][cfg.batch_size:]
+
+
 def train_head(sae: sae_lib.SAE, q_v: Float[np.ndarray, "N D"], d_v: Float[np.ndarray, "N D"],
                loss_cfg: step_lib.LossConfig, optim_cfg: OptimConfig,
-               cfg: HeadTrainConfig, *, log_every: int = 0,
-               log=print) -> tuple[sae_lib.SAE, TrainState, list[dict]]:
+               cfg: HeadTrainConfig, *, groups: Int[np.ndarray, "N"] | None = None,
+               log_every: int = 0, log=print) -> tuple[sae_lib.SAE, TrainState, list[dict]]:
   """Train ``sae`` on (query, positive) embedding pairs; returns the trained SAE (a new module),
-  the final TrainState (dead-latent counters included) and the logged metrics.
+  the final TrainState (dead-latent counters included) and the logged metrics. ``groups``: each
+  pair's group (its source), to draw every batch from one group (`batches`).
 
   ``optim_cfg.lr_sae`` and its schedule apply (``total_steps`` should be ``cfg.steps``). b_pre is
   set from the documents' geometric median / mean first, as `saejax.train` does.
@@ -126,7 +152,7 @@ def train_head(sae: sae_lib.SAE, q_v: Float[np.ndarray, "N D"], d_v: Float[np.nd
   q_all, d_all = jnp.asarray(q_v, jnp.float32), jnp.asarray(d_v, jnp.float32)
   key = jax.random.key(cfg.seed)
   history = []
-  for i, rows in enumerate(batches(len(q_v), cfg)):
+  for i, rows in enumerate(batches(len(q_v), cfg, groups)):
     state, metrics = step(state, q_all, d_all, jnp.asarray(rows))
     if cfg.resample_every and (i + 1) % cfg.resample_every == 0 and (
         i + 1 <= cfg.resample_until * cfg.steps):

@@ -62,30 +62,33 @@ def init_b_pre_from_data(model: Embedder, batches, method: str) -> None:
 
 def warm_start_sae(model: Embedder, batches, ws: ml_collections.ConfigDict,
                    loss_cfg: step_lib.LossConfig, optim_cfg: OptimConfig,
-                   log_every: int = 0) -> list[dict]:
+                   log_every: int = 0, by_source: bool = False) -> list[dict]:
   """Stage 1 of stage-wise training: train the SAE on the frozen encoder's embeddings.
 
   Embeds ``ws.pairs`` (query, positive) pairs of the training data once with the untouched
   encoder, then runs ``ws.steps`` head-training steps (`saejax.train.headtrain`, the same objective
   and invariants) at ``ws.lr`` on batches of ``ws.batch_size``. End-to-end training then starts from
-  a dictionary that already ranks well, instead of training the encoder through a random one. Every
+  a dictionary that already ranks well, instead of training the encoder through a random one. With
+  ``by_source`` (``data.batch_by_source``) every head batch holds pairs of one source. Every
   process embeds the global batches, so all of them compute the same SAE. Returns the head
   training's metrics every ``log_every`` steps (default: a quarter of the steps), printed by
   process 0.
   """
   from saejax.train import headtrain  # pylint: disable=import-outside-toplevel
   dense = nnx.jit(lambda m, ids, valid: m.dense(ids, valid))
-  qs, ds, keys, n = [], [], [], 0
+  qs, ds, keys, sources, n = [], [], [], [], 0
   while n < ws.pairs:
     batch = distributed.gather_batches([next(batches)])[0]
     qs.append(np.asarray(dense(model, batch["q_ids"], batch["q_valid"])))
     ds.append(np.asarray(dense(model, batch["d_ids"][:, 0], batch["d_valid"][:, 0])))
     keys += [_pair_key(batch, i) for i in range(len(qs[-1]))]
+    sources.append(batch["source"])
     n += len(qs[-1])
   # The pairs in an order fixed by their content, not by how the processes' rows were gathered:
   # one process and several see the same set of pairs, and must train the same SAE from it.
   order = np.argsort(np.asarray(keys[:ws.pairs]), kind="stable")
   q_v, d_v = np.concatenate(qs)[:ws.pairs][order], np.concatenate(ds)[:ws.pairs][order]
+  groups = np.concatenate(sources)[:ws.pairs][order] if by_source else None
   head_cfg = headtrain.HeadTrainConfig(steps=ws.steps, batch_size=min(ws.batch_size, len(q_v)),
                                        resample_every=ws.resample_every,
                                        resample_until=ws.resample_until)
@@ -95,7 +98,7 @@ def warm_start_sae(model: Embedder, batches, ws: ml_collections.ConfigDict,
   if jax.process_index() == 0:
     print(f"warm start: SAE on {len(q_v)} frozen-encoder pairs, {ws.steps} steps", flush=True)
   trained, _, history = headtrain.train_head(
-      model.sae, q_v, d_v, loss_cfg, head_optim, head_cfg,
+      model.sae, q_v, d_v, loss_cfg, head_optim, head_cfg, groups=groups,
       log_every=log_every or max(ws.steps // 4, 1),
       log=print if jax.process_index() == 0 else lambda _: None)
   nnx.update(model.sae, nnx.state(trained, nnx.Param))
@@ -241,7 +244,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
     init_b_pre_from_data(model, distributed.gather_batches(samples), config.sae.b_pre_init)
 
   if not resuming and model.sae is not None and config.warmstart.steps:
-    warm_start_sae(model, make_iter(), config.warmstart, loss_cfg, optim_cfg)
+    warm_start_sae(model, make_iter(), config.warmstart, loss_cfg, optim_cfg,
+                   by_source=data_cfg.batch_by_source)
 
   graphdef, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(optim_cfg, params)
