@@ -17,7 +17,7 @@ sets:
   sparse above frozen by >= 0.02;          sparse above BM25 on SciFact;
   sparse above random TopK (the untouched encoder, no training, same k) by >= 0.10.
 
-    .venv/bin/python eval/quality.py [--steps 200] [--out runs/quality]
+    .venv/bin/python eval/quality.py [--steps 200] [--out runs/quality] [--set KEY=VALUE]
 
 A finished arm (summary.json at the requested step) is not retrained; an interrupted one resumes
 from its checkpoint. Results: OUT/eval/results.json, OUT/eval/report.md (with plots), and the
@@ -48,15 +48,37 @@ def trained_to(workdir: Path) -> int:
   return json.loads(summary.read_text())["step"] if summary.is_file() else 0
 
 
-def train(arm: str, steps: int, out: Path) -> float:
-  """Train (or resume) one arm; returns the wall time spent now."""
+def _check_overrides(workdir: Path, overrides: list[str]) -> None:
+  """A workdir trained (or started) with other values of the overridden keys is not reused."""
+  config_file = workdir / "config.json"
+  if not config_file.is_file():
+    return
+  config = json.loads(config_file.read_text())
+  for override in overrides:
+    key, _, text = override.partition("=")
+    value = config
+    for part in key.split("."):
+      value = value.get(part) if isinstance(value, dict) else None
+    try:
+      wanted = json.loads(text.lower() if text in ("True", "False") else text)
+    except json.JSONDecodeError:
+      wanted = text
+    if value != wanted:
+      raise SystemExit(f"error: {workdir} was trained with {key}={value!r}, not {text}; "
+                       "choose another --out")
+
+
+def train(arm: str, steps: int, out: Path, overrides: list[str] = ()) -> float:
+  """Train (or resume) one arm (``overrides``: ``KEY=VALUE`` config overrides, e.g.
+  ``data.batch_by_source=True``); returns the wall time spent now."""
   workdir = out / arm
+  _check_overrides(workdir, overrides)
   if trained_to(workdir) >= steps:
     print(f"{arm}: already trained to step {steps} in {workdir}", flush=True)
     return 0.0
   start = time.time()
   cmd = [sys.executable, "-m", "saejax.train", f"--config={REPO / 'configs/quality.py'}:{arm},{steps}",
-         f"--workdir={workdir}"]
+         f"--workdir={workdir}", *(f"--config.{o}" for o in overrides)]
   print("$", " ".join(cmd), flush=True)
   subprocess.run(cmd, cwd=REPO, check=True)
   return time.time() - start
@@ -112,9 +134,11 @@ def main():
   p.add_argument("--steps", type=int, default=150, help="training steps per arm (the budget)")
   p.add_argument("--out", default=str(REPO / "runs" / "quality"))
   p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a config override for every arm, e.g. --set data.batch_by_source=True")
   args = p.parse_args()
   out = Path(args.out)
-  wall = {arm: train(arm, args.steps, out) for arm in args.arms}
+  wall = {arm: train(arm, args.steps, out, args.set) for arm in args.arms}
   print(f"training wall time (this invocation): { {a: round(s / 60, 1) for a, s in wall.items()} } "
         f"min", flush=True)
 

@@ -2,6 +2,7 @@
 quality benchmark evaluates with the quality suite."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,15 @@ def test_quality_targets_hand_computed_and_only_for_the_arms_present():
   checks, _ = quality.targets(_results(sparse=0.6, bm25=0.5, dense=0.55, **{"random-topk": 0.4}))
   assert [what.split(": ")[1] for what, *_ in checks] == [
       "sparse - untouched dense", "sparse - BM25", "sparse - random TopK (no training)"]
+
+
+def test_quality_refuses_to_reuse_an_arm_trained_with_other_overrides(tmp_path):
+  quality = _load("quality")
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"data": {"batch_by_source": True}, "loss": {"bank_size": 0}}))
+  quality._check_overrides(tmp_path, ["data.batch_by_source=True", "loss.bank_size=0"])
+  with pytest.raises(SystemExit, match=r"trained with loss.bank_size=0, not 2048"):
+    quality._check_overrides(tmp_path, ["loss.bank_size=2048"])
+  with pytest.raises(SystemExit, match=r"data.batch_by_source=True, not False"):
+    quality._check_overrides(tmp_path, ["data.batch_by_source=False"])
+  quality._check_overrides(tmp_path / "fresh", ["loss.bank_size=2048"])  # not trained yet: fine
