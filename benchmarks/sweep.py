@@ -224,6 +224,8 @@ def main(argv=None):
   p.add_argument("--pairs", type=int, default=0,
                  help="train on this many pairs drawn with configs/quality.py's source weights, as "
                       "stage 1 draws them (default 0: every cached pair once per epoch, uniformly)")
+  p.add_argument("--by_source", action="store_true",
+                 help="draw every head batch from one source (as data.batch_by_source does)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override BASE for every arm, e.g. --set sae.num_latents=4096")
   args = p.parse_args(argv)
@@ -234,12 +236,12 @@ def main(argv=None):
     BASE[key] = json.loads(value)  # JSON: 4096, 2e-4, true
   cache = Path(args.cache)
   train = np.load(cache / "train.npz")
-  q_train, d_train = train["q"], train["d"]
+  q_train, d_train, source = train["q"], train["d"], train["source"]
   if args.pairs:
     from configs import quality as quality_config  # noqa: PLC0415 - configs/ is not a package
     weights = [spec["weight"] for spec in quality_config.sources()]
     rows = mixture_rows(train["source"], args.pairs, weights, args.seed)
-    q_train, d_train = q_train[rows], d_train[rows]
+    q_train, d_train, source = q_train[rows], d_train[rows], source[rows]
   evals = {name: load_eval(cache, name) for name in EVAL_SETS}
   evals[UNSEEN] = unseen_eval(*evals["scifact"])
   rng = np.random.default_rng(0)
@@ -282,8 +284,10 @@ def main(argv=None):
     start = time.time()
     sae = sae_lib.SAE(sae_cfg, rngs=nnx.Rngs(args.seed))
     sae, _, history = train_head(sae, q_train, d_train, loss_cfg, optim_cfg, head_cfg,
+                                 groups=source if args.by_source else None,
                                  log_every=max(head_cfg.steps // 4, 1))
-    report({"arm": arm, "overrides": ARMS[arm], "pairs": len(q_train), "cache": str(cache),
+    report({"arm": arm + " by source" * args.by_source, "overrides": ARMS[arm],
+            "pairs": len(q_train), "cache": str(cache),
             "train_s": time.time() - start,
             "last": history[-1], **evaluate(sae, evals, health_v)})
 
