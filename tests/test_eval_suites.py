@@ -93,3 +93,14 @@ def test_quality_refuses_to_reuse_an_arm_trained_with_other_overrides(tmp_path):
   with pytest.raises(SystemExit, match=r"data.batch_by_source=True, not False"):
     quality._check_overrides(tmp_path, ["data.batch_by_source=False"])
   quality._check_overrides(tmp_path / "fresh", ["loss.bank_size=2048"])  # not trained yet: fine
+
+
+def test_quality_unseen_mean_puts_unseen_scifact_in_place_of_scifact():
+  quality = _load("quality")
+  results = _results(sparse=0.6, dense=0.5)  # scifact-unseen: 0 for every system
+  results["datasets"]["cranfield"] = {"systems": {"sparse": {"ndcg@10": 0.3},
+                                                  "dense": {"ndcg@10": 0.4}}}
+  assert quality.unseen_mean(results) == pytest.approx({"sparse": (0 + 0.3 + 0.6) / 3,
+                                                        "dense": (0 + 0.4 + 0.5) / 3})
+  del results["datasets"]["scifact-unseen"]
+  assert quality.unseen_mean(results) == {}
