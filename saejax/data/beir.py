@@ -118,12 +118,13 @@ def _subsample(doc_ids: list[str], qrels: Qrels, max_docs: int,
   return keep, qrels
 
 
-def _unseen(qrels: Qrels, seen_path: Path) -> Qrels:
-  """The queries of ``qrels`` none of whose relevant documents is relevant in ``seen_path``."""
-  seen = set().union(*map(_relevant, read_qrels(seen_path).values()))
-  kept = {q: j for q, j in qrels.items() if not _relevant(j) & seen}
+def unseen(qrels: Qrels, seen: Qrels, where: str = "") -> Qrels:
+  """The queries of ``qrels`` none of whose relevant documents is relevant in ``seen`` (``where``:
+  the seen qrels' file, for the error)."""
+  seen_docs = set().union(*map(_relevant, seen.values()))
+  kept = {q: j for q, j in qrels.items() if not _relevant(j) & seen_docs}
   if not kept:
-    raise DataError(f"every query has a relevant document that is relevant in {seen_path}: "
+    raise DataError(f"every query has a relevant document that is relevant in {where or 'seen'}: "
                     "no unseen query is left")
   return kept
 
@@ -160,7 +161,8 @@ def load_beir(folder: str | Path, split: str, *, max_docs: int = 0, seed: int = 
   if not qrels:
     raise DataError(f"{qrels_path} has no query with a relevant (score > 0) document")
   if seen:
-    qrels = _unseen(qrels, folder / "qrels" / f"{seen}.tsv")
+    seen_path = folder / "qrels" / f"{seen}.tsv"
+    qrels = unseen(qrels, read_qrels(seen_path), str(seen_path))
   corpus = read_unique_texts(folder / "corpus.jsonl", beir_document)
   all_queries = read_unique_texts(folder / "queries.jsonl",
                                   lambda r: str(r.get("text") or "").strip())
