@@ -85,11 +85,16 @@ def train(arm: str, steps: int, out: Path, overrides: list[str] = ()) -> float:
   return time.time() - start
 
 
+def _mean_ndcg(datasets: dict, sets: tuple[str, ...]) -> dict[str, float]:
+  """Mean nDCG@10 over ``sets`` of every system evaluated on the first of them."""
+  return {name: sum(datasets[d]["systems"][name]["ndcg@10"] for d in sets) / len(sets)
+          for name in datasets[sets[0]]["systems"]}
+
+
 def targets(results: dict) -> tuple[list[tuple[str, float, float, bool]], dict[str, float]]:
   """(what, value, threshold, met) for each target of the issue, and the mean nDCG@10 per system."""
   datasets = results["datasets"]
-  mean = {name: sum(datasets[d]["systems"][name]["ndcg@10"] for d in MEAN_SETS) / len(MEAN_SETS)
-          for name in datasets[MEAN_SETS[0]]["systems"]}
+  mean = _mean_ndcg(datasets, MEAN_SETS)
   scifact = datasets["scifact"]["systems"]
   sci = {name: system["ndcg@10"] for name, system in scifact.items()}
   rows = [  # (what, table, system, other system, threshold)
@@ -112,11 +117,7 @@ def unseen_mean(results: dict) -> dict[str, float]:
   """Mean nDCG@10 per system with SciFact's unseen claims in place of all of SciFact: the three
   sets' mean without the recall of training documents ({} when the suite had no unseen line)."""
   datasets = results["datasets"]
-  sets = (UNSEEN, *MEAN_SETS[1:])
-  if UNSEEN not in datasets:
-    return {}
-  return {name: sum(datasets[d]["systems"][name]["ndcg@10"] for d in sets) / len(sets)
-          for name in datasets[UNSEEN]["systems"]}
+  return _mean_ndcg(datasets, (UNSEEN, *MEAN_SETS[1:])) if UNSEEN in datasets else {}
 
 
 def evaluate_group(name: str, argv: list[str], out: Path) -> dict:
@@ -149,6 +150,10 @@ def main():
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a config override for every arm, e.g. --set data.batch_by_source=True")
   args = p.parse_args()
+  for override in args.set:
+    key, sep, _ = override.partition("=")
+    if not (sep and key):
+      p.error(f"--set {override!r}: expected KEY=VALUE, e.g. data.batch_by_source=True")
   out = Path(args.out)
   wall = {arm: train(arm, args.steps, out, args.set) for arm in args.arms}
   print(f"training wall time (this invocation): { {a: round(s / 60, 1) for a, s in wall.items()} } "
