@@ -29,12 +29,14 @@ class Suite:
   beir: tuple[str, ...]        # [NAME=]FOLDER[:SPLIT] per set
   baselines: str = "bm25,dense,random"
   k_sweep: str = ""            # the codes read again at each k ("" = the training k only)
+  k_query_sweep: str = ""      # queries at each k against the documents as indexed ("" = none)
   max_doc_len: int | None = None  # None: the first run's trained budget
   max_docs: int = 0            # subsample each corpus to this many documents (0 = all)
 
   def args(self) -> list[str]:
     out = [f"--beir={b}" for b in self.beir] + [f"--baselines={self.baselines}"]
     out += [f"--k-sweep={self.k_sweep}"] if self.k_sweep else []
+    out += [f"--k-query-sweep={self.k_query_sweep}"] if self.k_query_sweep else []
     out += [f"--max-doc-len={self.max_doc_len}"] if self.max_doc_len else []
     out += [f"--max-docs={self.max_docs}"] if self.max_docs else []
     return out
@@ -52,7 +54,7 @@ SUITES = {
         (f"scifact={DATA / 'scifact'}:test", f"cranfield={DATA / 'cranfield'}:test",
          f"debian={DATA / 'debian-descriptions' / 'beir-dev'}:dev",
          f"scifact-unseen={DATA / 'scifact'}:test~train"),
-        k_sweep="8,16,32,64,128", max_doc_len=128),
+        k_sweep="8,16,32,64,128", k_query_sweep="64,128,256,512", max_doc_len=128),
     "beir": Suite(
         "every BEIR retrieval set in ../shared/data, CLIMATE-FEVER's derived set included",
         (f"scifact={DATA / 'scifact'}:test", f"cranfield={DATA / 'cranfield'}:test",

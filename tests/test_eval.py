@@ -199,6 +199,34 @@ def test_sparse_system_latent_health_and_k_sweep(beir):
   assert row4["active_dims_doc"] == pytest.approx((direct.values > 0).sum(1).mean())
 
 
+def test_query_k_sweep_searches_the_same_index_with_denser_queries(beir):
+  from saejax.eval import quickeval  # noqa: PLC0415
+  from saejax.retrieval.index import sparse_matrix  # noqa: PLC0415
+  model = _tiny_model()
+  tok = load_tokenizer(MINILM, vocab_size=30522)
+  data_ = load_beir(beir, "test")
+  cfg = harness.HarnessConfig(k_doc=4, k_query_sweep=(2, 8, 16, 256), max_doc_len=64,
+                              batch_size=32)
+  got = harness.SparseSystem("tiny", model, tok).evaluate(data_, cfg)
+  rows = got["k_query_sweep"]
+  assert [(r["k_query"], r["k_doc"]) for r in rows] == [(2, 4), (8, 4), (16, 4)]  # 256 > S: out
+  # Reference: scipy's exact sparse product over codes encoded directly at each k (unit rows).
+  enc = EncodeConfig(max_len=64, batch_size=32, progress=False)
+  d = encode_sparse(model, tok, data_.docs, 4, enc)
+  d_mat = sparse_matrix(d.values, d.indices, 128)
+  for row in rows:
+    q = encode_sparse(model, tok, data_.queries, row["k_query"], enc)
+    docs, scores = quickeval.search_sparse(sparse_matrix(q.values, q.indices, 128), d_mat)
+    want = quickeval.evaluate(data_.qrels, quickeval.to_run(data_, docs, scores))
+    assert row["ndcg@10"] == pytest.approx(want["ndcg@10"], abs=1e-6)
+    assert row["active_dims_query"] == pytest.approx((q.values > 0).sum(1).mean())
+    assert row["active_dims_doc"] == pytest.approx((d.values > 0).sum(1).mean())
+    assert row["queries_per_s"] > 0
+  # The main result (queries at the training k = 8) is the sweep's k = 8 row.
+  assert got["ndcg@10"] == pytest.approx(rows[1]["ndcg@10"])
+  assert {r["ndcg@10"] for r in rows} != {rows[0]["ndcg@10"]}  # the query k changes the ranking
+
+
 # ---------------------------------------------------------------------------------------------
 # The CLI end to end
 
@@ -207,7 +235,8 @@ def test_cli_end_to_end(beir, runs, dense_dir, tmp_path, capsys):
   results = cli.main([
       "--model", str(runs["sparse"]), "--model", f"ablation={runs['dense']}",
       "--beir", f"{beir}:test", "--out", str(out), "--baselines", "bm25,dense,random",
-      "--dense-encoder", str(dense_dir), "--max-doc-len", "64", "--batch-size", "16"])
+      "--dense-encoder", str(dense_dir), "--max-doc-len", "64", "--batch-size", "16",
+      "--k-query-sweep", "8,32"])
   assert {p.name for p in out.iterdir()} == {"results.json", "report.md",
                                               "quality_vs_k_tiny.png", "latent_frequency_tiny.png"}
   written = json.loads((out / "results.json").read_text())
@@ -222,6 +251,8 @@ def test_cli_end_to_end(beir, runs, dense_dir, tmp_path, capsys):
   sparse = systems["sparse"]
   assert (sparse["k_query"], sparse["k_doc"], sparse["k_train"]) == (8, 8, 8)
   assert [r["k"] for r in sparse["k_sweep"]] == [1, 2, 4, 8, 16]
+  assert [(r["k_query"], r["k_doc"]) for r in sparse["k_query_sweep"]] == [(8, 8), (32, 8)]
+  assert "queries at:" in (out / "report.md").read_text()
   assert sparse["flops_per_query"] == pytest.approx(sparse["flops_per_doc"] * 32)
   assert systems["ablation"]["active_dims_doc"] == 32  # the ablation's pooled width D
   # The two runs' numbers recomputed here: the models' own codes and pooled vectors, then NumPy

@@ -104,3 +104,22 @@ def test_quality_unseen_mean_puts_unseen_scifact_in_place_of_scifact():
                                                         "dense": (0 + 0.4 + 0.5) / 3})
   del results["datasets"]["scifact-unseen"]
   assert quality.unseen_mean(results) == {}
+
+
+def test_quality_query_k_means_hand_computed():
+  quality = _load("quality")
+  results = _results(sparse=0.6, bm25=0.5)
+  for i, name in enumerate(("scifact", "cranfield", "debian")):  # fresh dicts per set
+    results["datasets"][name] = {"systems": {
+        "sparse": {"ndcg@10": 0.6, "k_query_sweep": [{"k_query": 64, "ndcg@10": 0.6},
+                                                     {"k_query": 256, "ndcg@10": 0.6 + i / 10}]},
+        "random-topk": {"ndcg@10": 0.5, "k_query_sweep": [{"k_query": 256, "ndcg@10": 0.4}]},
+        "bm25": {"ndcg@10": 0.5}}}
+  got = quality.query_k_means(results)
+  assert list(got) == [64, 256]
+  assert got[64] == pytest.approx({"sparse": 0.6})
+  assert got[256] == pytest.approx({"sparse": 0.7, "random-topk": 0.4})  # (0.6 + 0.7 + 0.8) / 3
+  del results["datasets"]["debian"]["systems"]["sparse"]["k_query_sweep"][1]  # not on every set
+  got = quality.query_k_means(results)
+  assert got[64] == pytest.approx({"sparse": 0.6})
+  assert got[256] == pytest.approx({"random-topk": 0.4})

@@ -77,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--k-doc", type=int, default=0, help="latents per document (0: training k)")
   p.add_argument("--k-sweep", type=_ints, default=(),
                  help="k values for quality vs k (default k, k/2, k/4, k/8)")
+  p.add_argument("--k-query-sweep", type=_ints, default=(),
+                 help="query k values searched against the documents at --k-doc (the index "
+                 "unchanged): quality and QPS of denser queries")
   p.add_argument("--max-docs", type=int, default=0, help="subsample each corpus (0: all)")
   p.add_argument("--seed", type=int, default=0, help="seed of the subsample")
   p.add_argument("--max-query-len", type=int, default=None,
@@ -177,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
   STAGES.info("token budgets: queries %d, documents %d (%s)", budgets["max_query_len"],
               budgets["max_doc_len"], budgets["from"])
   cfg = harness.HarnessConfig(k_query=args.k_query, k_doc=args.k_doc, k_sweep=args.k_sweep,
+                              k_query_sweep=args.k_query_sweep,
                               max_query_len=budgets["max_query_len"],
                               max_doc_len=budgets["max_doc_len"], batch_size=args.batch_size,
                               progress=not args.quiet)

@@ -103,6 +103,8 @@ class HarnessConfig:
     k_doc: active latents per document (0 = each model's training k).
     k_sweep: k values of the quality-vs-k curve (() = 2k, k, k/2, k/4, k/8 of each model; values
       above the model's number of latents are left out).
+    k_query_sweep: query k values searched against the documents as indexed (at ``k_doc``): what
+      a denser query buys and costs at an unchanged index (values above S are left out).
     max_query_len: query token budget, special tokens included.
     max_doc_len: document token budget.
     batch_size: texts per forward pass.
@@ -113,6 +115,7 @@ class HarnessConfig:
   k_query: int = 0
   k_doc: int = 0
   k_sweep: tuple[int, ...] = ()
+  k_query_sweep: tuple[int, ...] = ()
   max_query_len: int = 64
   max_doc_len: int = 256
   batch_size: int = 64
@@ -124,8 +127,9 @@ class HarnessConfig:
     for name in ("k_query", "k_doc"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
         raise ConfigError(f"HarnessConfig.{name}={getattr(self, name)!r} must be an int >= 0")
-    if any(not isinstance(k, int) or k < 1 for k in self.k_sweep):
-      raise ConfigError(f"HarnessConfig.k_sweep={self.k_sweep!r} must hold ints >= 1")
+    for name in ("k_sweep", "k_query_sweep"):
+      if any(not isinstance(k, int) or k < 1 for k in getattr(self, name)):
+        raise ConfigError(f"HarnessConfig.{name}={getattr(self, name)!r} must hold ints >= 1")
     if not isinstance(self.depth, int) or self.depth < 1:
       raise ConfigError(f"HarnessConfig.depth={self.depth!r} must be an int >= 1")
     if not 0 < self.hot_frequency <= 1:
@@ -295,9 +299,10 @@ class SparseSystem:
     s = self.model.sae.config.num_latents
     k_q, k_d = cfg.k_query or self.k, cfg.k_doc or self.k
     sweep = [k for k in (cfg.k_sweep or default_sweep(self.k)) if k <= s]
+    query_sweep = [k for k in cfg.k_query_sweep if k <= s]
     len_q, len_d = token_budgets(cfg, self.model.encoder)
     start = time.perf_counter()
-    q = encode_sparse(self.model, self.tokenizer, data.queries, max([k_q, *sweep]),
+    q = encode_sparse(self.model, self.tokenizer, data.queries, max([k_q, *sweep, *query_sweep]),
                       cfg.encode_config(len_q), desc=f"{self.name} queries")
     encode_q = time.perf_counter() - start
     start = time.perf_counter()
@@ -333,6 +338,13 @@ class SparseSystem:
           row.pop(key)
       sweep_rows.append({"k": k, **row})
     result["k_sweep"] = sweep_rows
+    query_rows = []
+    for k in query_sweep:  # the index as built: only the queries change, so keep their search time
+      row = _sparse_retrieval(data, q.values, q.indices, d.values, d.indices, k, k_d, s, cfg, unit)
+      row.pop("_lengths")
+      row.pop("index_s")
+      query_rows.append({"k_query": k, "k_doc": k_d, **row})
+    result["k_query_sweep"] = query_rows
     return result
 
 

@@ -122,6 +122,21 @@ def sweep_table(name: str, m: dict) -> str:
   return "\n".join(lines)
 
 
+def query_sweep_table(name: str, m: dict) -> str:
+  """Queries at several k against one sparse system's documents as indexed ("" without rows)."""
+  rows = m.get("k_query_sweep") or []
+  if not rows:
+    return ""
+  lines = [f"`{name}`, documents at k = {rows[0]['k_doc']} (the index unchanged), queries at:", "",
+           "| query k | nDCG@10 | Recall@100 | MRR@10 | active dims q / d | FLOPs / query | QPS |",
+           "|---|---|---|---|---|---|---|"]
+  for row in rows:
+    lines.append(f"| {row['k_query']} | {_num(row['ndcg@10'])} | {_num(row['recall@100'])} | "
+                 f"{_num(row['mrr@10'])} | {_dims(row)} | {_flops(row)} | "
+                 f"{row['queries_per_s']:,.0f} |")
+  return "\n".join(lines)
+
+
 def markdown(results: dict) -> str:
   """The whole report as markdown."""
   cfg = results["config"]
@@ -159,6 +174,10 @@ def markdown(results: dict) -> str:
       parts += ["", "### Quality vs k", ""]
       for system, m in sparse.items():
         parts += [sweep_table(system, m), ""]
+      queries = [query_sweep_table(system, m) for system, m in sparse.items()]
+      if any(queries):
+        parts += ["### Denser queries, same index", ""]
+        parts += [x for table in queries if table for x in (table, "")]
       files = results.get("files", {}).get(name, {})
       for key, title in (("quality_vs_k", "nDCG@10 vs k"),
                          ("latent_frequency", "latent document frequencies")):
