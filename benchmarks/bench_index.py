@@ -291,22 +291,24 @@ def tiled_rows(values: np.ndarray, indices: np.ndarray, n: int) -> tuple[np.ndar
 
 
 def real_corpus(codes: str, n: int | None, args: argparse.Namespace, arrays: dict,
-                about: str) -> Corpus:
+                about: str, q_arrays: dict | None = None) -> Corpus:
+  """Documents from ``arrays``; queries from ``q_arrays`` (codes at ``--query-k``) if given."""
   s = int(arrays["num_latents"])
+  q_arrays = arrays if q_arrays is None else q_arrays
   name = codes.split(":")[1]
   if name != "1m":
-    q_values, q_indices = pick_queries(arrays[f"{name}_queries_values"],
-                                       arrays[f"{name}_queries_indices"], args.queries)
+    q_values, q_indices = pick_queries(q_arrays[f"{name}_queries_values"],
+                                       q_arrays[f"{name}_queries_indices"], args.queries)
     return Corpus(codes, arrays[f"{name}_docs_values"], arrays[f"{name}_docs_indices"],
                   q_values, q_indices, s, f"{about}; {name}'s own documents and queries")
   sources = TILED_SOURCES
   all_values = np.concatenate([arrays[f"{x}_values"] for x in sources])
   all_indices = np.concatenate([arrays[f"{x}_indices"] for x in sources])
   rows, texts = tiled_rows(all_values, all_indices, n)
-  all_q_values = np.concatenate([arrays[f"{e}_queries_values"] for e in EVAL_SETS])
+  all_q_values = np.concatenate([q_arrays[f"{e}_queries_values"] for e in EVAL_SETS])
   q_rows = query_rows(len(all_q_values), args.queries)
   q_values = all_q_values[q_rows]
-  q_indices = np.concatenate([arrays[f"{e}_queries_indices"] for e in EVAL_SETS])[q_rows]
+  q_indices = np.concatenate([q_arrays[f"{e}_queries_indices"] for e in EVAL_SETS])[q_rows]
   sizes = ", ".join(f"{x} {len(arrays[f'{x}_values']):,}" for x in sources)
   tiling = (f"each text {n / texts:.1f} times on average (repeat factor), shuffled" if n > texts
             else f"a random {n:,} of them, no repeats")
@@ -416,7 +418,9 @@ def run_config(corpus: Corpus, args: argparse.Namespace) -> tuple[list[dict], di
   values, indices, s = corpus.values, corpus.indices, corpus.num_latents
   q_values, q_indices = corpus.q_values, corpus.q_indices
   (n, k), num_q = values.shape, len(q_values)
-  print(f"\n## {corpus.codes} N={n:,} k={k}, {num_q:,} queries\n  codes: {corpus.about}",
+  k_q = q_values.shape[1]
+  print(f"\n## {corpus.codes} N={n:,} k={k}" + (f" (queries {k_q})" if k_q != k else "") +
+        f", {num_q:,} queries\n  codes: {corpus.about}",
         flush=True)
   profile = popularity(corpus)
   profile.update(codes=corpus.codes, docs=n, k=k)
@@ -472,7 +476,8 @@ def run_config(corpus: Corpus, args: argparse.Namespace) -> tuple[list[dict], di
   for name, values_ in qps.items():
     base = name.split()[0]
     rows.append(dict(
-        codes=corpus.codes, docs=n, k=k, system=name, build_s=build[base],
+        codes=corpus.codes, docs=n, k=k if k_q == k else f"{k} (q {k_q})", system=name,
+        build_s=build[base],
         mib=memory[base] / 2**20, qps=max(values_), lo=min(values_),
         recall=recalls.get(name, 1.0), speedup=max(values_) / max(qps["scipy"])))
   rows[-1]["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -508,6 +513,8 @@ def main(argv=None):
   parser.add_argument("--docs", type=int, nargs="+", default=[100_000],
                       help="N values (zipf, balanced, real:1m)")
   parser.add_argument("--k", type=int, nargs="+", default=[64], help="latents per code")
+  parser.add_argument("--query-k", type=int, default=0,
+                      help="real codes: queries at this k against documents at --k (0: the same)")
   parser.add_argument("--num-latents", type=int, default=16_384, help="S (synthetic codes)")
   parser.add_argument("--zipf", type=float, default=1.0, help="popularity exponent a (zipf)")
   parser.add_argument("--model", default="runs/quality_flops/frozen",
@@ -534,6 +541,9 @@ def main(argv=None):
       if codes.startswith("real:") and real is None:
         real = real_codes(args, k)
         print(f"# {real[1]}", flush=True)
+        if args.query_k and args.query_k != k:
+          real = (*real, real_codes(args, args.query_k)[0])
+          print(f"# queries at k={args.query_k}", flush=True)
       for n in args.docs if codes in SIZED else [None]:
         if codes.startswith("real:"):
           corpus = real_corpus(codes, n, args, *real)
