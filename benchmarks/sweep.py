@@ -153,16 +153,27 @@ def evaluate(sae: sae_lib.SAE, evals: dict, health_v: np.ndarray, ks=(32, 64, 12
     scores["mean"] = float(np.mean([scores[n] for n in EVAL_SETS]))
     out[f"k{k}"] = scores
   k = sae.config.k
-  hv, hi = codes(health_v, k, norm)
-  counts = np.bincount(hi[hv > 0], minlength=s)
-  out["never_fire"] = float((counts == 0).mean())
-  out["max_mixed_freq"] = float(counts.max() / len(health_v))  # over the mixed 20k texts
+  out.update(latent_health(*codes(health_v, k, norm), s))
   for name in EVAL_SETS:  # within one corpus (one domain: topics are broad)
     dv, di = codes(evals[name][2], k, norm)
-    out[f"max_doc_freq_{name}"] = float(np.bincount(di[dv > 0], minlength=s).max() / len(dv))
+    out[f"max_doc_freq_{name}"] = latent_health(dv, di, s)["max_mixed_freq"]
   out["max_doc_freq"] = max(out[f"max_doc_freq_{name}"] for name in EVAL_SETS)
-  out["health_hot"] = float((counts > HOT * len(health_v)).mean())
   return out
+
+
+def health_rows(pool_size: int) -> np.ndarray:
+  """The health pool's rows in its texts (the cached training queries, then their positives, then
+  the SciFact, Cranfield and Debian documents): 20,000 drawn with seed 0, as every sweep row."""
+  return np.random.default_rng(0).permutation(pool_size)[:HEALTH_TEXTS]
+
+
+def latent_health(values: np.ndarray, indices: np.ndarray, num_latents: int) -> dict:
+  """Over the texts whose codes these are: latents that never fire, the busiest latent's share of
+  the texts, latents firing in more than HOT of them (a latent fires where its value is > 0)."""
+  counts = np.bincount(indices[values > 0], minlength=num_latents)
+  return {"never_fire": float((counts == 0).mean()),
+          "max_mixed_freq": float(counts.max() / len(values)),
+          "health_hot": float((counts > HOT * len(values)).mean())}
 
 
 def frozen_run_sae(workdir: str) -> sae_lib.SAE:
@@ -244,10 +255,9 @@ def main(argv=None):
     q_train, d_train, source = q_train[rows], d_train[rows], source[rows]
   evals = {name: load_eval(cache, name) for name in EVAL_SETS}
   evals[UNSEEN] = unseen_eval(*evals["scifact"])
-  rng = np.random.default_rng(0)
   health = np.load(Path(args.health_cache or cache) / "train.npz")
   pool = np.concatenate([health["q"], health["d"]] + [evals[n][2] for n in EVAL_SETS])
-  health_v = pool[rng.permutation(len(pool))[:HEALTH_TEXTS]]
+  health_v = pool[health_rows(len(pool))]
   d_model = q_train.shape[1]
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)

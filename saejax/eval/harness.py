@@ -339,7 +339,8 @@ class SparseSystem:
       sweep_rows.append({"k": k, **row})
     result["k_sweep"] = sweep_rows
     query_rows = []
-    for k in query_sweep:  # the index as built: only the queries change, so keep their search time
+    for k in query_sweep:  # documents at k_d every time: only the queries change, so their search
+      # time is the cost of the query k and is kept
       row = _sparse_retrieval(data, q.values, q.indices, d.values, d.indices, k, k_d, s, cfg, unit)
       row.pop("_lengths")
       row.pop("index_s")
