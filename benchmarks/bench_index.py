@@ -530,23 +530,25 @@ def main(argv=None):
   parser.add_argument("--seismic-max-docs", type=int, default=1_000_000,
                       help="skip Seismic above this many documents (its build is slow)")
   args = parser.parse_args(argv)
+  if args.query_k < 0:
+    parser.error(f"--query-k {args.query_k}: a number of latents must be >= 0 (0: --k)")
   print(f"# bench_index: {cpu_model()}, {datetime.date.today()}, numba {numba.__version__}, "
         f"numpy {np.__version__}\n# command: {' '.join(sys.argv)}", flush=True)
   # Compile the build's kernels (skip pointers, dense columns) before any build is timed.
   SparseIndex.build(np.ones((2, 2), np.float32), np.array([[0, 1], [1, 2]], np.int32), 3)
   rows, profiles = [], []
   for k in args.k:
-    real = None
+    real = query_arrays = None
     for codes in args.codes:
       if codes.startswith("real:") and real is None:
         real = real_codes(args, k)
         print(f"# {real[1]}", flush=True)
         if args.query_k and args.query_k != k:
-          real = (*real, real_codes(args, args.query_k)[0])
+          query_arrays = real_codes(args, args.query_k)[0]
           print(f"# queries at k={args.query_k}", flush=True)
       for n in args.docs if codes in SIZED else [None]:
         if codes.startswith("real:"):
-          corpus = real_corpus(codes, n, args, *real)
+          corpus = real_corpus(codes, n, args, *real, query_arrays)
         else:
           corpus = synthetic_corpus(codes, n, k, args)
         new_rows, profile = run_config(corpus, args)

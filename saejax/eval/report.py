@@ -111,14 +111,21 @@ def truncation_line(dataset: dict) -> str:
           f"{dataset['num_docs']:,}): " + "; ".join(counts) + ".")
 
 
+_SWEEP_COLUMNS = "nDCG@10 | Recall@100 | MRR@10 | active dims q / d | FLOPs / query"
+
+
+def _sweep_cells(row: dict) -> str:
+  """The `_SWEEP_COLUMNS` cells of one sweep row."""
+  return (f"{_num(row['ndcg@10'])} | {_num(row['recall@100'])} | {_num(row['mrr@10'])} | "
+          f"{_dims(row)} | {_flops(row)}")
+
+
 def sweep_table(name: str, m: dict) -> str:
   """The quality-vs-k table of one sparse system."""
   lines = [f"`{name}` (trained k = {m['k_train']}, S = {m['num_latents']:,}):", "",
-           "| k | nDCG@10 | Recall@100 | MRR@10 | active dims q / d | FLOPs / query |",
-           "|---|---|---|---|---|---|"]
+           f"| k | {_SWEEP_COLUMNS} |", "|---|---|---|---|---|---|"]
   for row in m["k_sweep"]:
-    lines.append(f"| {row['k']} | {_num(row['ndcg@10'])} | {_num(row['recall@100'])} | "
-                 f"{_num(row['mrr@10'])} | {_dims(row)} | {_flops(row)} |")
+    lines.append(f"| {row['k']} | {_sweep_cells(row)} |")
   return "\n".join(lines)
 
 
@@ -128,12 +135,9 @@ def query_sweep_table(name: str, m: dict) -> str:
   if not rows:
     return ""
   lines = [f"`{name}`, documents at k = {rows[0]['k_doc']} (the index unchanged), queries at:", "",
-           "| query k | nDCG@10 | Recall@100 | MRR@10 | active dims q / d | FLOPs / query | QPS |",
-           "|---|---|---|---|---|---|---|"]
+           f"| query k | {_SWEEP_COLUMNS} | QPS |", "|---|---|---|---|---|---|---|"]
   for row in rows:
-    lines.append(f"| {row['k_query']} | {_num(row['ndcg@10'])} | {_num(row['recall@100'])} | "
-                 f"{_num(row['mrr@10'])} | {_dims(row)} | {_flops(row)} | "
-                 f"{row['queries_per_s']:,.0f} |")
+    lines.append(f"| {row['k_query']} | {_sweep_cells(row)} | {row['queries_per_s']:,.0f} |")
   return "\n".join(lines)
 
 
