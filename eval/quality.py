@@ -25,6 +25,7 @@ target table printed last.
 """
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -83,6 +84,22 @@ def train(arm: str, steps: int, out: Path, overrides: list[str] = ()) -> float:
   print("$", " ".join(cmd), flush=True)
   subprocess.run(cmd, cwd=REPO, check=True)
   return time.time() - start
+
+
+def floor_latents(out: Path, overrides: list[str] = ()) -> int:
+  """S of the random TopK floor: the sparse arm's (as trained in OUT, else as configured), so the
+  floor is like for like with the model it is the floor of."""
+  config_file = out / "sparse" / "config.json"
+  if config_file.is_file():
+    return int(json.loads(config_file.read_text())["sae"]["num_latents"])
+  for override in overrides:
+    key, _, value = override.partition("=")
+    if key == "sae.num_latents":
+      return int(value)
+  spec = importlib.util.spec_from_file_location("quality_config", REPO / "configs" / "quality.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("sparse").sae.num_latents
 
 
 def _mean_ndcg(datasets: dict, sets: tuple[str, ...]) -> dict[str, float]:
@@ -179,7 +196,9 @@ def main():
   groups = [evaluate_group(names[arm], [f"--model={names[arm]}={out / arm}", "--baselines=none"],
                            out)
             for arm in ARMS if trained_to(out / arm)]
-  groups.append(evaluate_group("baselines", [f"--dense-encoder={minilm_dir()}"], out))
+  groups.append(evaluate_group("baselines", [f"--dense-encoder={minilm_dir()}",
+                                             f"--random-latents={floor_latents(out, args.set)}"],
+                               out))
   results = report.write(merge(groups), out / "eval", command=" ".join(sys.argv))
   print(report.markdown(results))
   checks, mean = targets(results)

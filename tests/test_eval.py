@@ -298,6 +298,21 @@ def test_cli_end_to_end(beir, runs, dense_dir, tmp_path, capsys):
   assert "## tiny" in capsys.readouterr().out
 
 
+def test_random_topk_baseline_size_follows_the_model_or_the_flag(runs, dense_dir):
+  """The floor is like for like with the model it is the floor of (its S and k), and a baselines
+  run without a model (eval/quality.py evaluates them apart) can name the S it needs."""
+  def floor(*argv):
+    args = cli.parser().parse_args(["--beir", "x", "--out", "x", "--baselines", "random",
+                                    "--dense-encoder", str(dense_dir), *argv])
+    (system,) = [s for s in cli.build_systems(args) if s.name == "random-topk"]
+    return system.model.sae.config.num_latents, system.k
+
+  assert floor() == (16384, 64)
+  assert floor("--random-latents", "48", "--k-doc", "4") == (48, 4)
+  assert floor("--model", str(runs["sparse"]), "--baselines", "random") == (128, 8)
+  assert floor("--model", str(runs["sparse"]), "--random-latents", "96") == (96, 8)
+
+
 def _eval_cli(*args: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-m", "saejax.eval", *args], cwd=REPO, text=True,
                         capture_output=True, timeout=600, env={**os.environ, "SAEJAX_DEBUG": ""})

@@ -95,6 +95,20 @@ def test_quality_refuses_to_reuse_an_arm_trained_with_other_overrides(tmp_path):
   quality._check_overrides(tmp_path / "fresh", ["loss.bank_size=2048"])  # not trained yet: fine
 
 
+def test_quality_floor_has_the_sparse_arms_size(tmp_path):
+  """Random TopK is scored at the S the sparse arm was trained with, else configured with."""
+  quality = _load("quality")
+  spec = importlib.util.spec_from_file_location("config", REPO / "configs" / "quality.py")
+  config = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(config)
+  # nothing trained: configs/quality.py's S
+  assert quality.floor_latents(tmp_path) == config.get_config("sparse").sae.num_latents
+  assert quality.floor_latents(tmp_path, ["loss.bank_size=0", "sae.num_latents=4096"]) == 4096
+  (tmp_path / "sparse").mkdir()
+  (tmp_path / "sparse" / "config.json").write_text(json.dumps({"sae": {"num_latents": 2048}}))
+  assert quality.floor_latents(tmp_path, ["sae.num_latents=4096"]) == 2048
+
+
 def test_quality_unseen_mean_puts_unseen_scifact_in_place_of_scifact():
   quality = _load("quality")
   results = _results(sparse=0.6, dense=0.5)  # scifact-unseen: 0 for every system

@@ -203,6 +203,48 @@ def test_modernbert_export_matches_saejax(data_dir, texts, tmp_path, normalize_c
   _assert_same_codes(again.values, again.indices, st_codes)
 
 
+def test_export_with_denser_queries_routes_queries_and_documents(tiny_bert_dir, texts, tmp_path):
+  """`--query-k`: sentence-transformers' encode_query gives saejax's code at the query k and
+  encode_document (and plain encode) at the document k, from one set of SAE weights; the import
+  reads both back, and the evaluation harness searches its queries at the query k."""
+  from saejax.eval import harness
+  enc_cfg, encoder = convert.load_hf(tiny_bert_dir, head=False)
+  sae = sae_lib.SAE(sae_lib.SAEConfig(d_model=32, num_latents=256, k=8, k_aux=16),
+                    rngs=nnx.Rngs(1))
+  sae.b_pre.set_value(jax.random.normal(jax.random.key(2), (32,)) * 0.1)
+  sae.b_lat.set_value(jax.random.normal(jax.random.key(3), (256,)) * 0.05)
+  model = Embedder(encoder, sae)
+  tok = load_tokenizer(tiny_bert_dir, vocab_size=enc_cfg.vocab_size)
+  out = export.write_sparse_encoder(
+      model, tiny_bert_dir, tmp_path / "routed",
+      export.ExportSettings(max_seq_length=48, k=8, k_aux=16, query_k=32))
+  kinds = [m["type"].rsplit(".", 1)[-1] for m in json.loads((out / "modules.json").read_text())]
+  assert kinds == ["Transformer", "Pooling", "Router"]
+  st_model = SparseEncoder(str(out))
+  dense = lambda x: x.to_dense().numpy()  # noqa: E731
+  cfg = EncodeConfig(max_len=48, progress=False)
+  for k, got in ((32, st_model.encode_query(texts, convert_to_tensor=True)),
+                 (8, st_model.encode_document(texts, convert_to_tensor=True)),
+                 (8, st_model.encode(texts, convert_to_tensor=True))):
+    ours = encode_sparse(model, tok, texts, k, cfg)
+    _assert_same_codes(ours.values, ours.indices, dense(got))
+    assert (dense(got) > 0).sum(1).max() == k
+  imported, _, info = export.load_sparse_encoder(out)
+  assert (info["k"], info["query_k"], info["normalize_codes"]) == (8, 32, True)
+  np.testing.assert_array_equal(np.asarray(imported.sae.w_enc[...]), np.asarray(sae.w_enc[...]))
+  system = harness.load_system(out)
+  assert (system.k, system.query_k) == (8, 32)
+  # Routes that do not share one SAE cannot become one saejax model.
+  from safetensors.numpy import load_file, save_file
+  q_file = out / "2_Router" / "query_0_SparseAutoEncoder" / "model.safetensors"
+  tensors = load_file(q_file)
+  tensors["latent_bias"] = tensors["latent_bias"] + 1.0
+  save_file(tensors, q_file)
+  with pytest.raises(CheckpointError, match=r"query_0_SparseAutoEncoder and .*document_0_"
+                                            r"SparseAutoEncoder hold different latent_bias"):
+    export.load_sparse_encoder(out)
+
+
 def _load_config_py(file: Path):
   spec = importlib.util.spec_from_file_location("workdir_config", file)
   module = importlib.util.module_from_spec(spec)
@@ -265,6 +307,15 @@ def test_export_writes_the_trained_length_explicitly(tiny_export):
     tok_file.write_text(json.dumps(tok_config))
 
 
+def test_export_cli_query_k(tiny_export, tmp_path):
+  workdir, _ = tiny_export
+  out = tmp_path / "routed"
+  export.main(["--ckpt", str(workdir), "--out", str(out), "--query-k", "16"])
+  _, _, info = export.load_sparse_encoder(out)
+  assert (info["k"], info["query_k"]) == (trained.read_config(workdir).sae.k, 16)
+  assert "16 for a query encoded with `model.encode_query`" in (out / "README.md").read_text()
+
+
 def test_exported_files_get_the_umask_mode(tiny_export, tmp_path):
   workdir, out = tiny_export
   # Every file with the mode a new file gets here (safetensors alone would write 0600).
@@ -320,6 +371,12 @@ def test_bad_input_names_the_problem(tiny_bert_dir, tmp_path):
     export.load_sparse_encoder(splade)
   with pytest.raises(CheckpointError, match="no modules.json"):
     export.load_sparse_encoder(tiny_bert_dir)
+  # A query k the SAE cannot give, named by its flag before anything is loaded or written.
+  config = tiny_config.get_config()
+  with pytest.raises(ConfigError, match=rf"--query-k=99999 must be in \[1, "
+                                        rf"{config.sae.num_latents}\]"):
+    export.settings_for_run(config, query_k=99999)
+  assert export.settings_for_run(config, query_k=config.sae.k).routed is False
   # A Normalize of something other than the SAE's code.
   odd = _st_sparse_encoder(tiny_bert_dir, tmp_path / "odd", max_len=32, latents=64, k=4,
                            after=(Normalize(module_input_name="token_embeddings"),))

@@ -71,6 +71,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--baselines", type=_baselines, default=BASELINES,
                  help="comma-separated from bm25,dense,random ('none' for none; default all). "
                  "random: random TopK of the untouched encoder at the first model's k (the floor)")
+  p.add_argument("--random-latents", type=int, default=0,
+                 help="S of the random TopK baseline (0: the first --model's, else 16384)")
   p.add_argument("--dense-encoder", default="",
                  help="Hugging Face directory of the untouched dense encoder")
   p.add_argument("--k-query", type=int, default=0, help="latents per query (0: training k)")
@@ -160,7 +162,7 @@ def build_systems(args: argparse.Namespace) -> list:
     if "random" in args.baselines:
       sparse = [s for s in systems if s.kind == "sparse"]
       k = args.k_doc or (sparse[0].k if sparse else 64)
-      s = sparse[0].model.sae.config.num_latents if sparse else 16384
+      s = args.random_latents or (sparse[0].model.sae.config.num_latents if sparse else 16384)
       systems.append(harness.random_topk_system(encoder, k, s))
   return systems
 

@@ -99,7 +99,8 @@ class HarnessConfig:
   """How every system is evaluated (the same budgets for all, so the table compares like with like).
 
   Attributes:
-    k_query: active latents per query for sparse systems (0 = each model's training k).
+    k_query: active latents per query for sparse systems (0 = each model's own: its training k,
+      or the query k an export was made with).
     k_doc: active latents per document (0 = each model's training k).
     k_sweep: k values of the quality-vs-k curve (() = 2k, k, k/2, k/4, k/8 of each model; values
       above the model's number of latents are left out).
@@ -277,6 +278,8 @@ class SparseSystem:
     source: where it was loaded from.
     init_from: the untouched encoder it started from (a training run's ``model.init_from``).
     trained_lens: (query, document) token budgets it was trained with; None if unknown.
+    query_k: latents per query when the model asks for denser queries than documents (an
+      export with ``--query-k``); 0: the training k. `HarnessConfig.k_query` overrides it.
   """
   name: str
   model: Embedder
@@ -284,6 +287,7 @@ class SparseSystem:
   source: str = ""
   init_from: str = ""
   trained_lens: tuple[int, int] | None = None
+  query_k: int = 0
   kind: ClassVar[Kind] = "sparse"
 
   def __post_init__(self):
@@ -297,7 +301,7 @@ class SparseSystem:
   def evaluate(self, data: BeirData, cfg: HarnessConfig) -> dict:
     """Metrics, sparsity, FLOPs, latent health, quality vs k and times on one dataset."""
     s = self.model.sae.config.num_latents
-    k_q, k_d = cfg.k_query or self.k, cfg.k_doc or self.k
+    k_q, k_d = cfg.k_query or self.query_k or self.k, cfg.k_doc or self.k
     sweep = [k for k in (cfg.k_sweep or default_sweep(self.k)) if k <= s]
     query_sweep = [k for k in cfg.k_query_sweep if k <= s]
     len_q, len_d = token_budgets(cfg, self.model.encoder)
@@ -474,7 +478,8 @@ def load_system(path: str | Path, name: str | None = None) -> SparseSystem | Den
                         f"cannot be imported: {e}") from e
     model, tokenizer, info = export.load_sparse_encoder(path)
     length = int(info["max_seq_length"])
-    return SparseSystem(name, model, tokenizer, source=str(path), trained_lens=(length, length))
+    return SparseSystem(name, model, tokenizer, source=str(path), trained_lens=(length, length),
+                        query_k=info["query_k"])
   config = trained.read_config(path)
   if "model" not in config or "sae" not in config:
     raise CheckpointError(f"{path / 'config.json'} is not a saejax training config (it has no "
