@@ -7,8 +7,8 @@ data, batches and number of steps (the budget):
   dense    the same MiniLM fine-tuned without SAE (InfoNCE on cosine)
   frozen   CSR-style: the SAE trained on the frozen MiniLM
 
-then evaluates them with `python -m saejax.eval` next to BM25 (bm25s) and the untouched dense
-MiniLM on the ``quality`` suite of eval/suites.py (SciFact test, Cranfield test, Debian
+then evaluates them with `python -m saejax.eval` next to BM25 (bm25s), the untouched dense
+MiniLM and the sparse arm's own encoder read densely ("sparse-encoder") on the ``quality`` suite of eval/suites.py (SciFact test, Cranfield test, Debian
 descriptions beir-dev, k from 8 to 128; and SciFact's claims whose relevant abstracts no training
 pair holds, as a fourth line), and checks the issue's targets on the mean nDCG@10 over the three
 sets:
@@ -193,8 +193,11 @@ def main():
   from saejax.eval import report
   from saejax.hub.demo import minilm_dir
   names = {"sparse": "sparse", "dense": "dense-ft", "frozen": "frozen"}
-  groups = [evaluate_group(names[arm], [f"--model={names[arm]}={out / arm}", "--baselines=none"],
-                           out)
+  # The sparse arm's encoder alone (dense cosine of the v its SAE codes) splits its gap to dense-ft
+  # into what the encoder lost and what the 64-latent code loses on top.
+  encoder = {"sparse": [f"--encoder-of=sparse-encoder={out / 'sparse'}"]}
+  groups = [evaluate_group(names[arm], [f"--model={names[arm]}={out / arm}", *encoder.get(arm, []),
+                                        "--baselines=none"], out)
             for arm in ARMS if trained_to(out / arm)]
   groups.append(evaluate_group("baselines", [f"--dense-encoder={minilm_dir()}",
                                              f"--random-latents={floor_latents(out, args.set)}"],

@@ -298,6 +298,33 @@ def test_cli_end_to_end(beir, runs, dense_dir, tmp_path, capsys):
   assert "## tiny" in capsys.readouterr().out
 
 
+def test_encoder_of_a_sparse_run_is_its_pooled_v_searched_densely(beir, runs, tmp_path):
+  """`--encoder-of`: the run's encoder alone, ranked by the cosine of the v its SAE codes
+  (recomputed here with NumPy and ir_measures); a dense run is refused by name."""
+  import ir_measures
+  from ir_measures import nDCG
+  from saejax.retrieval.encode import EncodeConfig, encode_dense
+  results = cli.main(["--encoder-of", f"v={runs['sparse']}", "--beir", f"{beir}:test",
+                      "--out", str(tmp_path / "out"), "--baselines", "none", "--no-plots",
+                      "--max-query-len", "32", "--max-doc-len", "64", "--quiet"])
+  got = results["datasets"]["tiny"]["systems"]["v"]
+  assert got["kind"] == "dense"
+  data = load_beir(beir, "test")
+  _, model, tokenizer = trained.load_run(runs["sparse"])
+
+  def unit_v(texts, max_len):
+    v = encode_dense(model.encoder, tokenizer, texts, EncodeConfig(max_len=max_len)).v
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+  scores = unit_v(data.queries, 32) @ unit_v(data.docs, 64).T
+  run = {qid: {data.doc_ids[j]: float(x) for j, x in enumerate(row)}
+         for qid, row in zip(data.query_ids, scores)}
+  assert got["ndcg@10"] == pytest.approx(
+      ir_measures.calc_aggregate([nDCG @ 10], data.qrels, run)[nDCG @ 10], abs=1e-6)
+  with pytest.raises(ConfigError, match=rf"{runs['dense']} has no SAE.*pass it as --model"):
+    harness.encoder_system(runs["dense"])
+
+
 def test_random_topk_baseline_size_follows_the_model_or_the_flag(runs, dense_dir):
   """The floor is like for like with the model it is the floor of (its S and k), and a baselines
   run without a model (eval/quality.py evaluates them apart) can name the S it needs."""

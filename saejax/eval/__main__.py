@@ -7,7 +7,9 @@
 
 Writes DIR/results.json, DIR/report.md and DIR/*.png (see `saejax.eval.report`). Each ``--model``
 is a training workdir (the dense ablation, ``sae.enabled=False``, is evaluated as a dense model)
-or an exported sentence-transformers SparseEncoder directory, optionally named ``NAME=PATH``.
+or an exported sentence-transformers SparseEncoder directory, optionally named ``NAME=PATH``;
+each ``--encoder-of NAME=PATH`` is such a sparse model's own encoder searched densely (cosine of
+the pooled v its SAE codes), which splits a sparse model's loss into encoder and code.
 Each ``--beir`` is ``[NAME=]FOLDER[:SPLIT]`` (split ``test`` by default); a split ``test~train``
 keeps the test queries whose relevant documents no train query has (what a model trained on the
 train pairs never saw: ``--beir scifact-unseen=../shared/data/scifact:test~train``). The "dense"
@@ -35,6 +37,7 @@ import logging
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from saejax import cli
 from saejax.errors import ConfigError
@@ -64,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
                  help="a training workdir or an exported SparseEncoder directory (repeatable)")
+  p.add_argument("--encoder-of", action="append", default=[], metavar="NAME=DIR",
+                 help="a sparse model's own encoder as a dense model (cosine of the pooled v its "
+                 "SAE codes): what the code costs against the encoder it codes (repeatable)")
   p.add_argument("--beir", action="append", required=True, metavar="[NAME=]FOLDER[:SPLIT]",
                  help="a BEIR folder and qrels split (repeatable); SPLIT~SEEN: the queries of "
                  "SPLIT whose relevant documents are not relevant in SEEN")
@@ -147,6 +153,10 @@ def build_systems(args: argparse.Namespace) -> list:
     name, path = harness.split_name(spec)
     STAGES.info("loading model %d/%d: %s", i, len(args.model), path)
     systems.append(harness.load_system(path, name))
+  for spec in args.encoder_of:
+    name, path = harness.split_name(spec)
+    STAGES.info("loading the encoder of %s", path)
+    systems.append(harness.encoder_system(path, name or f"{Path(path).name}-encoder"))
   if {"dense", "random"} & set(args.baselines):
     STAGES.info("loading baselines: %s", ", ".join(args.baselines))
   if "bm25" in args.baselines:
@@ -172,8 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
   args = parser().parse_args(argv)
   specs = [harness.BeirSpec.parse(b, max_docs=args.max_docs, seed=args.seed) for b in args.beir]
-  for model in args.model:  # a wrong path fails now, not after minutes of loading and encoding
-    harness.model_kind(harness.split_name(model)[1])
+  for model in [*args.model, *args.encoder_of]:  # a wrong path fails now, not after minutes of
+    harness.model_kind(harness.split_name(model)[1])  # loading and encoding
   for spec in specs:
     spec.check()
   show_stages(args.quiet)

@@ -492,6 +492,19 @@ def load_system(path: str | Path, name: str | None = None) -> SparseSystem | Den
                       init_from=str(config.model.get("init_from") or ""), trained_lens=lens)
 
 
+def encoder_system(path: str | Path, name: str | None = None) -> DenseSystem:
+  """A sparse model's own encoder as a dense model: the cosine of the pooled v its SAE codes.
+
+  Beside the sparse model it splits what a trained model loses against a dense one into what the
+  encoder lost and what the k-latent code loses on top (a run or an export, as `load_system`).
+  """
+  system = load_system(path, name)
+  if isinstance(system, DenseSystem):
+    raise ConfigError(f"{path} has no SAE: it is a dense model already; pass it as --model")
+  return DenseSystem(system.name, system.model.encoder, system.tokenizer,
+                     source=f"the encoder of {system.source}", trained_lens=system.trained_lens)
+
+
 def model_kind(path: str | Path) -> Literal["run", "export"]:
   """What a model directory is, from its files alone (cheap: the CLI checks every --model
   before loading any); a CheckpointError if it is neither a run nor an export."""
