@@ -8,10 +8,11 @@ data, batches and number of steps (the budget):
   frozen   CSR-style: the SAE trained on the frozen MiniLM
 
 then evaluates them with `python -m saejax.eval` next to BM25 (bm25s), the untouched dense
-MiniLM and the sparse arm's own encoder read densely ("sparse-encoder") on the ``quality`` suite of eval/suites.py (SciFact test, Cranfield test, Debian
-descriptions beir-dev, k from 8 to 128; and SciFact's claims whose relevant abstracts no training
-pair holds, as a fourth line), and checks the issue's targets on the mean nDCG@10 over the three
-sets:
+MiniLM and the sparse arm's own encoder read densely ("sparse-encoder") on the ``quality`` suite
+of eval/suites.py (SciFact test, Cranfield test, Debian descriptions beir-dev, k from 8 to 128;
+and SciFact's claims whose relevant abstracts no training pair holds, as a fourth line); random
+TopK is scored at the sparse arm's S. It checks the issue's targets on the mean nDCG@10 over
+the three sets:
 
   sparse within 0.01 of dense-fine-tuned;  sparse above the untouched dense encoder;
   sparse above frozen by >= 0.02;          sparse above BM25 on SciFact;

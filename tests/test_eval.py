@@ -338,6 +338,8 @@ def test_random_topk_baseline_size_follows_the_model_or_the_flag(runs, dense_dir
   assert floor("--random-latents", "48", "--k-doc", "4") == (48, 4)
   assert floor("--model", str(runs["sparse"]), "--baselines", "random") == (128, 8)
   assert floor("--model", str(runs["sparse"]), "--random-latents", "96") == (96, 8)
+  with pytest.raises(ConfigError, match=r"--random-latents=-3 must be >= 1"):
+    floor("--random-latents", "-3")
 
 
 def _eval_cli(*args: str) -> subprocess.CompletedProcess:

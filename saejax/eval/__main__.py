@@ -81,7 +81,9 @@ def parser() -> argparse.ArgumentParser:
                  help="S of the random TopK baseline (0: the first --model's, else 16384)")
   p.add_argument("--dense-encoder", default="",
                  help="Hugging Face directory of the untouched dense encoder")
-  p.add_argument("--k-query", type=int, default=0, help="latents per query (0: training k)")
+  p.add_argument("--k-query", type=int, default=0,
+                 help="latents per query (0: the model's own, its training k or an export's "
+                 "--query-k)")
   p.add_argument("--k-doc", type=int, default=0, help="latents per document (0: training k)")
   p.add_argument("--k-sweep", type=_ints, default=(),
                  help="k values for quality vs k (default k, k/2, k/4, k/8)")
@@ -172,6 +174,9 @@ def build_systems(args: argparse.Namespace) -> list:
     if "random" in args.baselines:
       sparse = [s for s in systems if s.kind == "sparse"]
       k = args.k_doc or (sparse[0].k if sparse else 64)
+      if args.random_latents < 0:
+        raise ConfigError(f"--random-latents={args.random_latents} must be >= 1 (0: the first "
+                          "--model's S)")
       s = args.random_latents or (sparse[0].model.sae.config.num_latents if sparse else 16384)
       systems.append(harness.random_topk_system(encoder, k, s))
   return systems
