@@ -12,17 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-from flax import nnx
-
 from saejax.eval import harness
 from saejax.hub import trained
 from saejax.sae.embedder import Embedder
-from saejax.sae.topk import SAE, SAEConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
-from suites import SUITES  # noqa: E402
-
-MEAN_SETS = ("scifact", "cranfield", "debian")
+from quality import MEAN_SETS, SUITE  # noqa: E402  (the quality benchmark's sets and suite)
 
 
 def main(argv=None):
@@ -32,17 +27,17 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   config, model, tokenizer = trained.load_run(args.run)
+  if model.sae is None:
+    p.error(f"--run {args.run} has no SAE (a dense run): there is no head to compare")
   c = model.sae.config
-  sae = SAE(SAEConfig(d_model=c.d_model, num_latents=c.num_latents, k=c.k,
-                      k_aux=min(512, c.num_latents)), rngs=nnx.Rngs(args.seed))
+  sae = harness.random_sae(c.d_model, c.num_latents, c.k, args.seed)
   system = harness.SparseSystem("random-head", Embedder(model.encoder, sae), tokenizer,
                                 source=f"{args.run} encoder + random TopK head")
-  suite = SUITES["quality"]
-  specs = [harness.BeirSpec.parse(b) for b in suite.beir]
+  specs = [harness.BeirSpec.parse(b) for b in SUITE.beir]
   query_len, doc_len = harness.trained_lens(config)
-  cfg = harness.HarnessConfig(max_query_len=query_len, max_doc_len=suite.max_doc_len or doc_len,
+  cfg = harness.HarnessConfig(max_query_len=query_len, max_doc_len=SUITE.max_doc_len or doc_len,
                               k_sweep=(c.k,),
-                              k_query_sweep=tuple(int(k) for k in suite.k_query_sweep.split(",") if k))
+                              k_query_sweep=tuple(int(k) for k in SUITE.k_query_sweep.split(",") if k))
   results = harness.evaluate([system], specs, cfg)["datasets"]
   got = {name: {"ndcg@10": r["systems"]["random-head"]["ndcg@10"],
                 "k_query": {row["k_query"]: row["ndcg@10"]

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from saejax.data import beir  # noqa: E402
 from saejax.data.beir import BeirData  # noqa: E402
-from saejax.eval import quickeval  # noqa: E402
+from saejax.eval import harness, quickeval  # noqa: E402
 from saejax.hub.state import OptimConfig  # noqa: E402
 from saejax.retrieval.index import sparse_matrix  # noqa: E402
 from saejax.sae import topk as sae_lib  # noqa: E402
@@ -136,8 +136,7 @@ def codes_fn(sae: sae_lib.SAE):
 def random_topk(d_model: int, num_latents: int, seed: int = 0) -> sae_lib.SAE:
   """The floor: an SAE as initialised, no training: z = ReLU(TopK(G x)), G random unit rows,
   unit-normalised codes (`saejax.eval.harness.random_topk_system` on embeddings)."""
-  return sae_lib.SAE(sae_lib.SAEConfig(d_model=d_model, num_latents=num_latents, k=64,
-                                       k_aux=min(512, num_latents)), rngs=nnx.Rngs(seed))
+  return harness.random_sae(d_model, num_latents, 64, seed)
 
 
 def evaluate(sae: sae_lib.SAE, evals: dict, health_v: np.ndarray, ks=(32, 64, 128)) -> dict:

@@ -531,6 +531,12 @@ def trained_lens(config) -> tuple[int, int] | None:
   return int(data["max_query_len"]), int(data["max_doc_len"])
 
 
+def random_sae(d_model: int, num_latents: int, k: int, seed: int = 0) -> SAE:
+  """An SAE as initialised, never trained: random unit encoder rows, zero biases."""
+  return SAE(SAEConfig(d_model=d_model, num_latents=num_latents, k=k,
+                       k_aux=min(512, num_latents)), rngs=nnx.Rngs(seed))
+
+
 def random_topk_system(hf_dir: str | Path, k: int, num_latents: int = 16384, seed: int = 0,
                        name: str = "random-topk") -> SparseSystem:
   """The floor every trained model must clear: no training at all.
@@ -542,8 +548,7 @@ def random_topk_system(hf_dir: str | Path, k: int, num_latents: int = 16384, see
   """
   cfg, encoder = convert.load_hf(hf_dir, head=False)
   tokenizer = load_tokenizer(convert.resolve(hf_dir), vocab_size=cfg.vocab_size)
-  sae = SAE(SAEConfig(d_model=cfg.hidden_size, num_latents=num_latents, k=k,
-                      k_aux=min(512, num_latents)), rngs=nnx.Rngs(seed))
+  sae = random_sae(cfg.hidden_size, num_latents, k, seed)
   return SparseSystem(name, Embedder(encoder, sae), tokenizer,
                       source=f"random TopK of {hf_dir} (S={num_latents}, seed {seed})")
 

@@ -707,7 +707,7 @@ def load_sparse_encoder(path: str | Path, *, dead_after_tokens: int = 1_000_000
   info = {"path": str(path), "transformer_dir": str(transformer_dir),
           "backbone": enc_cfg.to_hf_config()["model_type"],
           "max_seq_length": _max_seq_length(transformer_dir, enc_cfg.max_position_embeddings),
-          "k": k, "query_k": int(read.get("query", read["document"])[0].get("k", k)),
+          "k": k, "query_k": int(read["query"][0].get("k", k)) if "query" in read else k,
           "k_aux": cfg.k_aux, "num_latents": s, "normalize_codes": cfg.normalize_codes,
           "dead_threshold": int(st_cfg.get("dead_threshold", 30)),
           "stats_last_nonzero": tensors.get("stats_last_nonzero"),
