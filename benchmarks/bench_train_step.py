@@ -126,13 +126,14 @@ class SaejaxRunner:
       key = self._key(batch)
       if key not in self.compiled:
         start = time.perf_counter()
-        self.compiled[key] = self.jitted.lower(self.state, batch).compile()
+        self.compiled[key] = self.jitted.lower(self.state, batch, False).compile()
         self.compile_s += time.perf_counter() - start
 
   def step(self, batch: dict) -> float:
     """One train step on a batch whose shape was compiled; returns the loss."""
     import jax
-    self.state, metrics = self.compiled[self._key(batch)](self.state, batch)
+    # A step whose metrics are not logged, as most of `saejax.train`'s (the baseline logs none).
+    self.state, metrics = self.compiled[self._key(batch)](self.state, batch, False)
     jax.block_until_ready((self.state, metrics))
     return float(metrics["loss"])
 

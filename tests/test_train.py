@@ -258,6 +258,38 @@ def test_nonfinite_steps_are_skipped_and_counted():
   assert all(changed)
 
 
+def test_unlogged_steps_train_the_same_and_skip_only_the_logged_metrics():
+  """`train_step(..., log=False)` (the loop's steps between log lines) makes the same update; only
+  the metrics no one reads (norms over every parameter, latent-health curves) are NaN, and one
+  compiled step serves both."""
+  config = _tiny()
+  _, model = build.build_model(config, nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  optim = OptimConfig(warmup_steps=0, total_steps=10)
+  tx = make_optimizer(optim, params)
+  state = init_state(model, tx)
+  batch = _random_batch(seed=3, docs_per_query=1)
+  step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
+                                   loss_cfg=step_lib.LossConfig(), optim_cfg=optim))
+  logged, m_on = step(state, batch, True)
+  quiet, m_off = step(state, batch, False)
+  assert step._cache_size() == 1
+  _assert_same_params(quiet.params, logged.params)
+  _assert_same_params(quiet.opt_state, logged.opt_state)
+  np.testing.assert_array_equal(quiet.since_fired, logged.since_fired)
+  health = {"param_norm", "update_norm", "dead_fraction_window", "hot_fraction", "freq_median",
+            "freq_max", "enc_norm_p50", "b_lat_p95"}
+  assert all(np.isnan(float(m_off[key])) for key in health)
+  for key in ("loss", "grad_norm", "l0", "info_nce"):
+    assert float(m_off[key]) == float(m_on[key]) and np.isfinite(float(m_on[key]))
+  flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(logged.params)]).astype(np.float64)
+  np.testing.assert_allclose(float(m_on["param_norm"]), np.sqrt(np.sum(flat ** 2)), rtol=1e-5)
+  assert float(m_on["update_norm"]) > 0
+  w_enc = np.asarray(logged.params["sae"]["w_enc"].get_value())
+  np.testing.assert_allclose(float(m_on["enc_norm_p50"]),
+                             np.percentile(np.linalg.norm(w_enc, axis=0), 50), rtol=1e-5)
+
+
 def test_too_many_nonfinite_steps_stop_with_last_good_checkpoint(tmp_path):
   config = _tiny(steps=12)
   config.train.max_consecutive_skips = 3

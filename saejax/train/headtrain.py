@@ -138,8 +138,8 @@ def train_head(sae: sae_lib.SAE, q_v: Float[np.ndarray, "N D"], d_v: Float[np.nd
                                  loss_cfg=loss_cfg, optim_cfg=optim_cfg, loss_fn=head_loss)
 
   @functools.partial(jax.jit, donate_argnums=0)
-  def step(state, q_all, d_all, rows):  # the batch is gathered on device, inside the step
-    return train_step(state, {"q_v": q_all[rows], "d_v": d_all[rows][:, None]})
+  def step(state, q_all, d_all, rows, log):  # the batch is gathered on device, inside the step
+    return train_step(state, {"q_v": q_all[rows], "d_v": d_all[rows][:, None]}, log)
 
   @functools.partial(jax.jit, donate_argnums=0)
   def resample(state, pool, key):
@@ -153,14 +153,15 @@ def train_head(sae: sae_lib.SAE, q_v: Float[np.ndarray, "N D"], d_v: Float[np.nd
   key = jax.random.key(cfg.seed)
   history = []
   for i, rows in enumerate(batches(len(q_v), cfg, groups)):
-    state, metrics = step(state, q_all, d_all, jnp.asarray(rows))
+    logged = bool(log_every) and ((i + 1) % log_every == 0 or i + 1 == cfg.steps)
+    state, metrics = step(state, q_all, d_all, jnp.asarray(rows), logged)
     if cfg.resample_every and (i + 1) % cfg.resample_every == 0 and (
         i + 1 <= cfg.resample_until * cfg.steps):
       key, sub = jax.random.split(key)
       state, resampled = resample(state, jnp.concatenate([q_all, d_all]), sub)
       if log_every:
         log(f"head step {i + 1}: resampled {int(resampled['resampled'])} dead latents")
-    if log_every and ((i + 1) % log_every == 0 or i + 1 == cfg.steps):
+    if logged:
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
       history.append({"step": i + 1, **m})
       log(f"head step {i + 1}/{cfg.steps}: loss {m['loss']:.4f} nce {m['info_nce']:.3f} "

@@ -261,11 +261,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   else:
     state = jax.jit(lambda: init_state(model, tx, loss_cfg.bank_size), out_shardings=state_sh)()
 
-  train_step = jax.jit(
-      functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_cfg=loss_cfg,
-                        optim_cfg=optim_cfg),
-      in_shardings=(state_sh, None), out_shardings=(state_sh, sharding.replicated(mesh)),
-      donate_argnums=0)
+  train_step = jit_train_step(graphdef, tx, loss_cfg, optim_cfg, state_sh, mesh)
 
   n_latents = config.sae.num_latents if config.sae.get("enabled", True) else 0
   n_encoder = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params["encoder"]))
@@ -287,10 +283,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
       if not compiled and jax.process_count() > 1:
         # Compile first (this fills jit's cache), then meet: gloo's rendezvous at the step's first
         # collective gives up after 30 s, which a host still compiling can exceed.
-        train_step.lower(state, batch).compile()
+        train_step.lower(state, batch, True).compile()
         multihost_utils.sync_global_devices("saejax: train step compiled")
       compiled = True
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, (step + 1) % tc.log_every == 0
+                                  or step + 1 == tc.steps)  # the steps logged below
       step += 1
       # The streak limit holds every step, read one step late: step t-1's counter is fetched while
       # step t runs, so the host never waits for the step it has just dispatched, and a run stops
@@ -362,6 +359,17 @@ def _stop_if_diverged(streak: int, step: int, limit: int, ckpt: checkpoint.Train
         f"{streak} consecutive steps had a non-finite loss or gradient, up to step {step} "
         f"(limit config.train.max_consecutive_skips={limit}); stopping. "
         f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+
+
+def jit_train_step(graphdef, tx, loss_cfg: step_lib.LossConfig, optim_cfg, state_sh, mesh):
+  """`step_lib.train_step` jitted as training runs it: explicit shardings, the state donated, and
+  ``log`` (whether the step's metrics are read) a traced bool, so one compile serves every step.
+  `saejax.train.aot` compiles this same function."""
+  return jax.jit(
+      functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_cfg=loss_cfg,
+                        optim_cfg=optim_cfg),
+      in_shardings=(state_sh, None, None), out_shardings=(state_sh, sharding.replicated(mesh)),
+      donate_argnums=0)
 
 
 def _state_shardings(abstract: TrainState, param_sh, mesh):
