@@ -79,6 +79,14 @@ def _assert_same_params(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _tiny_state(optim: OptimConfig, config=None):
+  """(graphdef, params, tx, step-0 state) of the tiny config's model under `optim`."""
+  _, model = build.build_model(config or _tiny(), nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = make_optimizer(optim, params)
+  return graphdef, params, tx, init_state(model, tx)
+
+
 def _random_batch(seed: int, docs_per_query: int) -> dict:
   """4 queries of 8 tokens, each with `docs_per_query` documents of 12 tokens."""
   rng = np.random.default_rng(seed)
@@ -235,12 +243,8 @@ def test_unknown_config_key_fails_at_start(tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_and_counted():
-  config = _tiny()
-  _, model = build.build_model(config, nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
   optim = OptimConfig(warmup_steps=1, total_steps=10)
-  tx = make_optimizer(optim, params)
-  state = init_state(model, tx)
+  graphdef, _, tx, state = _tiny_state(optim)
   batch = _random_batch(seed=0, docs_per_query=1)
   step = functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, optim_cfg=optim)
   bad = step_lib.LossConfig(temperature=float("nan"))  # injected: NaN loss and gradients
@@ -262,12 +266,8 @@ def test_unlogged_steps_train_the_same_and_skip_only_the_logged_metrics():
   """`train_step(..., log=False)` (the loop's steps between log lines) makes the same update; only
   the metrics no one reads (norms over every parameter, latent-health curves) are NaN, and one
   compiled step serves both."""
-  config = _tiny()
-  _, model = build.build_model(config, nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
   optim = OptimConfig(warmup_steps=0, total_steps=10)
-  tx = make_optimizer(optim, params)
-  state = init_state(model, tx)
+  graphdef, _, tx, state = _tiny_state(optim)
   batch = _random_batch(seed=3, docs_per_query=1)
   step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
                                    loss_cfg=step_lib.LossConfig(), optim_cfg=optim))
@@ -305,11 +305,8 @@ def test_too_many_nonfinite_steps_stop_with_last_good_checkpoint(tmp_path):
 
 def test_frozen_encoder_and_dense_ablation():
   config = _tiny()
-  _, model = build.build_model(config, nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
   optim = OptimConfig(warmup_steps=1, total_steps=10, freeze_encoder=True)
-  tx = make_optimizer(optim, params)
-  state = init_state(model, tx)
+  graphdef, _, tx, state = _tiny_state(optim, config)
   batch = _random_batch(seed=1, docs_per_query=2)
   frozen_step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
                                           loss_cfg=step_lib.LossConfig(), optim_cfg=optim))
@@ -334,14 +331,10 @@ def test_frozen_encoder_and_dense_ablation():
 
 
 def test_gradient_accumulation_averages_micro_batch_gradients():
-  config = _tiny()
-  _, model = build.build_model(config, nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
   batch = _random_batch(seed=2, docs_per_query=1)
   loss_cfg = step_lib.LossConfig()
   optim = OptimConfig(warmup_steps=1, total_steps=10, grad_accum=2)
-  tx = make_optimizer(optim, params)
-  state = init_state(model, tx)
+  graphdef, params, tx, state = _tiny_state(optim)
   new, metrics = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
                                            optim_cfg=optim, loss_cfg=loss_cfg))(state, batch)
 
