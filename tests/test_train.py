@@ -439,6 +439,44 @@ def test_warm_start_trains_the_sae_on_frozen_embeddings_only():
   _assert_same_params(enc_before, jax.tree.map(np.asarray, nnx.state(model.encoder, nnx.Param)))
 
 
+def test_head_refit_fits_a_fresh_sae_to_the_final_encoder(tmp_path):
+  """``config.warmstart.refit``: the run ends with its encoder unchanged and a fresh head trained as
+  stage 1 on that encoder's embeddings - exactly `loop.refit_head` applied to the same run without
+  it - and that head is what the last checkpoint holds."""
+  from saejax.data import pipeline as data
+  from saejax.hub import trained
+
+  def config(refit):
+    c = _tiny(steps=3)
+    c.warmstart.steps, c.warmstart.pairs, c.warmstart.batch_size = 10, 32, 16
+    c.warmstart.lr, c.warmstart.refit = 3e-3, refit
+    return c
+
+  _, plain, graphdef = loop.train(config(False), tmp_path / "plain")
+  _, refit, _ = loop.train(config(True), tmp_path / "refit")
+  _assert_same_params(refit.params["encoder"], plain.params["encoder"])
+  assert int(refit.step) == 3 and not np.asarray(refit.since_fired).any()
+
+  c = config(True)
+  expected = nnx.merge(graphdef, plain.params)
+  batches = data.make_iterator(build.data_config(c),
+                               loop.load_tokenizer(c.model.tokenizer, vocab_size=30522))
+  loop.refit_head(expected, batches, c.warmstart, c.train.seed,
+                  build.from_section(step_lib.LossConfig, c.loss, "loss"),
+                  build.from_section(OptimConfig, c.optim, "optim"))
+  w_plain = np.asarray(plain.params["sae"]["w_enc"].get_value())
+  w_expected = np.asarray(expected.sae.w_enc[...])
+  assert not np.allclose(w_expected, w_plain)
+  np.testing.assert_allclose(np.asarray(refit.params["sae"]["w_enc"].get_value()), w_expected,
+                             rtol=1e-5, atol=1e-6)
+  _, saved, _ = trained.load_run(tmp_path / "refit")
+  np.testing.assert_allclose(np.asarray(saved.sae.w_enc[...]), w_expected, rtol=1e-5, atol=1e-6)
+
+  c.warmstart.steps = 0
+  with pytest.raises(ConfigError, match=r"config.warmstart.refit.*steps is 0"):
+    loop.train(c, tmp_path / "no_head_steps")
+
+
 def _dropped_repeats(rows: list[dict], global_batch: int, waiting_batches: int,
                      batches: int) -> list[int]:
   """The records dropped as in-batch repeats after each of `batches` global batches, counted by

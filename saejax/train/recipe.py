@@ -38,6 +38,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.warmstart.lr = 2e-4                   # peak SAE learning rate of stage 1
   c.warmstart.resample_every = 0          # every N steps re-initialise dead latents (0: never)
   c.warmstart.resample_until = 0.5        # ... only in this first fraction of stage 1
+  c.warmstart.refit = False               # stage 3: after the last step, a fresh SAE trained
+                                          # as in stage 1 on the final encoder (loop.refit_head)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.05               # InfoNCE logits = similarity(z_q, z_d) / temperature
