@@ -8,14 +8,15 @@ shared real training data, with its two comparison arms on the same data and bud
 `eval/quality.py` runs all three and evaluates them (with BM25, the untouched dense MiniLM and
 random TopK) on SciFact test, Cranfield and Debian beir-dev. Variants ("ARM", "ARM,STEPS" or
 "runlocal"):
-  sparse  saejax: stage 1 the SAE alone on frozen-encoder embeddings, stage 2 encoder and SAE jointly
+  sparse  saejax: stage 1 the SAE alone on frozen-encoder embeddings, stage 2 encoder and SAE
+          jointly, stage 3 a fresh SAE fitted to the final encoder (warmstart.refit)
   dense   the same encoder fine-tuned without the SAE (InfoNCE on cosine, temperature 0.05)
   frozen  CSR-style: the same stage 1, then the SAE trained on the frozen encoder
 Hardware: a 2-core CPU; each arm takes 16-23 min there (stage 1 included), the whole benchmark with
-evaluation ~90 min. Measured (2026-11-30): mean nDCG@10 sparse 0.602 with this config's FLOPS
-term (0.595 without), frozen 0.582, dense-ft 0.636 with batches from one source (0.627 mixed);
-on SciFact's 104 unseen claims sparse 0.437, frozen 0.417, dense-ft 0.634 (benchmarks/RESULTS.md
-"Quality"). Data: ../shared/data (Debian descriptions, SciFact train
+evaluation ~90 min. Measured: mean nDCG@10 sparse 0.607 with the three stages (2026-12-01, the
+refit run as two commands; 0.602 with stages 1-2 at batch 256 and lr_sae 2e-4), frozen 0.582,
+dense-ft 0.636 with batches from one source (0.627 mixed); on SciFact's 104 unseen claims sparse
+0.439, frozen 0.417, dense-ft 0.634 (benchmarks/RESULTS.md "Quality"). Data: ../shared/data (Debian descriptions, SciFact train
 qrels, CLIMATE-FEVER supporting evidence, STS-B pairs scored >= 4, SICK entailments, MRPC
 paraphrases).
 """
