@@ -50,9 +50,9 @@ def _start(workdir: Path, devices: int, *flags: str) -> subprocess.Popen:
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _start_pair(workdir: Path) -> list[subprocess.Popen]:
+def _start_pair(workdir: Path, *flags: str) -> list[subprocess.Popen]:
   coordinator = f"--coordinator_address=127.0.0.1:{_free_port()}"
-  return [_start(workdir, 2, coordinator, "--num_processes=2", f"--process_id={i}")
+  return [_start(workdir, 2, coordinator, "--num_processes=2", f"--process_id={i}", *flags)
           for i in range(2)]
 
 
@@ -155,6 +155,21 @@ def test_two_processes_match_one_and_resume_exactly_after_preemption(tmp_path, o
     assert [r["batch"] for r in rows] == _expected_fingerprints(i, STEPS)
   restored, reference = _params(tmp_path, STEPS), _params(one_process, STEPS)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(reference), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow  # three trainer processes
+def test_head_refit_on_two_processes_matches_one(tmp_path):
+  """Stage 3 (``warmstart.refit``) on two hosts: each process refits the same head from a whole copy
+  of the final encoder, and the state placed back on the global mesh equals one process's."""
+  flags = ("--config.warmstart.refit=True", "--config.train.steps=4",
+           "--config.optim.total_steps=4")
+  (one,) = _finish([_start(tmp_path / "one", 4, *flags)])
+  outs = _finish(_start_pair(tmp_path / "two", *flags))
+  for out in (one, outs[0]):  # stage 1, then the refit after the last step
+    assert out.count("warm start: SAE on") == 2, out
+  two, reference = _params(tmp_path / "two", 4), _params(tmp_path / "one", 4)
+  for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(reference), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
 
 

@@ -232,10 +232,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   if config.warmstart.get("refit", False) and not config.warmstart.steps:
     raise ConfigError("config.warmstart.refit trains the new head with config.warmstart's "
                       "settings, but config.warmstart.steps is 0: set the head's steps")
-  if config.warmstart.get("refit", False) and jax.process_count() > 1:
-    raise ConfigError("config.warmstart.refit: the head refit runs in one process for now; on "
-                      "several hosts, refit after training: export the backbone (python -m "
-                      "saejax.hub.export --backbone-only) and train a frozen-encoder run on it")
   # Fail now, not at the first checkpoint: an unwritable workdir would lose every step trained.
   workdir = checkpoint.check_writable(workdir)
   checkpoint.check_writable(workdir / "checkpoints")
@@ -337,12 +333,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
         # Before the last checkpoint, so the run's model is the refit one; a run killed during the
         # refit resumes from an earlier checkpoint and refits again. The new head starts with
         # fresh optimiser moments, counters and bank (a run extended past here continues so).
-        final = nnx.merge(graphdef, state.params)
+        # Every process refits the same head (as in stage 1) on a whole local copy of the final
+        # parameters, and the new state is placed on the mesh as the first one was.
+        final = nnx.merge(graphdef, jax.tree.map(
+            jnp.asarray, multihost_utils.process_allgather(state.params, tiled=True)))
         refit_head(final, make_iter(), config.warmstart, tc.seed, loss_cfg, optim_cfg,
                    by_source=data_cfg.batch_by_source)
-        refit = init_state(final, tx, loss_cfg.bank_size).replace(
+        state = jax.jit(lambda: init_state(final, tx, loss_cfg.bank_size),
+                        out_shardings=state_sh)().replace(
             step=state.step, skipped=state.skipped, consecutive_skips=state.consecutive_skips)
-        state = jax.device_put(refit, state_sh)
       if preempt.requested or step == tc.steps or ckpt.due(step):
         # Steps in a non-finite streak keep the old parameters, but a checkpoint taken there would
         # still be named after a step that did not train: wait for a finite step (preemption and
