@@ -12,11 +12,12 @@ random TopK) on SciFact test, Cranfield and Debian beir-dev. Variants ("ARM", "A
           jointly, stage 3 a fresh SAE fitted to the final encoder (warmstart.refit)
   dense   the same encoder fine-tuned without the SAE (InfoNCE on cosine, temperature 0.05)
   frozen  CSR-style: the same stage 1, then the SAE trained on the frozen encoder
-Hardware: a 2-core CPU; each arm takes 16-23 min there (stage 1 included), the whole benchmark with
-evaluation ~90 min. Measured: mean nDCG@10 sparse 0.607 with the three stages (2026-12-01, the
-refit run as two commands; 0.602 with stages 1-2 at batch 256 and lr_sae 2e-4), frozen 0.582,
-dense-ft 0.636 with batches from one source (0.627 mixed); on SciFact's 104 unseen claims sparse
-0.439, frozen 0.417, dense-ft 0.634 (benchmarks/RESULTS.md "Quality"). Data: ../shared/data (Debian descriptions, SciFact train
+Hardware: a 2-core CPU; there the sparse arm takes 32 min (its three stages), frozen 14, dense 4,
+and the whole benchmark with evaluation ~75 min. Measured (2026-12-01, `eval/quality.py` in one
+command; benchmarks/RESULTS.md "Quality", session 11): mean nDCG@10 sparse 0.605 (0.642 with
+queries at 512), frozen 0.577, dense-ft 0.636, random TopK 0.499; on SciFact's 104 unseen claims
+sparse 0.435, frozen 0.378, dense-ft 0.634; latents never firing over 20,000 mixed texts: sparse
+9.9%, frozen 12.1%. Data: ../shared/data (Debian descriptions, SciFact train
 qrels, CLIMATE-FEVER supporting evidence, STS-B pairs scored >= 4, SICK entailments, MRPC
 paraphrases).
 """
@@ -102,7 +103,8 @@ def get_config(arg: str | None = None):
   if arm == "sparse":
     # The head moves 10x slower than the encoder's schedule would have it in stage 2 (it keeps
     # stage 1's latents alive while the encoder moves), then stage 3 fits a fresh head to the final
-    # encoder (`loop.refit_head`): 0.607 mean nDCG@10 at k = 64 against 0.602 (RESULTS.md, session 10).
+    # encoder (`loop.refit_head`): 0.607 mean nDCG@10 at k = 64 against 0.598 without it (RESULTS.md,
+    # session 10).
     c.optim.lr_sae = 2e-5
     c.warmstart.refit = True
   if arm == "dense":
