@@ -269,6 +269,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   param_sh = sharding.shardings(sharding.param_specs(params, mesh), mesh)
   abstract = jax.eval_shape(lambda: init_state(model, tx, loss_cfg.bank_size))
   state_sh = _state_shardings(abstract, param_sh, mesh)
+
+  def placed_state(m: Embedder) -> TrainState:
+    """A fresh state of ``m`` placed on the mesh (every process holds the same whole ``m``)."""
+    return jax.jit(lambda: init_state(m, tx, loss_cfg.bank_size), out_shardings=state_sh)()
+
   if resuming:
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, state_sh)
@@ -276,7 +281,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
     if jax.process_index() == 0:
       print(f"resumed from checkpoint step {int(state.step)} in {ckpt.directory}", flush=True)
   else:
-    state = jax.jit(lambda: init_state(model, tx, loss_cfg.bank_size), out_shardings=state_sh)()
+    state = placed_state(model)
 
   train_step = jit_train_step(graphdef, tx, loss_cfg, optim_cfg, state_sh, mesh)
 
@@ -339,8 +344,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
             jnp.asarray, multihost_utils.process_allgather(state.params, tiled=True)))
         refit_head(final, make_iter(), config.warmstart, tc.seed, loss_cfg, optim_cfg,
                    by_source=data_cfg.batch_by_source)
-        state = jax.jit(lambda: init_state(final, tx, loss_cfg.bank_size),
-                        out_shardings=state_sh)().replace(
+        state = placed_state(final).replace(
             step=state.step, skipped=state.skipped, consecutive_skips=state.consecutive_skips)
       if preempt.requested or step == tc.steps or ckpt.due(step):
         # Steps in a non-finite streak keep the old parameters, but a checkpoint taken there would
