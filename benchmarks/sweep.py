@@ -41,7 +41,7 @@ from saejax.hub.state import OptimConfig  # noqa: E402
 from saejax.retrieval.index import sparse_matrix  # noqa: E402
 from saejax.sae import topk as sae_lib  # noqa: E402
 from saejax.train import step as step_lib  # noqa: E402
-from saejax.train.headtrain import HeadTrainConfig, train_head  # noqa: E402
+from saejax.train.headtrain import HeadTrainConfig, topic_groups, train_head  # noqa: E402
 
 EVAL_SETS = ("scifact", "cranfield", "debian")  # the mean is over these three
 # SciFact's test claims whose relevant abstracts no SciFact train pair holds (104 of 300), scored
@@ -234,8 +234,12 @@ def main(argv=None):
   p.add_argument("--pairs", type=int, default=0,
                  help="train on this many pairs drawn with configs/quality.py's source weights, as "
                       "stage 1 draws them (default 0: every cached pair once per epoch, uniformly)")
-  p.add_argument("--by_source", action="store_true",
-                 help="draw every head batch from one source (as data.batch_by_source does)")
+  p.add_argument("--groups", choices=("source", "topics"), default=None,
+                 help="head batches made of parts from one source or one k-means topic each (as "
+                      "config.warmstart.batch_groups; default: mixed batches)")
+  p.add_argument("--topics", type=int, default=16, help="k-means topics for --groups topics")
+  p.add_argument("--groups_per_batch", type=int, default=1,
+                 help="parts of each head batch, each from one group (--groups)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override BASE for every arm, e.g. --set sae.num_latents=4096")
   args = p.parse_args(argv)
@@ -258,6 +262,10 @@ def main(argv=None):
   pool = np.concatenate([health["q"], health["d"]] + [evals[n][2] for n in EVAL_SETS])
   health_v = pool[health_rows(len(pool))]
   d_model = q_train.shape[1]
+  groups = source if args.groups == "source" else None
+  if args.groups == "topics":
+    groups = topic_groups(q_train, d_train, args.topics, args.seed)
+  grouping = f" {args.groups} x{args.groups_per_batch}" if args.groups else ""
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   print("| arm | k | SciFact | Cranfield | Debian | mean | SciFact unseen | never fire "
@@ -290,12 +298,12 @@ def main(argv=None):
     p.error(f"unknown arms {unknown}; choose from {sorted(ARMS)}")
   for arm in arms:
     sae_cfg, loss_cfg, optim_cfg, head_cfg = build(ARMS[arm], d_model)
+    head_cfg = dataclasses.replace(head_cfg, groups_per_batch=args.groups_per_batch)
     start = time.time()
     sae = sae_lib.SAE(sae_cfg, rngs=nnx.Rngs(args.seed))
     sae, _, history = train_head(sae, q_train, d_train, loss_cfg, optim_cfg, head_cfg,
-                                 groups=source if args.by_source else None,
-                                 log_every=max(head_cfg.steps // 4, 1))
-    report({"arm": arm + " by source" * args.by_source, "overrides": ARMS[arm],
+                                 groups=groups, log_every=max(head_cfg.steps // 4, 1))
+    report({"arm": arm + grouping, "overrides": ARMS[arm],
             "pairs": len(q_train), "cache": str(cache),
             "train_s": time.time() - start,
             "last": history[-1], **evaluate(sae, evals, health_v)})

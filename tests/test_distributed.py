@@ -161,9 +161,11 @@ def test_two_processes_match_one_and_resume_exactly_after_preemption(tmp_path, o
 @pytest.mark.slow  # three trainer processes
 def test_head_refit_on_two_processes_matches_one(tmp_path):
   """Stage 3 (``warmstart.refit``) on two hosts: each process refits the same head from a whole copy
-  of the final encoder, and the state placed back on the global mesh equals one process's."""
+  of the final encoder, and the state placed back on the global mesh equals one process's. The
+  head batches are k-means topics, which process 0 computes for all."""
   flags = ("--config.warmstart.refit=True", "--config.train.steps=4",
-           "--config.optim.total_steps=4")
+           "--config.optim.total_steps=4", "--config.warmstart.batch_groups=topics",
+           "--config.warmstart.topics=2")
   (one,) = _finish([_start(tmp_path / "one", 4, *flags)])
   outs = _finish(_start_pair(tmp_path / "two", *flags))
   for out in (one, outs[0]):  # stage 1, then the refit after the last step

@@ -419,12 +419,15 @@ def test_recipe_defaults_equal_the_library_defaults():
     assert not missing, (cls.__name__, missing)
 
 
-def test_warm_start_trains_the_sae_on_frozen_embeddings_only():
-  """Stage 1 moves the SAE (its contrastive loss falls) and leaves the encoder untouched."""
+@pytest.mark.parametrize("batch_groups", ["", "topics"])
+def test_warm_start_trains_the_sae_on_frozen_embeddings_only(batch_groups):
+  """Stage 1 moves the SAE (its contrastive loss falls) and leaves the encoder untouched, with mixed
+  batches and with batches of one k-means topic."""
   from saejax.data import pipeline as data
   config = _tiny(steps=2)
   config.warmstart.steps, config.warmstart.pairs, config.warmstart.batch_size = 30, 64, 32
   config.warmstart.lr = 3e-3
+  config.warmstart.batch_groups, config.warmstart.topics = batch_groups, 2
   _, model = build.build_model(config, nnx.Rngs(0))
   enc_before = jax.tree.map(np.asarray, nnx.state(model.encoder, nnx.Param))
   w_enc_before = np.asarray(model.sae.w_enc[...])
@@ -437,6 +440,14 @@ def test_warm_start_trains_the_sae_on_frozen_embeddings_only():
   assert len(history) == 3 and history[-1]["info_nce"] < history[0]["info_nce"]
   assert not np.allclose(np.asarray(model.sae.w_enc[...]), w_enc_before)
   _assert_same_params(enc_before, jax.tree.map(np.asarray, nnx.state(model.encoder, nnx.Param)))
+
+
+def test_warm_start_refuses_an_unknown_batch_grouping():
+  config = _tiny(steps=2)
+  config.warmstart.batch_groups = "topic"
+  with pytest.raises(ConfigError, match=r"batch_groups='topic': expected '' \(mixed batches\), "
+                                        r"'source' or 'topics'"):
+    loop.warm_start_sae(None, iter(()), config.warmstart, None, None)
 
 
 def test_head_refit_fits_a_fresh_sae_to_the_final_encoder(tmp_path):

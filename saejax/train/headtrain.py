@@ -44,12 +44,15 @@ class HeadTrainConfig:
       texts, as AuxK counts them) are re-initialised from badly reconstructed inputs
       (`saejax.train.resample`; 0: never).
     resample_until: no resampling after this fraction of the steps (the last ones settle).
+    groups_per_batch: with groups (`batches`), each batch is this many equal parts, each drawn
+      from one group (1: the whole batch from one group).
   """
   steps: int = 2000
   batch_size: int = 256
   seed: int = 0
   resample_every: int = 0
   resample_until: float = 0.5
+  groups_per_batch: int = 1
 
   def __post_init__(self):
     if self.steps < 1 or self.batch_size < 2:
@@ -58,6 +61,9 @@ class HeadTrainConfig:
     if self.resample_every < 0 or not 0 <= self.resample_until <= 1:
       raise ConfigError(f"HeadTrainConfig: resample_every={self.resample_every} must be >= 0 and "
                         f"resample_until={self.resample_until} in [0, 1]")
+    if self.groups_per_batch < 1 or self.batch_size % self.groups_per_batch:
+      raise ConfigError(f"HeadTrainConfig: groups_per_batch={self.groups_per_batch} must be >= 1 "
+                        f"and divide batch_size={self.batch_size}")
 
 
 def head_loss(model: Embedder, batch: dict, since_fired, step, cfg: step_lib.LossConfig,
@@ -75,9 +81,10 @@ def head_loss(model: Embedder, batch: dict, since_fired, step, cfg: step_lib.Los
 def batches(n: int, cfg: HeadTrainConfig, groups: Int[np.ndarray, "N"] | None = None):
   """Row indices of each step: shuffled epochs, the tail of an epoch dropped (fixed shapes).
 
-  With ``groups`` (e.g. each pair's source), every batch is drawn from one group, picked with
-  probability proportional to its size, in a shuffled pass over that group's rows; groups with
-  fewer rows than a batch are pooled into one mixed group.
+  With ``groups`` (each pair's source, or its topic: `topic_groups`), every batch is
+  ``cfg.groups_per_batch`` parts of ``batch_size / groups_per_batch`` rows, each part from one
+  group: distinct groups, picked with probability proportional to their sizes, each read in a
+  shuffled pass over its rows. Groups with fewer rows than a part are pooled into one mixed group.
   """
   if n < cfg.batch_size:
     raise ConfigError(f"head training: {n} pairs are fewer than batch_size={cfg.batch_size}")
@@ -97,18 +104,39 @@ def batches(n: int, cfg: HeadTrainConfig, groups: Int[np.ndarray, "N"] | None = 
 
 
 def _group_batches(groups: np.ndarray, cfg: HeadTrainConfig, rng: np.random.Generator):
+  part = cfg.batch_size // cfg.groups_per_batch
   ids, counts = np.unique(groups, return_counts=True)
-  small = np.isin(groups, ids[counts < cfg.batch_size])
-  pools = [np.flatnonzero((groups == g) & ~small) for g in ids[counts >= cfg.batch_size]]
-  pools += [np.flatnonzero(small)] if small.sum() >= cfg.batch_size else []
+  small = np.isin(groups, ids[counts < part])
+  pools = [np.flatnonzero((groups == g) & ~small) for g in ids[counts >= part]]
+  pools += [np.flatnonzero(small)] if small.sum() >= part else []
+  if len(pools) < cfg.groups_per_batch:
+    raise ConfigError(f"head training: {len(pools)} groups of >= {part} pairs, fewer than "
+                      f"groups_per_batch={cfg.groups_per_batch}")
   sizes = np.asarray([len(p) for p in pools], float)
   queues = [rng.permutation(p) for p in pools]
   for _ in range(cfg.steps):
-    g = rng.choice(len(pools), p=sizes / sizes.sum())
-    if len(queues[g]) < cfg.batch_size:  # a new pass over the group (its tail dropped)
-      queues[g] = rng.permutation(pools[g])
-    yield queues[g][:cfg.batch_size]
-    queues[g] = queues[g][cfg.batch_size:]
+    rows = []
+    for g in rng.choice(len(pools), cfg.groups_per_batch, replace=False, p=sizes / sizes.sum()):
+      if len(queues[g]) < part:  # a new pass over the group (its tail dropped)
+        queues[g] = rng.permutation(pools[g])
+      rows.append(queues[g][:part])
+      queues[g] = queues[g][part:]
+    yield np.concatenate(rows)
+
+
+def topic_groups(q_v: Float[np.ndarray, "N D"], d_v: Float[np.ndarray, "N D"], topics: int,
+                 seed: int = 0) -> Int[np.ndarray, "N"]:
+  """Each pair's topic: k-means (scikit-learn) with ``topics`` clusters over the pairs' unit query
+  and unit document embeddings side by side. As head-training groups (topic-aware sampling,
+  Hofstaetter et al. 2021, TAS-B) they make in-batch negatives near neighbours: SciFact / Cranfield
+  / Debian dev +0.009 mean nDCG@10 at k = 64 over mixed batches on cached frozen MiniLM
+  embeddings (benchmarks/RESULTS.md "Sweep", 2026-12-01)."""
+  from sklearn.cluster import KMeans  # pylint: disable=import-outside-toplevel
+  if not 1 <= topics <= len(q_v):
+    raise ConfigError(f"head training: topics={topics} must be in [1, {len(q_v)} pairs]")
+  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+  x = np.concatenate([unit(np.asarray(q_v, np.float64)), unit(np.asarray(d_v, np.float64))], 1)
+  return KMeans(topics, n_init=1, random_state=seed).fit_predict(x)
 
 
 def train_head(sae: sae_lib.SAE, q_v: Float[np.ndarray, "N D"], d_v: Float[np.ndarray, "N D"],
@@ -117,7 +145,7 @@ def train_head(sae: sae_lib.SAE, q_v: Float[np.ndarray, "N D"], d_v: Float[np.nd
                log_every: int = 0, log=print) -> tuple[sae_lib.SAE, TrainState, list[dict]]:
   """Train ``sae`` on (query, positive) embedding pairs; returns the trained SAE (a new module),
   the final TrainState (dead-latent counters included) and the logged metrics. ``groups``: each
-  pair's group (its source), to draw every batch from one group (`batches`).
+  pair's group (its source or topic), to draw every batch from a few groups (`batches`).
 
   ``optim_cfg.lr_sae`` and its schedule apply (``total_steps`` should be ``cfg.steps``). b_pre is
   set from the documents' geometric median / mean first, as `saejax.train` does.

@@ -62,19 +62,24 @@ def init_b_pre_from_data(model: Embedder, batches, method: str) -> None:
 
 def warm_start_sae(model: Embedder, batches, ws: ml_collections.ConfigDict,
                    loss_cfg: step_lib.LossConfig, optim_cfg: OptimConfig,
-                   log_every: int = 0, by_source: bool = False) -> list[dict]:
+                   log_every: int = 0) -> list[dict]:
   """Stage 1 of stage-wise training: train the SAE on the frozen encoder's embeddings.
 
   Embeds ``ws.pairs`` (query, positive) pairs of the training data once with the untouched
   encoder, then runs ``ws.steps`` head-training steps (`saejax.train.headtrain`, the same objective
   and invariants) at ``ws.lr`` on batches of ``ws.batch_size``. End-to-end training then starts from
-  a dictionary that already ranks well, instead of training the encoder through a random one. With
-  ``by_source`` (``data.batch_by_source``) every head batch holds pairs of one source. Every
+  a dictionary that already ranks well, instead of training the encoder through a random one.
+  ``ws.batch_groups`` "source" or "topics" makes every head batch ``ws.groups_per_batch`` parts,
+  each of one source or of one of ``ws.topics`` k-means topics (`headtrain.topic_groups`). Every
   process embeds the global batches, so all of them compute the same SAE. Returns the head
   training's metrics every ``log_every`` steps (default: a quarter of the steps), printed by
   process 0.
   """
   from saejax.train import headtrain  # pylint: disable=import-outside-toplevel
+  batch_groups = ws.get("batch_groups", "")
+  if batch_groups not in ("", "source", "topics"):
+    raise ConfigError(f"config.warmstart.batch_groups={batch_groups!r}: expected '' (mixed "
+                      "batches), 'source' or 'topics'")
   dense = nnx.jit(lambda m, ids, valid: m.dense(ids, valid))
   qs, ds, keys, sources, n = [], [], [], [], 0
   while n < ws.pairs:
@@ -88,10 +93,17 @@ def warm_start_sae(model: Embedder, batches, ws: ml_collections.ConfigDict,
   # one process and several see the same set of pairs, and must train the same SAE from it.
   order = np.argsort(np.asarray(keys[:ws.pairs]), kind="stable")
   q_v, d_v = np.concatenate(qs)[:ws.pairs][order], np.concatenate(ds)[:ws.pairs][order]
-  groups = np.concatenate(sources)[:ws.pairs][order] if by_source else None
+  if batch_groups == "source":
+    groups = np.concatenate(sources)[:ws.pairs][order]
+  elif batch_groups == "topics":  # k-means need not agree to the bit across hosts: process 0's
+    groups = multihost_utils.broadcast_one_to_all(headtrain.topic_groups(q_v, d_v, ws.topics))
+    groups = np.asarray(groups)
+  else:
+    groups = None
   head_cfg = headtrain.HeadTrainConfig(steps=ws.steps, batch_size=min(ws.batch_size, len(q_v)),
                                        resample_every=ws.resample_every,
-                                       resample_until=ws.resample_until)
+                                       resample_until=ws.resample_until,
+                                       groups_per_batch=ws.get("groups_per_batch", 1))
   head_optim = dataclasses.replace(optim_cfg, lr_sae=ws.lr, total_steps=ws.steps,
                                    warmup_steps=min(optim_cfg.warmup_steps, ws.steps // 10),
                                    freeze_encoder=True)
@@ -106,8 +118,7 @@ def warm_start_sae(model: Embedder, batches, ws: ml_collections.ConfigDict,
 
 
 def refit_head(model: Embedder, batches, ws: ml_collections.ConfigDict, seed: int,
-               loss_cfg: step_lib.LossConfig, optim_cfg: OptimConfig, by_source: bool = False
-               ) -> list[dict]:
+               loss_cfg: step_lib.LossConfig, optim_cfg: OptimConfig) -> list[dict]:
   """Stage 3 (``config.warmstart.refit``): replace the SAE with a fresh one (initialised from
   ``seed``) trained exactly as stage 1 trains it, on embeddings of the *final* encoder.
 
@@ -116,7 +127,7 @@ def refit_head(model: Embedder, batches, ws: ml_collections.ConfigDict, seed: in
   0.598 -> 0.607 at k = 64, 0.635 -> 0.644 with queries at 512). The encoder is not changed.
   """
   model.sae = sae_lib.SAE(model.sae.config, rngs=nnx.Rngs(seed))
-  return warm_start_sae(model, batches, ws, loss_cfg, optim_cfg, by_source=by_source)
+  return warm_start_sae(model, batches, ws, loss_cfg, optim_cfg)
 
 
 def _pair_key(batch: dict, i: int) -> str:
@@ -261,8 +272,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
     init_b_pre_from_data(model, distributed.gather_batches(samples), config.sae.b_pre_init)
 
   if not resuming and model.sae is not None and config.warmstart.steps:
-    warm_start_sae(model, make_iter(), config.warmstart, loss_cfg, optim_cfg,
-                   by_source=data_cfg.batch_by_source)
+    warm_start_sae(model, make_iter(), config.warmstart, loss_cfg, optim_cfg)
 
   graphdef, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(optim_cfg, params)
@@ -342,8 +352,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
         # parameters, and the new state is placed on the mesh as the first one was.
         final = nnx.merge(graphdef, jax.tree.map(
             jnp.asarray, multihost_utils.process_allgather(state.params, tiled=True)))
-        refit_head(final, make_iter(), config.warmstart, tc.seed, loss_cfg, optim_cfg,
-                   by_source=data_cfg.batch_by_source)
+        refit_head(final, make_iter(), config.warmstart, tc.seed, loss_cfg, optim_cfg)
         state = placed_state(final).replace(
             step=state.step, skipped=state.skipped, consecutive_skips=state.consecutive_skips)
       if preempt.requested or step == tc.steps or ckpt.due(step):

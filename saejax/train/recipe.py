@@ -40,6 +40,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.warmstart.resample_until = 0.5        # ... only in this first fraction of stage 1
   c.warmstart.refit = False               # stage 3: after the last step, a fresh SAE trained
                                           # as in stage 1 on the final encoder (loop.refit_head)
+  c.warmstart.batch_groups = ""           # head batches: "" mixed, "source" or "topics" (k-means)
+  c.warmstart.topics = 16                 # ... k-means clusters of the pairs' embeddings
+  c.warmstart.groups_per_batch = 1        # ... each head batch this many parts, one group each
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.05               # InfoNCE logits = similarity(z_q, z_d) / temperature
@@ -83,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.seed = 0                         # shuffle seed
   c.data.shuffle = True
   c.data.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat forever
-  c.data.batch_by_source = False          # each batch from one source (in-domain negatives)
+  c.data.batch_by_source = False          # each stage-2 batch from one source (in-domain negatives)
   c.data.on_bad_record = "raise"          # or "skip": drop and count malformed records
   c.data.read_threads = 2
   c.data.prefetch_batches = 4
