@@ -128,14 +128,16 @@ def topic_groups(q_v: Float[np.ndarray, "N D"], d_v: Float[np.ndarray, "N D"], t
                  seed: int = 0) -> Int[np.ndarray, "N"]:
   """Each pair's topic: k-means (scikit-learn) with ``topics`` clusters over the pairs' unit query
   and unit document embeddings side by side. As head-training groups (topic-aware sampling,
-  Hofstaetter et al. 2021, TAS-B) they make in-batch negatives near neighbours: SciFact / Cranfield
-  / Debian dev +0.009 mean nDCG@10 at k = 64 over mixed batches on cached frozen MiniLM
-  embeddings (benchmarks/RESULTS.md "Sweep", 2026-12-01)."""
+  Hofstaetter et al. 2021, TAS-B) they make in-batch negatives near neighbours: mean nDCG@10 over
+  SciFact / Cranfield / Debian dev at k = 64 +0.009 over mixed batches in the sweep, +0.0075 for
+  the quality benchmark's frozen arm (benchmarks/RESULTS.md, session 12)."""
   from sklearn.cluster import KMeans  # pylint: disable=import-outside-toplevel
   if not 1 <= topics <= len(q_v):
     raise ConfigError(f"head training: topics={topics} must be in [1, {len(q_v)} pairs]")
-  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
-  x = np.concatenate([unit(np.asarray(q_v, np.float64)), unit(np.asarray(d_v, np.float64))], 1)
+  x = np.concatenate([np.asarray(q_v, np.float64), np.asarray(d_v, np.float64)], 1)
+  half = q_v.shape[1]
+  for part in (x[:, :half], x[:, half:]):  # each side to unit length (views into x)
+    part /= np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
   return KMeans(topics, n_init=1, random_state=seed).fit_predict(x)
 
 
