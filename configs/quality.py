@@ -80,9 +80,9 @@ def get_config(arg: str | None = None):
   c.warmstart.pairs = 8192
   c.warmstart.batch_size = 1024
   c.warmstart.lr = 1e-3
-  # Mixed head batches. Measured, not yet adopted: `--config.warmstart.batch_groups=topics
-  # --config.warmstart.groups_per_batch=4` (each batch 4 k-means topics) lifts the frozen arm
-  # 0.577 -> 0.585; the sparse arm is not yet measured with it (RESULTS.md "Quality", session 12).
+  # Mixed head batches. `--config.warmstart.batch_groups=topics --config.warmstart.groups_per_batch=4`
+  # (each batch 4 k-means topics) lifts the frozen arm 0.577 -> 0.585 but not the sparse arm
+  # (0.605 -> 0.607, noise; never-firing 9.9% -> 10.3%): RESULTS.md "Quality", sessions 12-13.
 
   # Stage 2 trains the encoder through the sparse codes (InfoNCE on their cosine) and, at half
   # weight, as a dense model (InfoNCE on cosine of v), which keeps v a good embedding to code.
