@@ -36,6 +36,9 @@ What is timed and what is not:
     row. XLA's CPU client uses every core (2 here). On a 2-core machine that other processes also
     load, OpenMP's 2 threads wait at every parallel region for a descheduled thread and can be
     several times slower than 1 thread; the 1-thread row shows how much of a gap is that.
+  * The process starts as `saejax.train` does, with `saejax.hostmem`'s malloc tunable (large blocks
+    on huge pages), which both sides then share; ``SAEJAX_MALLOC=system`` runs with glibc's
+    defaults (RESULTS.md "Host memory" has both sides under both settings).
 
 Throughput counts real (non-pad) tokens of queries + documents: tokens/s = real tokens of the timed
 steps / their total wall time; steps/s = steps / total time; fp32 on both sides. The summary takes
@@ -59,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
+from saejax import hostmem
 from saejax.hub.demo import minilm_dir
 from saejax.hub.state import OptimConfig, init_state, make_optimizer
 
@@ -359,4 +363,5 @@ def main(argv: list[str] | None = None) -> None:
         f"saejax compile {sx.compile_s:.1f} s (excluded)")
 
 if __name__ == "__main__":
+  hostmem.reexec_with_tunables()
   main()

@@ -34,6 +34,7 @@ from flax import nnx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from saejax import hostmem  # noqa: E402
 from saejax.data import beir  # noqa: E402
 from saejax.data.beir import BeirData  # noqa: E402
 from saejax.eval import harness, quickeval  # noqa: E402
@@ -309,4 +310,5 @@ def main(argv=None):
             "last": history[-1], **evaluate(sae, evals, health_v)})
 
 if __name__ == "__main__":
+  hostmem.reexec_with_tunables()  # head temporaries on huge pages (saejax.hostmem)
   main()

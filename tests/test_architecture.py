@@ -16,7 +16,7 @@ PACKAGE = "saejax"
 # Lowest first. "core" is the modules directly in saejax/ (`CORE`); every other layer is the
 # subpackage of that name. saejax/__init__.py describes the same layers in the same order.
 LAYERS = ("core", "data", "models", "sae", "retrieval", "hub", "interpret", "eval", "train")
-CORE = ("__init__", "errors", "cli", "sharding", "paths")
+CORE = ("__init__", "errors", "cli", "sharding", "paths", "hostmem")
 
 
 def modules(root: Path, package: str) -> dict[str, Path]:
