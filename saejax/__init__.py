@@ -10,7 +10,7 @@ it in this list, never from one below, and nothing imports in a cycle
   core       errors.py, cli.py, sharding.py, paths.py, hostmem.py: the exceptions, the one
              convention every command ends with, the mesh and the logical-axis rules that every
              weight and batch obeys, workdir paths on disk or in a bucket (gs://), the host
-             allocator settings every heavy command starts with
+             allocator setting the training command starts with
   data       text to token batches: tokenizer, record sources, the grain pipeline, BEIR splits
   models     the encoders (ModernBERT, BERT), attention backends, parameter declarations and
              each model's tensor map; no file format, no training

@@ -3,12 +3,12 @@
 XLA:CPU allocates a step's temporaries with malloc: at the recipe's stage 1 (S = 16,384 latents,
 2,048 texts per step) several GB per step. glibc serves a block that large with a fresh ``mmap``
 and unmaps it when it is freed, so every step faults every page of its temporaries in again, one
-4 KiB page at a time: ~960,000 page faults and ~2.3 s of system time per stage-1 step on the 2-core
-CPU, a third of the step (benchmarks/RESULTS.md, "Host memory").
+4 KiB page at a time: ~960,000 page faults and ~2.4 s of system time per stage-1 step on the 2-core
+CPU, 29% of its CPU time (benchmarks/RESULTS.md, "Host memory").
 
 The glibc tunable ``glibc.malloc.hugetlb=1`` has malloc ask for transparent huge pages
-(``madvise(MADV_HUGEPAGE)``) on what it maps: one fault per 2 MiB instead of per 4 KiB, 100x fewer
-faults, stage-1 head training 1.25x faster, and the same memory use (freed blocks still go back to
+(``madvise(MADV_HUGEPAGE)``) on what it maps: one fault per 2 MiB instead of per 4 KiB, 167x fewer
+faults, stage-1 head training 1.24x faster, and the same memory use (freed blocks still go back to
 the system). Keeping freed blocks instead (``arena_max=1``, ``mmap_max=0``, no trimming) was faster
 still but let the heap grow to 4x the working set through fragmentation, so it is not used.
 

@@ -2,6 +2,7 @@
 transparent huge pages, so a block allocated, touched and freed again and again (as XLA:CPU's
 temporaries each step) takes one page fault per 2 MiB instead of one per 4 KiB."""
 
+import json
 import os
 import platform
 import subprocess
@@ -88,3 +89,10 @@ def test_reexec_puts_large_blocks_on_huge_pages_and_keeps_the_command_line():
   out = run_child({"SAEJAX_MALLOC": "system"})
   assert out.count("started") == 1
   assert float(out.split("refault")[1]) > 0.5, out
+
+
+@needs_glibc
+def test_the_training_command_runs_with_the_tunable(tiny_run):
+  """`python -m saejax.train` re-executes itself with it (summary.json records the setting)."""
+  summary = json.loads((tiny_run / "summary.json").read_text())
+  assert summary["glibc_tunables"].split(":")[-len(hostmem.TUNABLES):] == list(hostmem.TUNABLES)

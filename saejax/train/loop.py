@@ -377,7 +377,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
         fingerprints.close()
   summary = {"step": step, "preempted": preempt.requested, "wall_s": time.time() - start,
              "checkpoints": str(ckpt.directory), "latest_checkpoint": ckpt.latest_step(),
-             "last_metrics": last, "best_metrics": writer.best}
+             "last_metrics": last, "best_metrics": writer.best,
+             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}  # the host allocator's setting
   if jax.process_index() == 0:
     try:  # a plot must never cost the run its summary
       curves = training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
