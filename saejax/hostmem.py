@@ -24,14 +24,20 @@ import os
 import platform
 import sys
 
+from saejax.errors import ConfigError
+
 TUNABLES = ("glibc.malloc.hugetlb=1",)
 OPT_OUT = "SAEJAX_MALLOC"  # "system": leave glibc's defaults
 
 
 def tunables_env(environ: dict[str, str]) -> dict[str, str] | None:
   """The environment to re-execute with, or None where nothing should change (see module doc)."""
+  choice = environ.get(OPT_OUT, "")
+  if choice not in ("", "system"):
+    raise ConfigError(f"{OPT_OUT}={choice!r}: expected 'system' (glibc's own malloc settings) or "
+                      "unset (XLA:CPU's temporaries on huge pages)")
   current = environ.get("GLIBC_TUNABLES", "")
-  if (environ.get(OPT_OUT, "") == "system" or "glibc.malloc." in current
+  if (choice == "system" or "glibc.malloc." in current
       or any(name in environ.get("LD_PRELOAD", "") for name in ("tcmalloc", "jemalloc", "mimalloc"))
       or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"):
     return None

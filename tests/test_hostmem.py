@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from saejax import hostmem
+from saejax.errors import ConfigError
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 needs_glibc = pytest.mark.skipif(not GLIBC, reason="the tunables are glibc's (Linux)")
@@ -38,6 +39,18 @@ def test_tunables_env_adds_malloc_tunables_and_keeps_the_users():
 ])
 def test_tunables_env_leaves_a_chosen_allocator_alone(environ):
   assert hostmem.tunables_env(environ) is None
+
+
+def test_a_misspelt_opt_out_is_one_error_line(tmp_path):
+  with pytest.raises(ConfigError, match="SAEJAX_MALLOC='off': expected 'system'"):
+    hostmem.tunables_env({"SAEJAX_MALLOC": "off"})
+  out = subprocess.run([sys.executable, "-m", "saejax.train", "--config=tests/tiny_config.py:1",
+                        f"--workdir={tmp_path / 'run'}"], env={**os.environ, "SAEJAX_MALLOC": "off"}, cwd=Path(__file__).parents[1],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and out.stdout == "" and not (tmp_path / "run").exists()
+  assert out.stderr.strip().splitlines() == [
+      "error: SAEJAX_MALLOC='off': expected 'system' (glibc's own malloc settings) or unset "
+      "(XLA:CPU's temporaries on huge pages)"]
 
 
 # A worker thread allocates, touches and frees 256 MiB three times with glibc's malloc (as XLA:CPU
