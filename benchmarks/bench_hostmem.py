@@ -1,12 +1,12 @@
 """Stage-1 head training under glibc's default malloc vs `saejax.hostmem`'s huge-page tunable.
 
 The same head training as the quality recipe's stage 1 (`saejax.train.headtrain.train_head`:
-S = 16,384, k = 64, 1,024 pairs per step, the real step and objective) on random Gaussian
-embeddings (the step's cost does not depend on their values), in two child processes that take turns: one
-with ``SAEJAX_MALLOC=system`` (glibc's defaults: each step's multi-GB temporaries mapped and faulted
-in 4 KiB at a time), one as `saejax.train` starts (``glibc.malloc.hugetlb=1``). Each child times
-`--steps` steps after one untimed compile-and-warm-up run of the same length, and reports wall
-time, page faults, system and user CPU time and peak resident memory.
+S = 16,384, k = 64, 1,024 pairs per step, the real step and objective) on random Gaussian embeddings
+(the step's cost does not depend on their values), in two child processes that take turns: one with
+``SAEJAX_MALLOC=system`` (glibc's defaults: each step's multi-GB temporaries mapped and faulted in
+4 KiB at a time), one as `saejax.train` starts (``glibc.malloc.hugetlb=1``). Each child times
+`--steps` steps after one untimed compile-and-warm-up run of the same length, and reports wall time,
+page faults, system and user CPU time and peak resident memory.
 
     .venv/bin/python benchmarks/bench_hostmem.py --steps 10 --rounds 2
 """

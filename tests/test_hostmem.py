@@ -45,7 +45,8 @@ def test_a_misspelt_opt_out_is_one_error_line(tmp_path):
   with pytest.raises(ConfigError, match="SAEJAX_MALLOC='off': expected 'system'"):
     hostmem.tunables_env({"SAEJAX_MALLOC": "off"})
   out = subprocess.run([sys.executable, "-m", "saejax.train", "--config=tests/tiny_config.py:1",
-                        f"--workdir={tmp_path / 'run'}"], env={**os.environ, "SAEJAX_MALLOC": "off"}, cwd=Path(__file__).parents[1],
+                        f"--workdir={tmp_path / 'run'}"],
+                       env={**os.environ, "SAEJAX_MALLOC": "off"}, cwd=Path(__file__).parents[1],
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 2 and out.stdout == "" and not (tmp_path / "run").exists()
   assert out.stderr.strip().splitlines() == [
