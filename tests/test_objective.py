@@ -1,5 +1,6 @@
 """The whole training objective against an independent NumPy implementation, the gradient routing
-of `LossConfig.recon_to_encoder`, and dictionary recovery on planted synthetic data.
+of `LossConfig.recon_to_encoder` and `LossConfig.flops_to_encoder`, and dictionary recovery on
+planted synthetic data.
 
 `step.objective` is checked term by term (every weight non-zero, cosine and raw codes) against a
 float64 reference written from the loss definitions alone; only the SAE's parameters come from
@@ -136,10 +137,12 @@ def run_objective(sae, v, since_fired, cfg):
 
 
 @pytest.mark.parametrize("normalize_codes", [True, False])
-@pytest.mark.parametrize("recon_to_encoder", [False, True])
-def test_objective_matches_numpy_reference(normalize_codes, recon_to_encoder):
+@pytest.mark.parametrize("recon_to_encoder,flops_to_encoder",
+                         [(False, True), (True, True), (False, False), (True, False)])
+def test_objective_matches_numpy_reference(normalize_codes, recon_to_encoder, flops_to_encoder):
+  """The gradient routing switches change no value (the reference has no such switch)."""
   sae, v, since_fired = make_inputs(normalize_codes)
-  cfg = loss_config(recon_to_encoder=recon_to_encoder)
+  cfg = loss_config(recon_to_encoder=recon_to_encoder, flops_to_encoder=flops_to_encoder)
   total, (metrics, codes, entries) = run_objective(sae, jnp.asarray(v), since_fired, cfg)
   ref_total, ref_terms = reference_objective(sae, v, since_fired, STEP, cfg)
   for name, value in ref_terms.items():
@@ -190,6 +193,7 @@ def grads_wrt_v(sae, v, since_fired, cfg, names):
 
 
 RECON_TERMS = ("weighted/fvu", "weighted/multi_k", "weighted/auxk")
+FLOPS_TERMS = ("weighted/flops_q", "weighted/flops_d")
 RETRIEVAL_TERMS = ("weighted/contrastive", "weighted/dense_contrastive", "weighted/spread_out")
 
 
@@ -219,6 +223,33 @@ def test_recon_to_encoder_lets_reconstruction_gradients_reach_v():
   grads = grads_wrt_v(sae, v, since_fired, cfg, RECON_TERMS)
   for name in RECON_TERMS:
     assert np.abs(grads[name]).max() > 1e-4, name
+
+
+@pytest.mark.parametrize("recon_to_encoder", [False, True])
+def test_flops_to_encoder_routes_the_flops_gradients(recon_to_encoder):
+  """FLOPS reaches v by default; with ``flops_to_encoder=False`` it trains the SAE alone, and the
+  other terms' routing is unchanged."""
+  sae, v, since_fired = make_inputs(True)
+  on = grads_wrt_v(sae, v, since_fired, loss_config(recon_to_encoder=recon_to_encoder),
+                   FLOPS_TERMS + RETRIEVAL_TERMS)
+  cfg = loss_config(recon_to_encoder=recon_to_encoder, flops_to_encoder=False)
+  off = grads_wrt_v(sae, v, since_fired, cfg, FLOPS_TERMS + RETRIEVAL_TERMS + RECON_TERMS)
+  for name in FLOPS_TERMS:
+    assert np.abs(on[name]).max() > 1e-4, name
+    assert np.all(off[name] == 0.0), name
+  for name in RETRIEVAL_TERMS:
+    np.testing.assert_allclose(off[name], on[name], rtol=1e-5, atol=1e-7, err_msg=name)
+  for name in RECON_TERMS:
+    assert (np.abs(off[name]).max() > 1e-4) == recon_to_encoder, name
+  graphdef, state = nnx.split(sae)
+
+  def flops_of(state_):
+    metrics = run_objective(nnx.merge(graphdef, state_), jnp.asarray(v), since_fired, cfg)[1][0]
+    return metrics["weighted/flops_q"] + metrics["weighted/flops_d"]
+
+  sae_grads = jax.jit(jax.grad(flops_of))(state)
+  for param in ("w_enc", "b_lat", "b_pre"):
+    assert np.abs(np.asarray(sae_grads[param].get_value())).max() > 1e-4, param
 
 
 # ----------------------------------------------------------------------------------------------

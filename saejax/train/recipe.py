@@ -59,6 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.distill_temperature = 0.05       # teacher's temperature on cosine of the pooled v
   c.loss.w_dense_contrastive = 0.0        # InfoNCE on cosine of v itself (trains the encoder)
   c.loss.recon_to_encoder = False         # reconstruction gradients reach the encoder
+  c.loss.flops_to_encoder = True          # FLOPS gradients reach the encoder (False: the SAE only)
   c.loss.bank_size = 0                    # XBM: last N positives as more negatives (measured: off)
 
   c.optim = ml_collections.ConfigDict()

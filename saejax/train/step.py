@@ -16,7 +16,8 @@ the TopK SAE, and sums the weighted losses (`objective`; each term a pure functi
 With ``LossConfig.bank_size`` both InfoNCE terms also rank the last `bank_size` positives of earlier
 steps (`saejax.sae.memory`, checkpointed in `TrainState.bank`). The reconstruction terms read a
 detached v unless `LossConfig.recon_to_encoder`: the encoder is then shaped by the retrieval terms
-only, and the SAE follows it.
+only, and the SAE follows it. Without `LossConfig.flops_to_encoder` the FLOPS terms are computed
+from that detached v too: they spread the SAE's latents without moving the encoder.
 
 Then the SAE invariants (sparsify / OpenAI): the decoder gradient's component parallel to each
 decoder row is removed before the optimiser, and decoder rows are renormalised after it. The
@@ -57,6 +58,7 @@ class LossConfig:
   distill_temperature: float = 0.05  # the teacher's tau on cosine of the pooled embeddings v
   w_dense_contrastive: float = 0.0   # InfoNCE on cosine of v itself (end to end: trains the encoder)
   recon_to_encoder: bool = False   # let FVU / multi-k / AuxK gradients reach the encoder
+  flops_to_encoder: bool = True    # let FLOPS gradients reach the encoder (False: the SAE only)
   bank_size: int = 0               # XBM: the last bank_size positives (detached) as more negatives
 
   def __post_init__(self):
@@ -147,12 +149,16 @@ def objective(sae: sae_lib.SAE, q: Output, d: Output, since_fired: jax.Array, st
                  prefix="dense/")
 
   v = jnp.concatenate([q.v, d.v])
+  # The same TopK code from a detached v, for the terms whose gradients reach the SAE, not the
+  # encoder (the forward values are the same as from v).
+  held = None
+  if not (cfg.recon_to_encoder and cfg.flops_to_encoder):
+    held = sae_output(sae, jax.lax.stop_gradient(v))
   if cfg.recon_to_encoder:
     pre, v_hat = jnp.concatenate([q.pre, d.pre]), jnp.concatenate([q.v_hat, d.v_hat])
-  else:  # the same TopK code from a detached v: gradients reach the SAE, not the encoder
+  else:
     v = jax.lax.stop_gradient(v)
-    out = sae_output(sae, v)
-    pre, v_hat = out.pre, out.v_hat
+    pre, v_hat = held.pre, held.v_hat
   total += add("fvu", cfg.w_fvu, losses.fvu(v, v_hat))
   if cfg.w_multi_k:
     k_big = min(sae.config.k * cfg.multi_k_factor, s)
@@ -164,8 +170,11 @@ def objective(sae: sae_lib.SAE, q: Output, d: Output, since_fired: jax.Array, st
   aux_recon = sae_lib.decode_sparse(aux_values, aux_indices, sae.w_dec[...])
   total += add("auxk", cfg.w_auxk, losses.auxk_loss(v - v_hat, aux_recon, dead))
   flops_w = lambda w: losses.flops_weight(step, w, cfg.flops_warmup_steps)  # noqa: E731
-  total += add("flops_q", flops_w(cfg.w_flops_q), losses.flops(z_q), prefix="q/")
-  total += add("flops_d", flops_w(cfg.w_flops_d), losses.flops(z_d), prefix="d/")
+  f_q, f_d = z_q, z_d
+  if not cfg.flops_to_encoder:
+    f_q, f_d = jnp.split(sae_lib.densify(embed(held.code), held.code.indices, s), [b])
+  total += add("flops_q", flops_w(cfg.w_flops_q), losses.flops(f_q), prefix="q/")
+  total += add("flops_d", flops_w(cfg.w_flops_d), losses.flops(f_d), prefix="d/")
   if cfg.w_spread_out:
     total += add("spread_out", cfg.w_spread_out, losses.spread_out(z_q, z_d3[:, 0]))
   metrics["loss"] = total
