@@ -28,7 +28,7 @@ from saejax.hub.demo import minilm_dir
 from saejax.train.recipe import default_config
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-STEPS = 150  # stage-2 steps; the sparse arm at 600 scores 0.614 (RESULTS.md, session 14)
+STEPS = 150  # stage-2 steps; at 600: sparse 0.614, dense-ft 0.658 (RESULTS.md, sessions 14-15)
 
 
 def sources() -> list[dict]:
