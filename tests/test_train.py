@@ -11,14 +11,16 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from saejax.errors import ConfigError, SaejaxError
 from saejax.hub import build
-from saejax.hub.state import OptimConfig, init_state, make_optimizer
+from saejax.hub.state import OptimConfig, clip_by_global_norm, init_state, make_optimizer
 from saejax.train import loop, step as step_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,6 +330,25 @@ def test_frozen_encoder_and_dense_ablation():
                                            loss_cfg=step_lib.LossConfig(), optim_cfg=optim))(
       state, batch)
   assert np.isfinite(float(metrics["info_nce"])) and new.since_fired is None
+
+
+def test_clip_by_global_norm_matches_optax_with_its_state():
+  """The scalar-multiply clip gives optax's clipped gradients (above, at and below the threshold,
+  an all-zero tree) and keeps optax's state, so old checkpoints still load."""
+  rng = np.random.default_rng(0)
+  tree = {"a": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32),
+          "b": {"c": jnp.asarray(rng.standard_normal(7), jnp.float32)}}
+  norm = float(optax.tree.norm(tree))
+  for max_norm in (norm / 4, norm, 4 * norm, 1.0):
+    ours, theirs = clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    got, state = ours.update(tree, ours.init(tree))
+    want, _ = theirs.update(tree, theirs.init(tree))
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=0), got, want)
+    assert jax.tree.structure(state) == jax.tree.structure(theirs.init(tree))
+    assert float(optax.tree.norm(got)) == pytest.approx(min(norm, max_norm), rel=1e-6)
+  zeros = jax.tree.map(jnp.zeros_like, tree)
+  got, _ = clip_by_global_norm(1.0).update(zeros, optax.EmptyState())
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(got))
 
 
 def test_gradient_accumulation_averages_micro_batch_gradients():
