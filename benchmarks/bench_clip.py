@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 import optax
+from flax import nnx
 
 from saejax.hub import convert
 from saejax.hub.demo import minilm_dir
@@ -40,7 +41,6 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--rounds", type=int, default=3)
   args = p.parse_args()
-  from flax import nnx
   _, encoder = convert.load_hf(minilm_dir(), head=False)
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(encoder, nnx.Param)))
   rng = np.random.default_rng(0)

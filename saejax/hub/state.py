@@ -72,8 +72,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   """`optax.clip_by_global_norm` as one scalar multiply: g * min(1, max_norm / |g|).
 
   optax selects between each gradient and its rescaled copy, and XLA:CPU turns that select into a
-  second pass over every gradient: the clip + AdamW update of MiniLM's parameters takes ~0.6x the
-  time in this form (benchmarks/bench_clip.py; RESULTS.md "Train step"). optax's own comment
+  second pass over every gradient: the clip + AdamW update of MiniLM's parameters takes 0.55-0.67x
+  the time in this form (benchmarks/bench_clip.py; RESULTS.md "Train step"). optax's own comment
   (b/163995078) names this form as the faster one. The state is optax's (empty), so checkpoints
   are unchanged; the result differs from optax's by rounding only."""
 
