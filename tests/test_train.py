@@ -349,6 +349,9 @@ def test_clip_by_global_norm_matches_optax_with_its_state():
   zeros = jax.tree.map(jnp.zeros_like, tree)
   got, _ = clip_by_global_norm(1.0).update(zeros, optax.EmptyState())
   assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(got))
+  for bad in (0.0, -1.0):
+    with pytest.raises(ConfigError, match="clip_norm"):
+      OptimConfig(clip_norm=bad)
 
 
 def test_gradient_accumulation_averages_micro_batch_gradients():

@@ -42,6 +42,8 @@ class OptimConfig:
                         f"total_steps={self.total_steps} (the warm-up counts inside the total)")
     if self.grad_accum < 1:
       raise ConfigError(f"config.optim.grad_accum={self.grad_accum} must be >= 1")
+    if not self.clip_norm > 0:  # 0 would stop training, a negative norm reverse every gradient
+      raise ConfigError(f"config.optim.clip_norm={self.clip_norm} must be > 0")
 
 
 @flax.struct.dataclass
