@@ -66,6 +66,22 @@ def _max_err(a, b, valid) -> float:
   return float(np.abs(np.asarray(a, np.float32)[valid] - np.asarray(b, np.float32)[valid]).max())
 
 
+def test_gelu_is_the_exact_erf_form_and_keeps_the_input_dtype():
+  """`params.gelu` against math.erf in float64 (tails included), its gradient against the
+  analytic one, and bf16 in, bf16 out."""
+  import math
+  from saejax.models.params import gelu
+  x = np.linspace(-12, 12, 4001)
+  want = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x])
+  got = np.asarray(gelu(jnp.asarray(x, jnp.float32)), np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+  grad = np.asarray(jax.vmap(jax.grad(gelu))(jnp.asarray(x, jnp.float32)), np.float64)
+  want_grad = np.array([0.5 * (1 + math.erf(v / math.sqrt(2)))
+                        + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi) for v in x])
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=2e-6)
+  assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize("act", ["gelu", "gelu_new"])
 def test_parity_with_transformers_per_block(tmp_path, act):
   hf, path = _hf_dir(tmp_path, hidden_act=act)

@@ -21,6 +21,7 @@ from flax import nnx
 from saejax.errors import ConfigError, SaejaxError
 from saejax.hub import build
 from saejax.hub.state import OptimConfig, clip_by_global_norm, init_state, make_optimizer
+from saejax.sae import topk as sae_lib
 from saejax.train import loop, step as step_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -334,7 +335,8 @@ def test_frozen_encoder_and_dense_ablation():
 
 def test_clip_by_global_norm_matches_optax_with_its_state():
   """The scalar-multiply clip gives optax's clipped gradients (above, at and below the threshold,
-  an all-zero tree) and keeps optax's state, so old checkpoints still load."""
+  an all-zero tree), takes a norm the caller already has, and keeps optax's state, so old
+  checkpoints still load."""
   rng = np.random.default_rng(0)
   tree = {"a": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32),
           "b": {"c": jnp.asarray(rng.standard_normal(7), jnp.float32)}}
@@ -346,6 +348,11 @@ def test_clip_by_global_norm_matches_optax_with_its_state():
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=0), got, want)
     assert jax.tree.structure(state) == jax.tree.structure(theirs.init(tree))
     assert float(optax.tree.norm(got)) == pytest.approx(min(norm, max_norm), rel=1e-6)
+  # A norm the caller already has is used as given, also through optax.chain (the step's path):
+  # told |g| is twice what it is, the clip to |g| halves every gradient.
+  chained = optax.chain(clip_by_global_norm(norm), optax.identity())
+  got, _ = chained.update(tree, chained.init(tree), grad_norm=jnp.float32(2 * norm))
+  jax.tree.map(lambda g, t: np.testing.assert_allclose(g, t / 2, rtol=1e-6), got, tree)
   zeros = jax.tree.map(jnp.zeros_like, tree)
   got, _ = clip_by_global_norm(1.0).update(zeros, optax.EmptyState())
   assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(got))
@@ -373,6 +380,27 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
   np.testing.assert_allclose(float(metrics["grad_norm"]), float(step_lib._tree_norm(mean)),
                              rtol=1e-5)
   assert int(new.step) == 1
+
+
+def test_step_update_is_the_optimiser_applied_to_its_gradients():
+  """One step's parameters and moments are what the optimiser alone (computing |g| itself) makes of
+  the step's gradients, with the clip active: the norm the step hands the clip is the true one."""
+  batch = _random_batch(seed=4, docs_per_query=1)
+  loss_cfg = step_lib.LossConfig()
+  optim = OptimConfig(warmup_steps=0, total_steps=10, clip_norm=1e-3)
+  graphdef, params, tx, state = _tiny_state(optim)
+  new, metrics = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
+                                           optim_cfg=optim, loss_cfg=loss_cfg))(state, batch)
+  loss = lambda p: step_lib.compute_loss(nnx.merge(graphdef, p), batch, state.since_fired,  # noqa: E731
+                                         state.step, loss_cfg)[0]
+  grads = step_lib._project_decoder_grad(jax.grad(loss)(params), params)
+  assert float(optax.tree.norm(grads)) > 10 * optim.clip_norm  # the clip changes the update
+  updates, opt_state = make_optimizer(optim, params).update(grads, state.opt_state, params)
+  want = optax.apply_updates(params, updates)
+  want["sae"]["w_dec"].set_value(sae_lib.normalize_decoder(want["sae"]["w_dec"].get_value()))
+  for got, ref in ((new.params, want), (new.opt_state, opt_state)):
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), got, ref)
+  assert np.isfinite(float(metrics["loss"]))
 
 
 def test_modernbert_recipe_trains_end_to_end(tmp_path):

@@ -77,15 +77,18 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   second pass over every gradient: the clip + AdamW update of MiniLM's parameters takes 0.55-0.67x
   the time in this form (benchmarks/bench_clip.py; RESULTS.md "Train step"). optax's own comment
   (b/163995078) names this form as the faster one. The state is optax's (empty), so checkpoints
-  are unchanged; the result differs from optax's by rounding only."""
+  are unchanged; the result differs from optax's by rounding only. A caller that already has |g|
+  passes it as ``grad_norm`` (optax's extra args, which `optax.chain` forwards), saving a pass over
+  every gradient: `step.train_step` computes it outside its `lax.cond`, and XLA does not share a
+  value across the branch."""
 
-  def update(updates, state, params=None):
-    del params
-    g_norm = optax.tree.norm(updates)
+  def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    g_norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
     scale = jnp.minimum(1.0, max_norm / g_norm)  # |g| = 0: max_norm / 0 = inf -> 1
     return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
 
-  return optax.GradientTransformation(optax.init_empty_state, update)
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
 
 
 def make_optimizer(cfg: OptimConfig, params: nnx.State) -> optax.GradientTransformation:

@@ -33,15 +33,15 @@ from jaxtyping import Array, Bool, Float, Int
 from saejax.errors import ConfigError, DataError
 from saejax.models.architecture import Architecture, TensorMap
 from saejax.models.attention import BACKENDS, Backend, attention
-from saejax.models.params import Axes, layer_norm, linear, normal, ones, param, zeros
+from saejax.models.params import Axes, gelu, layer_norm, linear, normal, ones, param, zeros
 from saejax.sharding import constrain_batch
 
 Activation = Literal["gelu", "gelu_python", "gelu_new", "gelu_pytorch_tanh"]
 # transformers' ACT2FN names -> the same function in JAX. "gelu"/"gelu_python" are the exact erf
 # form; "gelu_new"/"gelu_pytorch_tanh" are both 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 ACTIVATIONS = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_python": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": gelu,
+    "gelu_python": gelu,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
 }

@@ -32,7 +32,7 @@ from jaxtyping import Array, Bool, Float, Int
 from saejax.errors import ConfigError
 from saejax.models.architecture import Architecture, TensorMap
 from saejax.models.attention import Backend, attention
-from saejax.models.params import layer_norm, linear, normal, ones, param, zeros
+from saejax.models.params import gelu, layer_norm, linear, normal, ones, param, zeros
 from saejax.sharding import constrain_batch
 
 LayerType = Literal["full_attention", "sliding_attention"]
@@ -215,7 +215,7 @@ class GeGLU(nnx.Module):
 
   def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
     h, gate = jnp.split(linear(x, self.wi[...]), 2, axis=-1)
-    return linear(jax.nn.gelu(h, approximate=False) * gate, self.wo[...])
+    return linear(gelu(h) * gate, self.wo[...])
 
 
 class Norm(nnx.Module):
@@ -292,7 +292,7 @@ class ModernBert(nnx.Module):
     """
     if not self.cfg.mlm_head:
       raise ConfigError("this ModernBert was built without the MLM head (cfg.mlm_head=False)")
-    h = jax.nn.gelu(linear(hidden, self.head_dense[...]), approximate=False)
+    h = gelu(linear(hidden, self.head_dense[...]))
     h = self.head_norm(h)
     weight = self.tok_embeddings if self.decoder is None else self.decoder
     bias = None if self.decoder_bias is None else self.decoder_bias[...]

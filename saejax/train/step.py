@@ -270,7 +270,9 @@ def train_step(state: TrainState, batch: dict, log: bool | jax.Array = True, *,
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def update(params, opt_state):
-    updates, opt_state = tx.update(grads, opt_state, params)
+    # The clip (`state.clip_by_global_norm`) takes |g| instead of reading every gradient again.
+    updates, opt_state = optax.with_extra_args_support(tx).update(grads, opt_state, params,
+                                                                  grad_norm=grad_norm)
     params = optax.apply_updates(params, updates)
     if "sae" in params:
       w_dec = params["sae"]["w_dec"]
