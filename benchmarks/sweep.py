@@ -85,6 +85,9 @@ ARMS = {
     "batch1024_steps1500": {"head.batch_size": 1024, "head.steps": 1500},
     "steps150": {"head.steps": 150, "optim.warmup_steps": 15},
     "recon_only": {"loss.w_contrastive": 0.0},
+    "band16": {"loss.st_band": 16},
+    "band64": {"loss.st_band": 64},
+    "band256": {"loss.st_band": 256},
 }
 
 

@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from saejax.hub.state import OptimConfig
-from saejax.sae.embedder import sae_output
+from saejax.sae import topk as topk_lib
+from saejax.sae.embedder import Output, sae_output
 from saejax.sae.topk import SAE, SAEConfig
 from saejax.train import headtrain, step
 
@@ -153,6 +154,55 @@ def test_objective_matches_numpy_reference(normalize_codes, recon_to_encoder, fl
   np.testing.assert_allclose(metrics["loss"], ref_total, rtol=1e-4)
   np.testing.assert_allclose(metrics["dead_fraction"], np.mean(since_fired >= DEAD_AFTER))
   assert codes[0].shape == codes[1].shape == (B * (2 + H), K)
+
+
+@pytest.mark.parametrize("normalize_codes", [True, False])
+def test_boundary_band_changes_no_value_and_gives_the_next_latents_the_retrieval_gradient(
+    normalize_codes):
+  """`LossConfig.st_band`: every term's value is unchanged; d(contrastive)/d(pre) is unchanged on
+  the TopK latents, zero past the band and on non-positive pre-activations, and on the band the
+  derivative of the NumPy InfoNCE with respect to that entry of the retrieval embedding (central
+  differences, float64), times 1 / |code| for unit-norm codes."""
+  band = 3
+  sae, v, since_fired = make_inputs(normalize_codes)
+  v = jnp.asarray(v)
+  plain, banded = loss_config(), loss_config(st_band=band)
+  m0, m1 = (run_objective(sae, v, since_fired, c)[1][0] for c in (plain, banded))
+  for name in m0:
+    np.testing.assert_allclose(m1[name], m0[name], rtol=1e-6, err_msg=name)
+
+  pre = np.asarray(sae.pre_activations(v), np.float64)
+
+  def contrastive(pre_, cfg):
+    def out(rows):
+      code = topk_lib.topk_relu(pre_[rows], K)
+      return Output(v[rows], pre_[rows], code, sae.decode(code.values, code.indices))
+    return step.objective(sae, out(slice(0, B)), out(slice(B, None)), jnp.asarray(since_fired),
+                          jnp.asarray(STEP, jnp.int32), cfg)[1][0]["weighted/contrastive"]
+
+  g0, g1 = (np.asarray(jax.grad(contrastive)(jnp.asarray(pre, jnp.float32), c))
+            for c in (plain, banded))
+  z = ref_topk_relu(pre, K)
+  emb = ref_unit(z) if normalize_codes else z
+  order = np.argsort(-pre, -1)
+  in_code = np.zeros(pre.shape, bool)
+  np.put_along_axis(in_code, order[:, :K], True, -1)
+  in_band = np.zeros(pre.shape, bool)
+  np.put_along_axis(in_band, order[:, K:K + band], True, -1)
+  in_band &= pre > 0
+  assert in_band.sum() > B  # the band is live, so a missing gradient shows
+  np.testing.assert_allclose(g1[in_code], g0[in_code], rtol=1e-5, atol=1e-7)
+  assert np.all(g1[~in_code & ~in_band] == 0) and np.all(g0[~in_code] == 0)
+
+  def ref(e):
+    return plain.w_contrastive * ref_info_nce(e[:B], e[B:].reshape(B, 1 + H, S), plain.temperature)
+
+  scale = 1 / np.linalg.norm(z, axis=-1) if normalize_codes else np.ones(len(z))
+  for row, col in zip(*np.nonzero(in_band)):
+    step_ = np.zeros_like(emb)
+    step_[row, col] = 1e-6
+    want = (ref(emb + step_) - ref(emb - step_)) / 2e-6 * scale[row]
+    np.testing.assert_allclose(g1[row, col], want, rtol=2e-3, atol=1e-6)
 
 
 def test_normalize_codes_changes_exactly_the_retrieval_terms():

@@ -60,10 +60,31 @@ class LossConfig:
   recon_to_encoder: bool = False   # let FVU / multi-k / AuxK gradients reach the encoder
   flops_to_encoder: bool = True    # let FLOPS gradients reach the encoder (False: the SAE only)
   bank_size: int = 0               # XBM: the last bank_size positives (detached) as more negatives
+  st_band: int = 0                 # the next st_band latents past TopK get the retrieval gradient
 
   def __post_init__(self):
     if self.bank_size < 0:
       raise ConfigError(f"config.loss.bank_size={self.bank_size} must be >= 0 (0: no memory bank)")
+    if self.st_band < 0:
+      raise ConfigError(f"config.loss.st_band={self.st_band} must be >= 0 (0: off)")
+
+
+def boundary_band(out: Output, band: int, num_latents: int, normalize: bool) -> jax.Array:
+  """Zero in the forward pass; in the backward pass the ``band`` latents ranked just past the TopK
+  (positive pre-activations only) receive the retrieval terms' gradient as if they were in the
+  code at value 0 (a straight-through estimator). TopK alone gives a latent outside the code no
+  retrieval signal, so a latent that would match a query's never learns to enter a document's
+  code; this band lets the ones at the boundary. ``normalize``: scaled as a unit-norm code's
+  entries are (1 / |values|, held fixed). The band is the top ``band`` of the pre-activations with
+  the code's own latents masked out: one TopK of ``k + band`` instead doubled the step time of
+  head training (S = 4,096, 256 pairs: 0.51 -> 0.97 s; this form 0.57 s)."""
+  rest = jax.vmap(lambda pre, code: pre.at[code].set(-jnp.inf))(out.pre, out.code.indices)
+  values, indices, _ = sae_lib.topk_relu(rest, band)  # ReLU: a latent with pre <= 0 gets nothing
+  ghost = values - jax.lax.stop_gradient(values)
+  if normalize:  # the factor `sae_lib.unit_norm` applies to the code's own values
+    sq = jnp.sum(jnp.square(out.code.values.astype(jnp.float32)), -1, keepdims=True)
+    ghost = ghost * jax.lax.stop_gradient(jax.lax.rsqrt(jnp.maximum(sq, 1e-12)))
+  return sae_lib.densify(ghost, indices, num_latents)
 
 
 def text_hashes(batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -116,6 +137,11 @@ def objective(sae: sae_lib.SAE, q: Output, d: Output, since_fired: jax.Array, st
       lambda c: c.values)
   z_q = sae_lib.densify(embed(q.code), q.code.indices, s)
   z_d = sae_lib.densify(embed(d.code), d.code.indices, s)
+  f_q, f_d = z_q, z_d  # FLOPS reads the codes themselves, never the boundary band
+  if cfg.st_band:
+    norm = sae.config.normalize_codes
+    z_q = z_q + boundary_band(q, cfg.st_band, s, norm)
+    z_d = z_d + boundary_band(d, cfg.st_band, s, norm)
   z_d3 = z_d.reshape(b, n_docs, s)
   metrics = {}
 
@@ -170,7 +196,6 @@ def objective(sae: sae_lib.SAE, q: Output, d: Output, since_fired: jax.Array, st
   aux_recon = sae_lib.decode_sparse(aux_values, aux_indices, sae.w_dec[...])
   total += add("auxk", cfg.w_auxk, losses.auxk_loss(v - v_hat, aux_recon, dead))
   flops_w = lambda w: losses.flops_weight(step, w, cfg.flops_warmup_steps)  # noqa: E731
-  f_q, f_d = z_q, z_d
   if not cfg.flops_to_encoder:
     f_q, f_d = jnp.split(sae_lib.densify(embed(held.code), held.code.indices, s), [b])
   total += add("flops_q", flops_w(cfg.w_flops_q), losses.flops(f_q), prefix="q/")
