@@ -1,8 +1,8 @@
 """Where the train step's time goes: saejax per XLA:CPU thunk against PyTorch per aten op.
 
-The same batches and both trainers as `bench_train_step.py` (its flags, its runners). saejax is traced
-with `jax.profiler`; every thunk of the trace is mapped through the compiled HLO to its opcode, output
-shape and JAX source op (``op_name`` metadata), then summed per step by
+The same batches and both trainers as `bench_train_step.py` (its flags, its runners). saejax is
+traced with `jax.profiler`; every thunk of the trace is mapped through the compiled HLO to its
+opcode, output shape and JAX source op (``op_name`` metadata), then summed per step by
 
   * phase: forward (``jvp(...)``), backward (``transpose(...)``), optimiser (the update's
     ``lax.cond`` branch), other;

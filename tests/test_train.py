@@ -391,8 +391,10 @@ def test_step_update_is_the_optimiser_applied_to_its_gradients():
   graphdef, params, tx, state = _tiny_state(optim)
   new, metrics = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
                                            optim_cfg=optim, loss_cfg=loss_cfg))(state, batch)
-  loss = lambda p: step_lib.compute_loss(nnx.merge(graphdef, p), batch, state.since_fired,  # noqa: E731
-                                         state.step, loss_cfg)[0]
+  def loss(p):
+    return step_lib.compute_loss(nnx.merge(graphdef, p), batch, state.since_fired, state.step,
+                                 loss_cfg)[0]
+
   grads = step_lib._project_decoder_grad(jax.grad(loss)(params), params)
   assert float(optax.tree.norm(grads)) > 10 * optim.clip_norm  # the clip changes the update
   updates, opt_state = make_optimizer(optim, params).update(grads, state.opt_state, params)
