@@ -10,7 +10,7 @@ Backends:
   * ``xla``    two einsums around `jax.nn.softmax`, padding and window as an additive bias; the
                CPU path and the fallback everywhere. `jax.nn.dot_product_attention(implementation=
                "xla")` computes the same with a select over the logits and a softmax differentiated
-               op by op: forward + backward of MiniLM's document attention took 101 ms against 80
+               op by op: forward + backward of MiniLM's document attention took 100 ms against 69-80
                for this form (16 x 128 tokens, 12 heads, one core; RESULTS.md "Train step",
                session 17).
   * ``cudnn``  cuDNN fused attention on GPU. cuDNN rejects a two-sided ``local_window_size``, so the
