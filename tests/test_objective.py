@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from saejax.errors import ConfigError
 from saejax.hub.state import OptimConfig
 from saejax.sae import topk as topk_lib
 from saejax.sae.embedder import Output, sae_output
@@ -167,6 +168,8 @@ def test_boundary_band_changes_no_value_and_gives_the_next_latents_the_retrieval
   sae, v, since_fired = make_inputs(normalize_codes)
   v = jnp.asarray(v)
   plain, banded = loss_config(), loss_config(st_band=band)
+  with pytest.raises(ConfigError, match="st_band=29 is more than the 28 latents"):
+    run_objective(sae, v, since_fired, loss_config(st_band=S - K + 1))
   m0, m1 = (run_objective(sae, v, since_fired, c)[1][0] for c in (plain, banded))
   for name in m0:
     np.testing.assert_allclose(m1[name], m0[name], rtol=1e-6, err_msg=name)

@@ -78,6 +78,10 @@ def boundary_band(out: Output, band: int, num_latents: int, normalize: bool) -> 
   entries are (1 / |values|, held fixed). The band is the top ``band`` of the pre-activations with
   the code's own latents masked out: one TopK of ``k + band`` instead doubled the step time of
   head training (S = 4,096, 256 pairs: 0.51 -> 0.97 s; this form 0.57 s)."""
+  k = out.code.indices.shape[-1]
+  if band > num_latents - k:
+    raise ConfigError(f"config.loss.st_band={band} is more than the {num_latents - k} latents "
+                      f"outside a code of k={k} of num_latents={num_latents}")
   rest = jax.vmap(lambda pre, code: pre.at[code].set(-jnp.inf))(out.pre, out.code.indices)
   values, indices, _ = sae_lib.topk_relu(rest, band)  # ReLU: a latent with pre <= 0 gets nothing
   ghost = values - jax.lax.stop_gradient(values)
