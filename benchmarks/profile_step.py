@@ -9,6 +9,11 @@ opcode, output shape and JAX source op (``op_name`` metadata), then summed per s
   * (opcode, output shape, JAX primitive): e.g. every ``[2048, 384]`` matmul fusion together,
     which separates the encoder's GEMMs, the attention's softmax and the elementwise work.
 
+The last line splits both sides' time into the dense layers' GEMMs (saejax: dot thunks and dot
+fusions with a 2-D output; PyTorch: ``aten::mm`` + ``aten::addmm``) and everything else, so the
+step's ratio can be read against the ratio of the GEMMs alone: the ceiling that the project's own
+code cannot move (XLA:CPU's GEMM library against PyTorch's).
+
 PyTorch runs the same timed steps under `torch.profiler`, printed as its per-op table. Thunk names
 repeat across executables, so every batch must have one shape: the default here is
 ``--padding fixed``. One core each is the like-for-like setting:
@@ -57,15 +62,27 @@ def phase(op_name: str) -> str:
   return "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "other"
 
 
-def thunk_times(trace_dir: str, index: dict) -> collections.Counter:
-  """Total ms per profiled thunk name found in ``index`` (the XLA:CPU executor's trace events)."""
+def thunk_times(trace_dir: str, index: dict) -> tuple[collections.Counter, collections.Counter]:
+  """Total ms per profiled thunk name found in ``index`` (the XLA:CPU executor's trace events),
+  and per name of every other timed event (the runtime's own work around the thunks: input
+  handling, output allocation, the Python dispatch; these may nest)."""
   path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
   data = json.load(gzip.open(path))
-  times = collections.Counter()
+  times, other = collections.Counter(), collections.Counter()
   for event in data["traceEvents"] if isinstance(data, dict) else data:
-    if event.get("ph") == "X" and event["name"] in index:
-      times[event["name"]] += event["dur"] / 1e3
-  return times
+    if event.get("ph") == "X":
+      name = event["name"]
+      if name in index:
+        times[name] += event["dur"] / 1e3
+      elif not name.startswith("end: ") and not name.startswith("ThreadpoolListener"):
+        other[name] += event["dur"] / 1e3
+  return times, other
+
+
+def is_dense_gemm(opcode: str, shape: str, prim: str) -> bool:
+  """A dense layer's matmul: a dot thunk, or a dot fusion, with a 2-D [rows, features] output."""
+  two_d = re.fullmatch(r"\w+\[\d+,\d+\]", shape) is not None
+  return two_d and (opcode == "dot" or (opcode.startswith("fusion") and prim == "dot_general"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     with jax.profiler.trace(trace_dir):
       bench.time_steps(sx.step, sx_timed)
     wall_sx = time.perf_counter() - start
-    times = thunk_times(trace_dir, index)
+    times, other = thunk_times(trace_dir, index)
 
   per_step = {name: t / args.steps for name, t in times.items()}
   total = sum(per_step.values())
@@ -115,6 +132,10 @@ def main(argv: list[str] | None = None) -> None:
   for (opcode, shape, prim), t in by_kind.most_common(40):
     print(f"  {t:8.1f} ms {t / total:6.1%} x{count[(opcode, shape, prim)]:<4d} {opcode:16s} "
           f"{shape:30s} {prim}")
+  gemm_sx = sum(t for key, t in by_kind.items() if is_dense_gemm(*key))
+  print("other trace events (outside the thunks; they may nest), ms per step:")
+  for name, t in other.most_common(8):
+    print(f"  {t / args.steps:8.1f} ms  {name[:90]}")
   if out is not None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "saejax_hlo.txt").write_text(hlo)
@@ -134,6 +155,13 @@ def main(argv: list[str] | None = None) -> None:
   print(f"pytorch@{args.threads[0]}: wall {wall_pt / args.steps * 1e3:.0f} ms per step "
         f"(saejax / pytorch time {wall_sx / wall_pt:.2f})")
   print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+  gemm_pt = sum(e.self_cpu_time_total for e in prof.key_averages()
+                if e.key in ("aten::mm", "aten::addmm")) / 1e3 / args.steps
+  rest_sx, rest_pt = wall_sx / args.steps * 1e3 - gemm_sx, wall_pt / args.steps * 1e3 - gemm_pt
+  print(f"dense-layer GEMMs, ms per step: saejax {gemm_sx:.0f}, pytorch {gemm_pt:.0f} "
+        f"(pytorch / saejax {gemm_pt / gemm_sx:.2f}x); the rest of the wall time: saejax "
+        f"{rest_sx:.0f}, pytorch {rest_pt:.0f} ({rest_pt / rest_sx:.2f}x); whole step "
+        f"{wall_pt / wall_sx:.2f}x")
 
 
 if __name__ == "__main__":
