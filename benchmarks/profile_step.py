@@ -132,7 +132,6 @@ def main(argv: list[str] | None = None) -> None:
   for (opcode, shape, prim), t in by_kind.most_common(40):
     print(f"  {t:8.1f} ms {t / total:6.1%} x{count[(opcode, shape, prim)]:<4d} {opcode:16s} "
           f"{shape:30s} {prim}")
-  gemm_sx = sum(t for key, t in by_kind.items() if is_dense_gemm(*key))
   print("other trace events (outside the thunks; they may nest), ms per step:")
   for name, t in other.most_common(8):
     print(f"  {t / args.steps:8.1f} ms  {name[:90]}")
@@ -155,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
   print(f"pytorch@{args.threads[0]}: wall {wall_pt / args.steps * 1e3:.0f} ms per step "
         f"(saejax / pytorch time {wall_sx / wall_pt:.2f})")
   print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+  gemm_sx = sum(t for key, t in by_kind.items() if is_dense_gemm(*key))
   gemm_pt = sum(e.self_cpu_time_total for e in prof.key_averages()
                 if e.key in ("aten::mm", "aten::addmm")) / 1e3 / args.steps
   rest_sx, rest_pt = wall_sx / args.steps * 1e3 - gemm_sx, wall_pt / args.steps * 1e3 - gemm_pt

@@ -120,6 +120,14 @@ def test_bank_size_must_be_whole_batches(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_a_band_wider_than_the_latents_outside_the_code_fails_before_the_run_starts(tmp_path):
+  config = _tiny()
+  config.loss.st_band = config.sae.num_latents - config.sae.k + 1
+  with pytest.raises(ConfigError, match="st_band=.* is more than the"):
+    loop.train(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
 def test_run_with_a_bank_resumes_exactly(tmp_path):
   bank = "--config.loss.bank_size=32"  # 4 batches of 8: the ring wraps during the run
   reference = tmp_path / "reference"

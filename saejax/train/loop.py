@@ -240,6 +240,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
                       f"config.data.global_batch_size={data_cfg.global_batch_size} (the bank is a "
                       "ring of whole batches)")
   distributed.check_padding(data_cfg.padding)
+  if config.sae.get("enabled", True):
+    step_lib.check_band(loss_cfg.st_band, config.sae.num_latents, config.sae.k)
   if config.warmstart.get("refit", False) and not config.warmstart.steps:
     raise ConfigError("config.warmstart.refit trains the new head with config.warmstart's "
                       "settings, but config.warmstart.steps is 0: set the head's steps")

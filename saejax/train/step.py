@@ -69,6 +69,13 @@ class LossConfig:
       raise ConfigError(f"config.loss.st_band={self.st_band} must be >= 0 (0: off)")
 
 
+def check_band(band: int, num_latents: int, k: int) -> None:
+  """`loss.st_band` must fit in the latents outside a code (`saejax.train` checks it at start-up)."""
+  if band > num_latents - k:
+    raise ConfigError(f"config.loss.st_band={band} is more than the {num_latents - k} latents "
+                      f"outside a code of k={k} of num_latents={num_latents}")
+
+
 def boundary_band(out: Output, band: int, num_latents: int, normalize: bool) -> jax.Array:
   """Zero in the forward pass; in the backward pass the ``band`` latents ranked just past the TopK
   (positive pre-activations only) receive the retrieval terms' gradient as if they were in the
@@ -78,10 +85,7 @@ def boundary_band(out: Output, band: int, num_latents: int, normalize: bool) -> 
   entries are (1 / |values|, held fixed). The band is the top ``band`` of the pre-activations with
   the code's own latents masked out: one TopK of ``k + band`` instead doubled the step time of
   head training (S = 4,096, 256 pairs: 0.51 -> 0.97 s; this form 0.57 s)."""
-  k = out.code.indices.shape[-1]
-  if band > num_latents - k:
-    raise ConfigError(f"config.loss.st_band={band} is more than the {num_latents - k} latents "
-                      f"outside a code of k={k} of num_latents={num_latents}")
+  check_band(band, num_latents, out.code.indices.shape[-1])
   rest = jax.vmap(lambda pre, code: pre.at[code].set(-jnp.inf))(out.pre, out.code.indices)
   values, indices, _ = sae_lib.topk_relu(rest, band)  # ReLU: a latent with pre <= 0 gets nothing
   ghost = values - jax.lax.stop_gradient(values)
