@@ -70,7 +70,7 @@ class LossConfig:
 
 
 def check_band(band: int, num_latents: int, k: int) -> None:
-  """`loss.st_band` must fit in the latents outside a code (`saejax.train` checks it at start-up)."""
+  """`loss.st_band` must fit in the latents outside a code (checked at `saejax.train` start-up)."""
   if band > num_latents - k:
     raise ConfigError(f"config.loss.st_band={band} is more than the {num_latents - k} latents "
                       f"outside a code of k={k} of num_latents={num_latents}")
