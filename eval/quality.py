@@ -21,7 +21,8 @@ the three sets:
     .venv/bin/python eval/quality.py [--steps 200] [--out runs/quality] [--set KEY=VALUE]
 
 A finished arm (summary.json at the requested step) is not retrained; an interrupted one resumes
-from its checkpoint. Results: OUT/eval/results.json, OUT/eval/report.md (with plots), and the
+from its checkpoint. The frozen arm starts from the sparse arm's stage-1 head (`saejax.train.stage1`:
+the same inputs, so the same head) when the sparse arm kept one. Results: OUT/eval/results.json, OUT/eval/report.md (with plots), and the
 target table printed last.
 """
 
@@ -82,6 +83,11 @@ def train(arm: str, steps: int, out: Path, overrides: list[str] = ()) -> float:
   start = time.time()
   cmd = [sys.executable, "-m", "saejax.train", f"--config={REPO / 'configs/quality.py'}:{arm},{steps}",
          f"--workdir={workdir}", *(f"--config.{o}" for o in overrides)]
+  from saejax.train import stage1
+  if arm == "frozen" and stage1.exists(out / "sparse"):
+    # The two arms' stage 1 is the same (tests/test_train.py): the frozen arm loads the sparse
+    # arm's head instead of training it again (~25 min here).
+    cmd.append(f"--config.warmstart.init_from={out / 'sparse'}")
   print("$", " ".join(cmd), flush=True)
   subprocess.run(cmd, cwd=REPO, check=True)
   return time.time() - start

@@ -95,6 +95,21 @@ def test_quality_refuses_to_reuse_an_arm_trained_with_other_overrides(tmp_path):
   quality._check_overrides(tmp_path / "fresh", ["loss.bank_size=2048"])  # not trained yet: fine
 
 
+def test_quality_starts_the_frozen_arm_from_the_sparse_arms_kept_stage_one(tmp_path, monkeypatch):
+  """Only the frozen arm, and only once the sparse arm kept a stage-1 head (`saejax.train.stage1`;
+  that their inputs match is tests/test_train.py's)."""
+  quality = _load("quality")
+  commands = []
+  monkeypatch.setattr(quality.subprocess, "run", lambda cmd, **kwargs: commands.append(cmd))
+  quality.train("frozen", 150, tmp_path)
+  (tmp_path / "sparse" / "stage1").mkdir(parents=True)
+  (tmp_path / "sparse" / "stage1" / "head.json").write_text("{}")
+  quality.train("dense", 150, tmp_path)
+  quality.train("frozen", 150, tmp_path)
+  flag = f"--config.warmstart.init_from={tmp_path / 'sparse'}"
+  assert [flag in cmd for cmd in commands] == [False, False, True]
+
+
 def test_quality_floor_has_the_sparse_arms_size(tmp_path):
   """Random TopK is scored at the S the sparse arm was trained with, else configured with."""
   quality = _load("quality")

@@ -546,6 +546,107 @@ def test_head_refit_fits_a_fresh_sae_to_the_final_encoder(tmp_path):
     loop.train(c, tmp_path / "no_head_steps")
 
 
+def _with_head(steps=3, **updates):
+  """The tiny config with a 10-step stage 1 on 32 pairs (then ``updates``)."""
+  return _tiny(steps=steps, **{"warmstart.steps": 10, "warmstart.pairs": 32,
+                               "warmstart.batch_size": 16, "warmstart.lr": 3e-3, **updates})
+
+
+def test_a_kept_stage_one_head_is_loaded_only_from_the_same_inputs(tmp_path, monkeypatch):
+  """WORKDIR/stage1 keeps the stage-1 head; a run given ``warmstart.init_from`` loads it instead of
+  training one and ends exactly where the run that trained it ended (stage 2 does not depend on how
+  the head came); other inputs (a stage-1 setting, the encoder's weights) or a damaged file are
+  errors that say so, before the new run's workdir exists when the config alone tells."""
+  from saejax.errors import CheckpointError
+  from saejax.train import stage1
+  _, first, _ = loop.train(_with_head(), tmp_path / "first")
+  assert (tmp_path / "first" / "stage1" / "head.json").is_file()
+
+  def no_stage_one(*args, **kwargs):
+    raise AssertionError("stage 1 trained although a matching head was kept")
+
+  monkeypatch.setattr(loop, "warm_start_sae", no_stage_one)
+  reuse = _with_head(**{"warmstart.init_from": str(tmp_path / "first")})
+  _, second, _ = loop.train(reuse, tmp_path / "second")
+  _assert_same_params(second.params, first.params)
+  assert (tmp_path / "second" / "stage1" / "head.json").is_file()  # it can be started from too
+
+  other = _with_head(**{"warmstart.init_from": str(tmp_path / "first"), "warmstart.pairs": 24})
+  with pytest.raises(ConfigError, match=r"\(1 differ\): warmstart.pairs: 32 there, 24 here"):
+    loop.train(other, tmp_path / "other")
+  assert not (tmp_path / "other").exists()
+  # The same config over other encoder weights: caught when the encoder is built (its digest).
+  _, model = build.build_model(reuse, nnx.Rngs(0))
+  record = stage1.fingerprint(reuse, loop.head_optim(build.from_section(
+      OptimConfig, reuse.optim, "optim"), reuse.warmstart), model.encoder)
+  untrained = np.asarray(model.sae.w_enc[...])
+  stage1.load(tmp_path / "first", model.sae, record)
+  with np.load(tmp_path / "first" / "stage1" / "head.npz") as kept:
+    np.testing.assert_array_equal(np.asarray(model.sae.w_enc[...]), kept["w_enc"])
+    assert not np.allclose(kept["w_enc"], untrained)
+  nnx.update(model.encoder, jax.tree.map(lambda x: x + 1e-3, nnx.state(model.encoder, nnx.Param)))
+  moved = stage1.fingerprint(reuse, loop.head_optim(build.from_section(
+      OptimConfig, reuse.optim, "optim"), reuse.warmstart), model.encoder)
+  with pytest.raises(ConfigError, match=r"encoder_sha256"):
+    stage1.load(tmp_path / "first", model.sae, moved)
+
+  head = tmp_path / "first" / "stage1" / "head.npz"
+  data = bytearray(head.read_bytes())
+  data[len(data) // 2] ^= 1
+  head.write_bytes(bytes(data))
+  with pytest.raises(CheckpointError, match=r"head.npz: its SHA-256 is not the one head.json"):
+    loop.train(reuse, tmp_path / "damaged")
+  with pytest.raises(CheckpointError, match=r"no stage-1 head \(head.json missing\)"):
+    loop.train(_with_head(**{"warmstart.init_from": str(tmp_path / "other")}), tmp_path / "none")
+  with pytest.raises(ConfigError, match=r"init_from=.* this run has no stage 1"):
+    loop.train(_tiny(**{"warmstart.init_from": str(tmp_path / "first"), "warmstart.steps": 0}),
+               tmp_path / "no_stage1")
+
+
+def test_a_run_restarted_before_its_first_checkpoint_reuses_its_own_stage_one(tmp_path,
+                                                                               monkeypatch):
+  """A run stopped after stage 1 but before its first checkpoint starts again from its kept head;
+  one whose config changed since trains stage 1 afresh and keeps the new head."""
+  import shutil
+  _, first, _ = loop.train(_with_head(), tmp_path / "first")
+  restarted = tmp_path / "restarted"
+  restarted.mkdir()
+  shutil.copytree(tmp_path / "first" / "stage1", restarted / "stage1")
+  trained = []
+  real = loop.warm_start_sae
+  monkeypatch.setattr(loop, "warm_start_sae", lambda *a, **k: trained.append(1) or real(*a, **k))
+  _, again, _ = loop.train(_with_head(), restarted)
+  assert not trained
+  _assert_same_params(again.params, first.params)
+  shutil.copytree(tmp_path / "first" / "stage1", tmp_path / "changed" / "stage1")
+  loop.train(_with_head(**{"warmstart.pairs": 24}), tmp_path / "changed")
+  assert len(trained) == 1
+  seal = json.loads((tmp_path / "changed" / "stage1" / "head.json").read_text())
+  assert seal["fingerprint"]["warmstart"]["pairs"] == 24
+
+
+def test_the_quality_benchmarks_sparse_and_frozen_arms_share_stage_one():
+  """eval/quality.py starts the frozen arm from the sparse arm's stage-1 head: their stage-1
+  inputs must stay equal (at the same stage-2 length), and differ from a real change to stage 1."""
+  from saejax.train import stage1
+  config = functools.partial(_load_config, REPO / "configs" / "quality.py")
+
+  def record(c):
+    return stage1.fingerprint(c, loop.head_optim(build.from_section(OptimConfig, c.optim, "optim"),
+                                                 c.warmstart))
+
+  sparse = record(config("sparse"))
+  assert stage1.differences(sparse, record(config("frozen"))) == []
+  assert stage1.differences(record(config("sparse,600")), record(config("frozen,600"))) == []
+  # Stage 1's warm-up is capped by stage 2's (`loop.head_optim`), which the quality config scales
+  # with the stage-2 steps: a 600-step run's stage 1 is not a 150-step run's.
+  assert stage1.differences(sparse, record(config("sparse,600"))) == [
+      "head_optim.warmup_steps: 15 there, 30 here"]
+  changed = config("frozen")
+  changed.loss.st_band = 0
+  assert stage1.differences(sparse, record(changed)) == ["loss.st_band: 64 there, 0 here"]
+
+
 def _dropped_repeats(rows: list[dict], global_batch: int, waiting_batches: int,
                      batches: int) -> list[int]:
   """The records dropped as in-batch repeats after each of `batches` global batches, counted by

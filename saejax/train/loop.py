@@ -38,7 +38,7 @@ from saejax.hub.build import build_model, data_config, from_section
 from saejax.hub.state import OptimConfig, TrainState, init_state, make_optimizer
 from saejax.sae import topk as sae_lib
 from saejax.sae.embedder import Embedder
-from saejax.train import distributed, step as step_lib
+from saejax.train import distributed, stage1, step as step_lib
 from saejax.train.curves import training_curves
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -104,17 +104,46 @@ def warm_start_sae(model: Embedder, batches, ws: ml_collections.ConfigDict,
                                        resample_every=ws.resample_every,
                                        resample_until=ws.resample_until,
                                        groups_per_batch=ws.get("groups_per_batch", 1))
-  head_optim = dataclasses.replace(optim_cfg, lr_sae=ws.lr, total_steps=ws.steps,
-                                   warmup_steps=min(optim_cfg.warmup_steps, ws.steps // 10),
-                                   freeze_encoder=True)
   if jax.process_index() == 0:
     print(f"warm start: SAE on {len(q_v)} frozen-encoder pairs, {ws.steps} steps", flush=True)
   trained, _, history = headtrain.train_head(
-      model.sae, q_v, d_v, loss_cfg, head_optim, head_cfg, groups=groups,
+      model.sae, q_v, d_v, loss_cfg, head_optim(optim_cfg, ws), head_cfg, groups=groups,
       log_every=log_every or max(ws.steps // 4, 1),
       log=print if jax.process_index() == 0 else lambda _: None)
   nnx.update(model.sae, nnx.state(trained, nnx.Param))
   return history
+
+
+def head_optim(optim_cfg: OptimConfig, ws: ml_collections.ConfigDict) -> OptimConfig:
+  """The optimiser of a stage-1 (and stage-3) head: ``ws``'s lr and steps, the encoder frozen."""
+  return dataclasses.replace(optim_cfg, lr_sae=ws.lr, total_steps=ws.steps,
+                             warmup_steps=min(optim_cfg.warmup_steps, ws.steps // 10),
+                             freeze_encoder=True)
+
+
+def stage_one(model: Embedder, make_iter, config: ml_collections.ConfigDict,
+              loss_cfg: step_lib.LossConfig, optim_cfg: OptimConfig, workdir: epath.Path) -> None:
+  """Stage 1, or a head it already made from the same inputs (`saejax.train.stage1`): the one of
+  ``config.warmstart.init_from`` (which must match), else this workdir's own from an attempt
+  stopped before its first checkpoint; a head trained here is kept in WORKDIR/stage1/."""
+  record = stage1.fingerprint(config, head_optim(optim_cfg, config.warmstart), model.encoder)
+  say = print if jax.process_index() == 0 else lambda _: None
+  source = config.warmstart.get("init_from", "")
+  if source:
+    trained_by = stage1.load(source, model.sae, record)
+    say(f"warm start: the stage-1 head of {source} (trained by code {trained_by}), same inputs")
+  elif stage1.exists(workdir):
+    try:
+      stage1.load(workdir, model.sae, record)
+      say("warm start: this workdir's stage-1 head (same inputs) from an earlier attempt")
+      return
+    except SaejaxError as e:
+      say(f"warm start: not reusing this workdir's stage-1 head: {e}")
+      warm_start_sae(model, make_iter(), config.warmstart, loss_cfg, optim_cfg)
+  else:
+    warm_start_sae(model, make_iter(), config.warmstart, loss_cfg, optim_cfg)
+  if jax.process_index() == 0:
+    stage1.save(workdir, model.sae, record, code_version())
 
 
 def refit_head(model: Embedder, batches, ws: ml_collections.ConfigDict, seed: int,
@@ -242,6 +271,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   distributed.check_padding(data_cfg.padding)
   if config.sae.get("enabled", True):
     step_lib.check_band(loss_cfg.st_band, config.sae.num_latents, config.sae.k)
+  if config.warmstart.get("init_from", ""):
+    if not (config.sae.get("enabled", True) and config.warmstart.steps):
+      raise ConfigError(f"config.warmstart.init_from={config.warmstart.init_from!r} is a stage-1 "
+                        "head to start from, but this run has no stage 1 (warmstart.steps 0 or "
+                        "no SAE)")
+    stage1.check(config.warmstart.init_from,
+                 stage1.fingerprint(config, head_optim(optim_cfg, config.warmstart)))
   if config.warmstart.get("refit", False) and not config.warmstart.steps:
     raise ConfigError("config.warmstart.refit trains the new head with config.warmstart's "
                       "settings, but config.warmstart.steps is 0: set the head's steps")
@@ -274,7 +310,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
     init_b_pre_from_data(model, distributed.gather_batches(samples), config.sae.b_pre_init)
 
   if not resuming and model.sae is not None and config.warmstart.steps:
-    warm_start_sae(model, make_iter(), config.warmstart, loss_cfg, optim_cfg)
+    stage_one(model, make_iter, config, loss_cfg, optim_cfg, workdir)
 
   graphdef, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(optim_cfg, params)
