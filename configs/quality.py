@@ -92,6 +92,8 @@ def get_config(arg: str | None = None):
   # The 64 latents just past each TopK get the retrieval gradient (forward unchanged): sparse
   # arm 0.605 -> 0.610 mean nDCG@10, never-firing latents 9.9% -> 6.1% (RESULTS.md "Quality",
   # session 18); frozen-embedding heads +0.004 at 1,024 pairs a batch, +0.012 at 256 ("Sweep").
+  # Those were the band's first form, which over 600 stage-2 steps grew |v| and scored 0.590; the
+  # scale-free form since (session 19) is measured on heads only.
   c.loss.st_band = 64
   c.optim.lr_encoder = 3e-5
   c.optim.lr_sae = 2e-4

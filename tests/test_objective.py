@@ -160,10 +160,12 @@ def test_objective_matches_numpy_reference(normalize_codes, recon_to_encoder, fl
 @pytest.mark.parametrize("normalize_codes", [True, False])
 def test_boundary_band_changes_no_value_and_gives_the_next_latents_the_retrieval_gradient(
     normalize_codes):
-  """`LossConfig.st_band`: every term's value is unchanged; d(contrastive)/d(pre) is unchanged on
-  the TopK latents, zero past the band and on non-positive pre-activations, and on the band the
-  derivative of the NumPy InfoNCE with respect to that entry of the retrieval embedding (central
-  differences, float64), times 1 / |code| for unit-norm codes."""
+  """`LossConfig.st_band`: every term's value is unchanged; d(contrastive)/d(pre) is zero past the
+  band and on non-positive pre-activations, and on the band the derivative of the NumPy InfoNCE
+  with respect to that entry of the retrieval embedding (central differences, float64), times
+  1 / |code| for unit-norm codes. Raw codes: unchanged on the TopK latents. Unit-norm codes:
+  scale-free, as the code alone is (no gradient along each text's own pre-activations), the TopK
+  latents' gradient changed by exactly the band entries' dependence on the code's norm."""
   band = 3
   sae, v, since_fired = make_inputs(normalize_codes)
   v = jnp.asarray(v)
@@ -194,18 +196,28 @@ def test_boundary_band_changes_no_value_and_gives_the_next_latents_the_retrieval
   np.put_along_axis(in_band, order[:, K:K + band], True, -1)
   in_band &= pre > 0
   assert in_band.sum() > B  # the band is live, so a missing gradient shows
-  np.testing.assert_allclose(g1[in_code], g0[in_code], rtol=1e-5, atol=1e-7)
   assert np.all(g1[~in_code & ~in_band] == 0) and np.all(g0[~in_code] == 0)
 
   def ref(e):
     return plain.w_contrastive * ref_info_nce(e[:B], e[B:].reshape(B, 1 + H, S), plain.temperature)
 
-  scale = 1 / np.linalg.norm(z, axis=-1) if normalize_codes else np.ones(len(z))
+  norm = np.linalg.norm(z, axis=-1)
+  scale = 1 / norm if normalize_codes else np.ones(len(z))
+  d_entry = np.zeros_like(emb)  # d(InfoNCE) / d(retrieval-embedding entry), on the band
   for row, col in zip(*np.nonzero(in_band)):
     step_ = np.zeros_like(emb)
     step_[row, col] = 1e-6
-    want = (ref(emb + step_) - ref(emb - step_)) / 2e-6 * scale[row]
-    np.testing.assert_allclose(g1[row, col], want, rtol=2e-3, atol=1e-6)
+    d_entry[row, col] = (ref(emb + step_) - ref(emb - step_)) / 2e-6
+    np.testing.assert_allclose(g1[row, col], d_entry[row, col] * scale[row], rtol=2e-3, atol=1e-6)
+  if normalize_codes:  # band entry pre_j / |z|: its d/dz_c is -pre_j z_c / |z|^3
+    pull = np.sum(d_entry * np.where(in_band, pre, 0), -1, keepdims=True) / norm[:, None] ** 3
+    np.testing.assert_allclose(g1[in_code], (g0 - pull * z)[in_code], rtol=2e-3, atol=1e-6)
+    relevant = (in_code & (z > 0)) | in_band
+    radial = np.sum(np.where(relevant, g1 * pre, 0), -1)
+    assert np.abs(radial).max() < 1e-5 * np.abs(np.where(relevant, g1 * pre, 0)).sum(-1).max()
+    assert np.abs(np.sum(np.where(in_band, g1 * pre, 0), -1)).max() > 1e-3  # the band's own part
+  else:
+    np.testing.assert_allclose(g1[in_code], g0[in_code], rtol=1e-5, atol=1e-7)
 
 
 def test_normalize_codes_changes_exactly_the_retrieval_terms():
