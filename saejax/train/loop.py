@@ -132,15 +132,14 @@ def stage_one(model: Embedder, make_iter, config: ml_collections.ConfigDict,
   if source:
     trained_by = stage1.load(source, model.sae, record)
     say(f"warm start: the stage-1 head of {source} (trained by code {trained_by}), same inputs")
-  elif stage1.exists(workdir):
-    try:
-      stage1.load(workdir, model.sae, record)
-      say("warm start: this workdir's stage-1 head (same inputs) from an earlier attempt")
-      return
-    except SaejaxError as e:
-      say(f"warm start: not reusing this workdir's stage-1 head: {e}")
-      warm_start_sae(model, make_iter(), config.warmstart, loss_cfg, optim_cfg)
   else:
+    if stage1.exists(workdir):
+      try:
+        stage1.load(workdir, model.sae, record)
+        say("warm start: this workdir's stage-1 head (same inputs) from an earlier attempt")
+        return
+      except SaejaxError as e:
+        say(f"warm start: not reusing this workdir's stage-1 head: {e}")
     warm_start_sae(model, make_iter(), config.warmstart, loss_cfg, optim_cfg)
   if jax.process_index() == 0:
     stage1.save(workdir, model.sae, record, code_version())
