@@ -21,9 +21,9 @@ the three sets:
     .venv/bin/python eval/quality.py [--steps 200] [--out runs/quality] [--set KEY=VALUE]
 
 A finished arm (summary.json at the requested step) is not retrained; an interrupted one resumes
-from its checkpoint. The frozen arm starts from the sparse arm's stage-1 head (`saejax.train.stage1`:
-the same inputs, so the same head) when the sparse arm kept one. Results: OUT/eval/results.json, OUT/eval/report.md (with plots), and the
-target table printed last.
+from its checkpoint. The frozen arm starts from the sparse arm's stage-1 head
+(`saejax.train.stage1`: the same inputs, so the same head) when the sparse arm kept one. Results:
+OUT/eval/results.json, OUT/eval/report.md (with plots), and the target table printed last.
 """
 
 import argparse

@@ -83,9 +83,9 @@ def boundary_band(out: Output, band: int, num_latents: int, normalize: bool) -> 
   retrieval signal, so a latent that would match a query's never learns to enter a document's
   code; this band lets the ones at the boundary. ``normalize``: each band entry is its
   pre-activation over the code's norm |values|, differentiated in both (scale-free: d(loss) along
-  a text's own pre-activations is zero, as for the code alone). The band is the top ``band`` of the pre-activations with
-  the code's own latents masked out: one TopK of ``k + band`` instead doubled the step time of
-  head training (S = 4,096, 256 pairs: 0.51 -> 0.97 s; this form 0.57 s)."""
+  a text's own pre-activations is zero, as for the code alone). The band is the top ``band`` of
+  the pre-activations with the code's own latents masked out: one TopK of ``k + band`` instead
+  doubled the step time of head training (S = 4,096, 256 pairs: 0.51 -> 0.97 s; this form 0.57 s)."""
   check_band(band, num_latents, out.code.indices.shape[-1])
   rest = jax.vmap(lambda pre, code: pre.at[code].set(-jnp.inf))(out.pre, out.code.indices)
   values, indices, _ = sae_lib.topk_relu(rest, band)  # ReLU: a latent with pre <= 0 gets nothing
