@@ -1,6 +1,6 @@
 """The whole training objective against an independent NumPy implementation, the gradient routing
-of `LossConfig.recon_to_encoder` and `LossConfig.flops_to_encoder`, and dictionary recovery on
-planted synthetic data.
+of `LossConfig.recon_to_encoder`, `LossConfig.flops_to_encoder` and `LossConfig.band_to_encoder`,
+and dictionary recovery on planted synthetic data.
 
 `step.objective` is checked term by term (every weight non-zero, cosine and raw codes) against a
 float64 reference written from the loss definitions alone; only the SAE's parameters come from
@@ -315,6 +315,32 @@ def test_flops_to_encoder_routes_the_flops_gradients(recon_to_encoder):
   sae_grads = jax.jit(jax.grad(flops_of))(state)
   for param in ("w_enc", "b_lat", "b_pre"):
     assert np.abs(np.asarray(sae_grads[param].get_value())).max() > 1e-4, param
+
+
+def test_band_to_encoder_false_keeps_the_band_in_the_sae():
+  """``band_to_encoder=False``: the encoder (v) gets exactly the gradient it gets without the band,
+  the SAE's parameters exactly the one they get with the band reaching the encoder too."""
+  sae, v, since_fired = make_inputs(True)
+  names = ("weighted/contrastive", "weighted/distill")
+  configs = {"none": loss_config(), "both": loss_config(st_band=3),
+             "sae": loss_config(st_band=3, band_to_encoder=False)}
+  on_v = {key: grads_wrt_v(sae, v, since_fired, cfg, names) for key, cfg in configs.items()}
+  graphdef, state = nnx.split(sae)
+
+  def on_sae(cfg):
+    def scored(state_):
+      metrics = run_objective(nnx.merge(graphdef, state_), jnp.asarray(v), since_fired, cfg)[1][0]
+      return sum(metrics[n] for n in names)
+    return jax.tree.leaves(jax.jit(jax.grad(scored))(state))
+
+  for name in names:
+    assert np.abs(on_v["both"][name] - on_v["none"][name]).max() > 1e-4, name  # the band is live
+    np.testing.assert_allclose(on_v["sae"][name], on_v["none"][name], rtol=1e-5, atol=1e-7,
+                               err_msg=name)
+  both, sae_only, none = (on_sae(configs[key]) for key in ("both", "sae", "none"))
+  assert max(np.abs(np.asarray(a) - np.asarray(c)).max() for a, c in zip(both, none)) > 1e-4
+  for a, b in zip(sae_only, both):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------

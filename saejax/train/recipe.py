@@ -63,6 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.flops_to_encoder = True          # FLOPS gradients reach the encoder (False: the SAE only)
   c.loss.bank_size = 0                    # XBM: last N positives as more negatives (measured: off)
   c.loss.st_band = 0                      # next N latents past TopK get retrieval gradients at 0
+  c.loss.band_to_encoder = True           # the band's gradients reach the encoder (False: SAE only)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr_encoder = 2e-5               # peak learning rates per parameter group

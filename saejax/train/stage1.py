@@ -28,7 +28,7 @@ from saejax.errors import CheckpointError, ConfigError
 
 DIR, HEAD, SEAL = "stage1", "head.npz", "head.json"
 # Config fields stage 1 does not read: they may differ between a head's run and the one loading it.
-_NOT_READ = {"warmstart": ("refit", "init_from"), "loss": ("bank_size",),
+_NOT_READ = {"warmstart": ("refit", "init_from"), "loss": ("bank_size", "band_to_encoder"),
              "data": ("read_threads", "prefetch_batches")}
 
 

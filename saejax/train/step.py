@@ -17,7 +17,8 @@ With ``LossConfig.bank_size`` both InfoNCE terms also rank the last `bank_size` 
 steps (`saejax.sae.memory`, checkpointed in `TrainState.bank`). The reconstruction terms read a
 detached v unless `LossConfig.recon_to_encoder`: the encoder is then shaped by the retrieval terms
 only, and the SAE follows it. Without `LossConfig.flops_to_encoder` the FLOPS terms are computed
-from that detached v too: they spread the SAE's latents without moving the encoder.
+from that detached v too: they spread the SAE's latents without moving the encoder; likewise the
+straight-through band (`LossConfig.st_band`) without `LossConfig.band_to_encoder`.
 
 Then the SAE invariants (sparsify / OpenAI): the decoder gradient's component parallel to each
 decoder row is removed before the optimiser, and decoder rows are renormalised after it. The
@@ -61,6 +62,7 @@ class LossConfig:
   flops_to_encoder: bool = True    # let FLOPS gradients reach the encoder (False: the SAE only)
   bank_size: int = 0               # XBM: the last bank_size positives (detached) as more negatives
   st_band: int = 0                 # the next st_band latents past TopK get the retrieval gradient
+  band_to_encoder: bool = True     # let the band's gradients reach the encoder (False: the SAE only)
 
   def __post_init__(self):
     if self.bank_size < 0:
@@ -151,10 +153,19 @@ def objective(sae: sae_lib.SAE, q: Output, d: Output, since_fired: jax.Array, st
   z_q = sae_lib.densify(embed(q.code), q.code.indices, s)
   z_d = sae_lib.densify(embed(d.code), d.code.indices, s)
   f_q, f_d = z_q, z_d  # FLOPS reads the codes themselves, never the boundary band
+  v = jnp.concatenate([q.v, d.v])
+  # The same TopK code from a detached v, for the terms whose gradients reach the SAE, not the
+  # encoder (the forward values are the same as from v).
+  held = None
+  if not (cfg.recon_to_encoder and cfg.flops_to_encoder and (cfg.band_to_encoder or
+                                                             not cfg.st_band)):
+    held = sae_output(sae, jax.lax.stop_gradient(v))
   if cfg.st_band:
     norm = sae.config.normalize_codes
-    z_q = z_q + boundary_band(q, cfg.st_band, s, norm)
-    z_d = z_d + boundary_band(d, cfg.st_band, s, norm)
+    band_q, band_d = (q, d) if cfg.band_to_encoder else (
+        jax.tree.map(lambda x: x[:b], held), jax.tree.map(lambda x: x[b:], held))
+    z_q = z_q + boundary_band(band_q, cfg.st_band, s, norm)
+    z_d = z_d + boundary_band(band_d, cfg.st_band, s, norm)
   z_d3 = z_d.reshape(b, n_docs, s)
   metrics = {}
 
@@ -187,12 +198,6 @@ def objective(sae: sae_lib.SAE, q: Output, d: Output, since_fired: jax.Array, st
                  losses.info_nce(v_q, v_d[:, 0], v_d[:, 1:], cfg.temperature, bank_dense),
                  prefix="dense/")
 
-  v = jnp.concatenate([q.v, d.v])
-  # The same TopK code from a detached v, for the terms whose gradients reach the SAE, not the
-  # encoder (the forward values are the same as from v).
-  held = None
-  if not (cfg.recon_to_encoder and cfg.flops_to_encoder):
-    held = sae_output(sae, jax.lax.stop_gradient(v))
   if cfg.recon_to_encoder:
     pre, v_hat = jnp.concatenate([q.pre, d.pre]), jnp.concatenate([q.v_hat, d.v_hat])
   else:
