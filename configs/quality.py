@@ -29,7 +29,7 @@ from saejax.hub.demo import minilm_dir
 from saejax.train.recipe import default_config
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-STEPS = 150  # stage-2 steps; at 600: sparse 0.614, dense-ft 0.658 (RESULTS.md, sessions 14-15)
+STEPS = 150  # stage-2 steps; at 600: sparse 0.617, dense-ft 0.658 (RESULTS.md, sessions 15, 20)
 
 
 def sources() -> list[dict]:
@@ -93,7 +93,8 @@ def get_config(arg: str | None = None):
   # arm 0.605 -> 0.610 mean nDCG@10, never-firing latents 9.9% -> 6.1% (RESULTS.md "Quality",
   # session 18); frozen-embedding heads +0.004 at 1,024 pairs a batch, +0.012 at 256 ("Sweep").
   # Those were the band's first form, which over 600 stage-2 steps grew |v| and scored 0.590; the
-  # scale-free form since (session 19) is measured on heads only.
+  # scale-free form since (session 19) scores 0.617 there, 8.5% never firing (0.614 / 11.2% with no
+  # band; 0.613 / 7.4% with `loss.band_to_encoder = False`): RESULTS.md "Quality", session 20.
   c.loss.st_band = 64
   c.optim.lr_encoder = 3e-5
   c.optim.lr_sae = 2e-4
