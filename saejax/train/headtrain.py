@@ -158,7 +158,8 @@ def train_head(sae: sae_lib.SAE, q_v: Float[np.ndarray, "N D"], d_v: Float[np.nd
   sample = d_v[np.random.default_rng(cfg.seed).permutation(len(d_v))[:4096]]
   sae.b_pre.set_value(sae_lib.init_b_pre(jnp.asarray(sample), sae.config.b_pre_init))
   # v is constant here, so the detached copy `objective` makes for the reconstruction, FLOPS and
-  # band terms (to keep their gradients out of an encoder) would only repeat the SAE's largest matmul.
+  # band terms (to keep their gradients out of an encoder) would only repeat the SAE's biggest
+  # matmul.
   loss_cfg = dataclasses.replace(loss_cfg, recon_to_encoder=True, flops_to_encoder=True,
                                  band_to_encoder=True)
   model = Embedder(None, sae)

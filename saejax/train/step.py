@@ -157,13 +157,13 @@ def objective(sae: sae_lib.SAE, q: Output, d: Output, since_fired: jax.Array, st
   # The same TopK code from a detached v, for the terms whose gradients reach the SAE, not the
   # encoder (the forward values are the same as from v).
   held = None
-  if not (cfg.recon_to_encoder and cfg.flops_to_encoder and (cfg.band_to_encoder or
-                                                             not cfg.st_band)):
+  band_held = cfg.st_band and not cfg.band_to_encoder
+  if band_held or not (cfg.recon_to_encoder and cfg.flops_to_encoder):
     held = sae_output(sae, jax.lax.stop_gradient(v))
   if cfg.st_band:
     norm = sae.config.normalize_codes
-    band_q, band_d = (q, d) if cfg.band_to_encoder else (
-        jax.tree.map(lambda x: x[:b], held), jax.tree.map(lambda x: x[b:], held))
+    band_q, band_d = (jax.tree.map(lambda x: x[:b], held), jax.tree.map(lambda x: x[b:], held)
+                      ) if band_held else (q, d)
     z_q = z_q + boundary_band(band_q, cfg.st_band, s, norm)
     z_d = z_d + boundary_band(band_d, cfg.st_band, s, norm)
   z_d3 = z_d.reshape(b, n_docs, s)
