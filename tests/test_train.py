@@ -645,6 +645,9 @@ def test_the_quality_benchmarks_sparse_and_frozen_arms_share_stage_one():
   changed = config("frozen")
   changed.loss.st_band = 0
   assert stage1.differences(sparse, record(changed)) == ["loss.st_band: 64 there, 0 here"]
+  sae_only_band = config("sparse")
+  sae_only_band.loss.band_to_encoder = False  # head training forces it on: the same stage 1
+  assert stage1.differences(sparse, record(sae_only_band)) == []
 
 
 def _dropped_repeats(rows: list[dict], global_batch: int, waiting_batches: int,
