@@ -12,15 +12,15 @@ random TopK) on SciFact test, Cranfield and Debian beir-dev. Variants ("ARM", "A
           jointly, stage 3 a fresh SAE fitted to the final encoder (warmstart.refit)
   dense   the same encoder fine-tuned without the SAE (InfoNCE on cosine, temperature 0.05)
   frozen  CSR-style: the same stage 1, then the SAE trained on the frozen encoder
-Hardware: a 2-core CPU; there the sparse arm takes 32 min (its three stages), frozen 14, dense 4,
-and the whole benchmark with evaluation ~75 min. Measured (2026-12-01, `eval/quality.py` in one
-command; benchmarks/RESULTS.md "Quality", session 11): mean nDCG@10 sparse 0.605 (0.642 with
-queries at 512), frozen 0.577, dense-ft 0.636, random TopK 0.499; on SciFact's 104 unseen claims
-sparse 0.435, frozen 0.378, dense-ft 0.634; latents never firing over 20,000 mixed texts: sparse
-9.9%, frozen 12.1%. With the straight-through band (`loss.st_band = 64`, since 2026-12-02):
-sparse 0.610, never firing 6.1% (session 18). Data: ../shared/data (Debian descriptions, SciFact
-train qrels, CLIMATE-FEVER supporting evidence, STS-B pairs scored >= 4, SICK entailments, MRPC
-paraphrases).
+Hardware: a 2-core CPU; on the AMD EPYC VM the sparse arm takes 58 min (stage 1 ~15, stage 2
+~30, stage 3 ~13), frozen 8 (stage 1 loaded from the sparse arm), dense 18, and the whole
+benchmark with evaluation ~2 h (about twice that on the Intel Xeon VM). Measured (2026-12-02,
+`eval/quality.py --steps 600`, benchmarks/RESULTS.md "Quality", session 21): mean nDCG@10 sparse
+0.617 (0.643 with queries at 512), frozen 0.590, dense-ft 0.658, BM25 0.613, untouched dense 0.610,
+random TopK 0.499; latents never firing over 20,000 mixed texts: sparse 8.5%. At 150 stage-2
+steps (`ARM,150`; session 11, before the band): sparse 0.605, frozen 0.577, dense-ft 0.636.
+Data: ../shared/data (Debian descriptions, SciFact train qrels, CLIMATE-FEVER supporting
+evidence, STS-B pairs scored >= 4, SICK entailments, MRPC paraphrases).
 """
 
 from pathlib import Path
@@ -29,7 +29,9 @@ from saejax.hub.demo import minilm_dir
 from saejax.train.recipe import default_config
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-STEPS = 150  # stage-2 steps; at 600: sparse 0.617, dense-ft 0.658 (RESULTS.md, sessions 15, 20)
+# Stage-2 steps of every arm (the benchmark's budget): 4x session 11's 150 lifts sparse
+# 0.605 -> 0.617, frozen 0.577 -> 0.590, dense-ft 0.636 -> 0.658 (RESULTS.md, sessions 11, 21).
+STEPS = 600
 
 
 def sources() -> list[dict]:

@@ -18,7 +18,7 @@ the three sets:
   sparse above frozen by >= 0.02;          sparse above BM25 on SciFact;
   sparse above random TopK (the untouched encoder, no training, same k) by >= 0.10.
 
-    .venv/bin/python eval/quality.py [--steps 200] [--out runs/quality] [--set KEY=VALUE]
+    .venv/bin/python eval/quality.py [--steps 600] [--out runs/quality] [--set KEY=VALUE]
 
 A finished arm (summary.json at the requested step) is not retrained; an interrupted one resumes
 from its checkpoint. The frozen arm starts from the sparse arm's stage-1 head
@@ -45,6 +45,14 @@ SUITE = SUITES["quality"]
 # among the training pairs ("scifact-unseen"), is reported beside them, not averaged in.
 MEAN_SETS = ("scifact", "cranfield", "debian")
 UNSEEN = "scifact-unseen"
+
+
+def quality_config():
+  """configs/quality.py as a module: its arms (`get_config`) and budget (`STEPS`)."""
+  spec = importlib.util.spec_from_file_location("quality_config", REPO / "configs" / "quality.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def trained_to(workdir: Path) -> int:
@@ -103,10 +111,7 @@ def floor_latents(out: Path, overrides: list[str] = ()) -> int:
     key, _, value = override.partition("=")
     if key == "sae.num_latents":
       return int(value)
-  spec = importlib.util.spec_from_file_location("quality_config", REPO / "configs" / "quality.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("sparse").sae.num_latents
+  return quality_config().get_config("sparse").sae.num_latents
 
 
 def _mean_ndcg(datasets: dict, sets: tuple[str, ...]) -> dict[str, float]:
@@ -182,7 +187,8 @@ def merge(groups: list[dict]) -> dict:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--steps", type=int, default=150, help="training steps per arm (the budget)")
+  p.add_argument("--steps", type=int, default=quality_config().STEPS,
+                 help="training steps per arm (the budget; default configs/quality.py's STEPS)")
   p.add_argument("--out", default=str(REPO / "runs" / "quality"))
   p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
