@@ -401,6 +401,31 @@ def test_head_training_recovers_a_planted_dictionary():
   assert reconstruction_fvu(sae, x) < 0.1
 
 
+def test_encoder_only_loss_settings_leave_a_head_on_cached_embeddings_unchanged():
+  """Stage 1 trains the SAE on constant v: the dense InfoNCE on v and the switches that only route
+  gradients to the encoder cannot change its head, so `saejax.train.stage1` leaves them out of the
+  head's fingerprint and runs that differ only there share stage 1."""
+  rng = np.random.default_rng(0)
+  q = rng.standard_normal((64, 16)).astype(np.float32)
+  d = (q + 0.5 * rng.standard_normal((64, 16))).astype(np.float32)
+  config = SAEConfig(d_model=16, num_latents=64, k=4, k_aux=8, dead_after_tokens=32)
+  optim_cfg = OptimConfig(lr_sae=1e-2, warmup_steps=2, total_steps=20)
+
+  def trained(**loss):
+    cfg = step.LossConfig(w_fvu=1.0, w_auxk=1 / 32, w_flops_q=0.1, w_flops_d=0.1, st_band=4,
+                          **loss)
+    sae, _, _ = headtrain.train_head(SAE(config, rngs=nnx.Rngs(1)), q, d, cfg, optim_cfg,
+                                     headtrain.HeadTrainConfig(steps=20, batch_size=16))
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(sae, nnx.Param))]
+
+  base = trained()
+  for a, b in zip(base, trained(w_dense_contrastive=1.0, recon_to_encoder=True,
+                                flops_to_encoder=False, band_to_encoder=False)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  # a setting the head does read moves it: the comparison can fail
+  assert max(np.abs(a - b).max() for a, b in zip(base, trained(temperature=0.5))) > 1e-4
+
+
 # ----------------------------------------------------------------------------------------------
 # The memory bank (`LossConfig.bank_size`): more negatives for both InfoNCE terms.
 

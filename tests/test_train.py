@@ -584,6 +584,19 @@ def test_a_kept_stage_one_head_is_loaded_only_from_the_same_inputs(tmp_path, mon
   with np.load(tmp_path / "first" / "stage1" / "head.npz") as kept:
     np.testing.assert_array_equal(np.asarray(model.sae.w_enc[...]), kept["w_enc"])
     assert not np.allclose(kept["w_enc"], untrained)
+  # A seal written before a field joined stage1._NOT_READ records that field: it is not compared;
+  # a field stage 1 reads still is.
+  seal = tmp_path / "first" / "stage1" / "head.json"
+  kept_seal = seal.read_text()
+  body = json.loads(kept_seal)
+  body["fingerprint"]["loss"]["w_dense_contrastive"] = 0.5
+  seal.write_text(json.dumps(body))
+  stage1.load(tmp_path / "first", model.sae, record)
+  body["fingerprint"]["loss"]["w_contrastive"] = 123.0
+  seal.write_text(json.dumps(body))
+  with pytest.raises(ConfigError, match=r"\(1 differ\): loss.w_contrastive: 123.0 there"):
+    stage1.load(tmp_path / "first", model.sae, record)
+  seal.write_text(kept_seal)
   nnx.update(model.encoder, jax.tree.map(lambda x: x + 1e-3, nnx.state(model.encoder, nnx.Param)))
   moved = stage1.fingerprint(reuse, loop.head_optim(build.from_section(
       OptimConfig, reuse.optim, "optim"), reuse.warmstart), model.encoder)
@@ -645,9 +658,11 @@ def test_the_quality_benchmarks_sparse_and_frozen_arms_share_stage_one():
   changed = config("frozen")
   changed.loss.st_band = 0
   assert stage1.differences(sparse, record(changed)) == ["loss.st_band: 64 there, 0 here"]
-  sae_only_band = config("sparse")
-  sae_only_band.loss.band_to_encoder = False  # head training forces it on: the same stage 1
-  assert stage1.differences(sparse, record(sae_only_band)) == []
+  encoder_only = config("sparse")
+  encoder_only.loss.band_to_encoder = False  # head training forces it on: the same stage 1
+  encoder_only.loss.flops_to_encoder = False  # likewise
+  encoder_only.loss.w_dense_contrastive = 1.0  # a constant while v is: the same stage 1
+  assert stage1.differences(sparse, record(encoder_only)) == []
 
 
 def _dropped_repeats(rows: list[dict], global_batch: int, waiting_batches: int,

@@ -27,9 +27,18 @@ from saejax import paths
 from saejax.errors import CheckpointError, ConfigError
 
 DIR, HEAD, SEAL = "stage1", "head.npz", "head.json"
-# Config fields stage 1 does not read: they may differ between a head's run and the one loading it.
-_NOT_READ = {"warmstart": ("refit", "init_from"), "loss": ("bank_size", "band_to_encoder"),
+# Config fields stage 1 does not read, or that cannot change a head trained on constant v (the
+# dense InfoNCE on v and the switches that route gradients to the encoder: `headtrain.train_head`;
+# tests/test_objective.py): they may differ between a head's run and the one loading it.
+_NOT_READ = {"warmstart": ("refit", "init_from"),
+             "loss": ("bank_size", "band_to_encoder", "recon_to_encoder", "flops_to_encoder",
+                      "w_dense_contrastive"),
              "data": ("read_threads", "prefetch_batches")}
+
+
+def _read(section: str, values: dict) -> dict:
+  """``values`` of config ``section`` without the fields stage 1 does not read."""
+  return {k: v for k, v in values.items() if k not in _NOT_READ.get(section, ())}
 
 
 def _flat(module: nnx.Module) -> dict[str, np.ndarray]:
@@ -61,8 +70,7 @@ def fingerprint(config, head_optim, encoder: nnx.Module | None = None) -> dict:
   """Everything stage 1's head depends on, as JSON values: the config sections it reads (less
   `_NOT_READ`), the head's optimiser settings as derived (`loop.head_optim`), the init seed and,
   given the ``encoder``, a digest of its untouched weights (a path may hold other weights later)."""
-  record = {name: {k: v for k, v in config[name].to_dict().items()
-                   if k not in _NOT_READ.get(name, ())}
+  record = {name: _read(name, config[name].to_dict())
             for name in ("model", "sae", "data", "warmstart", "loss")}
   record.update(head_optim=dataclasses.asdict(head_optim), seed=config.train.seed)
   if encoder is not None:
@@ -111,7 +119,9 @@ def check(run_dir: str | os.PathLike, record: dict) -> dict:
     raise CheckpointError(f"{directory}: no stage-1 head ({SEAL} missing): that run did not finish "
                           "stage 1, or predates keeping it")
   saved = json.loads(seal.read_text())
-  diff = differences({k: v for k, v in saved["fingerprint"].items() if k in record}, record)
+  # A head sealed before a field joined _NOT_READ still records it: not compared either.
+  diff = differences({k: _read(k, v) if isinstance(v, dict) else v
+                      for k, v in saved["fingerprint"].items() if k in record}, record)
   if diff:
     raise ConfigError(f"{directory}: its stage-1 head was trained from other inputs than this "
                       f"run's stage 1 would use ({len(diff)} differ): " + "; ".join(diff))
