@@ -15,7 +15,6 @@ the case in point (196 of its 300 test claims have a relevant abstract among the
 """
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -57,35 +56,6 @@ def read_qrels(path: Path) -> Qrels:
         raise DataError(f"{path} line {number}: score {fields[2]!r} is not an integer") from None
       qrels.setdefault(fields[0], {})[fields[1]] = score
   return qrels
-
-
-def _first_duplicate(path: Path) -> str:
-  """Where the first repeated ``_id`` of a BEIR jsonl file is (read only after one was found)."""
-  first: dict[str, int] = {}
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      if line.strip():
-        key = str(json.loads(line)["_id"])
-        if key in first:
-          return f"{path} line {number}: duplicate _id {key!r} (first on line {first[key]})"
-        first[key] = number
-  raise AssertionError(f"{path}: a duplicate _id was counted but not found again")
-
-
-def read_unique_texts(path: Path, text_of) -> dict[str, str]:
-  """{_id: text_of(row)} of a whole BEIR jsonl file; an ``_id`` seen twice is a DataError naming
-  the id and both lines (a second copy would otherwise silently replace the first)."""
-  rows = 0
-
-  def counting(row):
-    nonlocal rows
-    rows += 1
-    return text_of(row)
-
-  texts = read_beir_texts(path, None, counting)
-  if rows != len(texts):  # the file is read a second time only to name the duplicate
-    raise DataError(_first_duplicate(path))
-  return texts
 
 
 def _relevant(judged: dict[str, int]) -> set[str]:
@@ -163,9 +133,9 @@ def load_beir(folder: str | Path, split: str, *, max_docs: int = 0, seed: int = 
   if seen:
     seen_path = folder / "qrels" / f"{seen}.tsv"
     qrels = unseen(qrels, read_qrels(seen_path), str(seen_path))
-  corpus = read_unique_texts(folder / "corpus.jsonl", beir_document)
-  all_queries = read_unique_texts(folder / "queries.jsonl",
-                                  lambda r: str(r.get("text") or "").strip())
+  corpus = read_beir_texts(folder / "corpus.jsonl", None, beir_document, unique=True)
+  all_queries = read_beir_texts(folder / "queries.jsonl", None,
+                                lambda r: str(r.get("text") or "").strip(), unique=True)
   for q, judged in qrels.items():
     if q not in all_queries:
       raise DataError(f"{qrels_path}: query-id {q!r} is not in {folder / 'queries.jsonl'}")

@@ -189,26 +189,41 @@ class JsonlTable:
 
 
 def read_beir_texts(path: Path, wanted: set[str] | None, text_of, on_bad_record: OnBadRecord = "raise",
-                    problems: list[str] | None = None) -> dict[str, str]:
-  """{_id: text_of(row)} for the rows of a BEIR jsonl file whose `_id` is in `wanted` (None: all);
-  with on_bad_record="skip", bad lines are described in `problems` and skipped."""
+                    problems: list[str] | None = None, *, id_fields: Sequence[str] = ("_id",),
+                    unique: bool = False) -> dict[str, str]:
+  """{id: text_of(row)} for the rows of a JSONL file (BEIR's corpus.jsonl / queries.jsonl) whose id
+  is in `wanted` (None: all), in file order.
+
+  Args:
+    id_fields: the fields a row's id may be in, first present wins (("_id", "id") for a corpus
+      that is BEIR or plain JSONL).
+    unique: an id seen twice is a DataError naming it and both lines (else the later row wins).
+    on_bad_record: "skip" describes bad lines in `problems` and skips them instead of raising.
+  """
   if not path.is_file():
     raise DataError(f"BEIR file {path} does not exist")
-  texts = {}
+  texts, first = {}, {}
   with open(path, "rb") as f:  # decoded line by line, so a bad byte is named by its line
     for number, line in enumerate(f, start=1):
       if not line.strip():
         continue
       try:
         row = json.loads(line.decode("utf-8"))
-        key = str(row["_id"])
+        field = next((name for name in id_fields if name in row), id_fields[0])
+        key = str(row[field])
       except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        message = f"{path} line {number}: not a JSON object with an _id ({e!r})"
+        message = (f"{path} line {number}: not a JSON object with an {' or '.join(id_fields)} "
+                   f"({type(e).__name__}: {e})")
         if on_bad_record == "raise":
           raise DataError(message) from None
         if problems is not None:
           problems.append(message)
         continue
+      if unique:
+        if key in first:
+          raise DataError(f"{path} line {number}: duplicate {field} {key!r} (first on line "
+                          f"{first[key]})")
+        first[key] = number
       if wanted is None or key in wanted:
         texts[key] = text_of(row)
   return texts

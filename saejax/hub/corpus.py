@@ -53,7 +53,7 @@ import numpy as np
 from flax import nnx
 
 from saejax import cli, paths, sharding
-from saejax.data.sources import beir_document
+from saejax.data.sources import beir_document, read_beir_texts
 from saejax.errors import CheckpointError, ConfigError, DataError
 from saejax.hub import trained
 from saejax.retrieval import encode as encode_lib
@@ -87,27 +87,11 @@ def read_corpus(path: str | Path) -> tuple[list[str], list[str]]:
   if not file.is_file():
     raise DataError(f"corpus {path} does not exist" if not path.exists() else
                     f"corpus folder {path} has no corpus.jsonl")
-  ids, texts, first = [], [], {}
-  with open(file, "rb") as f:  # decoded line by line, so a bad byte is named by its line
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line.decode("utf-8"))
-        key = row["_id"] if "_id" in row else row["id"]
-      except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataError(f"{file} line {number}: not a JSON object with an _id or id "
-                        f"({type(e).__name__}: {e})") from None
-      key = str(key)
-      if key in first:
-        raise DataError(f"{file} line {number}: duplicate id {key!r} (first on line "
-                        f"{first[key]})")
-      first[key] = number
-      ids.append(key)
-      texts.append(beir_document(row))
+  texts = read_beir_texts(file, None, beir_document, id_fields=("_id", "id"), unique=True)
+  ids = list(texts)
   if not ids:
     raise DataError(f"corpus {file} holds no documents")
-  return ids, texts
+  return ids, list(texts.values())
 
 
 def _digest(strings: Sequence[str]) -> str:
