@@ -6,6 +6,11 @@ token budgets (queries 64, documents 128: `eval/quality.py`), so a head evaluate
 scores exactly what `python -m saejax.eval` would for a frozen-encoder model.
 
     .venv/bin/python benchmarks/embed_cache.py --out runs/cache [--pairs_per_source 4000]
+    .venv/bin/python benchmarks/embed_cache.py --out runs/cache_RUN --run RUN   # a trained encoder
+
+`--run WORKDIR` embeds with that training run's encoder instead (its pooled v, what its SAE reads),
+so `sweep.py --run` scores the run's own SAE on it exactly, and sweep heads are fitted to the
+final encoder of a joint run as its stage 3 (`warmstart.refit`) fits one.
 
 Writes OUT/train.npz (q, d: [N, D] float32, source: [N] int) and OUT/eval_NAME.npz (queries, docs)
 plus OUT/eval_NAME.json (ids and qrels). Rerunning skips files that exist.
@@ -59,11 +64,19 @@ def main(argv=None):
   p.add_argument("--out", default="runs/cache")
   p.add_argument("--pairs_per_source", type=int, default=4000)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--run", default=None, metavar="WORKDIR",
+                 help="embed with this training run's encoder (default: the untouched MiniLM)")
   args = p.parse_args(argv)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  _, encoder = convert.load_hf(minilm_dir())
-  tok = load_tokenizer(minilm_dir())
+  if args.run:
+    from saejax.hub import trained  # noqa: PLC0415 - only this option loads a run
+    _, model, tok = trained.load_run(args.run)
+    encoder = model.encoder
+    (out / "encoder.json").write_text(json.dumps({"run": str(args.run)}))
+  else:
+    _, encoder = convert.load_hf(minilm_dir())
+    tok = load_tokenizer(minilm_dir())
   qcfg = EncodeConfig(max_len=MAX_QUERY_LEN, batch_size=64)
   dcfg = EncodeConfig(max_len=MAX_DOC_LEN, batch_size=64)
   for name, (folder, split) in EVAL_SETS.items():

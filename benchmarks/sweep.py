@@ -39,7 +39,7 @@ from saejax.data import beir  # noqa: E402
 from saejax.data.beir import BeirData  # noqa: E402
 from saejax.eval import harness, quickeval  # noqa: E402
 from saejax.hub.state import OptimConfig  # noqa: E402
-from saejax.retrieval.index import sparse_matrix  # noqa: E402
+from saejax.retrieval.index import IDF_POWER, SparseIndex  # noqa: E402
 from saejax.sae import topk as sae_lib  # noqa: E402
 from saejax.train import step as step_lib  # noqa: E402
 from saejax.train.headtrain import HeadTrainConfig, topic_groups, train_head  # noqa: E402
@@ -107,10 +107,11 @@ def unseen_eval(data: BeirData, q: np.ndarray, d: np.ndarray) -> tuple[BeirData,
   return kept, q[rows], d
 
 
-def ndcg(data: BeirData, qv, qi, dv, di, num_latents: int) -> float:
-  q = sparse_matrix(qv, qi, num_latents)
-  d = sparse_matrix(dv, di, num_latents)
-  docs, scores = quickeval.search_sparse(q, d)
+def ndcg(data: BeirData, qv, qi, dv, di, num_latents: int, idf_power: float = IDF_POWER) -> float:
+  """nDCG@10 of the codes searched as the evaluation harness searches them (`SparseIndex`, idf^
+  ``idf_power`` weighting, `quickeval.RUN_DEPTH` documents ranked)."""
+  index = SparseIndex.build(dv, di, num_latents, idf_power=idf_power)
+  scores, docs = index.search(qv, qi, quickeval.RUN_DEPTH)
   return quickeval.evaluate(data.qrels, quickeval.to_run(data, docs, scores))["ndcg@10"]
 
 
@@ -143,7 +144,8 @@ def random_topk(d_model: int, num_latents: int, seed: int = 0) -> sae_lib.SAE:
   return harness.random_sae(d_model, num_latents, 64, seed)
 
 
-def evaluate(sae: sae_lib.SAE, evals: dict, health_v: np.ndarray, ks=(32, 64, 128)) -> dict:
+def evaluate(sae: sae_lib.SAE, evals: dict, health_v: np.ndarray, ks=(32, 64, 128),
+             idf_power: float = IDF_POWER) -> dict:
   codes = codes_fn(sae)
   s, norm = sae.config.num_latents, sae.config.normalize_codes
   out = {}
@@ -152,7 +154,7 @@ def evaluate(sae: sae_lib.SAE, evals: dict, health_v: np.ndarray, ks=(32, 64, 12
     for name, (data, q, d) in evals.items():
       qv, qi = codes(q, k, norm)
       dv, di = codes(d, k, norm)
-      scores[name] = ndcg(data, qv, qi, dv, di, s)
+      scores[name] = ndcg(data, qv, qi, dv, di, s, idf_power)
     scores["mean"] = float(np.mean([scores[n] for n in EVAL_SETS]))
     out[f"k{k}"] = scores
   k = sae.config.k
@@ -179,15 +181,22 @@ def latent_health(values: np.ndarray, indices: np.ndarray, num_latents: int) -> 
           "health_hot": float((counts > HOT * len(values)).mean())}
 
 
-def frozen_run_sae(workdir: str) -> sae_lib.SAE:
-  """The SAE of a trained run whose encoder is the untouched MiniLM (refused otherwise: codes of
-  the cached embeddings would not be the run's)."""
+def run_sae(workdir: str, cache: Path) -> sae_lib.SAE:
+  """The SAE of a trained run whose encoder made `cache`: the untouched MiniLM for a frozen-encoder
+  run, or the run itself (`embed_cache.py --run`). Any other pairing is refused before the run is
+  loaded: codes of the cached embeddings would not be the run's."""
   from saejax.hub import trained  # noqa: PLC0415 - only this option loads a run
-  config, model, _ = trained.load_run(workdir)
-  if not config.optim.get("freeze_encoder", False):
+  made_by = cache / "encoder.json"
+  if made_by.is_file():
+    cached_run = json.loads(made_by.read_text())["run"]
+    if Path(cached_run).resolve() != Path(workdir).resolve():
+      raise SystemExit(f"error: --run {workdir}: {cache} holds the embeddings of run {cached_run}'s "
+                       "encoder, not this run's")
+  elif not trained.read_config(workdir).optim.get("freeze_encoder", False):
     raise SystemExit(f"error: --run {workdir}: its encoder was trained (optim.freeze_encoder is "
-                     "off), so the cached frozen-MiniLM embeddings are not its inputs")
-  return model.sae
+                     f"off) and {cache} holds the untouched MiniLM's embeddings, not its inputs; "
+                     f"embed with its encoder: benchmarks/embed_cache.py --run {workdir}")
+  return trained.load_run(workdir)[1].sae
 
 
 def mixture_rows(source: np.ndarray, n: int, weights: list[float], seed: int) -> np.ndarray:
@@ -229,9 +238,11 @@ def main(argv=None):
   p.add_argument("--baselines", action="store_true", help="also score random TopK and dense")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--run", action="append", default=[], metavar="WORKDIR",
-                 help="also score the SAE of a trained frozen-encoder run (e.g. configs/quality.py:"
-                      "frozen) on the cache: its codes of the cached embeddings are exactly the "
-                      "run's, so this gives its latent health over the mixed texts")
+                 help="also score the SAE of a trained run on the cache: a frozen-encoder run "
+                      "(configs/quality.py:frozen) on the untouched MiniLM's cache, any run on "
+                      "the cache of its own encoder (embed_cache.py --run): its codes of the "
+                      "cached embeddings are exactly the run's, so this gives its latent health "
+                      "over the mixed texts")
   p.add_argument("--health_cache", default=None,
                  help="the cache whose training texts the health pool draws from (default --cache; "
                       "runs/cache for numbers comparable with RESULTS.md's)")
@@ -244,6 +255,10 @@ def main(argv=None):
   p.add_argument("--topics", type=int, default=16, help="k-means topics for --groups topics")
   p.add_argument("--groups_per_batch", type=int, default=1,
                  help="parts of each head batch, each from one group (--groups)")
+  p.add_argument("--idf_power", type=float, default=IDF_POWER,
+                 help="score the heads' codes with this idf power, as the evaluation harness "
+                      "does (saejax.retrieval.index; 0: their plain cosine, as RESULTS.md's sweep "
+                      "rows before 2026-12-03)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override BASE for every arm, e.g. --set sae.num_latents=4096")
   args = p.parse_args(argv)
@@ -277,6 +292,7 @@ def main(argv=None):
   print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
 
   def report(row: dict):
+    row = {**row, "idf_power": args.idf_power}
     with open(out, "a") as f:
       f.write(json.dumps(row) + "\n")
     for k in ("k32", "k64", "k128"):
@@ -293,9 +309,11 @@ def main(argv=None):
     dense["mean"] = float(np.mean([dense[n] for n in EVAL_SETS]))
     report({"arm": "dense (ceiling)", "k64": dense})
     sae = random_topk(d_model, 16384, args.seed)
-    report({"arm": "random TopK S=16384 (floor)", **evaluate(sae, evals, health_v)})
+    report({"arm": "random TopK S=16384 (floor)",
+            **evaluate(sae, evals, health_v, idf_power=args.idf_power)})
   for workdir in args.run:
-    report({"arm": f"run {workdir}", **evaluate(frozen_run_sae(workdir), evals, health_v)})
+    report({"arm": f"run {workdir}", **evaluate(run_sae(workdir, cache), evals, health_v,
+                                                       idf_power=args.idf_power)})
   arms = [a for a in args.arms.split(",") if a]
   unknown = [a for a in arms if a not in ARMS]
   if unknown:
@@ -310,7 +328,7 @@ def main(argv=None):
     report({"arm": arm + grouping, "overrides": ARMS[arm],
             "pairs": len(q_train), "cache": str(cache),
             "train_s": time.time() - start,
-            "last": history[-1], **evaluate(sae, evals, health_v)})
+            "last": history[-1], **evaluate(sae, evals, health_v, idf_power=args.idf_power)})
 
 if __name__ == "__main__":
   hostmem.reexec_with_tunables()  # head temporaries on huge pages (saejax.hostmem)

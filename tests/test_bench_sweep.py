@@ -1,5 +1,6 @@
 """benchmarks/sweep.py's latent-health count (shared with benchmarks/health.py), by hand."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -34,3 +35,19 @@ def test_health_rows_are_the_same_draw_every_time(sweep):
   assert len(rows) == sweep.HEALTH_TEXTS == len(set(rows.tolist()))
   np.testing.assert_array_equal(rows, sweep.health_rows(50_000))
   assert rows.max() < 50_000
+
+
+def test_run_sae_refuses_a_cache_of_another_encoder(sweep, tmp_path):
+  # A cache embedded by run A's encoder (embed_cache.py --run A) is not run B's input; a cache of
+  # the untouched MiniLM is not the input of a run whose encoder was trained. Both are refused
+  # before any checkpoint is read.
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text(json.dumps({"optim": {"freeze_encoder": False}}))
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  with pytest.raises(SystemExit, match="embed_cache.py --run"):
+    sweep.run_sae(str(run), cache)
+  (cache / "encoder.json").write_text(json.dumps({"run": str(tmp_path / "other")}))
+  with pytest.raises(SystemExit, match="holds the embeddings of run .*other's encoder"):
+    sweep.run_sae(str(run), cache)

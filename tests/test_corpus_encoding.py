@@ -13,7 +13,7 @@ import pytest
 from saejax import cli
 from saejax.hub import corpus, trained
 from saejax.retrieval import encode
-from saejax.retrieval.index import SparseIndex
+from saejax.retrieval.index import IDF_POWER, SparseIndex
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_distributed import CACHE, _finish, _free_port  # noqa: E402
@@ -71,7 +71,8 @@ def _assert_matches(out: Path, reference) -> None:
     rows = slice(shard * SHARD, (shard + 1) * SHARD)
     np.testing.assert_array_equal(indices, codes.indices[rows])
     np.testing.assert_allclose(values, codes.values[rows], atol=1e-5, rtol=0)
-  expected = SparseIndex.build(codes.values, codes.indices, model.sae.config.num_latents)
+  expected = SparseIndex.build(codes.values, codes.indices, model.sae.config.num_latents,
+                               idf_power=IDF_POWER)  # the command's default
   np.testing.assert_array_equal(index.offsets, expected.offsets)
   np.testing.assert_array_equal(index.docs, expected.docs)
   np.testing.assert_allclose(index.weights, expected.weights, atol=1e-5, rtol=0)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from flax import nnx
 from tokenizers import Tokenizer
 
@@ -24,6 +25,7 @@ from saejax.hub import build, checkpoint, convert, trained
 from saejax.hub.state import OptimConfig, init_state, make_optimizer
 from saejax.models import bert
 from saejax.retrieval.encode import EncodeConfig, encode_sparse
+from saejax.retrieval.index import IDF_POWER
 from saejax.sae.embedder import Embedder
 from saejax.sae.topk import SAE, SAEConfig
 
@@ -33,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEBIAN = REPO / "data" / "debian-quickstart" / "beir-dev"
 sys.path.insert(0, str(REPO / "tests"))
 import tiny_config  # noqa: E402
+from idf_reference import idf_weighted  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,8 +130,9 @@ def test_sparse_retrieval_metrics_and_flops_by_hand():
   q_indices = np.array([[0, 2], [1, 3]], np.int32)
   qrels = {"q0": {"d0": 0, "d2": 1, "d3": 2}, "q1": {"d1": 2}}
   data_ = BeirData(("d0", "d1", "d2", "d3"), ("",) * 4, ("q0", "q1"), ("", ""), qrels)
+  plain = harness.HarnessConfig(idf_power=0)  # the codes' dot product, as computed by hand
   got = harness._sparse_retrieval(data_, q_values, q_indices, d_values, d_indices, 2, 2, 4,
-                                  harness.HarnessConfig(), unit=False)
+                                  plain, unit=False)
   # q0 ranks d0 (gain 0), d2 (gain 1); d3 (gain 2) is never retrieved.
   ndcg_q0 = _ndcg([0, 1], [0, 1, 2])
   assert ndcg_q0 == pytest.approx(1 / math.log2(3) / (2 + 1 / math.log2(3)))
@@ -145,9 +149,9 @@ def test_sparse_retrieval_metrics_and_flops_by_hand():
   # scores 1 (q0's norm does not matter), so the ranking is unchanged; at k = 1 every document is a
   # single latent with value 1 and q0 = {0: 1} ties d0 with d2 (whose first column is latent 0).
   unit = harness._sparse_retrieval(data_, q_values, q_indices, d_values, d_indices, 1, 1, 4,
-                                   harness.HarnessConfig(), unit=True)
+                                   plain, unit=True)
   raw = harness._sparse_retrieval(data_, q_values, q_indices, d_values, d_indices, 1, 1, 4,
-                                  harness.HarnessConfig(), unit=False)
+                                  plain, unit=False)
   assert unit["ndcg@10"] != raw["ndcg@10"]  # d2's truncated code (.5) renormalised to 1
 
 
@@ -210,13 +214,15 @@ def test_query_k_sweep_searches_the_same_index_with_denser_queries(beir):
   got = harness.SparseSystem("tiny", model, tok).evaluate(data_, cfg)
   rows = got["k_query_sweep"]
   assert [(r["k_query"], r["k_doc"]) for r in rows] == [(2, 4), (8, 4), (16, 4)]  # 256 > S: out
-  # Reference: scipy's exact sparse product over codes encoded directly at each k (unit rows).
+  # Reference: scipy's exact sparse product over codes encoded directly at each k (unit rows),
+  # idf-weighted by NumPy.
   enc = EncodeConfig(max_len=64, batch_size=32, progress=False)
   d = encode_sparse(model, tok, data_.docs, 4, enc)
-  d_mat = sparse_matrix(d.values, d.indices, 128)
+  d_dense = sparse_matrix(d.values, d.indices, 128).toarray()
   for row in rows:
     q = encode_sparse(model, tok, data_.queries, row["k_query"], enc)
-    docs, scores = quickeval.search_sparse(sparse_matrix(q.values, q.indices, 128), d_mat)
+    q_w, d_w = idf_weighted(sparse_matrix(q.values, q.indices, 128).toarray(), d_dense)
+    docs, scores = quickeval.search_sparse(sp.csr_matrix(q_w), sp.csr_matrix(d_w))
     want = quickeval.evaluate(data_.qrels, quickeval.to_run(data_, docs, scores))
     assert row["ndcg@10"] == pytest.approx(want["ndcg@10"], abs=1e-6)
     assert row["active_dims_query"] == pytest.approx((q.values > 0).sum(1).mean())
@@ -284,10 +290,11 @@ def test_cli_end_to_end(beir, runs, dense_dir, tmp_path, capsys):
 
   d_codes = codes(data.docs, d_cfg)
   for name, expected in (
-      ("sparse", metrics(codes(data.queries, q_cfg), d_codes, lambda x: x > 0)),
+      ("sparse", metrics(*idf_weighted(codes(data.queries, q_cfg), d_codes), lambda x: x > 0)),
       ("ablation", metrics(pooled(data.queries, q_cfg), pooled(data.docs, d_cfg), np.isfinite))):
     for key, value in expected.items():
       assert systems[name][key] == pytest.approx(value, abs=1e-6), (name, key)
+  assert sparse["idf_power"] == IDF_POWER
   assert sparse["active_dims_doc"] == pytest.approx((d_codes > 0).sum(1).mean())
   assert sparse["dead_fraction"] == pytest.approx(((d_codes > 0).sum(0) == 0).mean())
   # BM25 on real package descriptions finds most of the 16 descriptions among 32 documents.

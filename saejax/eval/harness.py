@@ -10,8 +10,8 @@ Systems (each ranks the top `HarnessConfig.depth` documents of every query, exac
   * `SparseSystem`: a saejax `Embedder` with its TopK SAE (a training run's workdir, or a
     sentence-transformers SparseEncoder directory through `saejax.hub.export.load_sparse_encoder`).
     Documents go into `saejax.retrieval.index.SparseIndex` (the exact inverted index) and are scored
-    by the dot product of the sparse embeddings (unit-norm codes: cosine), the similarity the model
-    is trained with. `random_topk_system` is the floor: the untouched encoder with an untrained SAE.
+    by the idf-weighted cosine of the sparse embeddings (`HarnessConfig.idf_power`; 0: the plain
+    cosine of the unit-norm codes, the similarity the model is trained with). `random_topk_system` is the floor: the untouched encoder with an untrained SAE.
   * `DenseSystem`: mean-pooled encoder output, cosine similarity (`quickeval.search_dense`): the
     untouched encoder a model was initialised from (`dense_system(HF_DIR)`), or a run trained
     without SAE (the dense ablation, ``sae.enabled=False``; its loss is InfoNCE on cosine).
@@ -81,7 +81,7 @@ from saejax.eval import quickeval
 from saejax.eval.quickeval import RUN_DEPTH
 from saejax.hub import convert, trained
 from saejax.retrieval.encode import EncodeConfig, encode_dense, encode_sparse
-from saejax.retrieval.index import SparseIndex
+from saejax.retrieval.index import IDF_POWER, SparseIndex
 from saejax.sae.embedder import Embedder
 from saejax.sae.topk import SAE, SAEConfig
 
@@ -111,6 +111,8 @@ class HarnessConfig:
     batch_size: texts per forward pass.
     depth: documents ranked per query (Recall@100 needs 100).
     hot_frequency: a latent firing in more than this fraction of documents is hot.
+    idf_power: sparse systems score the idf-weighted cosine of their codes with this power
+      (`saejax.retrieval.index`; 0: the plain cosine they are trained with).
     progress: show progress bars while encoding.
   """
   k_query: int = 0
@@ -122,6 +124,7 @@ class HarnessConfig:
   batch_size: int = 64
   depth: int = RUN_DEPTH
   hot_frequency: float = HOT_FREQUENCY
+  idf_power: float = IDF_POWER
   progress: bool = False
 
   def __post_init__(self):
@@ -315,13 +318,15 @@ class SparseSystem:
     encode_d = time.perf_counter() - start
 
     unit = self.model.sae.config.normalize_codes
-    doc_index = _doc_index(d.values, d.indices, k_d, s, unit)  # shared by the query-k sweep
+    doc_index = _doc_index(d.values, d.indices, k_d, s, unit, cfg.idf_power)  # shared by the
+    # query-k sweep
     main = _sparse_retrieval(data, q.values, q.indices, d.values, d.indices, k_q, k_d, s, cfg,
                              unit, doc_index)
     lengths = main.pop("_lengths")
     n = len(data.doc_ids)
     result = {
         "kind": self.kind, "k_train": self.k, "k_query": k_q, "k_doc": k_d, "num_latents": s,
+        "idf_power": cfg.idf_power,
         **main,
         "dead_fraction": float((lengths == 0).mean()),
         "hot_fraction": float((lengths > cfg.hot_frequency * n).mean()),
@@ -355,14 +360,15 @@ class SparseSystem:
     return result
 
 
-def _doc_index(d_values, d_indices, k_d: int, num_latents: int,
-               unit: bool) -> tuple[SparseIndex, np.ndarray, float]:
-  """(the index of the documents' first ``k_d`` code columns, their values as indexed, build s)."""
+def _doc_index(d_values, d_indices, k_d: int, num_latents: int, unit: bool,
+               idf_power: float) -> tuple[SparseIndex, np.ndarray, float]:
+  """(the index of the documents' first ``k_d`` code columns, their values as given to it,
+  build s)."""
   dv, di = d_values[:, :k_d], d_indices[:, :k_d]
   if unit:
     dv = _unit_rows(dv)
   start = time.perf_counter()
-  index = SparseIndex.build(dv, di, num_latents)
+  index = SparseIndex.build(dv, di, num_latents, idf_power=idf_power)
   return index, dv, time.perf_counter() - start
 
 
@@ -379,7 +385,8 @@ def _sparse_retrieval(data: BeirData, q_values, q_indices, d_values, d_indices, 
   qv, qi = q_values[:, :k_q], q_indices[:, :k_q]
   if unit:
     qv = _unit_rows(qv)
-  index, dv, index_s = doc_index or _doc_index(d_values, d_indices, k_d, num_latents, unit)
+  index, dv, index_s = doc_index or _doc_index(d_values, d_indices, k_d, num_latents, unit,
+                                               cfg.idf_power)
   index.search(qv[:1], qi[:1], cfg.depth)  # loads the compiled kernels: not search time
   start = time.perf_counter()
   scores, rows = index.search(qv, qi, cfg.depth)

@@ -46,7 +46,7 @@ from saejax.errors import ConfigError, DataError
 from saejax.eval import harness
 from saejax.eval import quickeval
 from saejax.retrieval.encode import EncodeConfig, encode_dense, encode_sparse
-from saejax.retrieval.index import SparseIndex
+from saejax.retrieval.index import IDF_POWER, SparseIndex
 from saejax.sae.embedder import Embedder
 
 
@@ -68,12 +68,15 @@ class SaejaxMTEB(AbsEncoder):
     max_query_len: query token budget.
     max_doc_len: document token budget.
     batch_size: texts per forward pass.
+    idf_power: retrieval scores the idf-weighted cosine of the codes with this power
+      (`saejax.retrieval.index`; 0: the plain cosine).
   """
 
   def __init__(self, model: Embedder, tokenizer: Tokenizer, *, name: str = "saejax/model",
                k_query: int | None = None, k_doc: int | None = None, max_query_len: int = 64,
-               max_doc_len: int = 256, batch_size: int = 64):
+               max_doc_len: int = 256, batch_size: int = 64, idf_power: float = IDF_POWER):
     self.model, self.tokenizer = model, tokenizer
+    self.idf_power = idf_power
     self.sparse = model.sae is not None
     k = model.sae.config.k if self.sparse else None
     self.k_query, self.k_doc = k_query or k, k_doc or k
@@ -157,7 +160,7 @@ class SaejaxMTEB(AbsEncoder):
     if self.sparse:
       codes = self._codes(texts, PromptType.document)
       self._index = SparseIndex.build(codes.values, codes.indices,
-                                      self.model.sae.config.num_latents)
+                                      self.model.sae.config.num_latents, idf_power=self.idf_power)
     else:
       self._dense_docs = self._dense(texts, PromptType.document)
 

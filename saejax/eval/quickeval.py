@@ -4,9 +4,10 @@
 
 Systems, each ranking the top `RUN_DEPTH` (100) documents per query exactly:
   * saejax: the trained `Embedder`'s TopK SAE embeddings (`saejax.sae.topk.SAE.embed`; k may differ
-    for queries and documents), scored by sparse dot product: of the unit-normalised codes
-    (cosine) when `SAEConfig.normalize_codes`, else of the raw codes; the similarity the model is
-    trained with (scipy CSR matrices);
+    for queries and documents), searched with the exact index (`saejax.retrieval.index`) as the
+    evaluation harness searches them: sparse dot product of the unit-normalised codes (cosine)
+    when `SAEConfig.normalize_codes`, else of the raw codes, the similarity the model is trained
+    with, idf-weighted (`EvalConfig.idf_power`; 0: none);
   * "bm25": Okapi BM25 (Robertson & Zaragoza 2009) with bm25s (Lucene variant, k1=1.5, b=0.75),
     lower-cased word tokens (regex ``\\w\\w+``), English stopwords removed and NO stemming:
     PyStemmer is not a saejax dependency, so this baseline is a slightly conservative BM25;
@@ -50,7 +51,7 @@ from saejax.data.beir import BeirData, Qrels, load_beir
 from saejax.errors import ConfigError
 from saejax.hub import convert, trained
 from saejax.retrieval.encode import EncodeConfig, encode_dense, encode_sparse
-from saejax.retrieval.index import sparse_matrix
+from saejax.retrieval.index import IDF_POWER, SparseIndex
 from saejax.sae import topk as sae_lib
 from saejax.sae.embedder import Embedder
 
@@ -79,6 +80,7 @@ class EvalConfig:
     max_doc_len: document token budget (training's `data.max_doc_len` by default).
     batch_size: texts per forward pass.
     seed: seed of the subsample.
+    idf_power: the sparse systems' idf weighting (`saejax.retrieval.index`; 0: plain cosine).
     progress: show progress bars.
   """
   beir_dir: str
@@ -91,6 +93,7 @@ class EvalConfig:
   max_doc_len: int = 256
   batch_size: int = 64
   seed: int = 0
+  idf_power: float = IDF_POWER
   progress: bool = True
 
   def __post_init__(self):
@@ -175,12 +178,13 @@ def eval_sparse(model: Embedder, tokenizer: Tokenizer, data: BeirData,
                     desc="saejax queries")
   d = encode_sparse(model, tokenizer, data.docs, k_d, cfg.encode_config(cfg.max_doc_len),
                     desc="saejax docs")
-  s = model.sae.config.num_latents
-  q_m, d_m = sparse_matrix(q.values, q.indices, s), sparse_matrix(d.values, d.indices, s)
-  metrics = evaluate(data.qrels, to_run(data, *search_sparse(q_m, d_m)))
+  index = SparseIndex.build(d.values, d.indices, model.sae.config.num_latents,
+                            idf_power=cfg.idf_power)
+  scores, docs = index.search(q.values, q.indices, RUN_DEPTH)
+  metrics = evaluate(data.qrels, to_run(data, docs, scores))
   return {**metrics, "k_query": k_q, "k_doc": k_d,
-          "active_dims_query": float(np.diff(q_m.indptr).mean()),
-          "active_dims_doc": float(np.diff(d_m.indptr).mean()),
+          "active_dims_query": float((q.values != 0).sum(1).mean()) if len(q.values) else 0.0,
+          "active_dims_doc": float((d.values != 0).sum(1).mean()) if len(d.values) else 0.0,
           "truncated_queries": q.stats.num_truncated, "truncated_docs": d.stats.num_truncated,
           "seconds": time.time() - start}
 

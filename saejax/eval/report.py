@@ -154,6 +154,9 @@ def markdown(results: dict) -> str:
       f"- token budgets: queries {cfg['max_query_len']}, documents {cfg['max_doc_len']}"
       + (f" ({results['token_budgets']['from']})" if results.get("token_budgets") else "")
       + f"; batch {cfg['batch_size']}; {cfg['depth']} documents ranked per query",
+      "- sparse scoring: " + (f"idf-weighted cosine of the codes, idf^{cfg['idf_power']:g} "
+                              "(saejax.retrieval.index)" if cfg.get("idf_power") else
+                              "cosine of the codes (no idf weighting)"),
       "",
       "Metrics: ir-measures (trec_eval definitions). FLOPs / query: the summed posting-list "
       "lengths of a query's active latents, averaged over queries (N x D for dense systems), "

@@ -57,7 +57,7 @@ from saejax.data.sources import beir_document, read_beir_texts
 from saejax.errors import CheckpointError, ConfigError, DataError
 from saejax.hub import trained
 from saejax.retrieval import encode as encode_lib
-from saejax.retrieval.index import SparseIndex
+from saejax.retrieval.index import IDF_POWER, SparseIndex
 from saejax.sae.embedder import model_fingerprint
 
 FORMAT = "saejax.CorpusShards"
@@ -193,6 +193,7 @@ class Job:
   mesh: jax.sharding.Mesh
   process: int = 0
   processes: int = 1
+  idf_power: float = IDF_POWER
 
   def log(self, message: str) -> None:
     print(f"process {self.process}/{self.processes}: {message}", file=sys.stderr, flush=True)
@@ -252,7 +253,8 @@ class Job:
     for shard in range(self.plan.num_shards):
       start, stop = self.plan.span(shard)
       values[start:stop], indices[start:stop] = read_shard(shard_file(self.out, shard))
-    index = SparseIndex.build(values, indices, self.model.sae.config.num_latents)
+    index = SparseIndex.build(values, indices, self.model.sae.config.num_latents,
+                              idf_power=self.idf_power)
     _write_atomic(self.out / IDS, lambda f: f.write(json.dumps(self.ids).encode("utf-8")))
     index.save(self.out / INDEX, overwrite=True)
     self.log(f"merged {self.plan.num_shards} shards into {self.out / INDEX}: {index!r}")
@@ -326,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
                  help="token budget per document (default: the run's data.max_doc_len)")
   p.add_argument("--k", type=int, default=None, help="active latents per document "
                  "(default: the training k)")
+  p.add_argument("--idf-power", type=float, default=IDF_POWER,
+                 help="the index scores the idf-weighted cosine with this power "
+                 "(saejax.retrieval.index; 0: the plain cosine the model is trained with)")
   p.add_argument("--merge-only", action="store_true", help="encode nothing but damaged shards; "
                  "merge the shards on disk (all must be there)")
   p.add_argument("--wait-timeout", type=float, default=24 * 3600,
@@ -369,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
       "num_shards": plan.num_shards})
   job = Job(out, ids, texts, plan, model, tokenizer, k,
             encode_lib.EncodeConfig(max_len=max_len, batch_size=batch, progress=False), mesh,
-            jax.process_index(), jax.process_count())
+            jax.process_index(), jax.process_count(), args.idf_power)
   mine = plan.mine(job.process, job.processes)
   job.log(f"{plan.num_docs} documents in {plan.num_shards} shards of {plan.shard_size}; "
           f"{len(mine)} shards here, batch {batch} over {len(devices)} local devices")

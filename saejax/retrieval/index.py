@@ -4,8 +4,13 @@ A document's code is ``values`` [k] over ``indices`` [k] in [0, S); a query's co
 with its own k (queries and documents may use different k). The score of a document is the dot
 product of the two sparse codes as `saejax.retrieval.encode.encode_sparse` gives them (unit-norm
 when `SAEConfig.normalize_codes`, so the score is their cosine), the similarity the model is trained
-with. `SparseIndex` holds the documents as an inverted index, one posting list per latent in CSC
-form:
+with. Built with ``idf_power`` a > 0, the index scores an idf-weighted cosine instead: every
+latent t's values, in documents and queries alike, are multiplied by idf_t^a, idf_t = ln((N + 1) /
+(df_t + 0.5)) with df_t the documents holding t, and each code is rescaled to its own norm, so a
+latent most documents share counts for less than a rare one (BM25's idf on latents instead of
+words). The weights are the index's own statistics (`latent_weights`), derived from the posting
+lists, so a saved index keeps them. `SparseIndex` holds the documents as an inverted index, one
+posting list per latent in CSC form:
 
   offsets int64 [S+1]   latent t's postings are docs/weights[offsets[t]:offsets[t+1]]
   docs    int32 [nnz]   rows, ascending within each list
@@ -65,6 +70,12 @@ HEADER = "header.json"
 # `saejax.retrieval.index_kernels`): 0.1 measured best on head-heavy Zipf codes, 0.05-0.15 within
 # noise.
 DENSE_FRACTION = 0.1
+# The idf power saejax's searches use (the evaluation harness, corpus indexes, the MTEB adapter);
+# `SparseIndex.build` itself defaults to 0, the plain dot product. On a joint run's k = 64 codes
+# 0.5 lifts mean nDCG@10 over SciFact, Cranfield and Debian 0.615 -> 0.620, every set up; on
+# held-out paraphrase retrieval (STS-B, SICK, MRPC test pairs) 0.8265 -> 0.8272 (RESULTS.md
+# "Quality", session 23).
+IDF_POWER = 0.5
 # Elements of the [queries, documents, latents] gather that `search_jax` holds at once.
 _JAX_GATHER_BUDGET = 1 << 26
 
@@ -101,17 +112,21 @@ class SparseIndex:
 
   def __init__(self, offsets: Int[np.ndarray, "S+1"], docs: Int[np.ndarray, "nnz"],
                weights: Float[np.ndarray, "nnz"], doc_ids: Int[np.ndarray, "N"], *,
-               dense_fraction: float = DENSE_FRACTION):
+               dense_fraction: float = DENSE_FRACTION, idf_power: float = 0.0):
     """Wrap the index arrays (`build` and `load` make them); their structure is checked here.
+
+    ``weights`` are the documents' values as scored (already idf-weighted when ``idf_power`` > 0);
+    ``idf_power`` weights the queries to match.
 
     Raises:
       IndexArraysError: arrays of the wrong dtype or shape, or not a valid inverted index
         (everything the compiled kernels rely on for memory safety is checked).
-      ConfigError: a bad dense_fraction.
+      ConfigError: a bad dense_fraction or idf_power.
     """
     if not isinstance(dense_fraction, (int, float)) or not dense_fraction > 0:
       raise ConfigError(f"dense_fraction={dense_fraction!r} must be > 0 (above 1: no dense "
                         f"columns)")
+    _check_idf_power(idf_power)
     _check_arrays(offsets, docs, weights, doc_ids)
     # Read-only views: the kernels' safety rests on the checks above staying true.
     self.offsets, self.docs, self.weights, self.doc_ids = (
@@ -119,6 +134,9 @@ class SparseIndex:
     for a in (self.offsets, self.docs, self.weights, self.doc_ids):
       a.flags.writeable = False
     self.dense_fraction = float(dense_fraction)
+    self.idf_power = float(idf_power)
+    self.latent_weights = latent_idf(np.diff(offsets), self.num_docs, self.idf_power)
+    self.latent_weights.flags.writeable = False
     # float16 weights reach the kernels as their bits, widened through a lookup table.
     self._kernel_weights = weights.view(np.uint16) if weights.dtype == np.float16 else weights
     self._block = kernels.BLOCK  # the skips are only valid for the block they were made with
@@ -138,8 +156,8 @@ class SparseIndex:
   @classmethod
   def build(cls, values: Float[np.ndarray, "N K"], indices: Int[np.ndarray, "N K"],
             num_latents: int, doc_ids: Int[np.ndarray, "N"] | None = None, *,
-            dtype: WeightDtype = "float32",
-            dense_fraction: float = DENSE_FRACTION) -> "SparseIndex":
+            dtype: WeightDtype = "float32", dense_fraction: float = DENSE_FRACTION,
+            idf_power: float = 0.0) -> "SparseIndex":
     """Index N document codes.
 
     Zero values are not stored (a TopK code's ReLU zeros); a latent repeated within one row has
@@ -155,16 +173,19 @@ class SparseIndex:
       dense_fraction: latents held by at least this fraction of documents are also kept as
         dense float32 columns for faster scoring (above 1: none); it changes speed, never
         results.
+      idf_power: a > 0 scores the idf-weighted cosine (module docstring) with idf^a, the idf
+        from these documents; 0 (default) scores the codes' plain dot product.
 
     Raises:
       DataError: shapes that do not fit, an index out of range, a non-finite value, duplicate
         doc ids, a value too large for float16.
-      ConfigError: a bad num_latents, dtype or dense_fraction.
+      ConfigError: a bad num_latents, dtype, dense_fraction or idf_power.
     """
     if not isinstance(num_latents, (int, np.integer)) or num_latents < 1:
       raise ConfigError(f"num_latents={num_latents!r} must be a positive int")
     if dtype not in ("float32", "float16"):
       raise ConfigError(f"dtype={dtype!r} must be 'float32' or 'float16'")
+    _check_idf_power(idf_power)
     values, indices = _check_codes(values, indices, int(num_latents), "document")
     n = values.shape[0]
     if n >= 2**31:
@@ -177,6 +198,10 @@ class SparseIndex:
                         shape=(n, int(num_latents)))
     csr.sum_duplicates()
     csr.eliminate_zeros()
+    if idf_power:
+      df = np.bincount(csr.indices, minlength=int(num_latents))
+      csr.data = _weigh_rows(csr.data, csr.indices, np.diff(csr.indptr),
+                             latent_idf(df, n, idf_power))
     csc = csr.tocsc()
     csc.sort_indices()
     weights = csc.data.astype(np.float32)
@@ -188,7 +213,7 @@ class SparseIndex:
                         f"dtype='float32'")
       weights = weights.astype(np.float16)
     return cls(csc.indptr.astype(np.int64), csc.indices.astype(np.int32), weights, doc_ids,
-               dense_fraction=dense_fraction)
+               dense_fraction=dense_fraction, idf_power=idf_power)
 
   # -------------------------------------------------------------------------------------------
   # Properties
@@ -223,6 +248,7 @@ class SparseIndex:
   def __repr__(self) -> str:
     return (f"SparseIndex(num_docs={self.num_docs:,}, num_latents={self.num_latents:,}, "
             f"nnz={self.nnz:,}, dtype={self.dtype}, dense={self.num_dense}, "
+            f"{f'idf_power={self.idf_power:g}, ' if self.idf_power else ''}"
             f"{self.nbytes / 2**20:.1f} MiB)")
 
   # -------------------------------------------------------------------------------------------
@@ -242,7 +268,7 @@ class SparseIndex:
       scores > 0 descending, ties by lower doc id, padding -inf / -1.
     """
     top_k = _check_top_k(top_k)
-    q_values, q_indices = _check_codes(q_values, q_indices, self.num_latents, "query")
+    q_values, q_indices = self._queries(q_values, q_indices)
     heap_s, heap_r = kernels.search_kernel(
         self._skips, self.docs, self._kernel_weights, kernels.HALF_TO_FLOAT, self._dense_slot,
         self._dense_cols, self.num_docs, self._block, q_indices, q_values, top_k,
@@ -270,7 +296,7 @@ class SparseIndex:
       As `search`.
     """
     top_k = _check_top_k(top_k)
-    q_values, q_indices = _check_codes(q_values, q_indices, self.num_latents, "query")
+    q_values, q_indices = self._queries(q_values, q_indices)
     if not isinstance(query_chunk, int) or query_chunk < 0:
       raise ConfigError(f"query_chunk={query_chunk!r} must be an int >= 0")
     num_q = q_values.shape[0]
@@ -294,6 +320,15 @@ class SparseIndex:
     miss = ~(heap_s > 0)
     heap_s[miss], heap_r[miss] = -np.inf, -1
     return self._ranked(heap_s, heap_r)
+
+  def _queries(self, q_values, q_indices) -> tuple[Float[np.ndarray, "Q R"], Int[np.ndarray, "Q R"]]:
+    """Checked query codes, weighted as the documents are (``idf_power`` > 0)."""
+    q_values, q_indices = _check_codes(q_values, q_indices, self.num_latents, "query")
+    if self.idf_power:
+      q_values = _weigh_rows(q_values.reshape(-1), q_indices.reshape(-1),
+                             np.full(q_values.shape[0], q_values.shape[1]),
+                             self.latent_weights).reshape(q_values.shape)
+    return q_values, q_indices
 
   def _device_forward(self) -> tuple[Array, Array]:
     """The documents' codes as padded rows [N, K] (latent 0 with weight 0 as padding), on device."""
@@ -350,7 +385,7 @@ class SparseIndex:
           os.fsync(f.fileno())
       header = {"format": FORMAT, "version": FORMAT_VERSION, "num_docs": self.num_docs,
                 "num_latents": self.num_latents, "nnz": self.nnz, "dtype": self.dtype,
-                "dense_fraction": self.dense_fraction}
+                "dense_fraction": self.dense_fraction, "idf_power": self.idf_power}
       (tmp / HEADER).write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
       if path.exists():
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
@@ -396,7 +431,7 @@ class SparseIndex:
                               f"{np.dtype(dtype)} {shape}")
     try:
       return cls(**arrays, dense_fraction=header["dense_fraction"] if dense_fraction is None
-                 else dense_fraction)
+                 else dense_fraction, idf_power=header.get("idf_power", 0.0))
     except IndexArraysError as e:
       raise CheckpointError(f"{path / (e.array + '.npy')}: {e.message}") from None
 
@@ -419,6 +454,33 @@ def _jax_top(fwd_latents: Int[Array, "N K"], fwd_weights: Float[Array, "N K"],
 
 # ---------------------------------------------------------------------------------------------
 # Validation
+
+def latent_idf(df: Int[np.ndarray, "S"], num_docs: int, power: float) -> Float[np.ndarray, "S"]:
+  """idf_t^power per latent, idf_t = ln((N + 1) / (df_t + 0.5)): > 0 for every df_t <= N (a
+  latent in every document keeps a small weight), 1 everywhere when power is 0."""
+  idf = np.log((num_docs + 1) / (np.asarray(df, np.float64) + 0.5))
+  return (idf ** power).astype(np.float32)
+
+
+def _weigh_rows(values: Float[np.ndarray, "nnz"], latents: Int[np.ndarray, "nnz"],
+                row_lengths: Int[np.ndarray, "rows"], latent_weights: Float[np.ndarray, "S"]
+                ) -> Float[np.ndarray, "nnz"]:
+  """Each row's values (rows stored one after another) times their latents' weights, rescaled to
+  the row's own L2 norm (a unit code stays a unit code)."""
+  values = values.astype(np.float64)
+  weighted = values * latent_weights[latents]
+  rows = np.repeat(np.arange(len(row_lengths)), row_lengths)
+  before = np.sqrt(np.bincount(rows, values ** 2, minlength=len(row_lengths)))
+  after = np.sqrt(np.bincount(rows, weighted ** 2, minlength=len(row_lengths)))
+  scale = np.divide(before, after, out=np.zeros_like(before), where=after > 0)
+  return (weighted * scale[rows]).astype(np.float32)
+
+
+def _check_idf_power(power) -> None:
+  if (isinstance(power, bool) or not isinstance(power, (int, float, np.floating))
+      or not np.isfinite(power) or power < 0):
+    raise ConfigError(f"idf_power={power!r} must be a finite number >= 0 (0: no idf weighting)")
+
 
 def _check_top_k(top_k) -> int:
   if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
