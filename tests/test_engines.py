@@ -74,6 +74,40 @@ def test_milvus_steered_query_with_negative_weight(scifact_codes, milvus):
   np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-5)
 
 
+def test_milvus_idf_weighting_equals_exact_index_and_reopens(scifact_codes, tmp_path):
+  """idf_power: Milvus ranks as `SparseIndex(idf_power=...)`, steered queries (a latent repeated,
+  a negative weight) included; `open` reads the weights back; a plain rebuild drops them."""
+  doc_ids, _, d, q = scifact_codes
+  uri = tmp_path / "idf.db"
+  milvus = engines.MilvusIndex.build(d.values, d.indices, NUM_LATENTS, doc_ids, uri=uri,
+                                     idf_power=0.5)
+  exact = SparseIndex.build(d.values, d.indices, NUM_LATENTS, doc_ids, idf_power=0.5)
+  np.testing.assert_allclose(milvus.latent_weights, exact.latent_weights, rtol=1e-6)
+  busiest = np.bincount(d.indices.reshape(-1), minlength=NUM_LATENTS).argmax()
+  steered = (np.concatenate([q.values[:5], np.full((5, 2), [-2.0, 1.0], np.float32)], 1),
+             np.concatenate([q.indices[:5], [[busiest, q.indices[i, 0]] for i in range(5)]], 1))
+  for values, indices in ((q.values, q.indices), steered):
+    want_scores, want_ids = exact.search(values, indices, top_k=10)
+    got_scores, got_ids = milvus.search(values, indices, top_k=10)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-6)
+  plain_ids = SparseIndex.build(d.values, d.indices, NUM_LATENTS, doc_ids).search(
+      q.values, q.indices, top_k=10)[1]
+  idf_ids = exact.search(q.values, q.indices, top_k=10)[1]
+  assert (plain_ids != idf_ids).any()  # the weights change rankings on these codes
+  milvus.close()
+  reopened = engines.MilvusIndex.open(uri, "saejax", NUM_LATENTS)
+  assert reopened.idf_power == 0.5
+  np.testing.assert_array_equal(reopened.search(q.values, q.indices, top_k=10)[1], idf_ids)
+  reopened.close()
+  engines.MilvusIndex.build(d.values, d.indices, NUM_LATENTS, doc_ids, uri=uri,
+                            overwrite=True).close()
+  plain = engines.MilvusIndex.open(uri, "saejax", NUM_LATENTS)
+  assert plain.idf_power == 0 and plain.latent_weights is None
+  np.testing.assert_array_equal(plain.search(q.values, q.indices, top_k=10)[1], plain_ids)
+  plain.close()
+
+
 def test_milvus_empty_query_and_refusals(scifact_codes, milvus, tmp_path):
   _, _, d, q = scifact_codes
   scores, ids = milvus.search(np.zeros((1, 4), np.float32), q.indices[:1, :4], top_k=3)

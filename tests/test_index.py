@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 from saejax.errors import CheckpointError, ConfigError, DataError
 from saejax.retrieval import index_kernels
 from saejax.retrieval.index import IndexArraysError, SeismicAdapter, SparseIndex, recall
+from idf_reference import idf_weighted  # tests/ is on sys.path (pytest rootdir-relative import)
 
 
 def _zipf_codes(rng: np.random.Generator, n: int, k: int, s: int, a: float = 1.0,
@@ -236,6 +237,28 @@ def test_idf_search_equals_numpy_reference(corpus, tmp_path, power):
   for bad in (-0.5, float("nan"), True, "0.5"):
     with pytest.raises(ConfigError, match="idf_power"):
       SparseIndex.build(values, indices, 300, idf_power=bad)
+
+
+def test_idf_steered_query_repeating_a_latent(corpus):
+  """A steered query holds a latent twice (the query's own value, then a boost or a suppression):
+  it is weighted as the code with the repeats summed, norm included (NumPy reference)."""
+  values, indices, doc_ids, q_values, q_indices = corpus
+  values = np.abs(values)
+  steer_v = np.stack([np.full(len(q_values), 1.5), -0.5 * np.abs(q_values[:, 1])], 1)
+  q_values = np.concatenate([np.abs(q_values), steer_v], 1).astype(np.float32)
+  q_indices = np.concatenate([q_indices, q_indices[:, :2]], 1)  # both already in the query
+  docs, queries = np.zeros((len(values), 300)), np.zeros((len(q_values), 300))
+  np.add.at(docs, (np.arange(len(values))[:, None], indices), values)
+  np.add.at(queries, (np.arange(len(q_values))[:, None], q_indices), q_values)
+  q_ref, d_ref = idf_weighted(queries, docs, 0.5)
+  scores = q_ref @ d_ref.T
+  order = np.lexsort((np.broadcast_to(doc_ids, scores.shape), -scores), axis=1)[:, :10]
+  want = np.take_along_axis(scores, order, 1)
+  assert (want > 0).all()  # every rank a hit: the comparison covers scores, not padding
+  got_scores, got_ids = SparseIndex.build(values, indices, 300, doc_ids, idf_power=0.5).search(
+      q_values, q_indices, 10)
+  np.testing.assert_array_equal(got_ids, doc_ids[order])
+  np.testing.assert_allclose(got_scores, want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

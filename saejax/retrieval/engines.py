@@ -10,6 +10,14 @@ summation order (Milvus documentation, "Sparse Vector"). The same client code ta
 Milvus Lite file (``uri="path.db"``, the `milvus-lite` package; used by the tests) or to a Milvus
 server or cluster (``uri="http://host:19530"``).
 
+Built with ``idf_power`` a > 0, it scores the idf-weighted cosine `SparseIndex.build(...,
+idf_power=a)` scores: the latents' idf is counted over the documents given to `MilvusIndex.build`,
+documents are stored weighted, queries are weighted on the client before they are sent, and the
+weights live in a companion collection (``COLLECTION__saejax_idf``, one row: the weights as a
+sparse vector, the power as a scalar) that `MilvusIndex.open` reads back. Documents added later
+with `MilvusIndex.ingest` are weighted by those weights and not counted in them (the exact index
+is built once; rebuild for weights that count every document).
+
 Results follow `saejax.retrieval.index`'s result rule: only scores > 0, descending, ties by lower
 doc id, padding -inf / -1. Query weights may be negative (steering suppresses latents this way);
 Milvus refuses negative weights, so such a query fetches candidates by its positive part and
@@ -36,7 +44,9 @@ import numpy as np
 from jaxtyping import Float, Int
 
 from saejax.errors import ConfigError, DataError
-from saejax.retrieval.index import _check_codes, _check_doc_ids, _check_top_k, _sum_duplicates
+from saejax.retrieval.index import (_check_codes, _check_doc_ids, _check_idf_power, _check_top_k,
+                                    _sum_duplicates, latent_idf, sparse_matrix,
+                                    weigh_codes)
 
 # Milvus caps one request: at most 16,384 results per query and 16,384 queries per search.
 _MAX_LIMIT = 16384
@@ -45,6 +55,8 @@ _INSERT_CHUNK = 5000
 _KEY = re.compile(r"f(\d+)")
 # drop_ratio_search = 0: no small query weight is dropped, every posting list is scored (exact).
 _SEARCH_PARAMS = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
+# The companion collection of an idf-weighted index (a name Milvus accepts: letters, digits, _).
+_IDF_SUFFIX = "__saejax_idf"
 
 
 def _sparse_rows(values: np.ndarray, indices: np.ndarray) -> list[dict[int, float]]:
@@ -59,41 +71,56 @@ def _sparse_rows(values: np.ndarray, indices: np.ndarray) -> list[dict[int, floa
 class MilvusIndex:
   """A Milvus collection of saejax codes with `SparseIndex`'s search interface."""
 
-  def __init__(self, client, collection: str, num_latents: int):
-    """Wrap an existing collection; use `MilvusIndex.build` to create and fill one."""
+  def __init__(self, client, collection: str, num_latents: int, idf_power: float = 0.0,
+               latent_weights: Float[np.ndarray, "S"] | None = None):
+    """Wrap an existing collection; use `MilvusIndex.build` to create and fill one, `open` to
+    reopen one (with its idf weights)."""
     self.client, self.collection, self.num_latents = client, collection, int(num_latents)
+    self.idf_power = float(idf_power)
+    self.latent_weights = latent_weights  # idf^a per latent [S]; None: plain inner product
 
   @classmethod
   def build(cls, values: Float[np.ndarray, "N K"], indices: Int[np.ndarray, "N K"],
             num_latents: int, doc_ids: Int[np.ndarray, "N"] | None = None, *,
-            uri: str | os.PathLike, collection: str = "saejax",
-            overwrite: bool = False) -> "MilvusIndex":
+            uri: str | os.PathLike, collection: str = "saejax", overwrite: bool = False,
+            idf_power: float = 0.0) -> "MilvusIndex":
     """Create a collection and ingest N document codes.
 
     Args:
       values, indices, num_latents, doc_ids: as `SparseIndex.build`.
       uri: a Milvus Lite file (``"docs.db"``) or a server (``"http://host:19530"``).
       collection: the collection name.
-      overwrite: drop an existing collection of that name first.
+      overwrite: drop an existing collection of that name (and its idf weights) first.
+      idf_power: as `SparseIndex.build`: a > 0 scores the idf-weighted cosine, the idf counted
+        over these documents (module docstring); 0 the plain inner product.
 
     Raises:
       DataError: codes or doc ids that `SparseIndex.build` would refuse.
-      ConfigError: pymilvus is missing, or the collection exists and `overwrite` is False.
+      ConfigError: pymilvus is missing, the collection exists and `overwrite` is False, or a bad
+        idf_power.
     """
+    _check_idf_power(idf_power)
+    values, indices = _check_codes(values, indices, int(num_latents), "document")
     client = _client(uri)
     if client.has_collection(collection):
       if not overwrite:
         raise ConfigError(f"Milvus collection {collection!r} at {uri} exists; pass overwrite=True "
                           "or use MilvusIndex.open")
       client.drop_collection(collection)
-    from pymilvus import DataType, MilvusClient
-    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("id", DataType.INT64, is_primary=True)
-    schema.add_field("vector", DataType.SPARSE_FLOAT_VECTOR)
-    params = client.prepare_index_params()
-    params.add_index(field_name="vector", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
-    client.create_collection(collection, schema=schema, index_params=params)
-    index = cls(client, collection, num_latents)
+    if client.has_collection(collection + _IDF_SUFFIX):
+      client.drop_collection(collection + _IDF_SUFFIX)
+    weights = None
+    if idf_power:
+      codes = sparse_matrix(values, indices, int(num_latents))  # repeats summed, zeros dropped
+      weights = latent_idf(np.bincount(codes.indices, minlength=int(num_latents)),
+                           codes.shape[0], idf_power)
+      _create(client, collection + _IDF_SUFFIX, power=True)
+      client.insert(collection + _IDF_SUFFIX, [{
+          "id": 0, "power": float(idf_power),
+          "vector": {t: float(w) for t, w in enumerate(weights)}}])
+      client.flush(collection + _IDF_SUFFIX)
+    _create(client, collection)
+    index = cls(client, collection, num_latents, idf_power, weights)
     index.ingest(values, indices, doc_ids)
     return index
 
@@ -104,7 +131,17 @@ class MilvusIndex:
     if not client.has_collection(collection):
       raise ConfigError(f"Milvus at {uri} has no collection {collection!r}")
     client.load_collection(collection)
-    return cls(client, collection, num_latents)
+    if not client.has_collection(collection + _IDF_SUFFIX):
+      return cls(client, collection, num_latents)
+    client.load_collection(collection + _IDF_SUFFIX)
+    row, = client.query(collection + _IDF_SUFFIX, ids=[0], output_fields=["vector", "power"])
+    stored = {int(t): w for t, w in row["vector"].items()}
+    if max(stored) >= num_latents:
+      raise ConfigError(f"the idf weights of Milvus collection {collection!r} cover "
+                        f"{max(stored) + 1} latents, more than num_latents={num_latents}")
+    weights = np.ones(int(num_latents), np.float32)
+    weights[list(stored)] = list(stored.values())
+    return cls(client, collection, num_latents, float(row["power"]), weights)
 
   def ingest(self, values: Float[np.ndarray, "N K"], indices: Int[np.ndarray, "N K"],
              doc_ids: Int[np.ndarray, "N"] | None = None) -> None:
@@ -116,7 +153,7 @@ class MilvusIndex:
     """
     values, indices = _check_codes(values, indices, self.num_latents, "document")
     doc_ids = _check_doc_ids(doc_ids, values.shape[0])
-    rows = _sparse_rows(values, indices)
+    rows = _sparse_rows(*self._weighted(values, indices))
     empty = [int(d) for d, r in zip(doc_ids, rows) if not r]
     if empty:  # Milvus rejects an all-zero sparse vector; such a document can never be a hit.
       raise DataError(f"documents {empty[:5]} have no non-zero latent ({len(empty)} such rows); "
@@ -152,7 +189,7 @@ class MilvusIndex:
     num_q = q_values.shape[0]
     scores = np.full((num_q, top_k), -np.inf, dtype=np.float32)
     ids = np.full((num_q, top_k), -1, dtype=np.int64)
-    rows = _sparse_rows(q_values, q_indices)
+    rows = _sparse_rows(*self._weighted(q_values, q_indices))
     # Milvus accepts only non-negative weights: queries with a negative (suppressing) weight are
     # answered by `_search_signed`; an empty query has no hit and Milvus refuses it.
     plain = [q for q, r in enumerate(rows) if r and min(r.values()) > 0]
@@ -167,6 +204,12 @@ class MilvusIndex:
       if r and min(r.values()) < 0:
         _fill(scores[q], ids[q], self._search_signed(r, top_k))
     return scores, ids
+
+  def _weighted(self, values: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Checked codes weighted as `SparseIndex` weighs them (``idf_power`` > 0)."""
+    if self.latent_weights is not None:
+      values = weigh_codes(values, indices, self.latent_weights)
+    return values, indices
 
   def _search_signed(self, query: dict[int, float], top_k: int) -> list[tuple[float, int]]:
     """Exact hits of a query with negative weights: candidates from Milvus, rescored here.
@@ -194,6 +237,20 @@ class MilvusIndex:
 
   def close(self) -> None:
     self.client.close()
+
+
+def _create(client, collection: str, power: bool = False) -> None:
+  """A collection of int64 ids and sparse vectors under an exact inner-product inverted index
+  (``power``: with a float field, for the idf weights' companion collection)."""
+  from pymilvus import DataType, MilvusClient  # pylint: disable=import-outside-toplevel
+  schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+  schema.add_field("id", DataType.INT64, is_primary=True)
+  schema.add_field("vector", DataType.SPARSE_FLOAT_VECTOR)
+  if power:
+    schema.add_field("power", DataType.DOUBLE)
+  params = client.prepare_index_params()
+  params.add_index(field_name="vector", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
+  client.create_collection(collection, schema=schema, index_params=params)
 
 
 def _fill(scores: np.ndarray, ids: np.ndarray, hits: list[tuple[float, int]]) -> None:

@@ -325,9 +325,7 @@ class SparseIndex:
     """Checked query codes, weighted as the documents are (``idf_power`` > 0)."""
     q_values, q_indices = _check_codes(q_values, q_indices, self.num_latents, "query")
     if self.idf_power:
-      q_values = _weigh_rows(q_values.reshape(-1), q_indices.reshape(-1),
-                             np.full(q_values.shape[0], q_values.shape[1]),
-                             self.latent_weights).reshape(q_values.shape)
+      q_values = weigh_codes(q_values, q_indices, self.latent_weights)
     return q_values, q_indices
 
   def _device_forward(self) -> tuple[Array, Array]:
@@ -483,6 +481,19 @@ def _weigh_rows(values: Float[np.ndarray, "nnz"], latents: Int[np.ndarray, "nnz"
   scale = np.divide(before, after, out=np.zeros_like(before), where=after > 0)
   weighted *= np.repeat(scale, row_lengths)
   return weighted
+
+
+def weigh_codes(values: Float[np.ndarray, "Q R"], indices: Int[np.ndarray, "Q R"],
+                latent_weights: Float[np.ndarray, "S"]) -> Float[np.ndarray, "Q R"]:
+  """Codes (any sign, a latent possibly repeated in a row) times their latents' weights, each row
+  rescaled to the norm it had: the norms are those of the codes with repeats summed (a steered
+  query repeats latents), so the result does not depend on how a code splits a latent's value."""
+  summed = sparse_matrix(values, indices, len(latent_weights))
+  before = np.sqrt(np.asarray(summed.multiply(summed).sum(axis=1)).ravel())
+  summed.data *= latent_weights[summed.indices]
+  after = np.sqrt(np.asarray(summed.multiply(summed).sum(axis=1)).ravel())
+  scale = np.divide(before, after, out=np.zeros_like(before), where=after > 0)
+  return (values * latent_weights[indices] * scale[:, None]).astype(np.float32)
 
 
 def _check_idf_power(power) -> None:
