@@ -115,4 +115,5 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.split = "test"
   c.eval.max_docs = 0                     # 0 = all documents
   c.eval.baselines = ("bm25", "dense", "random")  # systems next to saejax (random: the floor)
+  c.eval.idf_power = 0.5                  # sparse scoring: idf^a-weighted cosine (0: plain)
   return c
