@@ -19,6 +19,8 @@ benchmark with evaluation ~2 h (about twice that on the Intel Xeon VM). Measured
 0.617 (0.643 with queries at 512), frozen 0.590, dense-ft 0.658, BM25 0.613, untouched dense 0.610,
 random TopK 0.499; latents never firing over 20,000 mixed texts: sparse 8.5%. At 150 stage-2
 steps (`ARM,150`; session 11, before the band): sparse 0.605, frozen 0.577, dense-ft 0.636.
+Those scored the codes' plain cosine; with the idf-weighted cosine saejax searches with since
+(session 23) the sparse arm rerun on the Intel VM scored 0.622 (session 24).
 Data: ../shared/data (Debian descriptions, SciFact train qrels, CLIMATE-FEVER supporting
 evidence, STS-B pairs scored >= 4, SICK entailments, MRPC paraphrases).
 """
