@@ -470,7 +470,6 @@ def test_recipe_defaults_equal_the_library_defaults():
     for name, value in section.items():
       if name not in fields or fields[name].default is dataclasses.MISSING:
         continue
-      value = tuple(value) if isinstance(value, (list, tuple)) else value
       assert value == fields[name].default, (cls.__name__, name, value, fields[name].default)
     missing = [n for n, f in fields.items()
                if n not in section and f.default is not dataclasses.MISSING]
