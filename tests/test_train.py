@@ -641,6 +641,25 @@ def test_a_run_restarted_before_its_first_checkpoint_reuses_its_own_stage_one(tm
   assert seal["fingerprint"]["warmstart"]["pairs"] == 24
 
 
+def test_fresh_stage2_starts_after_the_pairs_stage_one_fitted(tmp_path):
+  """Stage 1 embeds the stream's first ``warmstart.pairs`` pairs (28: 3.5 global batches of 8);
+  stage 2 reads from the stream's start too, unless ``warmstart.fresh_stage2``, when its first
+  step is the stream's batch 4, the first that stage 1 did not touch."""
+  from saejax.data import pipeline as data
+  from saejax.hub import trained
+  runs = {}
+  for fresh in (False, True):
+    config = _with_head(steps=2, **{"warmstart.pairs": 28, "warmstart.fresh_stage2": fresh})
+    config.train.log_batch_fingerprints = True
+    loop.train(config, tmp_path / str(fresh))
+    runs[fresh] = _fingerprints(tmp_path / str(fresh))
+  _, _, tokenizer = trained.load_run(tmp_path / "True")
+  stream = data.make_iterator(build.data_config(config), tokenizer, shard_index=0, shard_count=1)
+  batches = [loop._fingerprint(next(stream)) for _ in range(6)]
+  assert [runs[False][1], runs[False][2]] == batches[:2]
+  assert [runs[True][1], runs[True][2]] == batches[4:6]
+
+
 def test_the_quality_benchmarks_sparse_and_frozen_arms_share_stage_one():
   """eval/quality.py starts the frozen arm from the sparse arm's stage-1 head: their stage-1
   inputs must stay equal (at the same stage-2 length), and differ from a real change to stage 1."""

@@ -41,6 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.warmstart.refit = False               # stage 3: after the last step, a fresh SAE trained
                                           # as in stage 1 on the final encoder (loop.refit_head)
   c.warmstart.init_from = ""              # a run whose stage-1 head to load (same inputs only)
+  c.warmstart.fresh_stage2 = False        # stage 2 reads on past stage 1's pairs (not re-reading
+                                          # pairs the head has fitted; loop.skip_stage_one_pairs)
   c.warmstart.batch_groups = ""           # head batches: "" mixed, "source" or "topics" (k-means)
   c.warmstart.topics = 16                 # ... k-means clusters of the pairs' embeddings
   c.warmstart.groups_per_batch = 1        # ... each head batch this many parts, one group each

@@ -30,7 +30,7 @@ DIR, HEAD, SEAL = "stage1", "head.npz", "head.json"
 # Config fields stage 1 does not read, or that cannot change a head trained on constant v (the
 # dense InfoNCE on v and the switches that route gradients to the encoder: `headtrain.train_head`;
 # tests/test_objective.py): they may differ between a head's run and the one loading it.
-_NOT_READ = {"warmstart": ("refit", "init_from"),
+_NOT_READ = {"warmstart": ("refit", "init_from", "fresh_stage2"),
              "loss": ("bank_size", "band_to_encoder", "recon_to_encoder", "flops_to_encoder",
                       "w_dense_contrastive"),
              "data": ("read_threads", "prefetch_batches")}
