@@ -88,6 +88,8 @@ def get_config(arg: str | None = None):
   # Mixed head batches. `--config.warmstart.batch_groups=topics --config.warmstart.groups_per_batch=4`
   # (each batch 4 k-means topics) lifts the frozen arm 0.577 -> 0.585 but not the sparse arm
   # (0.605 -> 0.607, noise; never-firing 9.9% -> 10.3%): RESULTS.md "Quality", sessions 12-13.
+  # `--config.warmstart.fresh_stage2=True` (stage 2 reads on past the 8,192 pairs stage 1 fitted,
+  # instead of re-reading them for its first 256 steps) scores 0.617 against 0.622: session 25.
 
   # Stage 2 trains the encoder through the sparse codes (InfoNCE on their cosine) and, at half
   # weight, as a dense model (InfoNCE on cosine of v), which keeps v a good embedding to code.

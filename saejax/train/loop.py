@@ -150,8 +150,9 @@ def skip_stage_one_pairs(data_iter, pairs: int, global_batch_size: int) -> int:
   from the start of the same stream by `warm_start_sae`), so stage 2 starts on pairs the head has
   not fitted. Without it stage 2's first ``pairs / global_batch_size`` steps re-read them: the
   quality benchmark's sparse arm logs InfoNCE ~0.000 (accuracy 1.00) for its first 250 of 600
-  steps, against 0.03-0.29 after. The position is the iterator's, so it is checkpointed with it.
-  Returns the batches skipped."""
+  steps, against 0.03-0.29 after; skipping them scored no better there (0.617 against 0.622,
+  benchmarks/RESULTS.md "Quality", session 25). The position is the iterator's, so it is
+  checkpointed with it. Returns the batches skipped."""
   skipped = -(-pairs // global_batch_size)
   for _ in range(skipped):
     next(data_iter)
