@@ -8,12 +8,12 @@ import pytest
 from flax import nnx
 
 from saejax.data.tokenizer import load_tokenizer
-from saejax.errors import DataError
+from saejax.errors import ConfigError, DataError
 from saejax.hub import convert
 from saejax.hub.demo import minilm_dir
 from saejax.retrieval import engines
 from saejax.retrieval.encode import EncodeConfig, encode_dense, encode_sparse
-from saejax.retrieval.index import SparseIndex
+from saejax.retrieval.index import SparseIndex, weigh_codes
 from saejax.sae import topk as sae_lib
 from saejax.sae.embedder import Embedder
 
@@ -137,6 +137,30 @@ def test_jsonl_round_trip(scifact_codes, tmp_path):
   b = SparseIndex.build(d.values, d.indices, NUM_LATENTS, doc_ids)
   np.testing.assert_array_equal(a.search(d.values[:5], d.indices[:5])[1],
                                 b.search(d.values[:5], d.indices[:5])[1])
+
+
+def test_jsonl_with_idf_weights_ranks_as_the_idf_index(scifact_codes, tmp_path):
+  """Documents written with an idf index's weights, read back into a plain inner-product index
+  (what an engine ingesting the file does) and searched with queries weighted the same way, give
+  the idf index's results; written without the weights they do not."""
+  doc_ids, _, d, q = scifact_codes
+  idf = SparseIndex.build(d.values, d.indices, NUM_LATENTS, doc_ids, idf_power=0.5)
+  want_scores, want_ids = idf.search(q.values, q.indices, top_k=10)
+  weighted_q = weigh_codes(q.values, q.indices, idf.latent_weights)
+  for weights, same in ((idf.latent_weights, True), (None, False)):
+    file = engines.write_jsonl(tmp_path / "idf.jsonl", doc_ids, None, d.values, d.indices,
+                               NUM_LATENTS, latent_weights=weights)
+    ids, _, values, indices = engines.read_jsonl(file, NUM_LATENTS)
+    engine = SparseIndex.build(values, indices, NUM_LATENTS, np.asarray(ids, int))
+    scores, got = engine.search(weighted_q, q.indices, top_k=10)
+    if same:
+      np.testing.assert_array_equal(got, want_ids)
+      np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+    else:
+      assert (got != want_ids).any()
+  with pytest.raises(ConfigError, match="latent_weights must be 4096 finite positive"):
+    engines.write_jsonl(tmp_path / "x.jsonl", doc_ids, None, d.values, d.indices, NUM_LATENTS,
+                        latent_weights=np.zeros(NUM_LATENTS))
 
 
 def test_jsonl_wide_dictionary_keys(tmp_path):

@@ -280,8 +280,15 @@ def key_width(num_latents: int) -> int:
 
 
 def write_jsonl(path: str | os.PathLike, ids, contents, values: Float[np.ndarray, "N K"],
-                indices: Int[np.ndarray, "N K"], num_latents: int) -> Path:
+                indices: Int[np.ndarray, "N K"], num_latents: int,
+                latent_weights: Float[np.ndarray, "S"] | None = None) -> Path:
   """Write document codes as Seismic / Anserini JSONL (see the module docstring).
+
+  An engine reading the file scores the plain inner product of what is written. To have it rank
+  as saejax's idf-weighted index does, pass that index's ``latent_weights`` (`SparseIndex.build(...,
+  idf_power=0.5).latent_weights`, or `saejax.retrieval.index.latent_idf` over the corpus's
+  document frequencies) and weigh each query with the same weights before sending it
+  (`saejax.retrieval.index.weigh_codes`).
 
   Args:
     path: the file to write (atomically: a temporary file, then a rename).
@@ -289,9 +296,23 @@ def write_jsonl(path: str | os.PathLike, ids, contents, values: Float[np.ndarray
     contents: N texts (or None for empty contents).
     values, indices: [N, K] codes; zero weights are left out, repeated latents summed.
     num_latents: S, which fixes the key width.
+    latent_weights: [S] positive per-latent weights or None; the documents are written as
+      `weigh_codes` weighs them (values times their latents' weights, each code rescaled to its
+      own norm).
+
+  Raises:
+    ConfigError: latent_weights not S finite positive numbers.
+    DataError: bad codes, or ids/contents not one per code.
   """
   width = key_width(num_latents)
   values, indices = _check_codes(values, indices, int(num_latents), "document")
+  if latent_weights is not None:
+    weights = np.asarray(latent_weights, np.float32)
+    if weights.shape != (int(num_latents),) or not (np.isfinite(weights).all()
+                                                    and (weights > 0).all()):
+      raise ConfigError(f"latent_weights must be {int(num_latents)} finite positive numbers "
+                        f"(one per latent), got shape {weights.shape}")
+    values = weigh_codes(values, indices, weights)
   ids, contents = list(ids), list(contents) if contents is not None else None
   n = values.shape[0]
   if len(ids) != n or (contents is not None and len(contents) != n):
