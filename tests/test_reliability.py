@@ -367,13 +367,16 @@ def test_nonfinite_streak_stops_between_logging_steps(tmp_path):
   assert _complete_steps(tmp_path)[-1] == 12  # nothing saved during the streak
 
 
-def test_load_run_skips_a_damaged_newest_checkpoint(tmp_path):
+def test_load_run_skips_a_damaged_newest_checkpoint(tmp_path, caplog):
   """Evaluation and export read runs through `trained.load_run`: the same digest check and
-  newest-good fallback as resuming; an explicitly requested damaged step is an error."""
+  newest-good fallback as resuming; an explicitly requested damaged step is an error. A good
+  checkpoint loads without warnings (Orbax's "Metadata file does not exist" included)."""
   run = tmp_path / "run"
   _run(run, "--config.train.steps=4", steps=STEPS)
   assert _complete_steps(run)[-2:] == [2, 4]
-  _, good, _ = trained.load_run(run, step=2)
+  with caplog.at_level(logging.WARNING):
+    _, good, _ = trained.load_run(run, step=2)
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
   _flip_bytes(_state_files(_ckpt_dir(run) / "4")[0])
   _, model, _ = trained.load_run(run)
   _assert_same_params(nnx.state(model, nnx.Param), nnx.state(good, nnx.Param))

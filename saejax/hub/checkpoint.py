@@ -147,8 +147,9 @@ def state_target(step_dir: str | os.PathLike, abstract_state):
   fields = getattr(abstract_state, "__dataclass_fields__", {})
   if "bank" not in fields or abstract_state.bank is not None:
     return abstract_state, lambda state: state
-  with ocp.StandardCheckpointer() as reader:
-    saved = reader.metadata(paths.resolve(step_dir) / "state").item_metadata.tree
+  # The item's handler, not a StandardCheckpointer: that one also reads checkpoint-level metadata,
+  # which a CheckpointManager keeps one level up, and warns that "state" has none.
+  saved = ocp.StandardCheckpointHandler().metadata(paths.resolve(step_dir) / "state").tree
   if "bank" in saved:
     return abstract_state, lambda state: state
   target = {name: getattr(abstract_state, name) for name in fields if name != "bank"}
