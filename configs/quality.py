@@ -90,6 +90,8 @@ def get_config(arg: str | None = None):
   # (0.605 -> 0.607, noise; never-firing 9.9% -> 10.3%): RESULTS.md "Quality", sessions 12-13.
   # `--config.warmstart.fresh_stage2=True` (stage 2 reads on past the 8,192 pairs stage 1 fitted,
   # instead of re-reading them for its first 256 steps) scores 0.617 against 0.622: session 25.
+  # Started from dense-ft's encoder (`--config.model.init_from=` its `--backbone-only` export, 200
+  # stage-2 steps, fresh_stage2): encoder 0.632 read densely, code 0.620 - session 26.
 
   # Stage 2 trains the encoder through the sparse codes (InfoNCE on their cosine) and, at half
   # weight, as a dense model (InfoNCE on cosine of v), which keeps v a good embedding to code.
