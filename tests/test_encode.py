@@ -116,6 +116,21 @@ def test_sparse_codes_match_unbatched_with_own_k(model, tok):
       np.testing.assert_array_equal(indices[values > 0], code.indices[0][values > 0])
 
 
+def test_codes_of_pooled_embeddings_are_the_encoded_codes(model, tok):
+  """`codes_of` (the SAE over v already computed, as the eval harness shares one encoding between
+  a model and its encoder) gives `encode_sparse`'s codes, across a zero-padded last batch."""
+  texts = _texts(13, seed=3)
+  v = encode.encode_dense(model.encoder, tok, texts, CFG).v
+  for k in (3, 8):
+    want = encode.encode_sparse(model, tok, texts, k, CFG)
+    values, indices = encode.codes_of(model.sae, v, k, batch_size=5)  # batches 5, 5, 3 (+2 pad)
+    assert values.shape == indices.shape == (13, k)
+    np.testing.assert_allclose(values, want.values, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(indices[values > 0], want.indices[values > 0])
+  values, _ = encode.codes_of(model.sae, v)  # the training k
+  assert values.shape == (13, model.sae.config.k) and (values > 0).any(axis=1).all()
+
+
 def test_empty_and_bad_input(model, tok):
   got = encode.encode_dense(model.encoder, tok, [], CFG)
   assert got.v.shape == (0, 32) and got.stats.num_texts == 0

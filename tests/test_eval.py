@@ -332,6 +332,50 @@ def test_encoder_of_a_sparse_run_is_its_pooled_v_searched_densely(beir, runs, tm
     harness.encoder_system(runs["dense"])
 
 
+def test_systems_sharing_an_encoder_encode_each_text_once(beir, monkeypatch):
+  """A sparse model and its encoder read densely run the encoder once per text, a second dataset
+  with the same texts reuses them, and every metric equals each system evaluated alone."""
+  model, tok = _tiny_model(), load_tokenizer(MINILM, vocab_size=30522)
+  sparse = harness.SparseSystem("tiny", model, tok)
+  systems = [sparse, harness.encoder_system(sparse, "tiny-encoder")]
+  assert systems[1].encoder is model.encoder
+  cfg = harness.HarnessConfig(max_query_len=32, max_doc_len=64, batch_size=32, k_sweep=(4, 8))
+  specs = [harness.BeirSpec("a", str(beir)), harness.BeirSpec("b", str(beir))]
+  calls = []
+  real = harness.encode_dense
+
+  def counted(encoder, tokenizer, texts, config, **kwargs):
+    calls.append(len(texts))
+    return real(encoder, tokenizer, texts, config, **kwargs)
+
+  monkeypatch.setattr(harness, "encode_dense", counted)
+  shared = harness.evaluate(systems, specs, cfg)["datasets"]
+  data_ = load_beir(beir, "test")
+  assert calls == [len(data_.queries), len(data_.docs)]  # once each, for both systems and sets
+  for system in systems:
+    alone = harness.evaluate([system], specs[:1], cfg)["datasets"]["a"]["systems"][system.name]
+    for name in ("a", "b"):
+      got = shared[name]["systems"][system.name]
+      for key in ("ndcg@10", "recall@100", "mrr@10", "active_dims_doc", "flops_per_query"):
+        assert got[key] == pytest.approx(alone[key], abs=1e-9), (system.name, name, key)
+      assert got["encode_docs_s"] > 0  # the encoding's own time, though it ran once
+  assert len(calls) == 2 + 4  # the two lone runs encoded again: no cache outlives `evaluate`
+
+
+def test_cli_systems_share_encoder_modules(runs, dense_dir):
+  """The CLI builds `--encoder-of` a `--model`'s path (however spelled) on that model's encoder,
+  and the random TopK floor on the dense baseline's, so each is encoded once."""
+  args = cli.parser().parse_args([
+      "--beir", "x", "--out", "x", "--model", f"m={runs['sparse']}",
+      "--encoder-of", f"e={runs['sparse']}/", "--baselines", "dense,random",
+      "--dense-encoder", str(dense_dir)])
+  systems = {s.name: s for s in cli.build_systems(args)}
+  assert list(systems) == ["m", "e", "dense", "random-topk"]
+  assert systems["e"].encoder is systems["m"].model.encoder
+  assert systems["random-topk"].model.encoder is systems["dense"].encoder
+  assert systems["random-topk"].model.sae.config.num_latents == 128  # the model's S, as before
+
+
 def test_random_topk_baseline_size_follows_the_model_or_the_flag(runs, dense_dir):
   """The floor is like for like with the model it is the floor of (its S and k), and a baselines
   run without a model (eval/quality.py evaluates them apart) can name the S it needs."""

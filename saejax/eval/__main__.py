@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from saejax import cli
+from saejax import cli, paths
 from saejax.errors import ConfigError
 from saejax.eval import harness, report
 from saejax.retrieval.index import IDF_POWER
@@ -154,15 +154,19 @@ def token_budgets(args: argparse.Namespace, systems: list) -> dict:
 
 def build_systems(args: argparse.Namespace) -> list:
   """The systems the arguments name: models first, then the baselines."""
-  systems = []
+  systems, loaded = [], {}  # loaded: a --model's system by path, whose encoder --encoder-of shares
   for i, spec in enumerate(args.model, start=1):
     name, path = harness.split_name(spec)
     STAGES.info("loading model %d/%d: %s", i, len(args.model), path)
     systems.append(harness.load_system(path, name))
+    loaded.setdefault(_same_path(path), systems[-1])
   for spec in args.encoder_of:
     name, path = harness.split_name(spec)
-    STAGES.info("loading the encoder of %s", path)
-    systems.append(harness.encoder_system(path, name or f"{Path(path).name}-encoder"))
+    model = loaded.get(_same_path(path))
+    if not isinstance(model, harness.SparseSystem):  # not loaded, or a dense run (refused there)
+      STAGES.info("loading the encoder of %s", path)
+      model = path
+    systems.append(harness.encoder_system(model, name or f"{Path(path).name}-encoder"))
   if {"dense", "random"} & set(args.baselines):
     STAGES.info("loading baselines: %s", ", ".join(args.baselines))
   if "bm25" in args.baselines:
@@ -175,6 +179,7 @@ def build_systems(args: argparse.Namespace) -> list:
                         "no --dense-encoder was given and no --model run has a model.init_from")
     if "dense" in args.baselines:
       systems.append(harness.dense_system(encoder))
+      encoder = systems[-1]  # the floor shares its encoder module: each text is encoded once
     if "random" in args.baselines:
       sparse = [s for s in systems if s.kind == "sparse"]
       k = args.k_doc or (sparse[0].k if sparse else 64)
@@ -184,6 +189,11 @@ def build_systems(args: argparse.Namespace) -> list:
       s = args.random_latents or (sparse[0].model.sae.config.num_latents if sparse else 16384)
       systems.append(harness.random_topk_system(encoder, k, s))
   return systems
+
+
+def _same_path(path: str) -> str:
+  """One spelling per local directory (``runs/x``, ``./runs/x/``), for matching flags' paths."""
+  return str(Path(path).absolute()) if paths.is_local(path) else path.rstrip("/")
 
 
 def main(argv: list[str] | None = None) -> dict:

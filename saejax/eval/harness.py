@@ -41,6 +41,8 @@ What is reported per dataset and system (`SparseSystem.evaluate` and friends):
     re-encoding with k = k').
   * time: encoding (queries, documents; jit compilation included, once per bucket shape),
     indexing and search (the index's numba kernels are warmed up on one query first), queries/s.
+    Systems on one encoder module and datasets with the same texts share one encoding
+    (`EncodingCache`); each reports its time.
 
 Token budgets: every system reads the same `HarnessConfig.max_query_len` / ``max_doc_len``
 (capped at each encoder's position table, `token_budgets`), so a table compares like with like.
@@ -80,7 +82,8 @@ from saejax.errors import CheckpointError, ConfigError, DataError
 from saejax.eval import quickeval
 from saejax.eval.quickeval import RUN_DEPTH
 from saejax.hub import convert, trained
-from saejax.retrieval.encode import EncodeConfig, encode_dense, encode_sparse
+from saejax.retrieval.encode import (DenseEmbeddings, EncodeConfig, SparseCodes, codes_of,
+                                     encode_dense)
 from saejax.retrieval.index import IDF_POWER, SparseIndex
 from saejax.sae.embedder import Embedder
 from saejax.sae.topk import SAE, SAEConfig
@@ -267,6 +270,40 @@ def _retrieval(data: BeirData, docs: Int[np.ndarray, "Q R"],
   return quickeval.evaluate(data.qrels, quickeval.to_run(data, docs, scores))
 
 
+class EncodingCache:
+  """Pooled embeddings v, computed once per encoder, token budget and list of texts.
+
+  `evaluate` hands one to every system: systems built on one encoder module (a sparse model and
+  its encoder read densely, `encoder_system`; the untouched encoder and the random TopK floor on
+  it, `random_topk_system`) run it once per text, and a dataset with the texts of the one before
+  it (SciFact's unseen claims search SciFact's corpus) reuses them. A system's codes are its SAE
+  applied to the cached v (`saejax.retrieval.encode.codes_of`: what `encode_sparse` computes in
+  one pass). Each system reports the encoding's time as measured when it ran (what the system
+  costs alone) plus its own SAE time. `keep` drops what the next dataset does not read, so the
+  cache holds one dataset's embeddings (N x D float32 per encoder).
+  """
+
+  def __init__(self):
+    self._entries: dict[tuple, tuple[nnx.Module, DenseEmbeddings, float]] = {}
+
+  def dense(self, encoder: nnx.Module, tokenizer: Tokenizer, texts: Sequence[str],
+            config: EncodeConfig, desc: str) -> tuple[DenseEmbeddings, float]:
+    """(`encode_dense` of ``texts``, the seconds it took when it ran)."""
+    key = (id(encoder), id(tokenizer), dataclasses.replace(config, progress=False), tuple(texts))
+    if key not in self._entries:
+      start = time.perf_counter()
+      embeddings = encode_dense(encoder, tokenizer, texts, config, desc=desc)
+      # The module is held beside its id, so the id is not reused while the entry lives.
+      self._entries[key] = (encoder, embeddings, time.perf_counter() - start)
+    _, embeddings, seconds = self._entries[key]
+    return embeddings, seconds
+
+  def keep(self, *text_lists: Sequence[str]) -> None:
+    """Drop every entry whose texts are none of ``text_lists``."""
+    wanted = {tuple(texts) for texts in text_lists}
+    self._entries = {key: entry for key, entry in self._entries.items() if key[3] in wanted}
+
+
 # ---------------------------------------------------------------------------------------------
 # Systems
 
@@ -301,21 +338,19 @@ class SparseSystem:
   def k(self) -> int:
     return self.model.sae.config.k
 
-  def evaluate(self, data: BeirData, cfg: HarnessConfig) -> dict:
+  def evaluate(self, data: BeirData, cfg: HarnessConfig,
+               cache: EncodingCache | None = None) -> dict:
     """Metrics, sparsity, FLOPs, latent health, quality vs k and times on one dataset."""
     s = self.model.sae.config.num_latents
     k_q, k_d = cfg.k_query or self.query_k or self.k, cfg.k_doc or self.k
     sweep = [k for k in (cfg.k_sweep or default_sweep(self.k)) if k <= s]
     query_sweep = [k for k in cfg.k_query_sweep if k <= s]
     len_q, len_d = token_budgets(cfg, self.model.encoder)
-    start = time.perf_counter()
-    q = encode_sparse(self.model, self.tokenizer, data.queries, max([k_q, *sweep, *query_sweep]),
-                      cfg.encode_config(len_q), desc=f"{self.name} queries")
-    encode_q = time.perf_counter() - start
-    start = time.perf_counter()
-    d = encode_sparse(self.model, self.tokenizer, data.docs, max([k_d, *sweep]),
-                      cfg.encode_config(len_d), desc=f"{self.name} docs")
-    encode_d = time.perf_counter() - start
+    cache = cache or EncodingCache()
+    q, encode_q = self._codes(cache, data.queries, max([k_q, *sweep, *query_sweep]),
+                              cfg.encode_config(len_q), "queries")
+    d, encode_d = self._codes(cache, data.docs, max([k_d, *sweep]), cfg.encode_config(len_d),
+                              "docs")
 
     unit = self.model.sae.config.normalize_codes
     doc_index = _doc_index(d.values, d.indices, k_d, s, unit, cfg.idf_power)  # shared by the
@@ -358,6 +393,15 @@ class SparseSystem:
       query_rows.append({"k_query": k, "k_doc": k_d, **row})
     result["k_query_sweep"] = query_rows
     return result
+
+  def _codes(self, cache: EncodingCache, texts: Sequence[str], k: int, config: EncodeConfig,
+             what: str) -> tuple[SparseCodes, float]:
+    """(the codes of ``texts`` at ``k``, seconds: the encoder's, as measured, and the SAE's)."""
+    v, encode_s = cache.dense(self.model.encoder, self.tokenizer, texts, config,
+                              f"{self.name} {what}")
+    start = time.perf_counter()
+    values, indices = codes_of(self.model.sae, v.v, k)
+    return SparseCodes(values, indices, v.stats), encode_s + time.perf_counter() - start
 
 
 def _doc_index(d_values, d_indices, k_d: int, num_latents: int, unit: bool,
@@ -418,17 +462,15 @@ class DenseSystem:
   trained_lens: tuple[int, int] | None = None
   kind: ClassVar[Kind] = "dense"
 
-  def evaluate(self, data: BeirData, cfg: HarnessConfig) -> dict:
+  def evaluate(self, data: BeirData, cfg: HarnessConfig,
+               cache: EncodingCache | None = None) -> dict:
     """Metrics, width, FLOPs and times on one dataset."""
     len_q, len_d = token_budgets(cfg, self.encoder)
-    start = time.perf_counter()
-    q = encode_dense(self.encoder, self.tokenizer, data.queries, cfg.encode_config(len_q),
-                     desc=f"{self.name} queries")
-    encode_q = time.perf_counter() - start
-    start = time.perf_counter()
-    d = encode_dense(self.encoder, self.tokenizer, data.docs, cfg.encode_config(len_d),
-                     desc=f"{self.name} docs")
-    encode_d = time.perf_counter() - start
+    cache = cache or EncodingCache()
+    q, encode_q = cache.dense(self.encoder, self.tokenizer, data.queries, cfg.encode_config(len_q),
+                              f"{self.name} queries")
+    d, encode_d = cache.dense(self.encoder, self.tokenizer, data.docs, cfg.encode_config(len_d),
+                              f"{self.name} docs")
     start = time.perf_counter()
     rows, scores = quickeval.search_dense(q.v, d.v, cfg.depth)
     search_s = time.perf_counter() - start
@@ -450,8 +492,10 @@ class BM25System:
   source: str = "bm25s"
   kind: ClassVar[Kind] = "bm25"
 
-  def evaluate(self, data: BeirData, cfg: HarnessConfig) -> dict:
-    """Metrics and times on one dataset."""
+  def evaluate(self, data: BeirData, cfg: HarnessConfig,
+               cache: EncodingCache | None = None) -> dict:
+    """Metrics and times on one dataset (``cache``: unused, BM25 encodes nothing)."""
+    del cache
     start = time.perf_counter()
     retriever = quickeval.bm25_index(data.docs)
     index_s = time.perf_counter() - start
@@ -511,16 +555,18 @@ def load_system(path: str | Path, name: str | None = None) -> SparseSystem | Den
                       init_from=str(config.model.get("init_from") or ""), trained_lens=lens)
 
 
-def encoder_system(path: str | Path, name: str | None = None) -> DenseSystem:
+def encoder_system(model: str | Path | SparseSystem, name: str | None = None) -> DenseSystem:
   """A sparse model's own encoder as a dense model: the cosine of the pooled v its SAE codes.
 
   Beside the sparse model it splits what a trained model loses against a dense one into what the
-  encoder lost and what the k-latent code loses on top (a run or an export, as `load_system`).
+  encoder lost and what the k-latent code loses on top. ``model``: a run or an export (as
+  `load_system`), or the sparse system already loaded, whose encoder module it then shares (so
+  `evaluate` encodes each text once for both).
   """
-  system = load_system(path, name)
+  system = model if isinstance(model, SparseSystem) else load_system(model, name)
   if isinstance(system, DenseSystem):
-    raise ConfigError(f"{path} has no SAE: it is a dense model already; pass it as --model")
-  return DenseSystem(system.name, system.model.encoder, system.tokenizer,
+    raise ConfigError(f"{model} has no SAE: it is a dense model already; pass it as --model")
+  return DenseSystem(name or system.name, system.model.encoder, system.tokenizer,
                      source=f"the encoder of {system.source}", trained_lens=system.trained_lens)
 
 
@@ -556,20 +602,27 @@ def random_sae(d_model: int, num_latents: int, k: int, seed: int = 0) -> SAE:
                        k_aux=min(512, num_latents)), rngs=nnx.Rngs(seed))
 
 
-def random_topk_system(hf_dir: str | Path, k: int, num_latents: int = 16384, seed: int = 0,
-                       name: str = "random-topk") -> SparseSystem:
+def random_topk_system(hf_dir: str | Path | DenseSystem, k: int, num_latents: int = 16384,
+                       seed: int = 0, name: str = "random-topk") -> SparseSystem:
   """The floor every trained model must clear: no training at all.
 
   The untouched encoder of ``hf_dir`` and an SAE straight from its initialisation: encoder rows
   are random Gaussian directions (unit-normalised), b_pre and b_lat are zero, so
   ``z = ReLU(TopK(G x, k))`` with unit-normalised codes (cosine), searched like a trained model.
   A trained model that does not beat this by a wide margin has learned nothing useful for search.
+  ``hf_dir`` may be the untouched encoder's `dense_system`, whose encoder module the floor then
+  shares (`evaluate` encodes each text once for both).
   """
-  cfg, encoder = convert.load_hf(hf_dir, head=False)
-  tokenizer = load_tokenizer(convert.resolve(hf_dir), vocab_size=cfg.vocab_size)
-  sae = random_sae(cfg.hidden_size, num_latents, k, seed)
+  if isinstance(hf_dir, DenseSystem):
+    encoder, tokenizer, where = hf_dir.encoder, hf_dir.tokenizer, hf_dir.source
+    hidden = encoder.cfg.hidden_size
+  else:
+    cfg, encoder = convert.load_hf(hf_dir, head=False)
+    tokenizer = load_tokenizer(convert.resolve(hf_dir), vocab_size=cfg.vocab_size)
+    hidden, where = cfg.hidden_size, hf_dir
+  sae = random_sae(hidden, num_latents, k, seed)
   return SparseSystem(name, Embedder(encoder, sae), tokenizer,
-                      source=f"random TopK of {hf_dir} (S={num_latents}, seed {seed})")
+                      source=f"random TopK of {where} (S={num_latents}, seed {seed})")
 
 
 def dense_system(hf_dir: str | Path, name: str = "dense") -> DenseSystem:
@@ -583,15 +636,16 @@ def dense_system(hf_dir: str | Path, name: str = "dense") -> DenseSystem:
 # Running
 
 def evaluate_dataset(systems: Sequence[System], data: BeirData, cfg: HarnessConfig,
-                     dataset: str = "") -> dict:
+                     dataset: str = "", cache: EncodingCache | None = None) -> dict:
   """{system name: metrics} of every system on one loaded dataset (``dataset``: its name, for
-  the stage lines)."""
+  the stage lines; ``cache``: the embeddings systems share, `EncodingCache`)."""
   out = {}
+  cache = cache or EncodingCache()
   for i, system in enumerate(systems, start=1):
     log.info("%s: system %d/%d %s (%s) on %s queries x %s documents", dataset, i, len(systems),
              system.name, system.kind, f"{len(data.query_ids):,}", f"{len(data.doc_ids):,}")
     start = time.perf_counter()
-    out[system.name] = {"source": system.source, **system.evaluate(data, cfg)}
+    out[system.name] = {"source": system.source, **system.evaluate(data, cfg, cache)}
     log.info("%s: %s done in %.1f s: nDCG@10 %.4f", dataset, system.name,
              time.perf_counter() - start, out[system.name]["ndcg@10"])
   return out
@@ -615,12 +669,14 @@ def evaluate(systems: Sequence[System], specs: Sequence[BeirSpec], cfg: HarnessC
     if repeated:
       raise ConfigError(f"two {what}s are named {repeated}; give them names (NAME=PATH)")
   datasets = {}
+  cache = EncodingCache()
   for i, spec in enumerate(specs, start=1):
     log.info("dataset %d/%d %s: loading %s [%s]", i, len(specs), spec.name, spec.path, spec.split)
     data = spec.load()
+    cache.keep(data.queries, data.docs)
     datasets[spec.name] = {
         "path": spec.path, "split": spec.split, "num_queries": len(data.query_ids),
         "num_docs": len(data.doc_ids), "max_docs": spec.max_docs,
         "skipped_empty_queries": len(data.skipped_empty_queries),
-        "systems": evaluate_dataset(systems, data, cfg, spec.name)}
+        "systems": evaluate_dataset(systems, data, cfg, spec.name, cache)}
   return {"config": dataclasses.asdict(cfg), "datasets": datasets}

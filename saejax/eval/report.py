@@ -162,7 +162,9 @@ def markdown(results: dict) -> str:
       "lengths of a query's active latents, averaged over queries (N x D for dense systems), "
       "and the same divided by the number of documents N. Dead: latents firing in no document; "
       f"hot: latents firing in more than {cfg['hot_frequency']:.0%} of documents. Encoding times "
-      "include JIT compilation.",
+      "include JIT compilation; systems on one encoder (a model and its encoder read densely, "
+      "the untouched encoder and random TopK on it) and datasets with the same texts share one "
+      "encoding, whose time each of them reports.",
   ]
   for name, d in results["datasets"].items():
     parts += ["", f"## {name}", "",

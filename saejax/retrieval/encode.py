@@ -49,6 +49,7 @@ from saejax import sharding
 from saejax.data.tokenizer import check_vocab, pad_id, truncating_copy
 from saejax.errors import ConfigError, DataError
 from saejax.sae.embedder import Embedder, mean_pool
+from saejax.sae.topk import SAE
 
 # A forward pass over one padded batch: one array, or a tuple of arrays, each with leading axis B.
 EncodeFn = Callable[[Int[Array, "B T"], Bool[Array, "B T"]], Array | tuple[Array, ...]]
@@ -224,6 +225,11 @@ def _sparse_code_forward(graphdef: nnx.GraphDef, state: nnx.State, ids, valid, k
   return m.sae.embed(m.dense(ids, valid), k)  # no decode: retrieval needs only the code
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _sae_embed_forward(graphdef: nnx.GraphDef, state: nnx.State, v, k: int):
+  return nnx.merge(graphdef, state).embed(v, k)
+
+
 def vocab_size_of(encoder: nnx.Module) -> int | None:
   """The encoder's embedding rows: ``cfg.vocab_size`` of saejax's BERT and ModernBERT, else None."""
   return getattr(getattr(encoder, "cfg", None), "vocab_size", None)
@@ -297,3 +303,26 @@ def encode_sparse(model: Embedder, tokenizer: Tokenizer, texts: Sequence[str], k
   (values, indices), stats = encode(sparse_code(model, k, mesh=mesh), tokenizer, texts, config,
                                     desc=desc, vocab_size=vocab_size_of(model.encoder))
   return SparseCodes(values, indices, stats)
+
+
+def codes_of(sae: SAE, v: Float[np.ndarray, "N D"], k: int | None = None,
+             batch_size: int = 1024) -> tuple[Float[np.ndarray, "N K"], Int[np.ndarray, "N K"]]:
+  """The retrieval embedding (`SAE.embed`: TopK code, unit-norm when the SAE's codes are) of pooled
+  embeddings already computed (`encode_dense`'s v): for the same texts, what `encode_sparse` with
+  this SAE on top of that encoder returns, without running the encoder again.
+
+  Rows go through in batches of ``batch_size``, the last one zero-padded (one compiled shape).
+  """
+  k = sae.config.k if k is None else k
+  graphdef, state = nnx.split(sae)
+  n = v.shape[0]
+  values = np.empty((n, k), np.float32)
+  indices = np.empty((n, k), np.int32)
+  for start in range(0, n, batch_size):
+    rows = v[start:start + batch_size]
+    padded = np.zeros((batch_size, v.shape[1]), np.float32)
+    padded[:len(rows)] = rows
+    vals, idx = jax.device_get(_sae_embed_forward(graphdef, state, jnp.asarray(padded), k))
+    stop = start + len(rows)
+    values[start:stop], indices[start:stop] = vals[:len(rows)], idx[:len(rows)]
+  return values, indices
