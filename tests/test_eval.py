@@ -332,15 +332,21 @@ def test_encoder_of_a_sparse_run_is_its_pooled_v_searched_densely(beir, runs, tm
     harness.encoder_system(runs["dense"])
 
 
-def test_systems_sharing_an_encoder_encode_each_text_once(beir, monkeypatch):
-  """A sparse model and its encoder read densely run the encoder once per text, a second dataset
-  with the same texts reuses them, and every metric equals each system evaluated alone."""
+def test_systems_sharing_an_encoder_encode_each_text_once(beir, tmp_path, monkeypatch):
+  """A sparse model and its encoder read densely run the encoder once per text, a later dataset
+  on the same corpus reuses it (another one in between), and every metric equals each system
+  evaluated alone."""
   model, tok = _tiny_model(), load_tokenizer(MINILM, vocab_size=30522)
   sparse = harness.SparseSystem("tiny", model, tok)
   systems = [sparse, harness.encoder_system(sparse, "tiny-encoder")]
   assert systems[1].encoder is model.encoder
   cfg = harness.HarnessConfig(max_query_len=32, max_doc_len=64, batch_size=32, k_sweep=(4, 8))
-  specs = [harness.BeirSpec("a", str(beir)), harness.BeirSpec("b", str(beir))]
+  data_ = load_beir(beir, "test")
+  other = _write_beir(tmp_path / "other", [{"_id": "q", "text": data_.queries[0]}],
+                      [{"_id": f"d{i}", "text": t} for i, t in enumerate(data_.docs[:5])],
+                      [("q", "d0", 1)])
+  specs = [harness.BeirSpec("a", str(beir)), harness.BeirSpec("other", str(other)),
+           harness.BeirSpec("b", str(beir))]
   calls = []
   real = harness.encode_dense
 
@@ -350,8 +356,9 @@ def test_systems_sharing_an_encoder_encode_each_text_once(beir, monkeypatch):
 
   monkeypatch.setattr(harness, "encode_dense", counted)
   shared = harness.evaluate(systems, specs, cfg)["datasets"]
-  data_ = load_beir(beir, "test")
-  assert calls == [len(data_.queries), len(data_.docs)]  # once each, for both systems and sets
+  # Once per dataset's texts for both systems; "b" encodes its queries (only a corpus is kept for
+  # a later dataset) and reuses "a"'s documents.
+  assert calls == [len(data_.queries), len(data_.docs), 1, 5, len(data_.queries)]
   for system in systems:
     alone = harness.evaluate([system], specs[:1], cfg)["datasets"]["a"]["systems"][system.name]
     for name in ("a", "b"):
@@ -359,7 +366,7 @@ def test_systems_sharing_an_encoder_encode_each_text_once(beir, monkeypatch):
       for key in ("ndcg@10", "recall@100", "mrr@10", "active_dims_doc", "flops_per_query"):
         assert got[key] == pytest.approx(alone[key], abs=1e-9), (system.name, name, key)
       assert got["encode_docs_s"] > 0  # the encoding's own time, though it ran once
-  assert len(calls) == 2 + 4  # the two lone runs encoded again: no cache outlives `evaluate`
+  assert len(calls) == 5 + 4  # the two lone runs encoded again: no cache outlives `evaluate`
 
 
 def test_cli_systems_share_encoder_modules(runs, dense_dir):

@@ -279,8 +279,8 @@ class EncodingCache:
   it (SciFact's unseen claims search SciFact's corpus) reuses them. A system's codes are its SAE
   applied to the cached v (`saejax.retrieval.encode.codes_of`: what `encode_sparse` computes in
   one pass). Each system reports the encoding's time as measured when it ran (what the system
-  costs alone) plus its own SAE time. `keep` drops what the next dataset does not read, so the
-  cache holds one dataset's embeddings (N x D float32 per encoder).
+  costs alone) plus its own SAE time. `keep` drops what is no longer read, so the cache holds
+  one dataset's embeddings (N x D float32 per encoder) and any corpus a later dataset searches.
   """
 
   def __init__(self):
@@ -670,10 +670,15 @@ def evaluate(systems: Sequence[System], specs: Sequence[BeirSpec], cfg: HarnessC
       raise ConfigError(f"two {what}s are named {repeated}; give them names (NAME=PATH)")
   datasets = {}
   cache = EncodingCache()
+  corpora: dict[str, Sequence[str]] = {}  # whole corpora by folder, while a later dataset reads one
   for i, spec in enumerate(specs, start=1):
     log.info("dataset %d/%d %s: loading %s [%s]", i, len(specs), spec.name, spec.path, spec.split)
     data = spec.load()
-    cache.keep(data.queries, data.docs)
+    if not spec.max_docs:  # every split of a folder reads all of its corpus: the same documents
+      corpora[spec.path] = data.docs
+    later = {s.path for s in specs[i:] if not s.max_docs}
+    corpora = {path: docs for path, docs in corpora.items() if path in later | {spec.path}}
+    cache.keep(data.queries, data.docs, *(corpora[path] for path in later & corpora.keys()))
     datasets[spec.name] = {
         "path": spec.path, "split": spec.split, "num_queries": len(data.query_ids),
         "num_docs": len(data.doc_ids), "max_docs": spec.max_docs,
