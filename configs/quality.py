@@ -14,13 +14,12 @@ random TopK) on SciFact test, Cranfield and Debian beir-dev. Variants ("ARM", "A
   frozen  CSR-style: the same stage 1, then the SAE trained on the frozen encoder
 Hardware: a 2-core CPU; on the AMD EPYC VM the sparse arm takes 58 min (stage 1 ~15, stage 2
 ~30, stage 3 ~13), frozen 8 (stage 1 loaded from the sparse arm), dense 18, and the whole
-benchmark with evaluation ~2 h (about twice that on the Intel Xeon VM). Measured (2026-12-02,
-`eval/quality.py --steps 600`, benchmarks/RESULTS.md "Quality", session 21): mean nDCG@10 sparse
-0.617 (0.643 with queries at 512), frozen 0.590, dense-ft 0.658, BM25 0.613, untouched dense 0.610,
-random TopK 0.499; latents never firing over 20,000 mixed texts: sparse 8.5%. At 150 stage-2
-steps (`ARM,150`; session 11, before the band): sparse 0.605, frozen 0.577, dense-ft 0.636.
-Those scored the codes' plain cosine; with the idf-weighted cosine saejax searches with since
-(session 23) the sparse arm rerun on the Intel VM scored 0.622 (session 24).
+benchmark with evaluation ~2 h (~3.5 h on the Intel Xeon VM). Measured (2026-12-03,
+`eval/quality.py --steps 600`, benchmarks/RESULTS.md "Quality", session 27; sparse systems scored
+with the idf-weighted cosine saejax searches with): mean nDCG@10 sparse 0.622 (0.646 with queries
+at 512), frozen 0.593, dense-ft 0.658, BM25 0.613, untouched dense 0.610, random TopK 0.503;
+latents never firing over 20,000 mixed texts: sparse 8.6%. At 150 stage-2 steps (`ARM,150`;
+session 11, before the band, plain cosine): sparse 0.605, frozen 0.577, dense-ft 0.636.
 Data: ../shared/data (Debian descriptions, SciFact train qrels, CLIMATE-FEVER supporting
 evidence, STS-B pairs scored >= 4, SICK entailments, MRPC paraphrases).
 """
