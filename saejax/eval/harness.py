@@ -275,8 +275,8 @@ class EncodingCache:
 
   `evaluate` hands one to every system: systems built on one encoder module (a sparse model and
   its encoder read densely, `encoder_system`; the untouched encoder and the random TopK floor on
-  it, `random_topk_system`) run it once per text, and a dataset with the texts of the one before
-  it (SciFact's unseen claims search SciFact's corpus) reuses them. A system's codes are its SAE
+  it, `random_topk_system`) run it once per text, and a later dataset searching the same corpus
+  (SciFact's unseen claims search SciFact's) reuses its documents. A system's codes are its SAE
   applied to the cached v (`saejax.retrieval.encode.codes_of`: what `encode_sparse` computes in
   one pass). Each system reports the encoding's time as measured when it ran (what the system
   costs alone) plus its own SAE time. `keep` drops what is no longer read, so the cache holds
