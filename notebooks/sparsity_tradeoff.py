@@ -32,7 +32,7 @@ from saejax.data.beir import load_beir
 from saejax.eval import quickeval
 from saejax.hub import trained
 from saejax.retrieval.encode import EncodeConfig, encode, encode_sparse
-from saejax.retrieval.index import SparseIndex
+from saejax.retrieval.index import IDF_POWER, SparseIndex
 
 RUNS = os.environ.get("SAEJAX_RUNS", os.environ.get("SAEJAX_RUN", "runs/quickstart")).split(",")
 BEIR = os.environ.get("SAEJAX_BEIR", "data/debian-quickstart/beir-dev")
@@ -68,7 +68,8 @@ for run in RUNS:
                   {max(1, k_train // 4), max(1, k_train // 2), k_train}):
     d = encode_sparse(model, tokenizer, data.docs, k, d_cfg)
     q = encode_sparse(model, tokenizer, data.queries, k, q_cfg)
-    scores, ids = SparseIndex.build(d.values, d.indices, S).search(q.values, q.indices, 10)
+    index = SparseIndex.build(d.values, d.indices, S, idf_power=IDF_POWER)  # as saejax searches
+    scores, ids = index.search(q.values, q.indices, 10)
     run_ = quickeval.to_run(data, np.maximum(ids, 0), np.where(ids >= 0, scores, -np.inf))
     ndcg = quickeval.evaluate(data.qrels, run_)["ndcg@10"]
     (err, v), _ = encode(fvu_fn(model, k), tokenizer, data.docs, d_cfg)

@@ -28,7 +28,7 @@ from saejax.eval import quickeval
 from saejax.hub import trained
 from saejax.interpret import labels, steer
 from saejax.retrieval.encode import EncodeConfig, encode_sparse
-from saejax.retrieval.index import SparseIndex
+from saejax.retrieval.index import IDF_POWER, SparseIndex
 
 RUN = os.environ.get("SAEJAX_RUN", "runs/quickstart")
 BEIR = os.environ.get("SAEJAX_BEIR", "data/debian-quickstart/beir-dev")
@@ -46,7 +46,9 @@ d = encode_sparse(model, tokenizer, data.docs, None,
 q = encode_sparse(model, tokenizer, data.queries, None,
                   EncodeConfig(max_len=config.data.max_query_len, progress=False))
 docs = steer.DocActivations(d.values, d.indices, S)
-search = steer.SteeredSearch(SparseIndex.build(d.values, d.indices, S), docs)
+# The index saejax searches with: the idf-weighted cosine of the codes (`saejax.retrieval.index`).
+index = SparseIndex.build(d.values, d.indices, S, idf_power=IDF_POWER)
+search = steer.SteeredSearch(index, docs)
 labs = labels.label_latents(list(data.docs), d.values, d.indices, S)
 
 

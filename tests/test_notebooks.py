@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from idf_reference import idf_weighted  # tests/ is on sys.path (pytest's rootdir-relative import)
 
 jupytext = pytest.importorskip("jupytext")
 nbclient = pytest.importorskip("nbclient")
@@ -118,8 +119,9 @@ class Reference:
     return np.asarray(v, np.float64)
 
   def search(self, q: np.ndarray, d: np.ndarray, depth: int = 10):
-    """Exact top-`depth` by dot product; a document sharing no positive score is not returned
-    (id -1), as in the sparse index."""
+    """Exact top-`depth` by the idf-weighted cosine saejax searches with (`idf_weighted`, NumPy);
+    a document sharing no positive score is not returned (id -1), as in the sparse index."""
+    q, d = idf_weighted(q, d)
     scores = q @ d.T
     ids = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
     top = np.take_along_axis(scores, ids, 1)
