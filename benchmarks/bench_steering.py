@@ -2,7 +2,8 @@
 
 Model: a trained quickstart-type run (MiniLM + TopK SAE, default runs/quickstart). Data: a BEIR
 folder (default the Debian package descriptions, dev split: synopsis -> description), every
-document indexed exactly (`saejax.retrieval.index.SparseIndex`), top 10 per query.
+document indexed exactly (`saejax.retrieval.index.SparseIndex`, idf-weighted as saejax searches
+unless ``--idf_power 0``), top 10 per query.
 
 Latents: the ``--latents`` latents present in the most (query, top-10 result) pairs of the
 unsteered search, skipping latents that fire in more than ``--max_frequency`` of the documents
@@ -43,7 +44,7 @@ from saejax.eval import quickeval
 from saejax.hub import trained
 from saejax.interpret import labels as labels_lib, latents as interpret, steer
 from saejax.retrieval.encode import EncodeConfig, encode_sparse
-from saejax.retrieval.index import SparseIndex
+from saejax.retrieval.index import IDF_POWER, SparseIndex
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,6 +103,8 @@ def main():
   p.add_argument("--strength", type=float, default=1.0, help="suppress strength")
   p.add_argument("--boost", type=float, default=0.5, help="boost strength")
   p.add_argument("--cache", default="/tmp/saejax_bench_steering")
+  p.add_argument("--idf_power", type=float, default=IDF_POWER,
+                 help="the index's idf weighting (default: what saejax searches with; 0: plain)")
   args = p.parse_args()
 
   start = time.time()
@@ -115,7 +118,7 @@ def main():
   q_v, q_i = _codes(model, tokenizer, data.queries, None, config.data.max_query_len, cache,
                     fingerprint, "queries")
   encoded = time.time()
-  index = SparseIndex.build(d_v, d_i, s)
+  index = SparseIndex.build(d_v, d_i, s, idf_power=args.idf_power)
   docs = steer.DocActivations(d_v, d_i, s)
   search = steer.SteeredSearch(index, docs)
   scores0, ids0 = search.search(q_v, q_i, 10)
@@ -167,7 +170,8 @@ def main():
   print(f"run {args.run} (S={s}, k={model.sae.config.k}, fingerprint {fingerprint}); "
         f"{len(data.docs)} docs, {len(data.queries)} queries of {args.beir} [{args.split}]; "
         f"baseline nDCG@10 {_ndcg(data, all_q, scores0, ids0):.4f}")
-  print(f"suppress strength {args.strength}, boost strength {args.boost}; encode "
+  print(f"index idf power {args.idf_power:g}; suppress strength {args.strength}, boost strength "
+        f"{args.boost}; encode "
         f"{encoded - start:.0f} s, total {time.time() - start:.0f} s")
   print(labels_lib.label_quality(labs))
   print()
