@@ -159,10 +159,10 @@ def build_systems(args: argparse.Namespace) -> list:
     name, path = harness.split_name(spec)
     STAGES.info("loading model %d/%d: %s", i, len(args.model), path)
     systems.append(harness.load_system(path, name))
-    loaded.setdefault(_same_path(path), systems[-1])
+    loaded.setdefault(str(paths.resolve(path, "--model")), systems[-1])  # one spelling per place
   for spec in args.encoder_of:
     name, path = harness.split_name(spec)
-    model = loaded.get(_same_path(path))
+    model = loaded.get(str(paths.resolve(path, "--encoder-of")))
     if not isinstance(model, harness.SparseSystem):  # not loaded, or a dense run (refused there)
       STAGES.info("loading the encoder of %s", path)
       model = path
@@ -189,11 +189,6 @@ def build_systems(args: argparse.Namespace) -> list:
       s = args.random_latents or (sparse[0].model.sae.config.num_latents if sparse else 16384)
       systems.append(harness.random_topk_system(encoder, k, s))
   return systems
-
-
-def _same_path(path: str) -> str:
-  """One spelling per local directory (``runs/x``, ``./runs/x/``), for matching flags' paths."""
-  return str(Path(path).absolute()) if paths.is_local(path) else path.rstrip("/")
 
 
 def main(argv: list[str] | None = None) -> dict:
