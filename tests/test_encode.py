@@ -129,6 +129,8 @@ def test_codes_of_pooled_embeddings_are_the_encoded_codes(model, tok):
     np.testing.assert_array_equal(indices[values > 0], want.indices[values > 0])
   values, _ = encode.codes_of(model.sae, v)  # the training k
   assert values.shape == (13, model.sae.config.k) and (values > 0).any(axis=1).all()
+  with pytest.raises(DataError, match=r"shape \(13, 31\) do not fit an SAE reading d_model=32"):
+    encode.codes_of(model.sae, v[:, :31])
 
 
 def test_empty_and_bad_input(model, tok):

@@ -312,7 +312,14 @@ def codes_of(sae: SAE, v: Float[np.ndarray, "N D"], k: int | None = None,
   this SAE on top of that encoder returns, without running the encoder again.
 
   Rows go through in batches of ``batch_size``, the last one zero-padded (one compiled shape).
+
+  Raises:
+    DataError: ``v`` is not [N, D] with the SAE's D (embeddings of another encoder).
   """
+  if v.ndim != 2 or v.shape[1] != sae.config.d_model:
+    raise DataError(f"codes_of: embeddings of shape {tuple(v.shape)} do not fit an SAE reading "
+                    f"d_model={sae.config.d_model}: expected [N, {sae.config.d_model}] (the pooled "
+                    "output of the encoder this SAE was trained on)")
   k = sae.config.k if k is None else k
   graphdef, state = nnx.split(sae)
   n = v.shape[0]
