@@ -1,6 +1,5 @@
 """The compile check: the real recipe's step compiled for 8 fake devices, and its two refusals."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +11,6 @@ from saejax.errors import ConfigError
 from saejax.train import aot
 
 REPO = Path(__file__).resolve().parents[1]
-# Runs of the same program share XLA's persistent compilation cache: later runs skip the compile.
-CACHE = {"JAX_COMPILATION_CACHE_DIR": str(Path(os.environ.get("TMPDIR", "/tmp")) /
-                                          f"saejax-test-xla-cache-{os.getuid()}"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 # configs/base.py at full width (vocab, hidden 768, MLP, 16k latents, bf16) but 3 of its 22 layers
 # (one global, two local attention layers): the same program, compiled in seconds, not a minute.
 BASE = ["--config", str(REPO / "configs" / "base.py"), "--devices", "8", "--batch", "8",
@@ -25,7 +20,7 @@ BASE = ["--config", str(REPO / "configs" / "base.py"), "--devices", "8", "--batc
 def _aot(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
   cmd = [sys.executable, "-m", "saejax.train.aot", *args] if code is None else \
       [sys.executable, "-c", code, *args]
-  return subprocess.run(cmd, cwd=REPO, env={**os.environ, **CACHE}, capture_output=True,
+  return subprocess.run(cmd, cwd=REPO, capture_output=True,
                         text=True, timeout=300)
 
 

@@ -24,7 +24,7 @@ from saejax.hub import checkpoint, trained
 from saejax.train import loop
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import (CACHE, REPO, TINY, _assert_same_params, _final_params,  # noqa: E402
+from test_train import (REPO, TINY, _assert_same_params, _final_params,  # noqa: E402
                         _fingerprints, _run, _tiny)
 
 BUCKET = "saejax-test"
@@ -277,7 +277,7 @@ def test_workdirs_that_cannot_work_are_refused_at_start(bucket, monkeypatch):
 
   out = subprocess.run([sys.executable, "-m", "saejax.train", f"--config={TINY}",
                         "--workdir=ftp://host/run"], cwd=REPO, capture_output=True, text=True,
-                       timeout=300, env={**os.environ, **CACHE})
+                       timeout=300)
   assert out.returncode == 2, out.stdout + out.stderr
   assert out.stderr.strip().splitlines()[-1] == (
       "error: --workdir ftp://host/run: unknown scheme ftp://; a workdir is a local path or "

@@ -16,7 +16,7 @@ from saejax.retrieval import encode
 from saejax.retrieval.index import IDF_POWER, SparseIndex
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_distributed import CACHE, _finish, _free_port  # noqa: E402
+from test_distributed import _finish, _free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_DOCS, SHARD = 45, 10  # 5 shards, the last one short
@@ -51,7 +51,7 @@ def _command(run: Path, corpus_path: Path, out: Path, *flags: str) -> list[str]:
 
 
 def _env(devices: int) -> dict:
-  return {**os.environ, **CACHE, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
 def _run(cmd: list[str], devices: int) -> str:

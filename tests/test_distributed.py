@@ -28,10 +28,6 @@ from saejax.train import distributed, loop
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "tiny_config.py"
 STEPS = 16
-# Runs of the same program share XLA's persistent compilation cache: later runs skip the compile.
-CACHE = {"JAX_COMPILATION_CACHE_DIR": str(Path(os.environ.get("TMPDIR", "/tmp")) /
-                                          f"saejax-test-xla-cache-{os.getuid()}"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 def _free_port() -> int:
@@ -45,7 +41,7 @@ def _start(workdir: Path, devices: int, *flags: str) -> subprocess.Popen:
   cmd = [sys.executable, "-m", "saejax.train", f"--config={TINY}:{STEPS}",
          "--config.data.padding=fixed", "--config.train.log_every=1", f"--workdir={workdir}",
          *flags]
-  env = {**os.environ, **CACHE, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 

@@ -27,7 +27,7 @@ from saejax.hub import checkpoint, trained
 from saejax.train import loop
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import (CACHE, REPO, TINY, _assert_same_params, _final_params,  # noqa: E402
+from test_train import (REPO, TINY, _assert_same_params, _final_params,  # noqa: E402
                         _fingerprints, _run, _tiny, _wait_for)
 
 STEPS = 16  # checkpoints every 2 steps, the newest 3 kept (tests/tiny_config.py)
@@ -47,8 +47,7 @@ def _start(workdir: Path, *overrides, steps=STEPS, file_size_limit=None) -> subp
   entry = (["-c", LIMITED.format(file_size_limit)] if file_size_limit
            else ["-m", "saejax.train"])
   cmd = [sys.executable, *entry, f"--config={TINY}:{steps}", f"--workdir={workdir}", *overrides]
-  return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, **CACHE})
+  return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _ckpt_dir(workdir: Path) -> Path:
@@ -410,7 +409,7 @@ def test_load_run_prefers_a_sealed_checkpoint_to_a_newer_unsealed_one(tmp_path, 
 
 def _train_cli(*args) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-m", "saejax.train", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300, env={**os.environ, **CACHE})
+                        capture_output=True, text=True, timeout=300)
 
 
 def test_misspelt_override_names_section_key_and_nearest_keys(tmp_path):

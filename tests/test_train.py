@@ -43,17 +43,13 @@ def _tiny(steps=6, **updates):
   return config
 
 
-# Runs of the same program share XLA's persistent compilation cache: later runs skip the compile.
-CACHE = {"JAX_COMPILATION_CACHE_DIR": str(Path(os.environ.get("TMPDIR", "/tmp")) /
-                                          f"saejax-test-xla-cache-{os.getuid()}"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 def _run(workdir: Path, *overrides, steps=6, env=None, wait=True):
   cmd = [sys.executable, "-m", "saejax.train", f"--config={TINY}:{steps}", f"--workdir={workdir}",
          *overrides]
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env={**os.environ, **CACHE, **(env or {})})
+                          text=True, env={**os.environ, **(env or {})})
   if wait:
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
@@ -200,8 +196,7 @@ print("RESULT" + json.dumps({{"devices": jax.device_count(), "replicated": unsha
 @pytest.mark.parametrize("mesh", [(4, 2, 1), (2, 2, 2)])
 def test_sharded_run_matches_single_device(tmp_path, mesh):
   def run(workdir, mesh, devices):
-    env = {**os.environ, **CACHE,
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     out = subprocess.run([sys.executable, "-c", SHARDED.format(mesh=mesh), str(workdir)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
