@@ -1,7 +1,6 @@
 """Shared test setup: offline Hugging Face, one XLA compilation cache, real-data locations."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,23 +10,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # One XLA persistent compilation cache for the whole run: this process, the other xdist worker and
-# every subprocess a test starts (they inherit the environment). Most tests build the same tiny
-# models, so a program that took over half a second to compile is loaded from disk after that.
-# Not lower: eager ops compile too, and thousands of entries cost more to write than they save.
-# No size cap: JAX's capped cache locks and lists the whole folder on every write (the suite took
-# 40 min with one, 28 without a cache). Point JAX_COMPILATION_CACHE_DIR elsewhere to start cold.
-XLA_CACHE = {
-    "JAX_COMPILATION_CACHE_DIR": str(Path(os.environ.get("TMPDIR", "/tmp")) /
-                                     f"saejax-test-xla-cache-{os.getuid()}"),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
-}
-for _name, _value in XLA_CACHE.items():
-  os.environ.setdefault(_name, _value)
-if "jax" in sys.modules:  # imported before this file (a plugin): it read its flags already
-  import jax
-  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+# every subprocess a test starts (they inherit the environment; JAX reads it when first imported,
+# which is after this file). Most tests build the same tiny models, so a program that took over half
+# a second to compile is loaded from disk after that. Not lower: eager ops compile too, and
+# thousands of entries cost more to write than they save. No size cap: JAX's capped cache locks and
+# lists the whole folder on every write (the suite took 40 min with one, against 25 warm without).
+# Point JAX_COMPILATION_CACHE_DIR elsewhere to start cold.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(os.environ.get("TMPDIR", "/tmp")) /
+                                                       f"saejax-test-xla-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
