@@ -193,19 +193,26 @@ print("RESULT" + json.dumps({{"devices": jax.device_count(), "replicated": unsha
 """
 
 
-@pytest.mark.parametrize("mesh", [(4, 2, 1), (2, 2, 2)])
-def test_sharded_run_matches_single_device(tmp_path, mesh):
-  def run(workdir, mesh, devices):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    out = subprocess.run([sys.executable, "-c", SHARDED.format(mesh=mesh), str(workdir)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.split("RESULT")[-1])
-    losses = [json.loads(x)["loss"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return result, losses
+def _sharded_run(workdir, mesh, devices):
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  out = subprocess.run([sys.executable, "-c", SHARDED.format(mesh=mesh), str(workdir)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.split("RESULT")[-1])
+  losses = [json.loads(x)["loss"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return result, losses
 
-  single, single_losses = run(tmp_path / "single", (1, 1, 1), 1)
-  sharded, sharded_losses = run(tmp_path / "sharded", mesh, 8)
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+  """The reference of both meshes below: the same run on one device (made once)."""
+  return _sharded_run(tmp_path_factory.mktemp("single"), (1, 1, 1), 1)
+
+
+@pytest.mark.parametrize("mesh", [(4, 2, 1), (2, 2, 2)])
+def test_sharded_run_matches_single_device(tmp_path, mesh, single_device_run):
+  single, single_losses = single_device_run
+  sharded, sharded_losses = _sharded_run(tmp_path / "sharded", mesh, 8)
   assert single["devices"] == 1 and sharded["devices"] == 8
   assert len(single_losses) == len(sharded_losses) == 4
   np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-4)
