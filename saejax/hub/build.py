@@ -90,7 +90,7 @@ def _initialised(make, rngs: nnx.Rngs):
 
   Run eagerly, each weight's initialiser is its own dispatch and compilation (2.4 s for the tests'
   tiny BERT + SAE on a CPU, every time: at ~60 ms each they are too small for the persistent
-  compilation cache); as one program it is 0.8 s in a fresh process with that cache warm. `rngs` advances as it would
-  eagerly, and the values agree with eager ones to float rounding.
+  compilation cache); as one program it is 0.8 s in a fresh process with that cache warm. `rngs`
+  advances as it would eagerly, and the values agree with eager ones to float rounding.
   """
   return nnx.jit(make)(rngs)
