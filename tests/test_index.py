@@ -13,7 +13,8 @@ from hypothesis import given, settings, strategies as st
 
 from saejax.errors import CheckpointError, ConfigError, DataError
 from saejax.retrieval import index_kernels
-from saejax.retrieval.index import IndexArraysError, SeismicAdapter, SparseIndex, recall
+from saejax.retrieval.index import (IndexArraysError, SeismicAdapter, SparseIndex, recall,
+                                    weigh_codes)
 from idf_reference import idf_weighted  # tests/ is on sys.path (pytest rootdir-relative import)
 
 
@@ -259,6 +260,26 @@ def test_idf_steered_query_repeating_a_latent(corpus):
       q_values, q_indices, 10)
   np.testing.assert_array_equal(got_ids, doc_ids[order])
   np.testing.assert_allclose(got_scores, want, rtol=1e-5)
+
+
+def test_weigh_codes_mixed_rows_equal_dense_reference():
+  """Rows holding each latent once (the fast path), rows repeating one (summed for the norm) and a
+  row repeating one with a zero value (no repeat for the norm) in one call: each row equals the
+  dense reference's, taken back from [rows, S] to the row's own slots by value share."""
+  rng = np.random.default_rng(3)
+  s = 40
+  indices = np.stack([rng.choice(s, 6, replace=False) for _ in range(30)])
+  values = rng.normal(size=indices.shape).astype(np.float32)
+  indices[::4, 5] = indices[::4, 0]  # rows 0, 4, 8, ...: latent in slot 0 again in slot 5
+  indices[1, 5], values[1, 5] = indices[1, 0], 0.0  # a zero-valued repeat
+  weights = (rng.random(s) + 0.1).astype(np.float32)
+  dense = np.zeros((len(values), s))
+  np.add.at(dense, (np.arange(len(values))[:, None], indices), values)
+  before = np.linalg.norm(dense, axis=1)
+  after = np.linalg.norm(dense * weights, axis=1)
+  want = values * weights[indices] * (before / after)[:, None]  # per slot: its own share
+  np.testing.assert_allclose(weigh_codes(values, indices, weights), want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(weigh_codes(values[:1], indices[:1], weights), want[:1], rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
