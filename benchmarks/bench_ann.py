@@ -21,6 +21,10 @@ Systems, each asked for the top 10 of every query:
   hnsw    faiss `IndexHNSWFlat` (inner product, M = ``--hnsw-m``, efConstruction =
           ``--ef-construction``, one value, no grid) at the smallest of the ``--ef-search`` values
           whose recall@10 reaches ``--target``.
+The sparse systems score the codes as saejax searches them: the idf-weighted cosine
+(``--idf-power``, default `saejax.retrieval.index.IDF_POWER`; 0 scores plain dot products).
+saejax weighs each query inside its timed search call, as it ships; Seismic is given documents and
+queries already weighted by the same index's idf (outside its timing, like its query conversion).
 The settings are tuned on the timed queries themselves (optimistic for the approximate systems);
 every candidate's recall is printed. Recall is tie-aware as in bench_index.py: a returned document
 counts when its true score reaches the exact 10th score (rtol 1e-5), so any of the copies of a
@@ -80,7 +84,7 @@ import numpy as np  # noqa: E402
 import seismic  # noqa: E402
 from ir_measures import nDCG  # noqa: E402
 
-from saejax.retrieval.index import SeismicAdapter, SparseIndex  # noqa: E402
+from saejax.retrieval.index import IDF_POWER, SeismicAdapter, SparseIndex, weigh_codes  # noqa: E402
 
 import bench_index as bi  # noqa: E402  (benchmarks/; scripts run from this folder)
 from machine import cpu_model  # noqa: E402
@@ -281,9 +285,14 @@ def build_systems(corpus: bi.Corpus, docs: np.ndarray, queries: np.ndarray,
   """The four systems over one corpus (codes in ``corpus``, unit embeddings ``docs``), Seismic
   and HNSW tuned over ``grids`` (query_cut:heap_factor settings, efSearch values)."""
   qv, qi, threads = corpus.q_values, corpus.q_indices, args.threads
-  index, sparse_build = bi.timed(lambda: SparseIndex.build(corpus.values, corpus.indices,
-                                                           corpus.num_latents))
-  adapter, seismic_build = build_seismic(corpus, threads)
+  index, sparse_build = bi.timed(lambda: SparseIndex.build(
+      corpus.values, corpus.indices, corpus.num_latents, idf_power=args.idf_power))
+  # Seismic scores plain dot products: it gets the codes as saejax scores them (weighted by the
+  # index's own idf, each code at its own norm), so both rank by the same scores.
+  weighted = dataclasses.replace(
+      corpus, values=weigh_codes(corpus.values, corpus.indices, index.latent_weights),
+      q_values=weigh_codes(qv, qi, index.latent_weights))
+  adapter, seismic_build = build_seismic(weighted, threads)
   flat, flat_build = bi.timed(lambda: make_flat(docs, threads))
   hnsw, hnsw_build = bi.timed(lambda: build_hnsw(docs, args.hnsw_m, args.ef_construction,
                                                  threads))
@@ -292,15 +301,16 @@ def build_systems(corpus: bi.Corpus, docs: np.ndarray, queries: np.ndarray,
           f"{args.hnsw_m}, efConstruction {args.ef_construction}) {hnsw_build:.1f}s", flush=True)
   seismic_grid, ef_grid = grids
   setting, s_recall = tune("Seismic query_cut:heap_factor vs saejax", seismic_grid,
-                           seismic_recall(adapter, corpus, index.search(qv, qi, TOP_K), threads),
+                           seismic_recall(adapter, weighted, index.search(qv, qi, TOP_K),
+                                          threads),
                            args.target, log)
   ef, h_recall = tune("HNSW efSearch vs flat", ef_grid,
                       hnsw_recall(hnsw, docs, queries, faiss_search(flat, queries, threads),
                                   threads), args.target, log)
   hnsw.hnsw.efSearch = ef
   return [saejax_system(index, qv, qi, pool, sparse_build),
-          seismic_system(adapter, qv, qi, setting, seismic_build, bi.seismic_nbytes(adapter),
-                         s_recall),
+          seismic_system(adapter, weighted.q_values, qi, setting, seismic_build,
+                         bi.seismic_nbytes(adapter), s_recall),
           faiss_system("flat", flat, queries, "exact", flat_build),
           faiss_system("hnsw", hnsw, queries, f"efSearch {ef}", hnsw_build, h_recall, ef)]
 
@@ -438,6 +448,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--seismic", nargs="+",
                       default=["3:0.7", "5:0.7", "10:0.8", "20:0.9", "40:1.0"],
                       help="query_cut:heap_factor candidates, cheapest first")
+  parser.add_argument("--idf-power", type=float, default=IDF_POWER,
+                      help="the sparse systems' idf weighting (default: what saejax searches "
+                           "with; 0: plain dot products of the codes)")
   parser.add_argument("--no-quality", action="store_true", help="skip the nDCG@10 section")
   return parser.parse_args(argv)
 

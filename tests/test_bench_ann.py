@@ -1,5 +1,7 @@
-"""benchmarks/bench_ann.py's own logic: the tuning sweep and the tie-aware dense recall."""
+"""benchmarks/bench_ann.py's own logic: the tuning sweep, the tie-aware dense recall and the
+sparse systems' scoring."""
 
+import concurrent.futures
 import importlib
 import os
 import sys
@@ -8,6 +10,9 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from idf_reference import idf_weighted  # tests/ is on sys.path (pytest rootdir-relative import)
+
+from saejax.retrieval.index import IDF_POWER
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -59,3 +64,37 @@ def test_dense_tie_recall_counts_a_copy_of_an_exact_answer(bench_ann):
   half = exact_ids.copy()
   half[:, 5:] = -1  # five answers of ten, the rest missing
   assert bench_ann.dense_tie_recall(half, exact_scores, exact_ids, docs, queries) == 0.5
+
+
+def test_sparse_systems_score_as_saejax_searches(bench_ann):
+  """saejax and Seismic both score the idf-weighted cosine (the search saejax ships): each
+  returned document's score equals the NumPy reference's, and both find the exact top 10."""
+  rng = np.random.default_rng(1)
+  n, k, s = 600, 6, 60
+  popular = np.arange(1, s + 1) ** -1.0  # a few latents in most documents: idf matters
+  indices = np.stack([rng.choice(s, k, replace=False, p=popular / popular.sum())
+                      for _ in range(n + 20)]).astype(np.int32)
+  values = bench_ann.unit(rng.random(indices.shape) + 0.1)
+  corpus = bench_ann.bi.Corpus("test", values[:n], indices[:n], values[n:], indices[n:], s, "")
+  dense = bench_ann.unit(rng.standard_normal((n + 20, 8)))
+  args = bench_ann.parse_args(["--threads", "1"])
+  assert args.idf_power == IDF_POWER
+  docs, queries = np.zeros((n, s)), np.zeros((20, s))
+  np.put_along_axis(docs, indices[:n], values[:n], 1)
+  np.put_along_axis(queries, indices[n:], values[n:], 1)
+  q_ref, d_ref = idf_weighted(queries, docs, IDF_POWER)
+  reference = q_ref @ d_ref.T
+  want = np.sort(reference, axis=1)[:, ::-1][:, :10]
+  assert not np.allclose(want, np.sort(queries @ docs.T, axis=1)[:, ::-1][:, :10], atol=1e-3)
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    systems = bench_ann.build_systems(corpus, dense[:n], dense[n:], args, pool,
+                                      (["40:1.0"], [64]), log=False)
+  saejax, seismic_ = systems[:2]
+  scores, ids = saejax.answers()
+  np.testing.assert_allclose(scores, np.take_along_axis(reference, ids, 1), rtol=1e-5)
+  np.testing.assert_allclose(scores, want, rtol=1e-5)  # exact: the true top 10
+  # Seismic stores values in half precision: its scores are the reference's to ~1e-3; it is
+  # approximate, so its recall (against saejax, on the weighted codes) is high, not 1.
+  scores, ids = seismic_.answers()
+  np.testing.assert_allclose(scores, np.take_along_axis(reference, ids, 1), rtol=2e-3, atol=1e-4)
+  assert seismic_.recall > 0.9
