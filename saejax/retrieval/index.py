@@ -346,11 +346,8 @@ class SparseIndex:
   def _ranked(self, heap_s: np.ndarray, heap_r: np.ndarray
               ) -> tuple[Float[np.ndarray, "Q top_k"], Int[np.ndarray, "Q top_k"]]:
     """Sort heaps by (score descending, row ascending) and map rows to doc ids."""
-    by_row = np.argsort(np.where(heap_r < 0, np.iinfo(np.int32).max, heap_r), axis=1,
-                        kind="stable")
-    heap_s, heap_r = np.take_along_axis(heap_s, by_row, 1), np.take_along_axis(heap_r, by_row, 1)
-    by_score = np.argsort(-heap_s, axis=1, kind="stable")
-    scores, rows = np.take_along_axis(heap_s, by_score, 1), np.take_along_axis(heap_r, by_score, 1)
+    order = np.lexsort((np.where(heap_r < 0, np.iinfo(np.int32).max, heap_r), -heap_s), axis=1)
+    scores, rows = np.take_along_axis(heap_s, order, 1), np.take_along_axis(heap_r, order, 1)
     ids = np.full(rows.shape, -1, dtype=np.int64)
     hit = rows >= 0
     ids[hit] = self.doc_ids[rows[hit]]
