@@ -429,7 +429,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--docs", type=int, default=100_000, help="N documents (real:1m corpus)")
   parser.add_argument("--k", type=int, default=64, help="latents per code")
-  parser.add_argument("--model", default="runs/quality_flops/frozen",
+  parser.add_argument("--model", default="runs/quality/frozen",
                       help="training run (frozen encoder) whose codes are indexed")
   parser.add_argument("--cache", default="runs/cache",
                       help="embed_cache.py's output (runs/cache_full: ~120k distinct texts)")

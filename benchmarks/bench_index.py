@@ -22,7 +22,7 @@ Codes (``--codes``, one or more of):
 ``--queries`` caps the queries (a seeded random subset of the real ones; default: synthetic
 1,000, real all of them).
 
-Real codes: the TopK codes of ``--model`` (default runs/quality_flops/frozen, the quality
+Real codes: the TopK codes of ``--model`` (default runs/quality/frozen, the quality
 benchmark's frozen-encoder arm) for the texts embedded once by benchmarks/embed_cache.py
 (runs/cache: all-MiniLM-L6-v2, documents 128 tokens, queries 64). Only a run whose encoder was
 frozen qualifies: its encoder is checked to equal the untouched MiniLM it started from, so
@@ -176,7 +176,7 @@ def make_real_codes(workdir: str, cache: str, k: int) -> tuple[str, str]:
   if not config.optim.freeze_encoder:
     raise SystemExit(f"{workdir} trained its encoder (optim.freeze_encoder is false): the codes of "
                      f"{cache}'s frozen-MiniLM embeddings would not be this model's codes; use a "
-                     f"frozen-encoder run (runs/quality_flops/frozen)")
+                     f"frozen-encoder run (runs/quality/frozen)")
   _, untouched = convert.load_hf(config.model.init_from, head=False)
   leaves = [{jax.tree_util.keystr(p): np.asarray(x) for p, x in
              jax.tree_util.tree_leaves_with_path(nnx.state(m, nnx.Param))}
@@ -517,7 +517,7 @@ def main(argv=None):
                       help="real codes: queries at this k against documents at --k (0: the same)")
   parser.add_argument("--num-latents", type=int, default=16_384, help="S (synthetic codes)")
   parser.add_argument("--zipf", type=float, default=1.0, help="popularity exponent a (zipf)")
-  parser.add_argument("--model", default="runs/quality_flops/frozen",
+  parser.add_argument("--model", default="runs/quality/frozen",
                       help="training run (frozen encoder) whose codes real:* uses")
   parser.add_argument("--cache", default="runs/cache",
                       help="embed_cache.py's output; the real codes are cached here too")
