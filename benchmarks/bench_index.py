@@ -38,7 +38,10 @@ Every corpus gets its latent popularity profile (fraction of documents holding e
 a query's latents hold, in multiples of N (the work of a term-at-a-time search).
 
 Systems, each asked for the top 10 of every query, single-threaded (NUMBA_NUM_THREADS, OMP, MKL and
-OpenBLAS threads set to 1 before anything is imported; Seismic's num_threads=1):
+OpenBLAS threads set to 1 before anything is imported; Seismic's num_threads=1), all scoring the
+plain dot product of the codes: this measures the search kernels. The idf-weighted search saejax
+ships differs only by weighting each query first (bench_ann.py measures it: 2% of one-thread QPS,
+~20 us a query, at 100k real codes):
   saejax   `SparseIndex.search`, exact (the reference for recall);
   scipy    the plain baseline: `q_csr @ D_csr.T` (D.T converted to CSR once, outside the timing)
            for blocks of 64 queries, `.toarray()`, `np.argpartition` top 10, sorted. Exact: its
