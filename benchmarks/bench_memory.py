@@ -4,7 +4,8 @@ Part 1, index (synthetic, N up to 1M documents): TopK codes with S = 16,384 late
 latents drawn Zipf(a = 1) as in bench_index.py (head-heavy, like a trained TopK SAE: the most
 popular latent in ~100% of documents). The codes are generated in chunks of 65,536 documents (as an
 encoder emits them) into preallocated [N, k] arrays, indexed with `SparseIndex.build`, saved, and
-loaded back in the same child process after everything else is freed. Bounds, with C = N k 8 bytes
+loaded back in the same child process after everything else is freed; the index is idf-weighted
+as saejax builds corpus indexes (``--idf-power``, default `IDF_POWER`; 0: plain). Bounds, with C = N k 8 bytes
 (the float32 values + int32 indices of the codes) and base = RSS after imports:
 
   build:  peak - base <= 4 C + index.nbytes + 64 MiB   (the codes, their copy in doc-id order,
@@ -40,6 +41,7 @@ import time
 from pathlib import Path
 
 from machine import cpu_model  # benchmarks/machine.py (scripts run from this folder)
+from saejax.retrieval.index import IDF_POWER
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -75,7 +77,7 @@ def peak() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child_index(n: int, k: int, s: int, workdir: Path) -> dict:
+def child_index(n: int, k: int, s: int, workdir: Path, idf_power: float) -> dict:
   import gc
 
   import numpy as np
@@ -91,7 +93,7 @@ def child_index(n: int, k: int, s: int, workdir: Path) -> dict:
   for lo in range(0, n, CHUNK):
     hi = min(n, lo + CHUNK)
     values[lo:hi], indices[lo:hi] = zipf_codes(hi - lo, k, s, 1.0, seed=lo + 1)
-  index = SparseIndex.build(values, indices, num_latents=s)
+  index = SparseIndex.build(values, indices, num_latents=s, idf_power=idf_power)
   build_s = time.perf_counter() - start
   build_peak = peak()
   index.save(workdir / f"index-{n}", overwrite=True)
@@ -141,11 +143,14 @@ def child_encode(n: int, k: int, s: int) -> dict:
           "truncated": codes.stats.num_truncated, "encode_s": time.perf_counter() - start}
 
 
-def run_child(*args: str) -> dict:
-  out = subprocess.run([sys.executable, __file__, "--child", *args], cwd=REPO, text=True,
-                       capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+def run_child(args: argparse.Namespace, part: str, n: int) -> dict:
+  """One measurement in a fresh process, with this run's settings."""
+  settings = ["--k", str(args.k), "--num-latents", str(args.num_latents), "--workdir",
+              args.workdir, "--idf-power", repr(args.idf_power)]
+  out = subprocess.run([sys.executable, __file__, *settings, "--child", part, str(n)], cwd=REPO,
+                       text=True, capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   if out.returncode:
-    raise SystemExit(f"child {args} failed:\n{out.stderr[-3000:]}")
+    raise SystemExit(f"child {part} {n} failed:\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -156,11 +161,15 @@ def main(argv=None):
   parser.add_argument("--k", type=int, default=64)
   parser.add_argument("--num-latents", type=int, default=16_384)
   parser.add_argument("--workdir", default="/tmp/saejax-bench-memory")
+  parser.add_argument("--idf-power", type=float, default=IDF_POWER,
+                      help="the index's idf weighting (default: what saejax builds corpus "
+                           "indexes with; 0: plain)")
   parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
     part, n = args.child[0], int(args.child[1])
-    result = (child_index(n, args.k, args.num_latents, Path(args.workdir)) if part == "index"
+    result = (child_index(n, args.k, args.num_latents, Path(args.workdir), args.idf_power)
+              if part == "index"
               else child_encode(n, args.k, args.num_latents))
     print(json.dumps(result))
     return
@@ -174,7 +183,7 @@ def main(argv=None):
           "/ C | bound 4 C + index + 64 | serve peak - base (MiB) | bound index + 64 | build s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
   for n in args.docs:
-    r = run_child("index", str(n))
+    r = run_child(args, "index", n)
     build, serve = r["build_peak"] - r["base"], r["serve_peak"] - r["base_serve"]
     build_ok = build <= 4 * r["codes_bytes"] + r["index_bytes"] + SLACK
     serve_ok = serve <= r["index_bytes"] + SLACK
@@ -189,7 +198,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|")
   first = None
   for n in args.texts:
-    r = run_child("encode", str(n))
+    r = run_child(args, "encode", n)
     used = r["peak"] - r["base"]
     first = first or (n, used)
     growth = used - first[1]
