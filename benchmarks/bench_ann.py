@@ -33,8 +33,8 @@ graph (and Seismic's clustering) handle worse than distinct texts would.
 
 Threads: NUMBA/OMP/MKL/OpenBLAS threads are pinned to 1 before anything is imported (as in
 bench_index.py). The all-core setting (``--threads``, default all cores) is raised at run time:
-saejax serves the queries in ``--threads`` Python threads, one contiguous share each (its kernel
-releases the GIL); faiss by `omp_set_num_threads` (its OpenBLAS is the OpenMP build and follows
+saejax by `SparseIndex.search`'s ``num_threads`` (threads over contiguous shares of the queries;
+its kernel releases the GIL); faiss by `omp_set_num_threads` (its OpenBLAS is the OpenMP build and follows
 it); Seismic by its num_threads. Each timed pass records process CPU time / wall time, which
 shows the threads actually used (~1 single-threaded; below the thread count under outside load).
 Builds use the all-core setting (saejax's build is single-threaded scipy).
@@ -67,7 +67,6 @@ for _var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLA
   os.environ[_var] = "1"  # before numpy, scipy, numba and faiss start their thread pools
 
 import argparse  # noqa: E402  (the thread settings above must come first)
-import concurrent.futures  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
@@ -156,19 +155,12 @@ def faiss_search(index, queries: np.ndarray, threads: int) -> tuple[np.ndarray, 
   return index.search(queries, TOP_K)
 
 
-def saejax_system(index: SparseIndex, q_values, q_indices, pool, build_s: float) -> System:
-  """Exact sparse search; ``threads`` > 1 splits the queries into contiguous shares."""
-
-  def batch(threads: int):
-    if threads == 1:
-      return index.search(q_values, q_indices, TOP_K)
-    shares = np.array_split(np.arange(len(q_values)), threads)
-    parts = list(pool.map(lambda r: index.search(q_values[r], q_indices[r], TOP_K), shares))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-  return System("saejax", "exact", batch,
+def saejax_system(index: SparseIndex, q_values, q_indices, build_s: float) -> System:
+  """Exact sparse search; ``threads`` > 1: its own ``num_threads`` (contiguous query shares)."""
+  return System("saejax", "exact",
+                lambda threads: index.search(q_values, q_indices, TOP_K, num_threads=threads),
                 lambda i: index.search(q_values[i:i + 1], q_indices[i:i + 1], TOP_K),
-                lambda: batch(1), build_s, index.nbytes)
+                lambda: index.search(q_values, q_indices, TOP_K), build_s, index.nbytes)
 
 
 def seismic_queries(q_values: np.ndarray, q_indices: np.ndarray) -> tuple[np.ndarray, list, list]:
@@ -280,7 +272,7 @@ def build_seismic(corpus: bi.Corpus, threads: int) -> tuple[SeismicAdapter, floa
 
 
 def build_systems(corpus: bi.Corpus, docs: np.ndarray, queries: np.ndarray,
-                  args: argparse.Namespace, pool, grids: tuple[Sequence, Sequence],
+                  args: argparse.Namespace, grids: tuple[Sequence, Sequence],
                   log: bool = True) -> list[System]:
   """The four systems over one corpus (codes in ``corpus``, unit embeddings ``docs``), Seismic
   and HNSW tuned over ``grids`` (query_cut:heap_factor settings, efSearch values)."""
@@ -308,7 +300,7 @@ def build_systems(corpus: bi.Corpus, docs: np.ndarray, queries: np.ndarray,
                       hnsw_recall(hnsw, docs, queries, faiss_search(flat, queries, threads),
                                   threads), args.target, log)
   hnsw.hnsw.efSearch = ef
-  return [saejax_system(index, qv, qi, pool, sparse_build),
+  return [saejax_system(index, qv, qi, sparse_build),
           seismic_system(adapter, weighted.q_values, qi, setting, seismic_build,
                          bi.seismic_nbytes(adapter), s_recall),
           faiss_system("flat", flat, queries, "exact", flat_build),
@@ -380,7 +372,7 @@ def result_row(system: System, settings, qps, ratio, latencies: list[np.ndarray]
 # ---------------------------------------------------------------------------------------------
 # Quality
 
-def quality(arrays: dict, embeddings: dict, chosen: tuple[str, int], pool,
+def quality(arrays: dict, embeddings: dict, chosen: tuple[str, int],
             args: argparse.Namespace) -> dict:
   """{system: {set: (nDCG@10, recall@10)}} on each labelled set's own documents and queries,
   Seismic and HNSW at the ``chosen`` (setting, efSearch)."""
@@ -392,7 +384,7 @@ def quality(arrays: dict, embeddings: dict, chosen: tuple[str, int], pool,
                        arrays[f"{name}_queries_indices"], int(arrays["num_latents"]), name)
     docs, queries = unit(embeddings[f"{name}_docs"]), unit(embeddings[f"{name}_queries"])
     print(f"  {name} ({split}): {len(docs):,} documents, {len(queries):,} queries", flush=True)
-    for system in build_systems(corpus, docs, queries, args, pool, ([chosen[0]], [chosen[1]]),
+    for system in build_systems(corpus, docs, queries, args, ([chosen[0]], [chosen[1]]),
                                 log=False):
       scores, ids = system.answers()
       run = {qid: {info["doc_ids"][d]: float(s) for d, s in zip(row_ids, row_scores) if d >= 0}
@@ -471,18 +463,17 @@ def main(argv=None):
   num_q = len(queries)
   print(f"\n## N={args.docs:,} k={args.k}, {num_q:,} queries, dense D={docs.shape[1]}\n  codes: "
         f"{corpus.about}", flush=True)
-  with concurrent.futures.ThreadPoolExecutor(args.threads) as pool:
-    systems = build_systems(corpus, docs, queries, args, pool, (args.seismic, args.ef_search))
-    del corpus, docs
-    rows = time_systems(systems, settings, num_q, args)
-    chosen = (systems[1].knob, systems[3].knob)
-    del systems
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    scores = {}
-    if not args.no_quality:
-      print("\n## Quality on the labelled sets' own documents, at the settings chosen above",
-            flush=True)
-      scores = quality(arrays, embeddings, chosen, pool, args)
+  systems = build_systems(corpus, docs, queries, args, (args.seismic, args.ef_search))
+  del corpus, docs
+  rows = time_systems(systems, settings, num_q, args)
+  chosen = (systems[1].knob, systems[3].knob)
+  del systems
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  scores = {}
+  if not args.no_quality:
+    print("\n## Quality on the labelled sets' own documents, at the settings chosen above",
+          flush=True)
+    scores = quality(arrays, embeddings, chosen, args)
   print(f"\nPeak RSS {peak:.1f} GiB (before the quality section)\n\n" +
         markdown(rows, settings, scores))
 

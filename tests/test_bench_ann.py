@@ -1,7 +1,6 @@
 """benchmarks/bench_ann.py's own logic: the tuning sweep, the tie-aware dense recall and the
 sparse systems' scoring."""
 
-import concurrent.futures
 import importlib
 import os
 import sys
@@ -86,9 +85,8 @@ def test_sparse_systems_score_as_saejax_searches(bench_ann):
   reference = q_ref @ d_ref.T
   want = np.sort(reference, axis=1)[:, ::-1][:, :10]
   assert not np.allclose(want, np.sort(queries @ docs.T, axis=1)[:, ::-1][:, :10], atol=1e-3)
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    systems = bench_ann.build_systems(corpus, dense[:n], dense[n:], args, pool,
-                                      (["40:1.0"], [64]), log=False)
+  systems = bench_ann.build_systems(corpus, dense[:n], dense[n:], args, (["40:1.0"], [64]),
+                                    log=False)
   saejax, seismic_ = systems[:2]
   scores, ids = saejax.answers()
   np.testing.assert_allclose(scores, np.take_along_axis(reference, ids, 1), rtol=1e-5)

@@ -6,6 +6,7 @@ first). One test uses arbitrary floats and allows ulp-level score differences.
 """
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -280,6 +281,39 @@ def test_weigh_codes_mixed_rows_equal_dense_reference():
   want = values * weights[indices] * (before / after)[:, None]  # per slot: its own share
   np.testing.assert_allclose(weigh_codes(values, indices, weights), want, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(weigh_codes(values[:1], indices[:1], weights), want[:1], rtol=1e-5)
+
+
+def test_threaded_search_splits_large_batches_and_equals_brute_force(corpus, monkeypatch):
+  """num_threads > 1 splits the queries into contiguous shares of >= QUERY_BATCH, one kernel call
+  each, in threads; the results equal the brute-force reference (hence one thread's)."""
+  values, indices, doc_ids, _, _ = corpus
+  rng = np.random.default_rng(5)
+  q_values, q_indices = _zipf_codes(rng, 700, 5, 300)
+  index = SparseIndex.build(values, indices, 300, doc_ids)
+  calls = []
+  kernel = index_kernels.search_kernel
+
+  def counting(*args):
+    calls.append((len(args[8]), threading.get_ident()))
+    return kernel(*args)
+
+  monkeypatch.setattr(index_kernels, "search_kernel", counting)
+  want = index.search(q_values, q_indices, 10)
+  assert [n for n, _ in calls] == [700]
+  reference = _brute_force(values, indices, doc_ids, q_values, q_indices, 300, 10)
+  np.testing.assert_array_equal(want[1], reference[1])
+  calls.clear()
+  got = index.search(q_values, q_indices, 10, num_threads=3)  # 700 // 256 = 2 shares
+  assert sorted(n for n, _ in calls) == [350, 350]
+  assert threading.get_ident() not in {t for _, t in calls}
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  calls.clear()
+  index.search(q_values[:300], q_indices[:300], 10, num_threads=4)  # one share: caller's thread
+  assert calls == [(300, threading.get_ident())]
+  for bad in (0, -1, 1.5, True, "2"):
+    with pytest.raises(ConfigError, match="num_threads"):
+      index.search(q_values, q_indices, 10, num_threads=bad)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -19,10 +19,11 @@ posting list per latent in CSC form:
   doc_ids int64 [N]     the caller's id of each row, ascending (rows are stored in doc id order)
 
 Entry points:
-  * `SparseIndex.search`: exact top-k on CPU, single-threaded, in compiled kernels
+  * `SparseIndex.search`: exact top-k on CPU in compiled kernels
     (`saejax.retrieval.index_kernels`: blocked term-at-a-time scoring with dense columns for head
-    latents; the docstring there says why hand-written kernels and how). It releases the GIL, so
-    threads can serve queries in parallel.
+    latents; the docstring there says why hand-written kernels and how). Single-threaded unless
+    ``num_threads`` > 1 splits a large batch of queries over threads; the kernel releases the
+    GIL, so callers' own threads can also serve queries in parallel.
   * `SparseIndex.search_jax`: the same scores computed with JAX (each document gathers the query's
     dense vector at its latents), for GPUs/TPUs; on CPU it returns what `search` returns.
   * `SparseIndex.save` / `SparseIndex.load`: a directory with ``header.json`` and one ``.npy``
@@ -44,6 +45,7 @@ Shape letters: N documents, K latents per document code, Q queries, R latents pe
 S latents in the dictionary, nnz stored postings.
 """
 
+import concurrent.futures
 import functools
 import json
 import os
@@ -255,25 +257,41 @@ class SparseIndex:
   # Search
 
   def search(self, q_values: Float[np.ndarray, "Q R"], q_indices: Int[np.ndarray, "Q R"],
-             top_k: int = 10) -> tuple[Float[np.ndarray, "Q top_k"], Int[np.ndarray, "Q top_k"]]:
-    """Exact top-``top_k`` documents of each query, on CPU, single-threaded.
+             top_k: int = 10, *, num_threads: int = 1
+             ) -> tuple[Float[np.ndarray, "Q top_k"], Int[np.ndarray, "Q top_k"]]:
+    """Exact top-``top_k`` documents of each query, on CPU.
 
     Args:
       q_values: [Q, R] query weights (any sign: negative weights suppress latents).
       q_indices: [Q, R] query latents in [0, S); R need not equal the documents' K.
       top_k: results per query; may exceed the number of documents.
+      num_threads: threads searching contiguous shares of the queries at once (the kernel
+        releases the GIL; each thread needs its own core to gain). A share is never smaller than
+        the kernel's query batch (`index_kernels.QUERY_BATCH`), so fewer queries use fewer threads
+        and one query runs on the caller's thread. The results do not depend on it.
 
     Returns:
       (scores float32 [Q, top_k], doc ids int64 [Q, top_k]) under the module's result rule:
       scores > 0 descending, ties by lower doc id, padding -inf / -1.
     """
-    top_k = _check_top_k(top_k)
+    top_k, num_threads = _check_top_k(top_k), _check_num_threads(num_threads)
     q_values, q_indices = self._queries(q_values, q_indices)
-    heap_s, heap_r = kernels.search_kernel(
-        self._skips, self.docs, self._kernel_weights, kernels.HALF_TO_FLOAT, self._dense_slot,
-        self._dense_cols, self.num_docs, self._block, q_indices, q_values, top_k,
-        kernels.QUERY_BATCH)
-    return self._ranked(heap_s, heap_r)
+    shares = min(num_threads, max(1, len(q_values) // kernels.QUERY_BATCH))
+    bounds = np.linspace(0, len(q_values), shares + 1).astype(np.int64)
+
+    def heaps(share: int) -> tuple[np.ndarray, np.ndarray]:
+      lo, hi = bounds[share], bounds[share + 1]
+      return kernels.search_kernel(
+          self._skips, self.docs, self._kernel_weights, kernels.HALF_TO_FLOAT, self._dense_slot,
+          self._dense_cols, self.num_docs, self._block, q_indices[lo:hi], q_values[lo:hi], top_k,
+          kernels.QUERY_BATCH)
+
+    if shares == 1:
+      return self._ranked(*heaps(0))
+    with concurrent.futures.ThreadPoolExecutor(shares) as pool:
+      parts = list(pool.map(heaps, range(shares)))
+    return self._ranked(np.concatenate([p[0] for p in parts]),
+                        np.concatenate([p[1] for p in parts]))
 
   def search_jax(self, q_values: Float[np.ndarray, "Q R"], q_indices: Int[np.ndarray, "Q R"],
                  top_k: int = 10, *, query_chunk: int = 0
@@ -523,6 +541,13 @@ def _check_top_k(top_k) -> int:
   if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
     raise ConfigError(f"top_k={top_k!r} must be an int >= 1")
   return int(top_k)
+
+
+def _check_num_threads(num_threads) -> int:
+  if (not isinstance(num_threads, (int, np.integer)) or isinstance(num_threads, bool)
+      or num_threads < 1):
+    raise ConfigError(f"num_threads={num_threads!r} must be an int >= 1")
+  return int(num_threads)
 
 
 def _check_codes(values, indices, num_latents: int, what: str
