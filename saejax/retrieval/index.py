@@ -277,19 +277,18 @@ class SparseIndex:
     top_k, num_threads = _check_top_k(top_k), _check_num_threads(num_threads)
     q_values, q_indices = self._queries(q_values, q_indices)
     shares = min(num_threads, max(1, len(q_values) // kernels.QUERY_BATCH))
-    bounds = np.linspace(0, len(q_values), shares + 1).astype(np.int64)
 
-    def heaps(share: int) -> tuple[np.ndarray, np.ndarray]:
-      lo, hi = bounds[share], bounds[share + 1]
+    def heaps(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
       return kernels.search_kernel(
           self._skips, self.docs, self._kernel_weights, kernels.HALF_TO_FLOAT, self._dense_slot,
           self._dense_cols, self.num_docs, self._block, q_indices[lo:hi], q_values[lo:hi], top_k,
           kernels.QUERY_BATCH)
 
     if shares == 1:
-      return self._ranked(*heaps(0))
+      return self._ranked(*heaps(0, len(q_values)))
+    bounds = np.linspace(0, len(q_values), shares + 1).astype(np.int64)
     with concurrent.futures.ThreadPoolExecutor(shares) as pool:
-      parts = list(pool.map(heaps, range(shares)))
+      parts = list(pool.map(heaps, bounds[:-1], bounds[1:]))
     return self._ranked(np.concatenate([p[0] for p in parts]),
                         np.concatenate([p[1] for p in parts]))
 
