@@ -33,10 +33,11 @@ graph (and Seismic's clustering) handle worse than distinct texts would.
 
 Threads: NUMBA/OMP/MKL/OpenBLAS threads are pinned to 1 before anything is imported (as in
 bench_index.py). The all-core setting (``--threads``, default all cores) is raised at run time:
-saejax by `SparseIndex.search`'s ``num_threads`` (threads over contiguous shares of the queries;
-its kernel releases the GIL); faiss by `omp_set_num_threads` (its OpenBLAS is the OpenMP build and follows
-it); Seismic by its num_threads. Each timed pass records process CPU time / wall time, which
-shows the threads actually used (~1 single-threaded; below the thread count under outside load).
+saejax by `SparseIndex.search`'s ``num_threads`` (threads over contiguous shares of the
+queries; its kernel releases the GIL); faiss by `omp_set_num_threads` (its OpenBLAS is the OpenMP
+build and follows it); Seismic by its num_threads. Each timed pass records process CPU time / wall
+time, which shows the threads actually used (~1 single-threaded; below the thread count under
+outside load).
 Builds use the all-core setting (saejax's build is single-threaded scipy).
 
 Timing (as bench_index.py): every system answers all queries once untimed, then ``--rounds``
@@ -83,7 +84,8 @@ import numpy as np  # noqa: E402
 import seismic  # noqa: E402
 from ir_measures import nDCG  # noqa: E402
 
-from saejax.retrieval.index import IDF_POWER, SeismicAdapter, SparseIndex, weigh_codes  # noqa: E402
+from saejax.retrieval.index import (  # noqa: E402
+    IDF_POWER, SeismicAdapter, SparseIndex, weigh_codes)
 
 import bench_index as bi  # noqa: E402  (benchmarks/; scripts run from this folder)
 from machine import cpu_model  # noqa: E402

@@ -5,8 +5,8 @@ latents drawn Zipf(a = 1) as in bench_index.py (head-heavy, like a trained TopK 
 popular latent in ~100% of documents). The codes are generated in chunks of 65,536 documents (as an
 encoder emits them) into preallocated [N, k] arrays, indexed with `SparseIndex.build`, saved, and
 loaded back in the same child process after everything else is freed; the index is idf-weighted
-as saejax builds corpus indexes (``--idf-power``, default `IDF_POWER`; 0: plain). Bounds, with C = N k 8 bytes
-(the float32 values + int32 indices of the codes) and base = RSS after imports:
+as saejax builds corpus indexes (``--idf-power``, default `IDF_POWER`; 0: plain). Bounds, with
+C = N k 8 bytes (the float32 values + int32 indices of the codes) and base = RSS after imports:
 
   build:  peak - base <= 4 C + index.nbytes + 64 MiB   (the codes, their copy in doc-id order,
           scipy's CSR -> CSC conversion with its duplicate summing, the final int32 / float32
