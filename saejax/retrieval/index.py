@@ -202,6 +202,7 @@ class SparseIndex:
     csr.eliminate_zeros()
     if idf_power:
       df = np.bincount(csr.indices, minlength=int(num_latents))
+      # In place: csr.data is built from the reordered copy above, never the caller's values.
       csr.data = _weigh_rows(csr.data, csr.indices, np.diff(csr.indptr),
                              latent_idf(df, n, idf_power))
     csc = csr.tocsc()
@@ -526,8 +527,6 @@ def weigh_codes(values: Float[np.ndarray, "Q R"], indices: Int[np.ndarray, "Q R"
 def _repeating_rows(values: Float[np.ndarray, "Q R"], indices: Int[np.ndarray, "Q R"]
                     ) -> Bool[np.ndarray, "Q"]:
   """Rows holding a latent more than once with non-zero values (zeros add nothing to a norm)."""
-  if indices.shape[1] < 2:
-    return np.zeros(len(indices), bool)
   keyed = np.where(values != 0, indices.astype(np.int64), -1 - np.arange(indices.shape[1]))
   keyed.sort(axis=1)
   return (keyed[:, 1:] == keyed[:, :-1]).any(axis=1)
