@@ -46,7 +46,7 @@ BLOCK = 8192
 # memory once per batch instead of once per query (dense part ~2.4x faster than batch 1 at
 # N=100k, k=128; 128-512 within noise).
 QUERY_BATCH = 256
-_CHUNK = 64  # accumulator entries tested at once for a heap candidate
+_CHUNK = 128  # accumulator entries tested at once for a heap candidate
 _AHEAD = 4  # posting runs whose first cache lines are prefetched ahead of the one being added
 _RUN_LINES = 4  # cache lines prefetched per run; the hardware prefetcher follows the rest
 
@@ -132,8 +132,12 @@ def _collect(acc, length, row0, hs, hr, size):
   for c0 in range(0, length, _CHUNK):
     c1 = min(length, c0 + _CHUNK)
     above = 0
-    for d in range(c0, c1):  # vectorised test: most chunks hold no candidate once the heap is full
-      above += acc[d] > threshold
+    # Vectorised test: most chunks hold no candidate once the heap is full. The index is unsigned
+    # because numba wraps negative indices: with a signed d the address is not affine in d and
+    # LLVM vectorises the loop with gathers instead of plain loads, ~4x slower (1M documents: the
+    # collection took 30% of a query's time).
+    for d in range(c0, c1):
+      above += acc[np.uint64(d)] > threshold
     if above == 0:
       continue
     for d in range(c0, c1):
@@ -206,8 +210,9 @@ def _add_sparse(acc, skips, b, docs, weights, lut, latents, vals, count, b0, sta
     if j + _AHEAD < count:
       _prefetch_run(docs, weights, starts[j + _AHEAD], stops[j + _AHEAD])
     x = vals[j]
-    for p in range(starts[j], stops[j]):
-      acc[np.uint32(docs[p] - b0)] += x * widen(weights, p, lut)
+    for p in range(starts[j], stops[j]):  # unsigned indices: no wraparound test (_collect)
+      u = np.uint64(p)
+      acc[np.uint32(docs[u] - b0)] += x * widen(weights, u, lut)
 
 
 @numba.njit(cache=True, nogil=True)
