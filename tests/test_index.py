@@ -73,7 +73,8 @@ def test_search_equals_brute_force(corpus, dtype, dense_fraction):
 
 def test_search_spans_blocks_and_query_batches():
   # More rows than two kernel blocks and more queries than one kernel batch: skip pointers,
-  # heaps carried across blocks and per-batch term splits all take part.
+  # heaps carried across blocks and per-batch term splits all take part; queries searched one
+  # at a time take the kernel's lone-query path (deeper prefetching).
   rng = np.random.default_rng(3)
   n = 2 * index_kernels.BLOCK + 123
   values, indices = _zipf_codes(rng, n, 3, 64)
@@ -84,6 +85,10 @@ def test_search_spans_blocks_and_query_batches():
     want_scores, want_ids = _brute_force(values, indices, np.arange(n), q_values, q_indices, 64, 7)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_array_equal(scores, want_scores)
+    for q in range(5):
+      alone = index.search(q_values[q:q + 1], q_indices[q:q + 1], top_k=7)
+      np.testing.assert_array_equal(alone[1], want_ids[q:q + 1])
+      np.testing.assert_array_equal(alone[0], want_scores[q:q + 1])
 
 
 def test_search_float_weights_within_ulps():
