@@ -286,6 +286,10 @@ def test_weigh_codes_mixed_rows_equal_dense_reference():
   want = values * weights[indices] * (before / after)[:, None]  # per slot: its own share
   np.testing.assert_allclose(weigh_codes(values, indices, weights), want, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(weigh_codes(values[:1], indices[:1], weights), want[:1], rtol=1e-5)
+  with pytest.raises(DataError, match=r"indices must lie in \[0, 40\)"):
+    weigh_codes(values, indices + 1, weights)  # the compiled loop does not check bounds itself
+  with pytest.raises(DataError, match=r"values \(30, 6\) and indices \(30, 5\)"):
+    weigh_codes(values, indices[:, :5], weights)
 
 
 def test_threaded_search_splits_large_batches_and_equals_brute_force(corpus, monkeypatch):

@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 from saejax.errors import CheckpointError, ConfigError, DataError
 from saejax.retrieval import index_kernels as kernels
@@ -279,17 +279,17 @@ class SparseIndex:
     q_values, q_indices = self._queries(q_values, q_indices)
     shares = min(num_threads, max(1, len(q_values) // kernels.QUERY_BATCH))
 
-    def heaps(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    def ranked(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
       return kernels.search_kernel(
           self._skips, self.docs, self._kernel_weights, kernels.HALF_TO_FLOAT, self._dense_slot,
           self._dense_cols, self.num_docs, self._block, q_indices[lo:hi], q_values[lo:hi], top_k,
           kernels.QUERY_BATCH)
 
     if shares == 1:
-      return self._ranked(*heaps(0, len(q_values)))
+      return self._ranked(*ranked(0, len(q_values)))
     bounds = np.linspace(0, len(q_values), shares + 1).astype(np.int64)
     with concurrent.futures.ThreadPoolExecutor(shares) as pool:
-      parts = list(pool.map(heaps, bounds[:-1], bounds[1:]))
+      parts = list(pool.map(ranked, bounds[:-1], bounds[1:]))
     return self._ranked(np.concatenate([p[0] for p in parts]),
                         np.concatenate([p[1] for p in parts]))
 
@@ -319,10 +319,10 @@ class SparseIndex:
       raise ConfigError(f"query_chunk={query_chunk!r} must be an int >= 0")
     num_q = q_values.shape[0]
     depth = min(top_k, self.num_docs)
-    heap_s = np.full((num_q, top_k), -np.inf, dtype=np.float32)
-    heap_r = np.full((num_q, top_k), -1, dtype=np.int32)
+    top_s = np.full((num_q, top_k), -np.inf, dtype=np.float32)
+    top_r = np.full((num_q, top_k), -1, dtype=np.int32)
     if num_q == 0 or depth == 0:
-      return self._ranked(heap_s, heap_r)
+      return self._ranked(top_s, top_r)
     fwd_latents, fwd_weights = self._device_forward()
     chunk = query_chunk or max(1, _JAX_GATHER_BUDGET // max(1, fwd_latents.size))
     chunk = min(chunk, num_q)
@@ -333,17 +333,17 @@ class SparseIndex:
       qi = np.pad(q_indices[start:stop], ((0, pad), (0, 0)))
       s, r = _jax_top(fwd_latents, fwd_weights, jnp.asarray(qi), jnp.asarray(qv),
                       num_latents=self.num_latents, depth=depth)
-      heap_s[start:stop, :depth] = np.asarray(s)[:stop - start]
-      heap_r[start:stop, :depth] = np.asarray(r)[:stop - start]
-    miss = ~(heap_s > 0)
-    heap_s[miss], heap_r[miss] = -np.inf, -1
-    return self._ranked(heap_s, heap_r)
+      top_s[start:stop, :depth] = np.asarray(s)[:stop - start]
+      top_r[start:stop, :depth] = np.asarray(r)[:stop - start]
+    miss = ~(top_s > 0)  # sorted descending: the misses trail
+    top_s[miss], top_r[miss] = -np.inf, -1
+    return self._ranked(top_s, top_r)
 
   def _queries(self, q_values, q_indices) -> tuple[Float[np.ndarray, "Q R"], Int[np.ndarray, "Q R"]]:
     """Checked query codes, weighted as the documents are (``idf_power`` > 0)."""
     q_values, q_indices = _check_codes(q_values, q_indices, self.num_latents, "query")
-    if self.idf_power:
-      q_values = weigh_codes(q_values, q_indices, self.latent_weights)
+    if self.idf_power:  # the kernel itself: the indices were just checked
+      q_values = kernels.weigh_codes(q_values, q_indices, self.latent_weights)
     return q_values, q_indices
 
   def _device_forward(self) -> tuple[Array, Array]:
@@ -361,15 +361,13 @@ class SparseIndex:
       self._jax_forward = (jnp.asarray(latents), jnp.asarray(weights))
     return self._jax_forward
 
-  def _ranked(self, heap_s: np.ndarray, heap_r: np.ndarray
+  def _ranked(self, scores: np.ndarray, rows: np.ndarray
               ) -> tuple[Float[np.ndarray, "Q top_k"], Int[np.ndarray, "Q top_k"]]:
-    """Sort heaps by (score descending, row ascending) and map rows to doc ids."""
-    order = np.lexsort((np.where(heap_r < 0, np.iinfo(np.int32).max, heap_r), -heap_s), axis=1)
-    scores, rows = np.take_along_axis(heap_s, order, 1), np.take_along_axis(heap_r, order, 1)
-    ids = np.full(rows.shape, -1, dtype=np.int64)
-    hit = rows >= 0
-    ids[hit] = self.doc_ids[rows[hit]]
-    return scores, ids
+    """Ranked rows (best first, padding -1 at the end: the kernel's and `jax.lax.top_k`'s order)
+    as doc ids."""
+    if self.num_docs == 0:
+      return scores, np.full(rows.shape, -1, dtype=np.int64)
+    return scores, np.where(rows >= 0, self.doc_ids[rows], -1)
 
   # -------------------------------------------------------------------------------------------
   # Files
@@ -506,30 +504,17 @@ def weigh_codes(values: Float[np.ndarray, "Q R"], indices: Int[np.ndarray, "Q R"
   """Codes (any sign, a latent possibly repeated in a row) times their latents' weights, each row
   rescaled to the norm it had: the norms are those of the codes with repeats summed (a steered
   query repeats latents), so the result does not depend on how a code splits a latent's value.
-
-  Codes whose rows hold each latent once (every TopK code) take a few array operations; only rows
-  that repeat a latent go through a scipy sum of duplicates, which alone costs ~100 us a call (as
-  much as a whole single-query search)."""
-  values, indices = np.asarray(values, np.float32), np.asarray(indices)
-  weighted = values * latent_weights[indices]
-  before = np.sqrt(np.einsum("qr,qr->q", values, values))
-  after = np.sqrt(np.einsum("qr,qr->q", weighted, weighted))
-  repeats = _repeating_rows(values, indices)
-  if repeats.any():
-    summed = sparse_matrix(values[repeats], indices[repeats], len(latent_weights))
-    before[repeats] = np.sqrt(np.asarray(summed.multiply(summed).sum(axis=1)).ravel())
-    summed.data *= latent_weights[summed.indices]
-    after[repeats] = np.sqrt(np.asarray(summed.multiply(summed).sum(axis=1)).ravel())
-  scale = np.divide(before, after, out=np.zeros_like(before), where=after > 0)
-  return weighted * scale[:, None]
-
-
-def _repeating_rows(values: Float[np.ndarray, "Q R"], indices: Int[np.ndarray, "Q R"]
-                    ) -> Bool[np.ndarray, "Q"]:
-  """Rows holding a latent more than once with non-zero values (zeros add nothing to a norm)."""
-  keyed = np.where(values != 0, indices.astype(np.int64), -1 - np.arange(indices.shape[1]))
-  keyed.sort(axis=1)
-  return (keyed[:, 1:] == keyed[:, :-1]).any(axis=1)
+  Indices must lie in [0, len(latent_weights)) (`SparseIndex` checks its queries first)."""
+  values = np.ascontiguousarray(values, np.float32)
+  indices = np.ascontiguousarray(indices)
+  latent_weights = np.ascontiguousarray(latent_weights, np.float32)
+  if values.shape != indices.shape or values.ndim != 2:
+    raise DataError(f"values {values.shape} and indices {indices.shape} must both be [rows, k]")
+  if not np.issubdtype(indices.dtype, np.integer):
+    raise DataError(f"indices must be integers, got dtype {indices.dtype}")
+  if indices.size and not (0 <= indices.min() and indices.max() < len(latent_weights)):
+    raise DataError(f"indices must lie in [0, {len(latent_weights)}), the latents weighted")
+  return kernels.weigh_codes(values, indices, latent_weights)
 
 
 def _check_idf_power(power) -> None:

@@ -27,7 +27,8 @@ documents with a score > 0 are candidates (as in `saejax.eval.quickeval`: no sha
 Ties are broken by the lower row first; rows are in ascending doc id order (see `SparseIndex`), so
 this is "lower doc id first". Rows pass through a bounded heap of `top_k` entries whose root is the
 worst entry (lowest score, then highest row); a row enters only with a strictly higher score than
-the root, which, rows arriving in ascending order, implements the tie rule.
+the root, which, rows arriving in ascending order, implements the tie rule. Each query's heap is
+then sorted in place, so results leave the kernel ranked.
 
 Weights are float32, or float16 read through a 65,536-entry float32 lookup table: numba has no
 float16 arithmetic, and the table (256 KiB) converts exactly.
@@ -127,6 +128,16 @@ def _heap_push(hs, hr, size, score, row):
     hs[i], hs[parent] = hs[parent], hs[i]
     hr[i], hr[parent] = hr[parent], hr[i]
     i = parent
+
+
+@numba.njit(cache=True, nogil=True)
+def _heap_sort(hs, hr, size):
+  """Order a heap's first ``size`` entries best first (score descending, then row ascending): each
+  step swaps the root, the worst entry left, to the end of the shrinking heap."""
+  for end in range(size - 1, 0, -1):
+    hs[0], hs[end] = hs[end], hs[0]
+    hr[0], hr[end] = hr[end], hr[0]
+    _heap_sift_down(hs, hr, end, 0)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -243,8 +254,8 @@ def search_kernel(skips, docs, weights, lut, dense_slot, dense_cols, num_docs, b
     batch: queries sharing a pass over a block.
 
   Returns:
-    (scores float32 [Q, top_k], rows int32 [Q, top_k]) as unsorted heaps; unfilled slots hold
-    (-inf, -1).
+    (scores float32 [Q, top_k], rows int32 [Q, top_k]), each row ranked best first (score
+    descending, then lower row); unfilled slots at the end hold (-inf, -1).
   """
   num_q, kq = q_indices.shape
   out_s = np.full((num_q, top_k), -np.inf, dtype=np.float32)
@@ -284,7 +295,45 @@ def search_kernel(skips, docs, weights, lut, dense_slot, dense_cols, num_docs, b
         _add_sparse(acc, skips, b, docs, weights, lut, s_lat[a], s_val[a], n_sparse[a], b0,
                     starts, stops, lines)
         sizes[q0 + a] = _collect(acc, b1 - b0, b0, out_s[q0 + a], out_r[q0 + a], sizes[q0 + a])
+    for a in range(m):
+      _heap_sort(out_s[q0 + a], out_r[q0 + a], sizes[q0 + a])
   return out_s, out_r
+
+
+@numba.njit(cache=True, nogil=True)
+def weigh_codes(values, indices, latent_weights):
+  """float32 [Q, R]: each code's values times their latents' weights, the row rescaled to the norm
+  it had. The norms are those of the code with a repeated latent's values summed (a steered query
+  repeats latents), so the result does not depend on how a code splits a latent's value.
+
+  Two passes per row over an [S] scratch of sums: add each value to its latent's sum, then take
+  each latent's sum once (zeroing it, which leaves the scratch clean for the next row); norms in
+  float64. As array operations this was ~10 NumPy calls (and a scipy sum of duplicates for rows
+  repeating a latent), ~13 us for one query: a quarter of a lone query's search on a small index.
+
+  Args:
+    values: float32 [Q, R].
+    indices: integer [Q, R], each in [0, len(latent_weights)) (the caller checks).
+    latent_weights: float32 [S].
+  """
+  num_q, r = values.shape
+  out = np.empty((num_q, r), dtype=np.float32)
+  sums = np.zeros(latent_weights.shape[0], dtype=np.float64)
+  for i in range(num_q):
+    for j in range(r):
+      sums[indices[i, j]] += values[i, j]
+    before = 0.0
+    after = 0.0
+    for j in range(r):
+      t = indices[i, j]
+      total = sums[t]
+      sums[t] = 0.0
+      before += total * total
+      after += (total * latent_weights[t]) ** 2
+    scale = np.sqrt(before / after) if after > 0 else 0.0
+    for j in range(r):
+      out[i, j] = values[i, j] * latent_weights[indices[i, j]] * scale
+  return out
 
 
 @numba.njit(cache=True, nogil=True)
