@@ -150,8 +150,8 @@ def _collect(acc, length, row0, hs, hr, size):
     above = 0
     # Vectorised test: most chunks hold no candidate once the heap is full. The index is unsigned
     # because numba wraps negative indices: with a signed d the address is not affine in d and
-    # LLVM vectorises the loop with gathers instead of plain loads, ~4x slower (1M documents: the
-    # collection took 30% of a query's time).
+    # LLVM vectorises the loop with gathers instead of plain loads, ~5x slower (1M documents: the
+    # collection took 31% of a query's cycles, now 8%; benchmarks/results/ann_amd_2026-12-04b/).
     for d in range(c0, c1):
       above += acc[np.uint64(d)] > threshold
     if above == 0:
