@@ -34,7 +34,7 @@ graph (and Seismic's clustering) handle worse than distinct texts would.
 Threads: NUMBA/OMP/MKL/OpenBLAS threads are pinned to 1 before anything is imported (as in
 bench_index.py). The all-core setting (``--threads``, default all cores) is raised at run time:
 saejax by `SparseIndex.search`'s ``num_threads`` (threads over contiguous shares of the
-queries; its kernel releases the GIL); faiss by `omp_set_num_threads` (its OpenBLAS is the OpenMP
+queries, or of the documents for fewer queries; its kernel releases the GIL); faiss by `omp_set_num_threads` (its OpenBLAS is the OpenMP
 build and follows it); Seismic by its num_threads. Each timed pass records process CPU time / wall
 time, which shows the threads actually used (~1 single-threaded; below the thread count under
 outside load).
@@ -42,9 +42,11 @@ Builds use the all-core setting (saejax's build is single-threaded scipy).
 
 Timing (as bench_index.py): every system answers all queries once untimed, then ``--rounds``
 rounds take turns over systems and thread settings; QPS = queries / wall time of a round, best
-round reported with the range. Latency: one query per call, single-threaded, over
-``--latency-queries`` queries (a seeded subset), in every round; p50 and p99 of the round with
-the best p50. Seismic is timed through its own `batch_search` / `search` with the queries already
+round reported with the range. Latency: one query per call over ``--latency-queries`` queries (a
+seeded subset), at each thread setting, in every round; p50 and p99 of the round with the best
+p50. With more threads saejax splits a lone query's documents over them (`SparseIndex.search`);
+faiss answers one query on one thread whatever its OpenMP setting (it parallelises over queries),
+and Seismic's `search` has no thread setting, so their two latency columns time the same work. Seismic is timed through its own `batch_search` / `search` with the queries already
 converted to its string tokens (the adapter's Python conversion, ~100 us a query, which
 bench_index.py's timing includes, is left out); saejax and faiss through their public calls.
 Memory: saejax `nbytes`, Seismic's own count (`print_space_usage_byte`), faiss the size of
@@ -91,6 +93,7 @@ import bench_index as bi  # noqa: E402  (benchmarks/; scripts run from this fold
 from machine import cpu_model  # noqa: E402
 
 TOP_K = bi.TOP_K
+SETTLE_S = 0.5  # pause before each timed pass (`settle`)
 QUALITY_SETS = {"scifact": "test", "debian": "dev"}  # name in the cache: qrels split
 
 
@@ -129,7 +132,7 @@ class System:
   name: str
   setting: str  # the tuned setting as printed, or "exact"
   batch: Callable[[int], object]  # answer every query with this many threads (timed)
-  one: Callable[[int], object]  # answer query i alone, single-threaded (timed)
+  one: Callable[[int, int], object]  # answer query i alone with this many threads (timed)
   answers: Callable[[], tuple[np.ndarray, np.ndarray]]  # (scores, ids) [Q, 10] of every query
   build_s: float
   nbytes: float
@@ -161,7 +164,8 @@ def saejax_system(index: SparseIndex, q_values, q_indices, build_s: float) -> Sy
   """Exact sparse search; ``threads`` > 1: its own ``num_threads`` (contiguous query shares)."""
   return System("saejax", "exact",
                 lambda threads: index.search(q_values, q_indices, TOP_K, num_threads=threads),
-                lambda i: index.search(q_values[i:i + 1], q_indices[i:i + 1], TOP_K),
+                lambda i, threads: index.search(q_values[i:i + 1], q_indices[i:i + 1], TOP_K,
+                                                num_threads=threads),
                 lambda: index.search(q_values, q_indices, TOP_K), build_s, index.nbytes)
 
 
@@ -193,7 +197,7 @@ def seismic_system(adapter: SeismicAdapter, q_values, q_indices, setting: str, b
       "seismic", setting,
       lambda threads: adapter.index.batch_search(ids, comps, vals, k=TOP_K, num_threads=threads,
                                                  **params),
-      lambda i: adapter.index.search(ids[i], comps[i], vals[i], k=TOP_K, **params),
+      lambda i, threads: adapter.index.search(ids[i], comps[i], vals[i], k=TOP_K, **params),
       lambda: adapter.search(q_values, q_indices, TOP_K, **params), build_s, nbytes, recall_,
       setting)
 
@@ -202,7 +206,7 @@ def faiss_system(name: str, index, queries: np.ndarray, setting: str, build_s: f
                  recall_: float = 1.0, knob: object = None) -> System:
   """A faiss index over the unit query embeddings."""
   return System(name, setting, lambda threads: faiss_search(index, queries, threads),
-                lambda i: faiss_search(index, queries[i:i + 1], 1),
+                lambda i, threads: faiss_search(index, queries[i:i + 1], threads),
                 lambda: faiss_search(index, queries, 1), build_s, faiss_nbytes(index),
                 recall_, knob)
 
@@ -312,21 +316,29 @@ def build_systems(corpus: bi.Corpus, docs: np.ndarray, queries: np.ndarray,
 # ---------------------------------------------------------------------------------------------
 # Timing
 
+def settle() -> None:
+  """Let the previous pass's idle pool threads block before the next is timed: OpenMP (faiss)
+  and rayon (Seismic) workers spin a while after their work, and on 2 cores a spinning thread
+  takes half the machine from whatever is timed next."""
+  time.sleep(SETTLE_S)
+
+
 def time_batch(system: System, threads: int, num_q: int) -> tuple[float, float]:
   """(QPS, process CPU time / wall time) of one pass over every query."""
+  settle()
   cpu, start = time.process_time(), time.perf_counter()
   system.batch(threads)
   wall = time.perf_counter() - start
   return num_q / wall, (time.process_time() - cpu) / wall
 
 
-def time_latency(system: System, rows: np.ndarray) -> np.ndarray:
-  """Seconds per query, one query per call, single-threaded."""
-  faiss.omp_set_num_threads(1)
+def time_latency(system: System, rows: np.ndarray, threads: int) -> np.ndarray:
+  """Seconds per query, one query per call with ``threads`` threads."""
+  settle()
   out = np.empty(len(rows))
   for j, i in enumerate(rows):
     start = time.perf_counter()
-    system.one(int(i))
+    system.one(int(i), threads)
     out[j] = time.perf_counter() - start
   return out
 
@@ -338,36 +350,38 @@ def time_systems(systems: list[System], settings: tuple[int, ...], num_q: int,
   for system in systems:  # untimed: numba compiles, caches warm, thread pools start
     for threads in settings:
       system.batch(threads)
-    time_latency(system, rows[:10])
+      time_latency(system, rows[:10], threads)
   qps = {(s.name, t): [] for s in systems for t in settings}
   ratio = {key: [] for key in qps}
-  latency = {s.name: [] for s in systems}
+  latency = {key: [] for key in qps}
   for round_ in range(args.rounds):
     for threads in settings:
       for system in systems:
         q, r = time_batch(system, threads, num_q)
         qps[system.name, threads].append(q)
         ratio[system.name, threads].append(r)
-    for system in systems:
-      latency[system.name].append(time_latency(system, rows))
+    for threads in settings:
+      for system in systems:
+        latency[system.name, threads].append(time_latency(system, rows, threads))
     print(f"  round {round_}: " + ", ".join(
         f"{name} {t}t {v[-1]:,.0f}" for (name, t), v in qps.items()) + " QPS; p50 " + ", ".join(
-            f"{name} {np.median(v[-1]) * 1e3:.3f}" for name, v in latency.items()) + " ms",
-          flush=True)
-  return [result_row(s, settings, qps, ratio, latency[s.name]) for s in systems]
+            f"{name} {t}t {np.median(v[-1]) * 1e3:.3f}" for (name, t), v in latency.items()) +
+          " ms", flush=True)
+  return [result_row(s, settings, qps, ratio, latency) for s in systems]
 
 
-def result_row(system: System, settings, qps, ratio, latencies: list[np.ndarray]) -> dict:
-  """One table row: best-round QPS (range, CPU/wall) per setting, latency of the best round."""
-  best = min(latencies, key=np.median)
+def result_row(system: System, settings, qps, ratio, latency) -> dict:
+  """One table row, per thread setting: best-round QPS (range, CPU/wall), and the p50 and p99
+  of the round with the best p50 (and the p50 range)."""
   row = dict(system=system.name, setting=system.setting, recall=system.recall,
-             build_s=system.build_s, mib=system.nbytes / 2**20,
-             p50_ms=float(np.median(best)) * 1e3, p99_ms=float(np.percentile(best, 99)) * 1e3,
-             p50_range=[float(np.median(x)) * 1e3 for x in latencies])
+             build_s=system.build_s, mib=system.nbytes / 2**20)
   for t in settings:
     values = qps[system.name, t]
     best_round = int(np.argmax(values))
     row[f"qps_{t}"] = (max(values), min(values), ratio[system.name, t][best_round])
+    best = min(latency[system.name, t], key=np.median)
+    row[f"latency_{t}"] = (float(np.median(best)) * 1e3, float(np.percentile(best, 99)) * 1e3,
+                           [float(np.median(x)) * 1e3 for x in latency[system.name, t]])
   return row
 
 
@@ -406,15 +420,17 @@ def markdown(rows: list[dict], settings: tuple[int, ...], scores: dict) -> str:
   sets = list(QUALITY_SETS) if scores else []
   head = (["system", "setting", "recall@10", "build (s)", "index MiB"] +
           [f"QPS {t} thread{'s' * (t > 1)} (range; cpu/wall)" for t in settings] +
-          ["p50 ms (range)", "p99 ms"] + [f"nDCG@10 {n}" for n in sets])
+          [f"one query, {t} thread{'s' * (t > 1)}: p50 ms (range) / p99 ms" for t in settings] +
+          [f"nDCG@10 {n}" for n in sets])
   lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
   for r in rows:
     qps = [r[f"qps_{t}"] for t in settings]
     cells = ([r["system"], r["setting"], f"{r['recall']:.3f}", f"{r['build_s']:.1f}",
               f"{r['mib']:,.1f}"] +
              [f"{q[0]:,.0f} ({q[1]:,.0f}-{q[0]:,.0f}; {q[2]:.2f})" for q in qps] +
-             [f"{r['p50_ms']:.3f} ({min(r['p50_range']):.3f}-{max(r['p50_range']):.3f})",
-              f"{r['p99_ms']:.3f}"] + [f"{scores[r['system']][n][0]:.4f}" for n in sets])
+             [f"{p50:.3f} ({min(rng):.3f}-{max(rng):.3f}) / {p99:.3f}"
+              for p50, p99, rng in (r[f"latency_{t}"] for t in settings)] +
+             [f"{scores[r['system']][n][0]:.4f}" for n in sets])
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

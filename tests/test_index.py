@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from saejax.errors import CheckpointError, ConfigError, DataError
-from saejax.retrieval import index_kernels
+from saejax.retrieval import index as index_module, index_kernels
 from saejax.retrieval.index import (IndexArraysError, SeismicAdapter, SparseIndex, recall,
                                     weigh_codes)
 from idf_reference import idf_weighted  # tests/ is on sys.path (pytest rootdir-relative import)
@@ -314,7 +314,7 @@ def test_threaded_search_splits_large_batches_and_equals_brute_force(corpus, mon
   calls.clear()
   got = index.search(q_values, q_indices, 10, num_threads=3)  # 700 // 256 = 2 shares
   assert sorted(n for n, _ in calls) == [350, 350]
-  assert threading.get_ident() not in {t for _, t in calls}
+  assert len({t for _, t in calls}) == 2 and threading.get_ident() in {t for _, t in calls}
   np.testing.assert_array_equal(got[0], want[0])
   np.testing.assert_array_equal(got[1], want[1])
   calls.clear()
@@ -323,6 +323,48 @@ def test_threaded_search_splits_large_batches_and_equals_brute_force(corpus, mon
   for bad in (0, -1, 1.5, True, "2"):
     with pytest.raises(ConfigError, match="num_threads"):
       index.search(q_values, q_indices, 10, num_threads=bad)
+
+
+def test_threaded_search_splits_few_queries_over_document_ranges(monkeypatch):
+  """Fewer queries than a kernel batch per thread: num_threads > 1 splits the documents into
+  contiguous block ranges of >= MIN_SHARE_ROWS rows, one kernel call each at once (the first on
+  the caller's thread), and merges their rankings: equal to brute force, ties across ranges (lower
+  doc id first) and a query with fewer hits than top_k (padding) included."""
+  rng = np.random.default_rng(4)
+  n = 3 * index_kernels.BLOCK + 123  # 4 blocks
+  values, indices = _zipf_codes(rng, n, 3, 64)  # dyadic weights over 64 latents: many exact ties
+  rare = [5, index_kernels.BLOCK + 7, 3 * index_kernels.BLOCK + 100]  # latent 64: 3 documents
+  indices[rare, 0] = 64
+  doc_ids = rng.permutation(n) * 2 + 1  # rows are stored in doc id order: not this order
+  q_values, q_indices = _zipf_codes(rng, 20, 2, 64)
+  q_indices[0, 0], q_values[0, 1] = 64, 0.0  # query 0: latent 64 alone
+  index = SparseIndex.build(values, indices, 65, doc_ids, dense_fraction=0.2)
+  assert index.num_dense > 0
+  want = _brute_force(values, indices, doc_ids, q_values, q_indices, 65, 12)
+  calls = []
+  kernel = index_kernels.search_kernel
+
+  def recording(*args):
+    calls.append((len(args[8]), args[-2], args[-1], threading.get_ident()))
+    return kernel(*args)
+
+  monkeypatch.setattr(index_kernels, "search_kernel", recording)
+  np.testing.assert_array_equal(index.search(q_values, q_indices, 12, num_threads=3)[1], want[1])
+  assert [(q, lo, hi) for q, lo, hi, _ in calls] == [(20, 0, 4)]  # 4 blocks < 2 x MIN_SHARE_ROWS
+  monkeypatch.setattr(index_module, "MIN_SHARE_ROWS", index_kernels.BLOCK)
+  for threads, ranges in ((3, [(0, 1), (1, 2), (2, 4)]), (2, [(0, 2), (2, 4)])):
+    calls.clear()
+    got = index.search(q_values, q_indices, 12, num_threads=threads)
+    assert sorted((lo, hi) for _, lo, hi, _ in calls) == ranges and {q for q, *_ in calls} == {20}
+    threads_used = {t for *_, t in calls}  # one share on the caller's thread, the rest on workers
+    assert len(threads_used) >= 2 and threading.get_ident() in threads_used
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+    assert (got[1][0] == -1).sum() == 12 - 3  # the rare query: 3 hits, 9 padding
+    for q in range(3):  # one query alone: the same rows
+      alone = index.search(q_values[q:q + 1], q_indices[q:q + 1], 12, num_threads=threads)
+      np.testing.assert_array_equal(alone[1], want[1][q:q + 1])
+      np.testing.assert_array_equal(alone[0], want[0][q:q + 1])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

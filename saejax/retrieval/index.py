@@ -78,6 +78,9 @@ DENSE_FRACTION = 0.1
 # held-out paraphrase retrieval (STS-B, SICK, MRPC test pairs) 0.8265 -> 0.8272 (RESULTS.md
 # "Quality", session 23).
 IDF_POWER = 0.5
+# `SparseIndex.search` splits fewer queries than a batch per thread over document ranges of at
+# least this many rows per thread; below it the hand-off between threads costs more than it saves.
+MIN_SHARE_ROWS = 131_072
 # Elements of the [queries, documents, latents] gather that `search_jax` holds at once.
 _JAX_GATHER_BUDGET = 1 << 26
 
@@ -266,10 +269,13 @@ class SparseIndex:
       q_values: [Q, R] query weights (any sign: negative weights suppress latents).
       q_indices: [Q, R] query latents in [0, S); R need not equal the documents' K.
       top_k: results per query; may exceed the number of documents.
-      num_threads: threads searching contiguous shares of the queries at once (the kernel
-        releases the GIL; each thread needs its own core to gain). A share is never smaller than
-        the kernel's query batch (`index_kernels.QUERY_BATCH`), so fewer queries use fewer threads
-        and one query runs on the caller's thread. The results do not depend on it.
+      num_threads: threads searching at once (the kernel releases the GIL; each thread needs
+        its own core to gain). A batch of at least `index_kernels.QUERY_BATCH` queries a thread
+        is split into contiguous shares of the queries; fewer queries (one query alone) into
+        contiguous ranges of the documents, each thread's best rows merged into one ranking, so
+        that a lone query's latency also drops with cores. An index too small to split (under
+        `MIN_SHARE_ROWS` rows a thread) is searched on the caller's thread. The results do not
+        depend on it.
 
     Returns:
       (scores float32 [Q, top_k], doc ids int64 [Q, top_k]) under the module's result rule:
@@ -277,21 +283,27 @@ class SparseIndex:
     """
     top_k, num_threads = _check_top_k(top_k), _check_num_threads(num_threads)
     q_values, q_indices = self._queries(q_values, q_indices)
-    shares = min(num_threads, max(1, len(q_values) // kernels.QUERY_BATCH))
+    num_q, num_blocks = len(q_values), self._skips.shape[1] - 1
 
-    def ranked(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    def ranked(lo: int, hi: int, block_lo: int = 0, block_hi: int = num_blocks):
       return kernels.search_kernel(
           self._skips, self.docs, self._kernel_weights, kernels.HALF_TO_FLOAT, self._dense_slot,
           self._dense_cols, self.num_docs, self._block, q_indices[lo:hi], q_values[lo:hi], top_k,
-          kernels.QUERY_BATCH)
+          kernels.QUERY_BATCH, block_lo, block_hi)
 
-    if shares == 1:
-      return self._ranked(*ranked(0, len(q_values)))
-    bounds = np.linspace(0, len(q_values), shares + 1).astype(np.int64)
-    with concurrent.futures.ThreadPoolExecutor(shares) as pool:
-      parts = list(pool.map(ranked, bounds[:-1], bounds[1:]))
-    return self._ranked(np.concatenate([p[0] for p in parts]),
-                        np.concatenate([p[1] for p in parts]))
+    query_shares = min(num_threads, max(1, num_q // kernels.QUERY_BATCH))
+    row_shares = min(num_threads, self.num_docs // MIN_SHARE_ROWS, num_blocks)
+    if query_shares > 1:
+      bounds = _shares(num_q, query_shares)
+      parts = _in_threads(ranked, [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])])
+      return self._ranked(np.concatenate([p[0] for p in parts]),
+                          np.concatenate([p[1] for p in parts]))
+    if row_shares > 1:
+      bounds = _shares(num_blocks, row_shares)
+      parts = _in_threads(ranked, [(0, num_q, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])])
+      return self._ranked(*kernels.merge_ranked(np.stack([p[0] for p in parts]),
+                                                np.stack([p[1] for p in parts])))
+    return self._ranked(*ranked(0, num_q))
 
   def search_jax(self, q_values: Float[np.ndarray, "Q R"], q_indices: Int[np.ndarray, "Q R"],
                  top_k: int = 10, *, query_chunk: int = 0
@@ -465,6 +477,26 @@ def _jax_top(fwd_latents: Int[Array, "N K"], fwd_weights: Float[Array, "N K"],
 
 # ---------------------------------------------------------------------------------------------
 # Validation
+
+@functools.lru_cache(maxsize=None)
+def _pool(num_workers: int) -> concurrent.futures.ThreadPoolExecutor:
+  """Worker threads kept for the process: starting threads for every search would cost a lone
+  query more than its share of the work saves."""
+  return concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix="saejax-search")
+
+
+def _in_threads(fn, calls: list[tuple]) -> list:
+  """``[fn(*c) for c in calls]``, the first on the caller's thread, the rest on `_pool` workers
+  at the same time (a hand-off to a sleeping worker costs ~60 us on a 2-vCPU VM: one fewer)."""
+  rest = [_pool(len(calls) - 1).submit(fn, *c) for c in calls[1:]]
+  first = fn(*calls[0])
+  return [first] + [f.result() for f in rest]
+
+
+def _shares(n: int, parts: int) -> np.ndarray:
+  """int64 [parts + 1]: bounds of ``parts`` contiguous near-equal shares of range(n)."""
+  return np.linspace(0, n, parts + 1).astype(np.int64)
+
 
 def latent_idf(df: Int[np.ndarray, "S"], num_docs: int, power: float) -> Float[np.ndarray, "S"]:
   """idf_t^power per latent, idf_t = ln((N + 1) / (df_t + 0.5)): > 0 for every df_t <= N (a

@@ -235,8 +235,9 @@ def _add_sparse(acc, skips, b, docs, weights, lut, latents, vals, count, b0, sta
 
 @numba.njit(cache=True, nogil=True)
 def search_kernel(skips, docs, weights, lut, dense_slot, dense_cols, num_docs, block,
-                  q_indices, q_values, top_k, batch):
-  """Exact top-``top_k`` rows per query; see the module docstring for the method and tie rule.
+                  q_indices, q_values, top_k, batch, block_lo, block_hi):
+  """Exact top-``top_k`` rows per query among the rows of blocks ``block_lo`` .. ``block_hi``-1;
+  see the module docstring for the method and tie rule.
 
   Args:
     skips: int64 [S, B+1], `block_skips`: latent t's postings in row block b are
@@ -252,6 +253,8 @@ def search_kernel(skips, docs, weights, lut, dense_slot, dense_cols, num_docs, b
     q_values: float32 [Q, kq].
     top_k: results per query, >= 1.
     batch: queries sharing a pass over a block.
+    block_lo, block_hi: the row blocks searched (0 and B: every document); threads searching
+      disjoint block ranges each return their range's top rows (`merge_ranked` joins them).
 
   Returns:
     (scores float32 [Q, top_k], rows int32 [Q, top_k]), each row ranked best first (score
@@ -286,7 +289,7 @@ def search_kernel(skips, docs, weights, lut, dense_slot, dense_cols, num_docs, b
         elif skips[t, -1] > skips[t, 0]:
           s_lat[a, n_sparse[a]], s_val[a, n_sparse[a]] = t, x
           n_sparse[a] += 1
-    for b in range(skips.shape[1] - 1):
+    for b in range(block_lo, block_hi):
       b0 = b * block
       b1 = min(num_docs, b0 + block)
       for a in range(m):
@@ -297,6 +300,34 @@ def search_kernel(skips, docs, weights, lut, dense_slot, dense_cols, num_docs, b
         sizes[q0 + a] = _collect(acc, b1 - b0, b0, out_s[q0 + a], out_r[q0 + a], sizes[q0 + a])
     for a in range(m):
       _heap_sort(out_s[q0 + a], out_r[q0 + a], sizes[q0 + a])
+  return out_s, out_r
+
+
+@numba.njit(cache=True, nogil=True)
+def merge_ranked(scores, rows):
+  """Join P ranked results over disjoint rows into one: (float32 [Q, top_k], int32 [Q, top_k]).
+
+  scores, rows: [P, Q, top_k], each part's rows ranked as `search_kernel` returns them (padding
+  (-inf, -1) at the end). A P-way merge under the same order (score descending, then lower row),
+  so the result is the one a single search over every part's rows returns.
+  """
+  parts, num_q, top_k = scores.shape
+  out_s = np.full((num_q, top_k), -np.inf, dtype=np.float32)
+  out_r = np.full((num_q, top_k), -1, dtype=np.int32)
+  at = np.zeros(parts, dtype=np.int64)
+  for i in range(num_q):
+    at[:] = 0
+    for j in range(top_k):
+      best = -1
+      for p in range(parts):
+        if at[p] < top_k and rows[p, i, at[p]] >= 0 and (
+            best < 0 or _worse(scores[best, i, at[best]], rows[best, i, at[best]],
+                               scores[p, i, at[p]], rows[p, i, at[p]])):
+          best = p
+      if best < 0:
+        break
+      out_s[i, j], out_r[i, j] = scores[best, i, at[best]], rows[best, i, at[best]]
+      at[best] += 1
   return out_s, out_r
 
 
