@@ -327,7 +327,7 @@ def test_threaded_search_splits_large_batches_and_equals_brute_force(corpus, mon
 
 def test_threaded_search_splits_few_queries_over_document_ranges(monkeypatch):
   """Fewer queries than a kernel batch per thread: num_threads > 1 splits the documents into
-  contiguous block ranges of >= MIN_SHARE_ROWS rows, one kernel call each at once (the first on
+  contiguous block ranges, one kernel call each at once (the first on
   the caller's thread), and merges their rankings: equal to brute force, ties across ranges (lower
   doc id first) and a query with fewer hits than top_k (padding) included."""
   rng = np.random.default_rng(4)
@@ -350,8 +350,8 @@ def test_threaded_search_splits_few_queries_over_document_ranges(monkeypatch):
 
   monkeypatch.setattr(index_kernels, "search_kernel", recording)
   np.testing.assert_array_equal(index.search(q_values, q_indices, 12, num_threads=3)[1], want[1])
-  assert [(q, lo, hi) for q, lo, hi, _ in calls] == [(20, 0, 4)]  # 4 blocks < 2 x MIN_SHARE_ROWS
-  monkeypatch.setattr(index_module, "MIN_SHARE_ROWS", index_kernels.BLOCK)
+  assert [(q, lo, hi) for q, lo, hi, _ in calls] == [(20, 0, 4)]  # too little work to split
+  monkeypatch.setattr(index_module, "MIN_SHARE_NS", 1.0)  # any work splits
   for threads, ranges in ((3, [(0, 1), (1, 2), (2, 4)]), (2, [(0, 2), (2, 4)])):
     calls.clear()
     got = index.search(q_values, q_indices, 12, num_threads=threads)
@@ -365,6 +365,54 @@ def test_threaded_search_splits_few_queries_over_document_ranges(monkeypatch):
       alone = index.search(q_values[q:q + 1], q_indices[q:q + 1], 12, num_threads=threads)
       np.testing.assert_array_equal(alone[1], want[1][q:q + 1])
       np.testing.assert_array_equal(alone[0], want[0][q:q + 1])
+
+
+def test_lone_query_split_follows_its_estimated_work(monkeypatch):
+  """`search_cost_ns` is the per-row, per-posting and per-dense-entry cost summed over the queries'
+  nonzero terms (recomputed here from the codes), and `search` splits a lone query over document
+  ranges only when that work reaches MIN_SHARE_NS a thread: a query over rare latents stays on one
+  thread where a query over head latents of the same index is split."""
+  rng = np.random.default_rng(5)
+  n = 4 * index_kernels.BLOCK
+  values, indices = _zipf_codes(rng, n, 4, 200)
+  index = SparseIndex.build(values, indices, 200, dense_fraction=0.3)
+  dense = set(np.flatnonzero(index._dense_slot >= 0).tolist())
+  assert dense and len(dense) < 200
+  held = np.bincount(indices.reshape(-1), minlength=200)  # documents holding each latent
+  q_indices = np.array([[0, 1, 2, 3], [199, 198, 197, 0]], dtype=np.int32)  # head / tail latents
+  q_values = np.array([[1.0, 0.5, 0.25, 0.5], [1.0, 0.5, 0.25, 0.0]], dtype=np.float32)
+
+  def reference(q):
+    terms = [(t, x) for t, x in zip(q_indices[q], q_values[q]) if x != 0]
+    return (index_kernels.COST_ROW_NS * n + sum(
+        index_kernels.COST_DENSE_NS * n if t in dense else index_kernels.COST_POSTING_NS * held[t]
+        for t, _ in terms))
+
+  costs = [index_kernels.search_cost_ns(index.offsets, index._dense_slot, q_indices[q:q + 1],
+                                        q_values[q:q + 1], n) for q in range(2)]
+  np.testing.assert_allclose(costs, [reference(0), reference(1)], rtol=1e-9)
+  np.testing.assert_allclose(
+      index_kernels.search_cost_ns(index.offsets, index._dense_slot, q_indices, q_values, n),
+      sum(costs), rtol=1e-9)
+  assert costs[1] < costs[0] / 2  # the tail query (its latent 0 has value 0) is much lighter
+  calls = []
+  kernel = index_kernels.search_kernel
+
+  def recording(*args):
+    calls.append((args[-2], args[-1]))
+    return kernel(*args)
+
+  monkeypatch.setattr(index_kernels, "search_kernel", recording)
+  monkeypatch.setattr(index_module, "MIN_SHARE_NS", (costs[0] / 2 + costs[1]) / 2)
+  want = _brute_force(values, indices, np.arange(n), q_values, q_indices, 200, 10)
+  for q, ranges in ((0, [(0, 2), (2, 4)]), (1, [(0, 4)])):
+    calls.clear()
+    got = index.search(q_values[q:q + 1], q_indices[q:q + 1], 10, num_threads=2)
+    assert sorted(calls) == ranges, q
+    np.testing.assert_array_equal(got[1], want[1][q:q + 1])
+    calls.clear()
+    index.search(q_values[q:q + 1], q_indices[q:q + 1], 10)  # one thread: never split
+    assert calls == [(0, 4)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -79,11 +79,14 @@ DENSE_FRACTION = 0.1
 # held-out paraphrase retrieval (STS-B, SICK, MRPC test pairs) 0.8265 -> 0.8272 (RESULTS.md
 # "Quality", session 23).
 IDF_POWER = 0.5
-# `SparseIndex.search` splits fewer queries than a batch per thread over document ranges of at
-# least this many rows per thread; below it the hand-off between threads costs more than it saves.
-# A lone query (real k = 64 codes, 2-vCPU VM), one thread vs two: 150k documents 0.12 vs 0.21 ms,
-# 300k 0.22 vs 0.20, 500k 0.36 vs 0.26, 1M 0.70 vs 0.44 (p50; benchmarks/RESULTS.md).
-MIN_SHARE_ROWS = 131_072
+# `SparseIndex.search` splits fewer queries than a batch per thread over document ranges when each
+# thread gets at least this much work (`index_kernels.search_cost_ns`, ns on one thread); below it
+# the hand-off between threads (~60 us) and the merge cost more than they save. One query alone,
+# one thread vs two, p50 (benchmarks/RESULTS.md, sessions 32-33): real k = 64 codes (estimated
+# ~0.13 ms at 150k documents) 150k 0.12 vs 0.21 ms, 300k 0.22 vs 0.20, 500k 0.36 vs 0.26, 1M 0.70
+# vs 0.44; head-heavy Zipf codes (~0.32 ms at 100k) 100k 0.25 vs 0.26, 150k 0.37 vs 0.32, 1M 3.15
+# vs 1.97.
+MIN_SHARE_NS = 150_000
 # Elements of the [queries, documents, latents] gather that `search_jax` holds at once.
 _JAX_GATHER_BUDGET = 1 << 26
 
@@ -276,9 +279,9 @@ class SparseIndex:
         its own core to gain). A batch of at least `index_kernels.QUERY_BATCH` queries a thread
         is split into contiguous shares of the queries; fewer queries (one query alone) into
         contiguous ranges of the documents, each thread's best rows merged into one ranking, so
-        that a lone query's latency also drops with cores. An index too small to split (under
-        `MIN_SHARE_ROWS` rows a thread) is searched on the caller's thread. The results do not
-        depend on it.
+        that a lone query's latency also drops with cores. Queries too light to split (under
+        `MIN_SHARE_NS` of estimated work a thread) are searched on the caller's thread. The
+        results do not depend on it.
 
     Returns:
       (scores float32 [Q, top_k], doc ids int64 [Q, top_k]) under the module's result rule:
@@ -295,12 +298,14 @@ class SparseIndex:
           kernels.QUERY_BATCH, block_lo, block_hi)
 
     query_shares = min(num_threads, max(1, num_q // kernels.QUERY_BATCH))
-    row_shares = min(num_threads, self.num_docs // MIN_SHARE_ROWS, num_blocks)
     if query_shares > 1:
       bounds = _shares(num_q, query_shares)
       parts = _in_threads(ranked, [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])])
       return self._ranked(np.concatenate([p[0] for p in parts]),
                           np.concatenate([p[1] for p in parts]))
+    row_shares = 1 if num_threads == 1 else min(num_threads, num_blocks, int(
+        kernels.search_cost_ns(self.offsets, self._dense_slot, q_indices, q_values, self.num_docs)
+        // MIN_SHARE_NS))
     if row_shares > 1:
       bounds = _shares(num_blocks, row_shares)
       parts = _in_threads(ranked, [(0, num_q, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])])

@@ -331,6 +331,36 @@ def merge_ranked(scores, rows):
   return out_s, out_r
 
 
+# One thread's cost of `search_kernel` for a query alone, in ns: per document row (zeroing, the
+# collection), per posting of a sparse query term, per row of a dense column a query term reads.
+# Least squares over 2,400 lone queries (one call each, 3 rounds) on bench_index.py's synthetic
+# codes, latent popularity ~ rank^-a for a = 0, 0.7, 1.0, 1.2 at N = 100k, 300k, 1M (k = 64,
+# S = 16,384, 2-vCPU AMD EPYC VM): two runs gave 0.20 / 0.75 / 0.11 and 0.22 / 0.58 / 0.115,
+# median error 10-11% (benchmarks/RESULTS.md, session 33).
+COST_ROW_NS = 0.20
+COST_POSTING_NS = 0.7
+COST_DENSE_NS = 0.11
+
+
+@numba.njit(cache=True, nogil=True)
+def search_cost_ns(offsets, dense_slot, q_indices, q_values, num_docs):
+  """Estimated single-thread ns for `search_kernel` to search all ``num_docs`` rows for each query
+  as if alone (COST_*_NS): what `SparseIndex.search` weighs against a thread hand-off. Terms with
+  value 0 cost nothing, as in the kernel."""
+  total = 0.0
+  for i in range(q_indices.shape[0]):
+    total += COST_ROW_NS * num_docs
+    for j in range(q_indices.shape[1]):
+      t = q_indices[i, j]
+      if q_values[i, j] == 0:
+        continue
+      if dense_slot[t] >= 0:
+        total += COST_DENSE_NS * num_docs
+      else:
+        total += COST_POSTING_NS * (offsets[t + 1] - offsets[t])
+  return total
+
+
 @numba.njit(cache=True, nogil=True)
 def weigh_codes(values, indices, latent_weights):
   """float32 [Q, R]: each code's values times their latents' weights, the row rescaled to the norm
