@@ -484,7 +484,7 @@ def _jax_top(fwd_latents: Int[Array, "N K"], fwd_weights: Float[Array, "N K"],
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation
+# Threads
 
 @functools.lru_cache(maxsize=None)
 def _pool(num_workers: int) -> concurrent.futures.ThreadPoolExecutor:
@@ -505,6 +505,9 @@ def _shares(n: int, parts: int) -> np.ndarray:
   """int64 [parts + 1]: bounds of ``parts`` contiguous near-equal shares of range(n)."""
   return np.linspace(0, n, parts + 1).astype(np.int64)
 
+
+# ---------------------------------------------------------------------------------------------
+# Validation
 
 def latent_idf(df: Int[np.ndarray, "S"], num_docs: int, power: float) -> Float[np.ndarray, "S"]:
   """idf_t^power per latent, idf_t = ln((N + 1) / (df_t + 0.5)): > 0 for every df_t <= N (a
