@@ -81,11 +81,11 @@ DENSE_FRACTION = 0.1
 IDF_POWER = 0.5
 # `SparseIndex.search` splits fewer queries than a batch per thread over document ranges when each
 # thread gets at least this much work (`index_kernels.search_cost_ns`, ns on one thread); below it
-# the hand-off between threads (~60 us) and the merge cost more than they save. One query alone,
-# one thread vs two, p50 (benchmarks/RESULTS.md, sessions 32-33): real k = 64 codes (estimated
-# ~0.13 ms at 150k documents) 150k 0.12 vs 0.21 ms, 300k 0.22 vs 0.20, 500k 0.36 vs 0.26, 1M 0.70
-# vs 0.44; head-heavy Zipf codes (~0.32 ms at 100k) 100k 0.25 vs 0.26, 150k 0.37 vs 0.32, 1M 3.15
-# vs 1.97.
+# the hand-off between threads (~60 us) and the merge cost more than they save. One query alone on
+# the frozen arm's real k = 64 codes, p50 1 thread vs every query split over 2 (estimated work):
+# 100k documents 0.120 vs 0.151 ms (0.12 ms), 150k 0.176 vs 0.182 (0.19), 300k 0.40 vs 0.30
+# (0.37), 1M 1.21 vs 0.76 (1.23); queries estimated at 0.3-0.4 ms at 150k-200k gain 1.1-1.2x
+# (benchmarks/RESULTS.md, session 33).
 MIN_SHARE_NS = 150_000
 # Elements of the [queries, documents, latents] gather that `search_jax` holds at once.
 _JAX_GATHER_BUDGET = 1 << 26
