@@ -336,7 +336,8 @@ def merge_ranked(scores, rows):
 # Least squares over 2,400 lone queries (one call each, 3 rounds) on bench_index.py's synthetic
 # codes, latent popularity ~ rank^-a for a = 0, 0.7, 1.0, 1.2 at N = 100k, 300k, 1M (k = 64,
 # S = 16,384, 2-vCPU AMD EPYC VM): two runs gave 0.20 / 0.75 / 0.11 and 0.22 / 0.58 / 0.115,
-# median error 10-11% (benchmarks/RESULTS.md, session 33).
+# median error 10-11%; on the frozen arm's real codes the median query's estimate is within 8% of
+# its time at 100k-1M documents (benchmarks/RESULTS.md, session 33).
 COST_ROW_NS = 0.20
 COST_POSTING_NS = 0.7
 COST_DENSE_NS = 0.11
