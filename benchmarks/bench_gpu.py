@@ -31,6 +31,14 @@ The GPU image lacks ml_collections (imported by saejax.hub.export): carry its wh
 install it with `pip install --target` before the run (see RESULTS.md for the exact commands).
 
     python benchmarks/bench_gpu.py --budget-s 420
+
+A CPU smoke run of the script (~2 min on 2 cores): the cuDNN backend needs a GPU, so the step is
+timed with `--backends xla`, and parity's bf16 cuDNN half records an error after its fp32 half:
+
+    OUT=/tmp/smoke python benchmarks/bench_gpu.py --small --torch-device cpu --records 8 --steps 2 \
+      --latents 1024 --k 16 --doc-len 64 --encode-texts 64 --encode-batch 32 --backends xla \
+      --torch-compile --skip tests attention \
+      --tokenizer ../shared/data/modernbert-tokenizer/tokenizer.json
 """
 
 from __future__ import annotations
