@@ -1,8 +1,9 @@
 """A lone query's latency with `SparseIndex.search`'s document split: one thread vs two, by index size.
 
 Codes (k = 64, S = 16,384):
-  --codes real  the cached real codes of the frozen arm (runs/cache_full, every distinct text's
-                code; needs that cache), documents drawn with replacement (seed 0), queries the
+  --codes real  the cached real codes of the frozen arm (runs/cache_full; needs that cache),
+                documents drawn with replacement (seed 0) from its 120k document and training
+                texts' codes, queries the
                 200 of bench_ann.py's latency subset (the evaluation queries, --queries 1000);
   --codes zipf  bench_index.py's synthetic codes (latent popularity ~ rank^-1, values |N(0,1)|),
                 documents seed 1, 200 queries seed 2 -- runs on a fresh checkout.
