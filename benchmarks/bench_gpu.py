@@ -44,6 +44,7 @@ timed with `--backends xla`, and parity's bf16 cuDNN half records an error after
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -175,6 +176,104 @@ def attention_check(budget_end: float):
     record("attention", rows)
 
 
+ATTENTION_VARIANTS = ("cudnn_mask", "cudnn_lengths", "cudnn_lengths_raw", "cudnn_blocks",
+                      "xla_mask", "xla_blocks")
+
+
+def attention_variant(name: str, window: int | None):
+  """(q, k, v, valid) -> out for one way of computing the same attention (see --help)."""
+  from saejax.models import attention as attn
+  if name == "cudnn_mask":       # what saejax did before: padding and window as one boolean mask
+    return lambda q, k, v, valid: attn._cudnn_attention(q, k, v, attn.window_mask(valid, window))
+  if name == "cudnn_lengths":    # global layers now: lengths, non-prefix rows made NaN
+    return lambda q, k, v, valid: attn._cudnn_padded(q, k, v, valid)
+  if name == "cudnn_lengths_raw":   # the same without that guard: the guard's cost
+    return lambda q, k, v, valid: attn._cudnn_attention(q, k, v, lengths=valid.sum(-1, dtype="int32"))
+  if name in ("cudnn_blocks", "xla_blocks"):
+    masked = attn._cudnn_attention if name.startswith("cudnn") else attn._xla_attention
+    return lambda q, k, v, valid: attn._local_blocks(q, k, v, valid, window, masked)
+  if name == "xla_mask":
+    return lambda q, k, v, valid: attn._xla_attention(q, k, v, attn.window_mask(valid, window))
+  raise ValueError(name)
+
+
+@section
+def attention_variants(budget_end: float):
+  """fwd+bwd time of each way to compute one layer's attention at the training shapes (and long
+  windowed rows), bf16, no padding (as the train section), against the xla full-mask output."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  rows = []
+  n, h = ARCH["num_attention_heads"], ARCH["hidden_size"] // ARCH["num_attention_heads"]
+  w = ARCH["local_attention"] // 2
+  shapes = [(128, 256, None), (128, 256, w), (64, 32, None), (64, 32, w), (4, 2048, w),
+            (1, 8192, w), (1, 8192, None)][:4 if DEVICE == "cpu" else None]  # smoke: short rows
+  for b, t, window in shapes:
+    ks = jax.random.split(jax.random.key(t + b), 4)
+    q, k, v, cot = (jax.random.normal(key, (b, t, n, h), jnp.bfloat16) for key in ks)
+    valid = jnp.ones((b, t), bool)
+    row = {"batch": b, "T": t, "window": window}
+    ref = None
+    for name in ATTENTION_VARIANTS:
+      if time.time() > budget_end:
+        break
+      if (window is None) != (name in ("cudnn_lengths", "cudnn_lengths_raw")) and \
+          name not in ("cudnn_mask", "xla_mask"):
+        continue
+      if "blocks" in name and not (window and 3 * window < t):
+        continue
+      if name == "xla_mask" and t > 2048:
+        continue                 # T x T fp32 logits of 8k tokens: slow and not a contender
+      fn = attention_variant(name, window)
+      step = jax.jit(jax.value_and_grad(
+          lambda q, k, v: jnp.sum(fn(q, k, v, valid).astype(jnp.float32) * cot), argnums=(0, 1, 2)))
+      try:
+        out = np.asarray(jax.jit(fn)(q, k, v, valid), np.float32)
+        ref = out if ref is None else ref
+        ts = timed(lambda: step(q, k, v), reps=10, sync=jax.block_until_ready)
+        row[name] = {"fwd_bwd_ms": 1e3 * statistics.median(ts),
+                     "rel_err_vs_first": float(np.linalg.norm(out - ref) / np.linalg.norm(ref))}
+      except Exception as e:  # noqa: BLE001
+        row[name] = f"{type(e).__name__}: {str(e)[:300]}"
+    rows.append(row)
+    record("attention_variants", rows)
+
+
+def gpu_kernel_profile(fn, steps: int, name: str) -> dict:
+  """Run `fn` `steps` times under jax.profiler; GPU kernel time by kernel name from the perfetto
+  trace (busy time, the share of each kernel, and how much of the wall time the GPU was idle)."""
+  import glob
+  import gzip
+  import shutil
+  logdir = Path(tempfile.mkdtemp())
+  import jax
+  jax.block_until_ready(fn())
+  start = time.perf_counter()
+  with jax.profiler.trace(str(logdir), create_perfetto_trace=True):
+    for _ in range(steps):
+      jax.block_until_ready(fn())
+  wall = time.perf_counter() - start
+  path = glob.glob(str(logdir / "**/perfetto_trace.json.gz"), recursive=True)[0]
+  OUT.mkdir(parents=True, exist_ok=True)
+  shutil.copy(path, OUT / f"trace_{name}.json.gz")
+  data = json.load(gzip.open(path))
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  procs = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  gpu = {pid for pid, pname in procs.items() if "GPU" in pname or "gpu" in pname}
+  kernels: dict[str, list[float]] = {}
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in gpu:
+      kernels.setdefault(e["name"], []).append(e.get("dur", 0.0))
+  busy = sum(sum(v) for v in kernels.values())
+  top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:40]
+  return {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
+          "gpu_busy_ms_per_step": busy / 1e3 / steps, "processes": sorted(procs.values()),
+          "kernels": [{"name": k[:160], "ms_per_step": sum(v) / 1e3 / steps, "calls": len(v) // steps,
+                       "share": sum(v) / busy if busy else 0} for k, v in top]}
+
+
 def modernbert_base_dir(tmp: Path, tokenizer: Path) -> Path:
   """A random ModernBERT-base saved by transformers, with the real tokenizer beside it."""
   import torch
@@ -229,6 +328,78 @@ def parity(model_dir: Path):
     record("parity_rel_err_vs_torch_fp32", out)
 
 
+# The step's model as saejax had it before session 34, feature by feature, for A/B rows:
+#   ln       LayerNorm's backward written out (`params._layer_norm_bwd`); before: autodiff
+#   split    Wqkv and Wi as GEMMs on column slices of the weight; before: one GEMM and a split
+#   lengths  global cuDNN attention with padding as lengths; before: a [B, 1, T, T] mask
+#   blocks   windowed attention block-local from T >= 8w; before: always the full T x T
+FEATURES = ("ln", "split", "lengths", "blocks")
+# --backends BACKEND:VARIANT -> (features switched back to the old code, XLA compiler options)
+STEP_VARIANTS = {
+    "new": ((), None),
+    "old": (FEATURES, None),
+    "no_ln": (("ln",), None),
+    "no_split": (("split",), None),
+    "no_lengths": (("lengths",), None),
+    # cuBLAS for every matmul instead of XLA's Triton GEMM fusions (casts fused into the GEMM)
+    "cublas": ((), {"xla_gpu_enable_triton_gemm": False}),
+}
+
+
+def _old_layer_norm(x, scale, bias, eps):
+  import jax
+  import jax.numpy as jnp
+  dtype = x.dtype
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  y = (x - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(dtype)
+
+
+def _old_attention_call(self, x, valid):
+  from saejax.models import modernbert as mb
+  b, t, d = x.shape
+  qkv = mb.linear(x, self.wqkv[...]).reshape(b, t, 3, self.num_heads, self.head_dim)
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  cos, sin = mb.rope_tables(mb.jnp.arange(t), self.head_dim, self.theta)
+  q, k = mb.apply_rope(q, cos, sin), mb.apply_rope(k, cos, sin)
+  out = mb.attention(q, k, v, valid=valid, window=self.window, backend=self.backend)
+  return mb.linear(out.reshape(b, t, d), self.wo[...])
+
+
+def _old_geglu_call(self, x):
+  from saejax.models import modernbert as mb
+  h, gate = mb.jnp.split(mb.linear(x, self.wi[...]), 2, axis=-1)
+  return mb.linear(mb.gelu(h) * gate, self.wo[...])
+
+
+@contextlib.contextmanager
+def model_as(old: tuple[str, ...]):
+  """Trace the step with the listed FEATURES switched back to the code saejax had before session
+  34 (patched module attributes, restored on exit; the patch lasts while the step is traced)."""
+  from saejax.models import attention as attn
+  from saejax.models import modernbert as mb
+  saved = (mb.layer_norm, mb.Attention.__call__, mb.GeGLU.__call__, attn._cudnn_padded,
+           attn.blocks_pay)
+  if "ln" in old:
+    mb.layer_norm = _old_layer_norm
+  if "split" in old:
+    mb.Attention.__call__, mb.GeGLU.__call__ = _old_attention_call, _old_geglu_call
+  if "lengths" in old:
+    attn._cudnn_padded = lambda q, k, v, valid: attn._cudnn_attention(
+        q, k, v, attn.window_mask(valid, None))
+  if "blocks" in old:
+    attn.blocks_pay = lambda t, window: False
+  try:
+    yield
+  finally:
+    (mb.layer_norm, mb.Attention.__call__, mb.GeGLU.__call__, attn._cudnn_padded,
+     attn.blocks_pay) = saved
+
+
 class SaejaxTrain:
   """The real saejax train step on ModernBERT-base + SAE, bf16 compute, fp32 master weights."""
 
@@ -263,9 +434,9 @@ class SaejaxTrain:
     self.jitted = jitted
     self.compiled = None
 
-  def compile(self, batch) -> float:
+  def compile(self, batch, options: dict | None = None) -> float:
     t = time.perf_counter()
-    self.compiled = self.jitted.lower(self.state, batch, False).compile()
+    self.compiled = self.jitted.lower(self.state, batch, False).compile(compiler_options=options)
     return time.perf_counter() - t
 
   def step(self, batch):
@@ -302,8 +473,13 @@ class TorchTrain:
     self.optimizer = torch.optim.AdamW(groups, fused=True)
     self.torch = torch
     if compiled:
-      # What a user would try next: compile the encoder (the loss and optimiser stay eager).
-      transformer.auto_model.compile()  # nn.Module.compile: in place, whatever holds it
+      # torch.compile of the transformers model (inductor, default mode; the loss and optimiser
+      # stay eager). sentence-transformers calls `model.forward` itself, not `model(...)`, which
+      # bypasses an in-place `nn.Module.compile()` (the 2026-11-26 row compiled nothing), so the
+      # compiled callable replaces `forward` on the instance. Queries and documents are two static
+      # shapes: two graphs, both compiled in the first step.
+      inner = transformer.auto_model
+      inner.forward = torch.compile(inner.forward, dynamic=False)
 
   def step(self, features):
     torch = self.torch
@@ -366,25 +542,38 @@ def train_speed(model_dir: Path, args, budget_end: float):
   texts = r * (2 + n)
 
   rows = {}
-  backends = args.backends
   n_nonembed = None
-  for backend in backends:
-    if time.time() > budget_end - 60:
-      break
-    runner = SaejaxTrain(model_dir, backend, args)
-    n_nonembed = sum(v for k, v in runner.n_params.items() if "tok_embeddings" not in k)
-    compile_s = runner.compile(jbatch)
+  for entry in args.backends:
+    if time.time() > budget_end - 60 - (150 if args.torch_compile else 0):
+      break   # keep the PyTorch rows' time (a compile takes ~2 min)
+    backend, _, variant = entry.partition(":")
+    name = f"saejax_{backend}" + (f"_{variant}" if variant else "")
+    old_features, options = STEP_VARIANTS[variant or "new"]
+    with model_as(old_features):
+      runner = SaejaxTrain(model_dir, backend, args)
+      n_nonembed = sum(v for k, v in runner.n_params.items() if "tok_embeddings" not in k)
+      compile_s = runner.compile(jbatch, options)
     loss0 = float(runner.step(jbatch))
     ts = timed(lambda: runner.step(jbatch), reps=args.steps, warmup=2, sync=jax.block_until_ready)
     stats = jax.devices()[0].memory_stats() or {}
-    rows[f"saejax_{backend}"] = {"step_ms": 1e3 * statistics.median(ts),
-                                 "min_ms": 1e3 * min(ts), "compile_s": compile_s,
-                                 "first_loss": loss0,
-                                 "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+    rows[name] = {"step_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts),
+                  "compile_s": compile_s, "first_loss": loss0,
+                  "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
     record("train", rows)
+    if args.profile and (not variant or variant == "new"):
+      import gzip
+      OUT.mkdir(parents=True, exist_ok=True)
+      (OUT / f"hlo_{name}.txt.gz").write_bytes(gzip.compress(runner.compiled.as_text().encode()))
+      try:
+        record(f"profile_{name}", gpu_kernel_profile(lambda: runner.step(jbatch), 3, name))
+      except Exception as e:  # noqa: BLE001 - the timing above stands without it
+        record(f"profile_{name}_error", f"{type(e).__name__}: {e}")
     del runner
   for compiled in [False] + ([True] if args.torch_compile else []):
     name = "torch_st_csr_compiled" if compiled else "torch_st_csr"
+    if compiled and time.time() > budget_end - 150:
+      rows[name] = {"error": "skipped: under 150 s of the budget left for its compile"}
+      continue
     try:
       torch_row(rows, name, model_dir, args, compiled, tbatch)
     except Exception as e:  # noqa: BLE001 - keep the other rows
@@ -496,6 +685,18 @@ def summary() -> str:
     lines.append(f"attention T={row['T']} window={row['window']}: max err {row['max_abs_err']:.3g} "
                  f"rel {row['rel_err']:.3g}; fwd+bwd cudnn {row.get('cudnn_fwd_bwd_ms')} ms, "
                  f"xla {row.get('xla_fwd_bwd_ms')} ms")
+  for row in RESULTS.get("attention_variants", []):
+    cells = [f"{k} {v['fwd_bwd_ms']:.2f} ms (err {v['rel_err_vs_first']:.1e})"
+             if isinstance(v, dict) else f"{k} {str(v)[:80]}"
+             for k, v in row.items() if k not in ("batch", "T", "window")]
+    lines.append(f"attention B={row['batch']} T={row['T']} window={row['window']}: "
+                 + "; ".join(cells))
+  for key in [k for k in RESULTS if k.startswith("profile_") and not k.endswith("_error")]:
+    prof = RESULTS[key]
+    lines.append(f"{key}: wall {prof['wall_ms_per_step']:.1f} ms/step, GPU busy "
+                 f"{prof['gpu_busy_ms_per_step']:.1f} ms/step")
+    lines += [f"  {k['ms_per_step']:7.2f} ms {k['calls']:4d}x {k['name'][:110]}"
+              for k in prof["kernels"][:14]]
   if "encode" in RESULTS:
     lines.append(f"encode: {RESULTS['encode']}")
   if "parity_rel_err_vs_torch_fp32" in RESULTS:
@@ -525,7 +726,11 @@ def main():
   p.add_argument("--k", type=int, default=64)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--backends", nargs="+", default=["cudnn", "xla"],
-                 help="attention backends to time the saejax step with (while budget lasts)")
+                 help="attention backends to time the saejax step with (while budget lasts); "
+                      "BACKEND:VARIANT picks one of STEP_VARIANTS, e.g. 'cudnn:old', the "
+                      "model code saejax had before session 34")
+  p.add_argument("--profile", action="store_true",
+                 help="per-kernel GPU time of each saejax step (jax.profiler) and its HLO, to $OUT")
   p.add_argument("--small", action="store_true", help="tiny model: a CPU smoke run of the script")
   p.add_argument("--torch-device", default="cuda")
   p.add_argument("--encode-texts", type=int, default=4096, help="texts for the encode section")
@@ -545,6 +750,8 @@ def main():
     ceiling()
   if "tests" not in args.skip:
     cudnn_tests()
+  if "variants" not in args.skip:
+    attention_variants(end)
   with tempfile.TemporaryDirectory() as tmp:
     model_dir = modernbert_base_dir(Path(tmp), Path(args.tokenizer))
     if "train" not in args.skip:

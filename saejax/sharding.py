@@ -11,6 +11,7 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -113,6 +114,22 @@ def sharding_like(x: jax.Array, keep: int, add: int) -> NamedSharding | None:
     return None
   spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
   return NamedSharding(sharding.mesh, P(*spec[:keep], *(None,) * add))
+
+
+def reshape_leading(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Reshape that merges or splits x's leading (batch) axis with the axis after it, the rest kept.
+
+  Under an Explicit mesh JAX will not guess where a sharded batch axis goes when it is merged with
+  or split from its neighbour; the batch's sharding stays on the leading axis (its major part, so
+  each device keeps the rows it held) and the axes after the merged or split pair keep theirs.
+  """
+  sharding = jax.typeof(x).sharding
+  if not (isinstance(sharding, NamedSharding) and sharding.mesh.explicit_axes):
+    return x.reshape(shape)
+  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  rest = spec[2:] if len(shape) < x.ndim else spec[1:]  # merging drops x's axis 1, splitting adds one
+  lead = (spec[0],) if len(shape) < x.ndim else (spec[0], None)
+  return jnp.reshape(x, shape, out_sharding=NamedSharding(sharding.mesh, P(*lead, *rest)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -5,6 +5,7 @@ weighted sum. Only valid query rows are compared: padded rows are unspecified by
 in Pallas interpret mode here (CPU); cuDNN runs only on a GPU.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -202,17 +203,101 @@ def test_splash_under_explicit_mesh_matches_xla():
   assert float(lines["GRAD"]) < 1e-4
 
 
+@pytest.mark.parametrize("t, window, lengths", [(43, 5, (43, 11, 1, 0)), (32, 4, (32, 17, 5)),
+                                                (128, 16, (128, 3))])
+def test_local_blocks_match_the_full_window(t, window, lengths):
+  """Block-local windowed attention (3w keys a query) against the reference over the full T x T,
+  outputs and gradients, with T not a multiple of the block and rows of one and of no real token.
+  Highest matmul precision: on a GPU fp32 matmuls default to TF32 (~1e-3)."""
+  assert attn.blocks_pay(t, window)
+  with jax.default_matmul_precision("highest"):
+    _check_local_blocks(t, window, lengths)
+
+
+def _check_local_blocks(t, window, lengths):
+  q, k, v, valid = make_inputs(11, lengths=lengths, t=t, n=2, h=8)
+  weight = jax.random.normal(jax.random.key(12), q.shape) * valid[:, :, None, None]
+  out = attn.attention(q, k, v, valid=valid, window=window, backend="xla")
+  assert out.shape == q.shape and bool(jnp.all(jnp.isfinite(out)))
+  ref = reference_attention(q, k, v, valid, window)
+  real = np.asarray(valid) & (np.asarray(lengths) > 0)[:, None]
+  assert max_error_on_valid_rows(out, ref, real) < 1e-5
+
+  def full(q, k, v):  # the same function through the whole T x T with the window as a mask
+    return attn._xla_attention(q, k, v, attn.window_mask(valid, window))
+
+  def blocked(q, k, v):
+    return attn.attention(q, k, v, valid=valid, window=window, backend="xla")
+
+  for want, got in zip(jax.grad(lambda *a: jnp.sum(full(*a) * weight), argnums=(0, 1, 2))(q, k, v),
+                       jax.grad(lambda *a: jnp.sum(blocked(*a) * weight), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("t, window, paid", [(512, 64, True), (511, 64, False), (256, 64, False),
+                                             (128, None, False), (24, 0, False), (8, 1, True)])
+def test_blocks_are_used_only_where_they_save_work(t, window, paid):
+  assert attn.blocks_pay(t, window) is paid
+
+
 def test_cudnn_matches_xla():
   if jax.default_backend() != "gpu":
     pytest.skip(f"cuDNN attention needs a CUDA GPU; this run's backend is {jax.default_backend()!r}")
-  q, k, v, valid = make_inputs(7, lengths=(256, 100), t=256, n=4, h=64)
   # cuDNN fused attention takes fp16/bf16 only: compare against xla on the same rounded inputs.
+  # Global layers: right padding as lengths (an all-padding row too). Windowed: block-local (16)
+  # and the full T x T (100), with right and left padding (a mask: any padding).
+  q, k, v, valid = make_inputs(7, lengths=(256, 100, 0), t=256, n=4, h=64)
+  left = valid[:, ::-1]
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-  for window in (None, 16):
-    out = attn.attention(q, k, v, valid=valid, window=window, backend="cudnn")
-    want = attn.attention(*(x.astype(jnp.float32) for x in (q, k, v)), valid=valid, window=window,
-                          backend="xla")
-    assert max_error_on_valid_rows(out, want, valid) < 2e-2, f"window={window}"
+  weight = jax.random.normal(jax.random.key(8), q.shape)
+  for window, mask in ((None, valid), (16, valid), (100, valid), (16, left), (100, left)):
+    def run(backend, q, k, v, mask=mask, window=window):
+      out = attn.attention(q, k, v, valid=mask, window=window, backend=backend)
+      return jnp.sum(out.astype(jnp.float32) * weight * mask[:, :, None, None]), out
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    (g_c, out), (g_x, want) = (jax.jit(jax.grad(functools.partial(run, b), argnums=(0, 1, 2),
+                                                has_aux=True))(*args)
+                               for b, args in (("cudnn", (q, k, v)), ("xla", up)))
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))), f"window={window}"
+    assert max_error_on_valid_rows(out, want, mask) < 2e-2, f"window={window}"
+    for a, b in zip(g_c, g_x):
+      rel = float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+      assert rel < 2e-2, f"window={window}: gradient rel err {rel}"
+  # Left padding on a global layer cannot be a length: under jit that row is NaN, the others right.
+  out = jax.jit(functools.partial(attn.attention, window=None, backend="cudnn"))(q, k, v,
+                                                                                 valid=left)
+  assert bool(jnp.all(jnp.isnan(out[1].astype(jnp.float32))))
+  want = attn.attention(*up, valid=left, window=None, backend="xla")
+  assert max_error_on_valid_rows(out[:1], want[:1], left[:1]) < 2e-2
+
+
+def test_cudnn_lengths_path_under_jit_makes_rows_it_cannot_express_nan(monkeypatch):
+  """The wrapper around cuDNN's lengths call, on CPU: cuDNN is replaced by the same attention over
+  a prefix of each row's length (what the kernel computes). Right-padded rows come out as the
+  reference, padded positions zero, and a row that is not a prefix all NaN, never wrong values."""
+  def by_lengths(q, k, v, keep=None, lengths=None):
+    assert keep is None
+    prefix = jnp.arange(q.shape[1])[None, :] < lengths[:, None]
+    return attn._xla_attention(q, k, v, attn.window_mask(prefix, None))
+
+  monkeypatch.setattr(attn, "_cudnn_attention", by_lengths)
+  q, k, v, valid = make_inputs(10, lengths=(16, 9, 0, 12), t=16, n=2, h=8)
+  valid = valid.at[3].set(valid[3, ::-1])          # row 3: left padding
+  with jax.default_matmul_precision("highest"):    # fp32 as on CPU, also where a GPU runs this
+    out = np.asarray(jax.jit(functools.partial(attn.attention, backend="cudnn"))(q, k, v,
+                                                                                 valid=valid))
+  ref = reference_attention(q, k, v, valid, None)
+  good = np.asarray(valid[:3])
+  assert np.abs(out[:3] - ref[:3])[good].max() < 1e-5
+  assert np.all(out[:3][~good] == 0)
+  assert np.all(np.isnan(out[3]))
+
+
+def test_cudnn_refuses_left_padding_it_cannot_express():
+  # Checked before any cuDNN call, so this runs on any platform.
+  q, k, v, valid = make_inputs(9, lengths=(8, 3), t=8, n=1, h=8)
+  with pytest.raises(ValueError, match=r"rows \[1\] of `valid` are not a real prefix"):
+    attn.attention(q, k, v, valid=valid[:, ::-1], backend="cudnn")
 
 
 @pytest.mark.parametrize("platform, backend", [("cpu", "xla"), ("gpu", "cudnn"), ("cuda", "cudnn"),

@@ -303,3 +303,34 @@ def test_too_long_sequence_is_refused(tmp_path):
   with pytest.raises(ConfigError, match="input length 129 exceeds max_position_embeddings 128: "
                                         "truncate inputs to at most 128 tokens"):
     model(jnp.zeros((1, 129), jnp.int32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_layer_norm_backward_matches_autodiff(dtype, with_bias):
+  """`params.layer_norm`'s written-out backward against autodiff of a plain LayerNorm (the form it
+  replaced), for x, scale and bias, on rows with a large mean and spread."""
+  from saejax.models.params import layer_norm
+
+  def plain(x, scale, bias):
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + 1e-5) * scale
+    return (y if bias is None else y + bias).astype(x.dtype)
+
+  ks = jax.random.split(jax.random.key(0), 4)
+  x = (jax.random.normal(ks[0], (3, 7, 32)) * 4 + 2).astype(dtype)
+  scale, bias = jax.random.normal(ks[1], (32,)), jax.random.normal(ks[2], (32,))
+  bias = bias if with_bias else None
+  cot = jax.random.normal(ks[3], x.shape)
+  args = (0, 1, 2) if with_bias else (0, 1)
+  got = jax.grad(lambda *a: jnp.sum(layer_norm(*a, 1e-5).astype(jnp.float32) * cot), args)(
+      x, scale, bias)
+  want = jax.grad(lambda *a: jnp.sum(plain(*a).astype(jnp.float32) * cot), args)(x, scale, bias)
+  np.testing.assert_array_equal(np.asarray(layer_norm(x, scale, bias, 1e-5), np.float32),
+                                np.asarray(plain(x, scale, bias), np.float32))
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               rtol=tol, atol=tol)

@@ -13,17 +13,30 @@ Backends:
                op by op: forward + backward of MiniLM's document attention took 100 ms against 69-80
                for this form (16 x 128 tokens, 12 heads, one core; RESULTS.md "Train step",
                session 17).
-  * ``cudnn``  cuDNN fused attention on GPU. cuDNN rejects a two-sided ``local_window_size``, so the
-               window and padding go in as one explicit boolean mask.
+  * ``cudnn``  cuDNN fused attention on GPU. Padding goes in as sequence lengths, not as a mask:
+               JAX hands a mask to cuDNN as an additive bias and asks for its gradient too (a
+               [B, 1, T, T] dbias nobody reads, written by a slower backward kernel). Lengths
+               describe right padding only (what `saejax.data` produces): a row of `valid` that
+               is not a prefix is an error (eagerly) or NaN (under jit), never a wrong row.
+               cuDNN's own sliding window is one-sided (causal models), so ModernBERT's two-sided
+               window goes in as a mask, over blocks where that pays.
   * ``splash`` TPU Pallas splash attention with ``LocalMask`` and segment ids for padding
                (runs on CPU only in interpret mode, for tests).
+
+Windowed layers on ``xla`` and ``cudnn`` run block-local from T = 8 x window (`blocks_pay`):
+queries in blocks of ``window`` tokens, each attending only to the ``3 * window`` keys around its
+block, so a windowed layer costs about ``3 * window / T`` of a global one instead of the full
+T x T (an 8k-token windowed layer 4.7x faster on an H200).
 """
 
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float
+
+from saejax.sharding import reshape_leading
 
 Backend = Literal["xla", "cudnn", "splash"]
 BACKENDS: tuple[str, ...] = ("xla", "cudnn", "splash")
@@ -45,33 +58,101 @@ def window_mask(valid: Bool[Array, "B T"], window: int | None) -> Bool[Array, "B
   return mask
 
 
+def blocks_pay(t: int, window: int | None) -> bool:
+  """Whether `_local_blocks` beats the full T x T for this length and window.
+
+  Blocks read 3w keys a query instead of T, but many small attention calls and the copies of
+  their key spans cost more than the skipped work until T reaches about 8w. Measured on an H200
+  (cuDNN, 12 heads of 64, w = 64, fwd + bwd): T = 256: full 1.01 ms, blocks 1.63 (B = 128);
+  T = 2,048: 1.09 vs 0.59 (B = 4); T = 8,192: 3.35 vs 0.72 (B = 1). RESULTS.md "GPU", session 34.
+  """
+  return window is not None and window >= 1 and t >= 8 * window
+
+
 def attention(q: Float[Array, "B T N H"], k: Float[Array, "B T N H"], v: Float[Array, "B T N H"], *,
               valid: Bool[Array, "B T"], window: int | None = None,
               backend: Backend = "xla") -> Float[Array, "B T N H"]:
   """Bidirectional multi-head attention with padding and an optional symmetric window."""
-  if backend == "xla":
-    return _xla_attention(q, k, v, valid, window)
-  if backend == "cudnn":
-    # cuDNN's fused kernel takes fp16/bf16/fp8 only: fp32 callers are computed in bf16.
-    dtype = q.dtype
-    if dtype == jnp.float32:
-      q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, mask=window_mask(valid, window),
-                                       implementation="cudnn")
-    return out.astype(dtype)
   if backend == "splash":
     from saejax.models import splash  # Pallas import is slow and TPU-specific: only when asked for.
     return splash.attention(q, k, v, valid=valid, window=window)
-  raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+  if backend not in ("xla", "cudnn"):
+    raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+  masked = _xla_attention if backend == "xla" else _cudnn_attention
+  if blocks_pay(q.shape[1], window):
+    return _local_blocks(q, k, v, valid, window, masked)
+  if backend == "cudnn" and window is None:
+    return _cudnn_padded(q, k, v, valid)
+  return masked(q, k, v, window_mask(valid, window))
 
 
-def _xla_attention(q, k, v, valid, window):
+def _xla_attention(q, k, v, keep):
   # As jax.nn.dot_product_attention's "xla" path: logits and softmax in fp32, the weights cast to
   # v's dtype. Masked logits get 0.7 x fp32's lowest value added: far below any real logit, yet no
   # overflow to -inf, so a row with no real key is uniform, not NaN. `jax.nn.softmax`'s own
   # derivative, y (g - sum(g y)), is the short backward pass.
-  keep = valid[:, None, None, :] if window is None else window_mask(valid, window)
   bias = jnp.where(keep, 0.0, 0.7 * float(jnp.finfo(jnp.float32).min)).astype(jnp.float32)
   logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
   weights = jax.nn.softmax(logits * (q.shape[-1] ** -0.5) + bias, axis=-1)
   return jnp.einsum("bnts,bsnh->btnh", weights.astype(v.dtype), v)
+
+
+def _cudnn_attention(q, k, v, keep=None, lengths=None):
+  """cuDNN fused attention with a boolean mask or per-row lengths. The kernel takes fp16/bf16/fp8
+  only: fp32 callers are computed in bf16."""
+  dtype = q.dtype
+  if dtype == jnp.float32:
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  out = jax.nn.dot_product_attention(q, k, v, mask=keep, query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths, implementation="cudnn")
+  return out.astype(dtype)
+
+
+def _cudnn_padded(q, k, v, valid):
+  """Global cuDNN attention with padding as per-row lengths.
+
+  A length describes right padding only (a real prefix, then padding: what `saejax.data` and the
+  tokenizer produce). A row of `valid` that is not a prefix cannot be described that way: with
+  concrete arrays that is an error here; under jit such a row comes out NaN (never a silently
+  wrong row), since checking it on the host would stall the GPU once a layer (a `lax.cond` over
+  the mask path cost more than the mask path itself: RESULTS.md "GPU", session 34).
+  """
+  t = valid.shape[1]
+  lengths = valid.sum(-1, dtype=jnp.int32)
+  prefix = jnp.all(valid == (jnp.arange(t)[None, :] < lengths[:, None]), axis=-1)
+  if not isinstance(prefix, jax.core.Tracer) and not bool(prefix.all()):
+    rows = np.flatnonzero(~np.asarray(prefix))[:5].tolist()
+    raise ValueError(f"attention backend 'cudnn' reads padding as lengths, but rows {rows} of "
+                     "`valid` are not a real prefix followed by padding (right padding); pad on "
+                     "the right, or use backend 'xla'")
+  # An all-padding row (a batch filled up to size) is given one key so cuDNN never sees an empty
+  # row; outputs at padded queries are zeroed, so they stay finite whatever cuDNN writes there.
+  out = _cudnn_attention(q, k, v, lengths=jnp.maximum(lengths, 1))
+  out = jnp.where(valid[:, :, None, None], out, jnp.zeros((), out.dtype))
+  return jnp.where(prefix[:, None, None, None], out, jnp.full((), jnp.nan, out.dtype))
+
+
+def _local_blocks(q, k, v, valid, window, masked):
+  """Windowed attention by blocks: queries in blocks of w = `window` tokens, each block attending
+  to the 3w keys from w before it to w after it (all a query in the block can see), masked to the
+  exact band |i - j| <= w and to real keys. 3w keys a query instead of T; the same result as the
+  full T x T with `window_mask`."""
+  b, t, n, h = q.shape
+  w = window
+  nb = -(-t // w)                       # query blocks; the last one padded up to w tokens
+  tail = nb * w - t
+
+  def keys(x):                          # [B, T, ...] -> [B * nb, 3w, ...]: block j's key span
+    x = jnp.pad(x, [(0, 0), (w, w + tail)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(b, nb + 2, w, *x.shape[2:])
+    x = jnp.concatenate([x[:, :-2], x[:, 1:-1], x[:, 2:]], axis=2)   # [B, nb, 3w, ...]
+    return reshape_leading(x, (b * nb, 3 * w, *x.shape[3:]))
+
+  qb = jnp.pad(q, [(0, 0), (0, tail), (0, 0), (0, 0)]).reshape(b, nb, w, n, h)
+  qb = reshape_leading(qb, (b * nb, w, n, h))
+  # Query a of a block sits at key offset a + w of its span: it sees offsets a .. a + 2w.
+  offset = jnp.arange(3 * w)[None, :] - jnp.arange(w)[:, None]
+  band = (offset >= 0) & (offset <= 2 * w)
+  keep = keys(valid)[:, None, None, :] & band[None, None]
+  out = masked(qb, keys(k), keys(v), keep)
+  return reshape_leading(out, (b, nb, w, n, h)).reshape(b, nb * w, n, h)[:, :t]

@@ -197,8 +197,13 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Float[Array, "B T D"], valid: Bool[Array, "B T"]) -> Float[Array, "B T D"]:
     b, t, d = x.shape
-    qkv = linear(x, self.wqkv[...]).reshape(b, t, 3, self.num_heads, self.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # Wqkv's columns are (3, heads, head_dim): q, k and v are its three column blocks. Three GEMMs
+    # on slices of the weight instead of one and a split of its output: the backward pass then sums
+    # three input gradients in GEMM epilogues instead of writing a [B, T, 3D] concatenation of dq,
+    # dk and dv (3.5 ms of a 97 ms ModernBERT-base step on an H200; RESULTS.md "GPU", session 34).
+    wqkv = self.wqkv[...]
+    q, k, v = (linear(x, wqkv[:, i * d:(i + 1) * d]).reshape(b, t, self.num_heads, self.head_dim)
+               for i in range(3))
     cos, sin = rope_tables(jnp.arange(t), self.head_dim, self.theta)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = attention(q, k, v, valid=valid, window=self.window, backend=self.backend)
@@ -214,7 +219,10 @@ class GeGLU(nnx.Module):
     self.wo = param(rngs, normal(), (f, d), ("mlp", "embed"), param_dtype)
 
   def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-    h, gate = jnp.split(linear(x, self.wi[...]), 2, axis=-1)
+    # Two GEMMs on Wi's column halves rather than one and a split: as in Attention, the backward
+    # pass adds two input gradients instead of concatenating d(h) and d(gate) into [B, T, 2F].
+    wi, f = self.wi[...], self.wo.shape[0]
+    h, gate = linear(x, wi[:, :f]), linear(x, wi[:, f:])
     return linear(gelu(h) * gate, self.wo[...])
 
 
@@ -275,7 +283,9 @@ class ModernBert(nnx.Module):
                         f"inputs to at most {limit} tokens")
     if valid is None:
       valid = jnp.ones(input_ids.shape, bool)
-    x = self.tok_embeddings[...].astype(self.cfg.dtype)[input_ids]
+    # Gather, then cast: casting the whole [V, D] table first costs a pass over it every call, and
+    # its gradient would be a dense [V, D] in the compute dtype, summed in bf16 where ids repeat.
+    x = self.tok_embeddings[...][input_ids].astype(self.cfg.dtype)
     x = self.emb_norm(x)
     for block in self.layers:
       # remat keeps only each block's input for the backward pass: activation memory of one block
