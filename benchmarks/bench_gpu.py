@@ -14,12 +14,19 @@ Sections:
   parity     a random ModernBERT-base written by transformers, read by `saejax.hub.convert.load_hf`;
              last hidden states on the GPU: saejax fp32 (xla) vs transformers fp32 (sdpa), and
              saejax bf16 (cudnn) vs the same reference (relative Frobenius error on valid tokens).
+  variants   one layer's attention fwd+bwd computed each way saejax could (cuDNN with a mask, with
+             lengths, block-local; XLA with a mask, block-local) at the training shapes and at
+             2k / 8k tokens.
   train      one full training step (ModernBERT-base + TopK SAE S=16,384 k=64, InfoNCE with one hard
              negative + FVU + AuxK, AdamW) in bf16 compute / fp32 master weights:
-               saejax   `saejax.train.step.train_step` jitted, donated, attention cudnn (and xla)
+               saejax   `saejax.train.step.train_step` jitted, donated, attention cudnn (and xla);
+                        `--backends cudnn:old` etc. trace it with earlier code (STEP_VARIANTS), and
+                        `--profile` adds each step's GPU kernel time and HLO to $OUT (read them
+                        with results/gpu_h200_2026-12-04/attribute.py)
                PyTorch  sentence-transformers SparseEncoder([Transformer, Pooling(mean),
                         SparseAutoEncoder]) + CSRLoss(SparseMultipleNegativesRankingLoss), autocast
-                        bf16 (what SparseEncoderTrainer(bf16=True) does), fused AdamW, grad clipping
+                        bf16 (what SparseEncoderTrainer(bf16=True) does), fused AdamW, grad clipping;
+                        with `--torch-compile` also its ModernBERT under torch.compile
              Same weights, same token ids (random, no padding: both sides do the same work).
              Reports step time, tokens/s, ratio and MFU (model FLOPs = 6 x non-embedding params per
              token + attention 12 x L x T_eff x D per token, T_eff = window for local layers).
@@ -31,6 +38,12 @@ The GPU image lacks ml_collections (imported by saejax.hub.export): carry its wh
 install it with `pip install --target` before the run (see RESULTS.md for the exact commands).
 
     python benchmarks/bench_gpu.py --budget-s 420
+
+Session 34's step comparison (RESULTS.md "GPU", 2026-12-04), about 5 minutes on an H200:
+
+    python3 benchmarks/bench_gpu.py --budget-s 420 --backends cudnn cudnn:old cudnn:no_ln \
+      cudnn:no_split cudnn:no_lengths --profile --torch-compile --skip attention encode parity \
+      variants
 
 A CPU smoke run of the script (~2 min on 2 cores): the cuDNN backend needs a GPU, so the step is
 timed with `--backends xla`, and parity's bf16 cuDNN half records an error after its fp32 half:
