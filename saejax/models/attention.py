@@ -15,7 +15,8 @@ Backends:
                session 17).
   * ``cudnn``  cuDNN fused attention on GPU. Padding goes in as sequence lengths, not as a mask:
                JAX hands a mask to cuDNN as an additive bias and asks for its gradient too (a
-               [B, 1, T, T] dbias nobody reads, written by a slower backward kernel). Lengths
+               [B, 1, T, T] dbias nobody reads; fwd + bwd of a global layer 1.05 -> 0.78 ms at
+               128 x 256 tokens, 3.52 -> 2.27 ms at 8k, on an H200). Lengths
                describe right padding only (what `saejax.data` produces): a row of `valid` that
                is not a prefix is an error (eagerly) or NaN (under jit), never a wrong row.
                cuDNN's own sliding window is one-sided (causal models), so ModernBERT's two-sided
