@@ -347,15 +347,19 @@ def parity(model_dir: Path):
 #   lengths  global cuDNN attention with padding as lengths; before: a [B, 1, T, T] mask
 #   blocks   windowed attention block-local from T >= 8w; before: always the full T x T
 FEATURES = ("ln", "split", "lengths", "blocks")
-# --backends BACKEND:VARIANT -> (features switched back to the old code, XLA compiler options)
+# --backends BACKEND:VARIANT -> (features switched back to the old code, XLA compiler options;
+# None: the options saejax trains with, `step.compiler_options()`, which turn XLA's DotMerger off)
 STEP_VARIANTS = {
     "new": ((), None),
-    "old": (FEATURES, None),
+    "old": (FEATURES, {}),
     "no_ln": (("ln",), None),
     "no_split": (("split",), None),
     "no_lengths": (("lengths",), None),
     # cuBLAS for every matmul instead of XLA's Triton GEMM fusions (casts fused into the GEMM)
-    "cublas": ((), {"xla_gpu_enable_triton_gemm": False}),
+    "cublas": ((), {"xla_gpu_enable_triton_gemm": False, "xla_gpu_dot_merger_threshold_mb": 0}),
+    # XLA's default DotMerger: GEMMs sharing a weight (the query and document passes) run as one
+    # over a concatenation of their inputs
+    "dot_merger": ((), {}),
 }
 
 
@@ -448,7 +452,9 @@ class SaejaxTrain:
     self.compiled = None
 
   def compile(self, batch, options: dict | None = None) -> float:
+    from saejax.train import step as step_lib
     t = time.perf_counter()
+    options = step_lib.compiler_options() if options is None else options
     self.compiled = self.jitted.lower(self.state, batch, False).compile(compiler_options=options)
     return time.perf_counter() - t
 

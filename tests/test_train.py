@@ -745,3 +745,15 @@ def test_records_dropped_as_repeats_are_logged(tmp_path, capsys):
   assert logged == {step: expected[step - 1] for step in (2, 4, 6, 8)}
   last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")][-1]
   assert f"  dropped {expected[-1]}  " in last, last
+
+
+def test_gpu_compile_options_are_ones_this_xla_knows():
+  """The options the train step is compiled with on GPU name real XLA debug options (XLA refuses
+  an unknown name at compile time, so a renamed flag would stop GPU training); elsewhere none."""
+  options = step_lib.compiler_options("gpu")
+  assert options == {"xla_gpu_dot_merger_threshold_mb": 0}
+  assert step_lib.compiler_options("cpu") is None and step_lib.compiler_options("tpu") is None
+  x = jnp.ones((4, 4))
+  jax.jit(lambda a: a @ a).lower(x).compile(compiler_options=options)
+  with pytest.raises(Exception, match="No such compile option"):
+    jax.jit(lambda a: a @ a).lower(x).compile(compiler_options={"xla_gpu_no_such_flag": 0})

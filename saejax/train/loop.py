@@ -466,7 +466,7 @@ def jit_train_step(graphdef, tx, loss_cfg: step_lib.LossConfig, optim_cfg, state
       functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_cfg=loss_cfg,
                         optim_cfg=optim_cfg),
       in_shardings=(state_sh, None, None), out_shardings=(state_sh, sharding.replicated(mesh)),
-      donate_argnums=0)
+      donate_argnums=0, compiler_options=step_lib.compiler_options())
 
 
 def _state_shardings(abstract: TrainState, param_sh, mesh):

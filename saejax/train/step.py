@@ -264,6 +264,18 @@ def _when(log, fn, *args):
   return jax.lax.cond(log, fn, nans, *args)
 
 
+def compiler_options(platform: str | None = None) -> dict | None:
+  """XLA options `train_step` is compiled with on `platform` (default: this process's backend).
+
+  On GPU, XLA's DotMerger runs GEMMs that share a weight (each layer's query pass and document
+  pass) as one GEMM over a fresh concatenation of both inputs; the copies cost more than the merge
+  gains: ModernBERT-base step on an H200 97.3 -> 92.4 ms with it off (RESULTS.md "GPU", session
+  34). Other platforms: XLA's defaults.
+  """
+  platform = platform or jax.default_backend()
+  return {"xla_gpu_dot_merger_threshold_mb": 0} if platform in ("gpu", "cuda") else None
+
+
 def train_step(state: TrainState, batch: dict, log: bool | jax.Array = True, *,
                graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg: LossConfig,
                optim_cfg: OptimConfig, fire_rate_decay: float = 0.99, loss_fn=None
