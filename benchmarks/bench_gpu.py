@@ -347,8 +347,14 @@ def parity(model_dir: Path):
 #   lengths  global cuDNN attention with padding as lengths; before: a [B, 1, T, T] mask
 #   blocks   windowed attention block-local from T >= 8w; before: always the full T x T
 FEATURES = ("ln", "split", "lengths", "blocks")
-# --backends BACKEND:VARIANT -> (features switched back to the old code, XLA compiler options;
-# None: the options saejax trains with, `step.compiler_options()`, which turn XLA's DotMerger off)
+# Changes not (yet) in saejax, for a next GPU run to measure (RESULTS.md "GPU", session 34: the
+# levers left):
+#   rope_lowp   RoPE in the compute dtype (bf16) instead of fp32
+#   xla_short   XLA's attention instead of cuDNN's for sequences of at most 64 tokens (queries)
+TRIALS = ("rope_lowp", "xla_short")
+# --backends BACKEND:VARIANT -> (FEATURES switched back to the old code or TRIALS switched on, XLA
+# compiler options; None: the options saejax trains with, `step.compiler_options()`, which turn
+# XLA's DotMerger off)
 STEP_VARIANTS = {
     "new": ((), None),
     "old": (FEATURES, {}),
@@ -360,6 +366,8 @@ STEP_VARIANTS = {
     # XLA's default DotMerger: GEMMs sharing a weight (the query and document passes) run as one
     # over a concatenation of their inputs
     "dot_merger": ((), {}),
+    "try_rope_lowp": (("rope_lowp",), None),
+    "try_xla_short": (("xla_short",), None),
 }
 
 
@@ -393,28 +401,47 @@ def _old_geglu_call(self, x):
   return mb.linear(mb.gelu(h) * gate, self.wo[...])
 
 
+def _rope_lowp(x, cos, sin):
+  from saejax.models import modernbert as mb
+  x1, x2 = mb.jnp.split(x, 2, axis=-1)
+  rotated = mb.jnp.concatenate([-x2, x1], axis=-1)
+  return x * cos[None, :, None, :].astype(x.dtype) + rotated * sin[None, :, None, :].astype(x.dtype)
+
+
+def _xla_when_short(attention):
+  def call(q, k, v, *, valid, window=None, backend="xla"):
+    short = backend == "cudnn" and q.shape[1] <= 64
+    return attention(q, k, v, valid=valid, window=window, backend="xla" if short else backend)
+  return call
+
+
 @contextlib.contextmanager
-def model_as(old: tuple[str, ...]):
+def model_as(patches: tuple[str, ...]):
   """Trace the step with the listed FEATURES switched back to the code saejax had before session
-  34 (patched module attributes, restored on exit; the patch lasts while the step is traced)."""
+  34, or the listed TRIALS switched on (patched module attributes, restored on exit; the patch
+  lasts while the step is traced)."""
   from saejax.models import attention as attn
   from saejax.models import modernbert as mb
   saved = (mb.layer_norm, mb.Attention.__call__, mb.GeGLU.__call__, attn._cudnn_padded,
-           attn.blocks_pay)
-  if "ln" in old:
+           attn.blocks_pay, mb.apply_rope, mb.attention)
+  if "rope_lowp" in patches:
+    mb.apply_rope = _rope_lowp
+  if "xla_short" in patches:
+    mb.attention = _xla_when_short(mb.attention)
+  if "ln" in patches:
     mb.layer_norm = _old_layer_norm
-  if "split" in old:
+  if "split" in patches:
     mb.Attention.__call__, mb.GeGLU.__call__ = _old_attention_call, _old_geglu_call
-  if "lengths" in old:
+  if "lengths" in patches:
     attn._cudnn_padded = lambda q, k, v, valid: attn._cudnn_attention(
         q, k, v, attn.window_mask(valid, None))
-  if "blocks" in old:
+  if "blocks" in patches:
     attn.blocks_pay = lambda t, window: False
   try:
     yield
   finally:
     (mb.layer_norm, mb.Attention.__call__, mb.GeGLU.__call__, attn._cudnn_padded,
-     attn.blocks_pay) = saved
+     attn.blocks_pay, mb.apply_rope, mb.attention) = saved
 
 
 class SaejaxTrain:
@@ -567,8 +594,8 @@ def train_speed(model_dir: Path, args, budget_end: float):
       break   # keep the PyTorch rows' time (a compile takes ~2 min)
     backend, _, variant = entry.partition(":")
     name = f"saejax_{backend}" + (f"_{variant}" if variant else "")
-    old_features, options = STEP_VARIANTS[variant or "new"]
-    with model_as(old_features):
+    patches, options = STEP_VARIANTS[variant or "new"]
+    with model_as(patches):
       runner = SaejaxTrain(model_dir, backend, args)
       n_nonembed = sum(v for k, v in runner.n_params.items() if "tok_embeddings" not in k)
       compile_s = runner.compile(jbatch, options)
