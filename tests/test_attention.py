@@ -23,6 +23,14 @@ from saejax.models import splash
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _full_precision_fp32_matmuls():
+  """fp32 comparisons at fp32 precision also where a GPU runs these tests (its fp32 matmuls
+  default to TF32, ~1e-3); a no-op on CPU."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 def reference_mask(valid: np.ndarray, window: int | None) -> np.ndarray:
   """[B, 1, Tq, Tk] True where the key is a real token inside the query's window."""
   t = valid.shape[1]
@@ -207,14 +215,8 @@ def test_splash_under_explicit_mesh_matches_xla():
                                                 (128, 16, (128, 3))])
 def test_local_blocks_match_the_full_window(t, window, lengths):
   """Block-local windowed attention (3w keys a query) against the reference over the full T x T,
-  outputs and gradients, with T not a multiple of the block and rows of one and of no real token.
-  Highest matmul precision: on a GPU fp32 matmuls default to TF32 (~1e-3)."""
+  outputs and gradients, with T not a multiple of the block and rows of one and of no real token."""
   assert attn.blocks_pay(t, window)
-  with jax.default_matmul_precision("highest"):
-    _check_local_blocks(t, window, lengths)
-
-
-def _check_local_blocks(t, window, lengths):
   q, k, v, valid = make_inputs(11, lengths=lengths, t=t, n=2, h=8)
   weight = jax.random.normal(jax.random.key(12), q.shape) * valid[:, :, None, None]
   out = attn.attention(q, k, v, valid=valid, window=window, backend="xla")
@@ -283,9 +285,8 @@ def test_cudnn_lengths_path_under_jit_makes_rows_it_cannot_express_nan(monkeypat
   monkeypatch.setattr(attn, "_cudnn_attention", by_lengths)
   q, k, v, valid = make_inputs(10, lengths=(16, 9, 0, 12), t=16, n=2, h=8)
   valid = valid.at[3].set(valid[3, ::-1])          # row 3: left padding
-  with jax.default_matmul_precision("highest"):    # fp32 as on CPU, also where a GPU runs this
-    out = np.asarray(jax.jit(functools.partial(attn.attention, backend="cudnn"))(q, k, v,
-                                                                                 valid=valid))
+  out = np.asarray(jax.jit(functools.partial(attn.attention, backend="cudnn"))(q, k, v,
+                                                                               valid=valid))
   ref = reference_attention(q, k, v, valid, None)
   good = np.asarray(valid[:3])
   assert np.abs(out[:3] - ref[:3])[good].max() < 1e-5
