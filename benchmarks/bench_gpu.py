@@ -194,14 +194,15 @@ ATTENTION_VARIANTS = ("cudnn_mask", "cudnn_lengths", "cudnn_lengths_raw", "cudnn
 
 
 def attention_variant(name: str, window: int | None):
-  """(q, k, v, valid) -> out for one way of computing the same attention (see --help)."""
+  """(q, k, v, valid) -> out for one way of computing the same attention (ATTENTION_VARIANTS)."""
   from saejax.models import attention as attn
   if name == "cudnn_mask":       # what saejax did before: padding and window as one boolean mask
     return lambda q, k, v, valid: attn._cudnn_attention(q, k, v, attn.window_mask(valid, window))
   if name == "cudnn_lengths":    # global layers now: lengths, non-prefix rows made NaN
     return lambda q, k, v, valid: attn._cudnn_padded(q, k, v, valid)
   if name == "cudnn_lengths_raw":   # the same without that guard: the guard's cost
-    return lambda q, k, v, valid: attn._cudnn_attention(q, k, v, lengths=valid.sum(-1, dtype="int32"))
+    return lambda q, k, v, valid: attn._cudnn_attention(
+        q, k, v, lengths=valid.sum(-1, dtype="int32"))
   if name in ("cudnn_blocks", "xla_blocks"):
     masked = attn._cudnn_attention if name.startswith("cudnn") else attn._xla_attention
     return lambda q, k, v, valid: attn._local_blocks(q, k, v, valid, window, masked)
@@ -213,7 +214,8 @@ def attention_variant(name: str, window: int | None):
 @section
 def attention_variants(budget_end: float):
   """fwd+bwd time of each way to compute one layer's attention at the training shapes (and long
-  windowed rows), bf16, no padding (as the train section), against the xla full-mask output."""
+  windowed rows), bf16, no padding (as the train section); each output's relative error against
+  the row's first variant (cuDNN with a mask)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
