@@ -127,8 +127,9 @@ def reshape_leading(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   if not (isinstance(sharding, NamedSharding) and sharding.mesh.explicit_axes):
     return x.reshape(shape)
   spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-  rest = spec[2:] if len(shape) < x.ndim else spec[1:]  # merging drops x's axis 1, splitting adds one
-  lead = (spec[0],) if len(shape) < x.ndim else (spec[0], None)
+  merge = len(shape) < x.ndim          # merging drops x's axis 1; splitting adds a whole one
+  rest = spec[2:] if merge else spec[1:]
+  lead = (spec[0],) if merge else (spec[0], None)
   return jnp.reshape(x, shape, out_sharding=NamedSharding(sharding.mesh, P(*lead, *rest)))
 
 
