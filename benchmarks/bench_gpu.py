@@ -348,12 +348,15 @@ def parity(model_dir: Path):
 #   split    Wqkv and Wi as GEMMs on column slices of the weight; before: one GEMM and a split
 #   lengths  global cuDNN attention with padding as lengths; before: a [B, 1, T, T] mask
 #   blocks   windowed attention block-local from T >= 8w; before: always the full T x T
-FEATURES = ("ln", "split", "lengths", "blocks")
+# and since session 35:
+#   fused_ln LayerNorm as Triton kernels (`fused_norm`) on the cudnn path; before: `params.layer_norm`
+FEATURES = ("ln", "split", "lengths", "blocks", "fused_ln")
 # Changes not (yet) in saejax, for a next GPU run to measure (RESULTS.md "GPU", session 34: the
 # levers left):
 #   rope_lowp   RoPE in the compute dtype (bf16) instead of fp32
 #   xla_short   XLA's attention instead of cuDNN's for sequences of at most 64 tokens (queries)
-TRIALS = ("rope_lowp", "xla_short")
+#   ln_wide     the LayerNorm kernels on tiles of 8 rows (8,192 elements) with 8 warps, not 4 and 4
+TRIALS = ("rope_lowp", "xla_short", "ln_wide")
 # --backends BACKEND:VARIANT -> (FEATURES switched back to the old code or TRIALS switched on, XLA
 # compiler options; None: the options saejax trains with, `step.compiler_options()`, which turn
 # XLA's DotMerger off)
@@ -363,6 +366,7 @@ STEP_VARIANTS = {
     "no_ln": (("ln",), None),
     "no_split": (("split",), None),
     "no_lengths": (("lengths",), None),
+    "no_fused_ln": (("fused_ln",), None),
     # cuBLAS for every matmul instead of XLA's Triton GEMM fusions (casts fused into the GEMM)
     "cublas": ((), {"xla_gpu_enable_triton_gemm": False, "xla_gpu_dot_merger_threshold_mb": 0}),
     # XLA's default DotMerger: GEMMs sharing a weight (the query and document passes) run as one
@@ -370,6 +374,7 @@ STEP_VARIANTS = {
     "dot_merger": ((), {}),
     "try_rope_lowp": (("rope_lowp",), None),
     "try_xla_short": (("xla_short",), None),
+    "try_ln_wide": (("ln_wide",), None),
 }
 
 
@@ -422,10 +427,18 @@ def model_as(patches: tuple[str, ...]):
   """Trace the step with the listed FEATURES switched back to the code saejax had before session
   34, or the listed TRIALS switched on (patched module attributes, restored on exit; the patch
   lasts while the step is traced)."""
+  import types
+
   from saejax.models import attention as attn
+  from saejax.models import fused_norm
   from saejax.models import modernbert as mb
   saved = (mb.layer_norm, mb.Attention.__call__, mb.GeGLU.__call__, attn._cudnn_padded,
-           attn.blocks_pay, mb.apply_rope, mb.attention)
+           attn.blocks_pay, mb.apply_rope, mb.attention, mb.fused_norm, fused_norm.TILE,
+           fused_norm.WARPS)
+  if "fused_ln" in patches:  # Norm calls mb.layer_norm (or the old one, with "ln") instead
+    mb.fused_norm = types.SimpleNamespace(layer_norm=lambda *a: mb.layer_norm(*a))
+  if "ln_wide" in patches:
+    fused_norm.TILE, fused_norm.WARPS = 8192, 8
   if "rope_lowp" in patches:
     mb.apply_rope = _rope_lowp
   if "xla_short" in patches:
@@ -443,7 +456,8 @@ def model_as(patches: tuple[str, ...]):
     yield
   finally:
     (mb.layer_norm, mb.Attention.__call__, mb.GeGLU.__call__, attn._cudnn_padded,
-     attn.blocks_pay, mb.apply_rope, mb.attention) = saved
+     attn.blocks_pay, mb.apply_rope, mb.attention, mb.fused_norm, fused_norm.TILE,
+     fused_norm.WARPS) = saved
 
 
 class SaejaxTrain:
@@ -597,11 +611,16 @@ def train_speed(model_dir: Path, args, budget_end: float):
     backend, _, variant = entry.partition(":")
     name = f"saejax_{backend}" + (f"_{variant}" if variant else "")
     patches, options = STEP_VARIANTS[variant or "new"]
-    with model_as(patches):
-      runner = SaejaxTrain(model_dir, backend, args)
-      n_nonembed = sum(v for k, v in runner.n_params.items() if "tok_embeddings" not in k)
-      compile_s = runner.compile(jbatch, options)
-    loss0 = float(runner.step(jbatch))
+    try:
+      with model_as(patches):
+        runner = SaejaxTrain(model_dir, backend, args)
+        n_nonembed = sum(v for k, v in runner.n_params.items() if "tok_embeddings" not in k)
+        compile_s = runner.compile(jbatch, options)
+      loss0 = float(runner.step(jbatch))
+    except Exception as e:  # noqa: BLE001 - keep the other rows
+      rows[name] = {"error": f"{type(e).__name__}: {str(e)[:800]}"}
+      record("train", rows)
+      continue
     ts = timed(lambda: runner.step(jbatch), reps=args.steps, warmup=2, sync=jax.block_until_ready)
     stats = jax.devices()[0].memory_stats() or {}
     rows[name] = {"step_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts),
@@ -717,7 +736,9 @@ def encode_speed(model_dir: Path, args):
 @section
 def cudnn_tests():
   proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                         str(REPO / "tests/test_attention.py"), "-k", "cudnn"],
+                         *(str(REPO / "tests" / f) for f in ("test_attention.py",
+                                                             "test_fused_norm.py")),
+                         "-k", "cudnn or gpu"],
                         capture_output=True, text=True, cwd=REPO, timeout=240)
   record("pytest_cudnn", {"rc": proc.returncode, "tail": proc.stdout[-800:] + proc.stderr[-800:]})
 

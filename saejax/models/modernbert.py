@@ -30,6 +30,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from saejax.errors import ConfigError
+from saejax.models import fused_norm
 from saejax.models.architecture import Architecture, TensorMap
 from saejax.models.attention import Backend, attention
 from saejax.models.params import gelu, layer_norm, linear, normal, ones, param, zeros
@@ -227,14 +228,21 @@ class GeGLU(nnx.Module):
 
 
 class Norm(nnx.Module):
-  """Bias-free LayerNorm (PyTorch semantics: exact variance, eps from config)."""
+  """Bias-free LayerNorm (PyTorch semantics: exact variance, eps from config).
+
+  On the NVIDIA path (attention backend "cudnn") it runs as `fused_norm`'s Triton kernels, the same
+  function: XLA's own LayerNorm cost an H200 train step four times its memory traffic (RESULTS.md
+  "GPU", session 35). Elsewhere it is `params.layer_norm`, which XLA:CPU and XLA:TPU fuse well.
+  """
 
   def __init__(self, cfg: ModernBertConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
     self.scale = param(rngs, ones(), (cfg.hidden_size,), (None,), param_dtype)
     self.eps = cfg.norm_eps
+    self.fused = cfg.attention_backend == "cudnn"
 
   def __call__(self, x):
-    return layer_norm(x, self.scale[...], None, self.eps)
+    norm = fused_norm.layer_norm if self.fused else layer_norm
+    return norm(x, self.scale[...], None, self.eps)
 
 
 class Block(nnx.Module):

@@ -1,0 +1,195 @@
+"""LayerNorm as two Pallas (Triton) GPU kernels, forward and backward, for the cuDNN (NVIDIA) path.
+
+Why a kernel: on an H200 the XLA form of ModernBERT-base's 44 LayerNorms took 19 ms of a 92 ms
+train step (RESULTS.md "GPU", session 34), about four times what moving their bytes takes. XLA kept
+the residual stream in a [B, D, T] layout that suits its GEMMs, so every norm became a column
+reduction with transposes on either side, and the backward pass kept an fp32 copy of the input.
+A kernel that owns whole rows reads x once and writes y once (forward) and reads x, dy once and
+writes dx once (backward), whatever layout XLA prefers elsewhere.
+
+What each kernel does (rows are the flattened leading axes, D the normalised one):
+
+  forward   one program per `block_rows` rows: load [block_rows, D] (D padded to a power of two
+            and masked, as Triton requires), mean and the exact two-pass variance in fp32 (PyTorch's
+            semantics, as `params.layer_norm`), y = (x - mean) / std * scale (+ bias); mean and
+            1 / std are kept (fp32, one value per row) for the backward pass.
+  backward  one program per `steps` x `block_rows` rows: dx row by row from the saved statistics,
+            dx = rstd (g s - mean(g s) - xhat mean(g s xhat)), and this program's partial sums of
+            g xhat (and g) over its rows; XLA adds the few hundred partial rows into d scale.
+
+Sharding: a Pallas call cannot be partitioned by XLA (it would gather its inputs onto every device),
+so inside a mesh whose data-parallel axes split the batch, the kernels run in `jax.shard_map` over
+those axes; the partial sums leave the map sharded and XLA's sum over them is the all-reduce.
+Off a GPU the kernels run in Pallas interpret mode (`interpret=True`), which is how the CPU tests
+check them against `params.layer_norm`.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jax.sharding import AxisType, PartitionSpec as P
+
+from saejax.sharding import BATCH_AXES
+
+TILE = 4096  # elements of x a program holds at once: rows x padded D (4 rows of ModernBERT's 768)
+STEPS = 8    # row tiles a backward program walks through, so d scale has M / (8 x rows) partials
+WARPS = 4    # Triton warps per program
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float, *,
+               interpret: bool = False) -> jax.Array:
+  """`params.layer_norm` (fp32 statistics, PyTorch's exact variance) as fused Triton kernels.
+
+  Args:
+    x: [..., D] in any float dtype; y has the same dtype.
+    scale: [D]; bias: [D] or None.
+    eps: added to the variance.
+    interpret: run the kernels in Pallas interpret mode (any backend; for tests).
+  """
+  return _layer_norm(x, scale, bias, eps, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x, scale, bias, eps, interpret):
+  return _layer_norm_fwd(x, scale, bias, eps, interpret)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps, interpret):
+  params = (scale,) if bias is None else (scale, bias)
+  y, mean, rstd = _per_batch_shard(
+      functools.partial(_forward, eps=eps, interpret=interpret), x, params, 3)
+  return y, (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_bwd(eps, interpret, residuals, g):
+  del eps
+  x, mean, rstd, scale, bias = residuals
+  dx, dscale, dbias = _per_batch_shard(
+      functools.partial(_backward, has_bias=bias is not None, interpret=interpret),
+      (x, g, mean, rstd), (scale,), 3)
+  dscale = dscale.sum(0).astype(scale.dtype)
+  dbias = None if bias is None else dbias.sum(0).astype(bias.dtype)
+  return dx, dscale, dbias
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def _per_batch_shard(fn, sharded, replicated: tuple, n_out: int):
+  """fn(*sharded, *replicated), run per shard of the leading axis over the batch mesh axes.
+
+  `sharded` is one array or a tuple of arrays whose leading axis is the batch (or the partial-sum
+  axis fn returns); every output of fn is split the same way. Without a mesh, or where the batch
+  axes are trivial or do not divide the leading axis, fn runs on the whole arrays.
+  """
+  sharded = sharded if isinstance(sharded, tuple) else (sharded,)
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = () if mesh.empty else tuple(a for a in BATCH_AXES
+                                     if a in mesh.axis_names and mesh.shape[a] > 1)
+  if not axes or sharded[0].shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return fn(*sharded, *replicated)
+  if AxisType.Explicit in mesh.axis_types:
+    sharded = tuple(jax.sharding.reshard(a, P(axes)) for a in sharded)
+    replicated = tuple(jax.sharding.reshard(a, P()) for a in replicated)
+  # check_vma=False: a Pallas call has no rule saying how its outputs vary over the mesh axes.
+  return jax.shard_map(fn, in_specs=(P(axes),) * len(sharded) + (P(),) * len(replicated),
+                       out_specs=(P(axes),) * n_out, check_vma=False)(*sharded, *replicated)
+
+
+def _tiles(d: int) -> tuple[int, int]:
+  """(D padded to a power of two, rows per tile): Triton blocks are powers of two."""
+  width = pl.next_power_of_2(d)
+  return width, max(1, TILE // width)
+
+
+def _forward(x, scale, bias=None, *, eps, interpret):
+  shape, d = x.shape, x.shape[-1]
+  rows = x.reshape(-1, d)
+  m = rows.shape[0]
+  width, block = _tiles(d)
+  out_shape = (jax.ShapeDtypeStruct((m, d), x.dtype), jax.ShapeDtypeStruct((m,), jnp.float32),
+               jax.ShapeDtypeStruct((m,), jnp.float32))
+  kernel = functools.partial(_forward_kernel, eps=eps, width=width, block=block,
+                             has_bias=bias is not None)
+  y, mean, rstd = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(pl.cdiv(m, block),), interpret=interpret,
+      compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1), name="layer_norm_fwd",
+  )(rows, scale, *(() if bias is None else (bias,)))
+  return y.reshape(shape), mean.reshape(shape[:-1]), rstd.reshape(shape[:-1])
+
+
+def _backward(x, g, mean, rstd, scale, *, has_bias, interpret):
+  shape, d = x.shape, x.shape[-1]
+  rows, g = x.reshape(-1, d), g.reshape(-1, d)
+  m = rows.shape[0]
+  width, block = _tiles(d)
+  steps = max(1, min(STEPS, pl.cdiv(m, block)))
+  programs = pl.cdiv(m, block * steps)
+  out_shape = (jax.ShapeDtypeStruct((m, d), x.dtype),
+               jax.ShapeDtypeStruct((programs * d,), jnp.float32),
+               jax.ShapeDtypeStruct((programs * d,), jnp.float32))
+  kernel = functools.partial(_backward_kernel, width=width, block=block, steps=steps)
+  dx, dscale, dbias = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(programs,), interpret=interpret,
+      compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1), name="layer_norm_bwd",
+  )(rows, g, mean.reshape(-1), rstd.reshape(-1), scale)
+  dscale, dbias = dscale.reshape(programs, d), dbias.reshape(programs, d)
+  return dx.reshape(shape), dscale, dbias if has_bias else jnp.zeros_like(dbias)
+
+
+def _tile_index(ref, first_row, block, width):
+  """Row and column indices of the tile starting at `first_row`, and its in-bounds masks."""
+  m, d = ref.shape
+  rows = first_row + jnp.arange(block)
+  cols = jnp.arange(width)
+  row_ok, col_ok = rows < m, cols < d
+  return rows, cols, row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
+
+
+def _forward_kernel(x_ref, scale_ref, *refs, eps, width, block, has_bias):
+  bias_ref, (y_ref, mean_ref, rstd_ref) = (refs[0], refs[1:]) if has_bias else (None, refs)
+  d = x_ref.shape[1]
+  rows, cols, row_ok, col_ok, ok = _tile_index(x_ref, pl.program_id(0) * block, block, width)
+  at = (rows[:, None], cols[None, :])
+  x = plgpu.load(x_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
+  mean = x.sum(1) / d
+  centred = jnp.where(ok, x - mean[:, None], 0.0)
+  rstd = jax.lax.rsqrt((centred * centred).sum(1) / d + eps)
+  y = centred * rstd[:, None] * plgpu.load(scale_ref.at[cols], mask=col_ok, other=0.0
+                                           ).astype(jnp.float32)[None, :]
+  if has_bias:
+    y = y + plgpu.load(bias_ref.at[cols], mask=col_ok, other=0.0).astype(jnp.float32)[None, :]
+  plgpu.store(y_ref.at[at], y.astype(y_ref.dtype), mask=ok)
+  plgpu.store(mean_ref.at[rows], mean, mask=row_ok)
+  plgpu.store(rstd_ref.at[rows], rstd, mask=row_ok)
+
+
+def _backward_kernel(x_ref, g_ref, mean_ref, rstd_ref, scale_ref, dx_ref, dscale_ref, dbias_ref, *,
+                     width, block, steps):
+  d = x_ref.shape[1]
+  program = pl.program_id(0)
+  cols = jnp.arange(width)
+  scale = plgpu.load(scale_ref.at[cols], mask=cols < d, other=0.0).astype(jnp.float32)
+
+  def tile(i, sums):
+    rows, _, row_ok, _, ok = _tile_index(x_ref, (program * steps + i) * block, block, width)
+    at = (rows[:, None], cols[None, :])
+    x = plgpu.load(x_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
+    g = plgpu.load(g_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
+    mean = plgpu.load(mean_ref.at[rows], mask=row_ok, other=0.0)
+    rstd = plgpu.load(rstd_ref.at[rows], mask=row_ok, other=0.0)
+    xhat = jnp.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+    gs = g * scale[None, :]
+    dx = rstd[:, None] * (gs - (gs.sum(1) / d)[:, None] - xhat * ((gs * xhat).sum(1) / d)[:, None])
+    plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=ok)
+    return sums[0] + (g * xhat).sum(0), sums[1] + g.sum(0)
+
+  zeros = jnp.zeros((width,), jnp.float32)
+  dscale, dbias = jax.lax.fori_loop(0, steps, tile, (zeros, zeros))
+  # The partial sums are flat [programs * D]: each program writes one row of D.
+  plgpu.store(dscale_ref.at[program * d + cols], dscale, mask=cols < d)
+  plgpu.store(dbias_ref.at[program * d + cols], dbias, mask=cols < d)

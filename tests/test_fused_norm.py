@@ -1,0 +1,142 @@
+"""The Triton LayerNorm kernels (`saejax.models.fused_norm`) against `params.layer_norm`.
+
+On CPU the kernels run in Pallas interpret mode (the same kernel code, executed by XLA:CPU); on a
+GPU `test_compiled_kernels_on_gpu` runs them compiled. The reference is the project's XLA
+LayerNorm, itself checked against PyTorch (test_modernbert, test_bert) and autodiff.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saejax.models import fused_norm, params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def value_and_grads(norm, x, scale, bias, cot):
+  """(y, dx, dscale, dbias) of sum(norm(x) * cot): forward and every gradient at once."""
+  def loss(x, scale, bias):
+    y = norm(x, scale, bias)
+    return jnp.sum(y.astype(jnp.float32) * cot), y
+  argnums = (0, 1) if bias is None else (0, 1, 2)
+  grads, y = jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(x, scale, bias)
+  return (y, *grads)
+
+
+def inputs(shape, dtype, with_bias, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  d = shape[-1]
+  # An offset and a spread that differ per row: a kernel that skipped centring or scaling fails.
+  x = (jax.random.normal(keys[0], shape) * (1 + jnp.arange(shape[-2])[:, None] % 3)
+       + jnp.arange(shape[-2])[:, None] % 5).astype(dtype)
+  scale = 1 + 0.5 * jax.random.normal(keys[1], (d,))
+  bias = 0.5 * jax.random.normal(keys[2], (d,)) if with_bias else None
+  cot = jax.random.normal(keys[3], shape)
+  return x, scale, bias, cot
+
+
+@pytest.mark.parametrize("shape, dtype, with_bias", [
+    ((3, 5, 768), jnp.float32, False),    # ModernBERT's width, one backward program
+    ((1100, 64), jnp.float32, True),      # several backward programs, the last one partly empty
+    ((2, 7, 48), jnp.bfloat16, True),     # D not a power of two (masked columns), bf16 in and out
+    ((37, 100), jnp.float32, False),      # rows not a multiple of the tile
+])
+def test_interpreted_kernels_match_xla_layer_norm(shape, dtype, with_bias):
+  x, scale, bias, cot = inputs(shape, dtype, with_bias)
+  got = value_and_grads(lambda *a: fused_norm.layer_norm(*a, 1e-5, interpret=True),
+                        x, scale, bias, cot)
+  want = value_and_grads(lambda *a: params.layer_norm(*a, 1e-5), x, scale, bias, cot)
+  assert got[0].dtype == dtype and got[1].dtype == dtype
+  # fp32: summation order only; bf16: y and dx are rounded to bf16 on both sides.
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  for name, a, b in zip(("y", "dx", "dscale", "dbias"), got, want):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.abs(a - b).max() <= tol * (1 + np.abs(b).max()), name
+
+
+def test_statistics_are_per_row_and_fp32():
+  # A hand-made case: rows [1, 3] and [10, 10 + 2e-3] (eps 0): y = [-1, 1] for both. bf16 could
+  # not even hold the second row's spread; the statistics must be fp32.
+  x = jnp.asarray([[1.0, 3.0], [10.0, 10.002]], jnp.float32)
+  y = fused_norm.layer_norm(x, jnp.ones(2), jnp.zeros(2), 0.0, interpret=True)
+  np.testing.assert_allclose(np.asarray(y), [[-1, 1], [-1, 1]], atol=2e-3)
+
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import jax
+    jax.config.update("jax_num_cpu_devices", 8)
+    import jax.numpy as jnp
+    from jax.sharding import AxisType, PartitionSpec as P
+    from saejax.models import fused_norm, params
+
+    x = jax.random.normal(jax.random.key(0), (8, 6, 40)) + jnp.arange(8.0)[:, None, None]
+    scale, bias = jnp.linspace(0.5, 2, 40), jnp.linspace(-1, 1, 40)
+    cot = jax.random.normal(jax.random.key(1), x.shape)
+
+    def grads(norm, x, scale, bias):
+      return jax.jit(jax.grad(lambda *a: jnp.sum(norm(*a) * cot), argnums=(0, 1, 2)))(x, scale, bias)
+
+    want = grads(lambda *a: params.layer_norm(*a, 1e-5), x, scale, bias)
+    fused = lambda *a: fused_norm.layer_norm(*a, 1e-5, interpret=True)
+    for kind in (AxisType.Auto, AxisType.Explicit):
+      mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(kind,) * 3)
+      with jax.set_mesh(mesh):
+        xs = jax.device_put(x, P(("data", "fsdp")))
+        text = str(jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(fused(*a) * cot)))(xs, scale, bias))
+        got = grads(fused, xs, scale, bias)
+      err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want))
+      print(kind.name, "SHARD_MAPS", text.count("shard_map"), "ERR", err)
+""")
+
+
+def test_kernels_run_per_batch_shard_under_a_mesh():
+  """8 fake CPU devices, the batch over ('data', 'fsdp'): the kernels run in shard_map (forward
+  and backward) and d scale, summed from every shard's partials, equals the unsharded gradient."""
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+  run = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  rows = [line.split() for line in run.stdout.splitlines() if "SHARD_MAPS" in line]
+  assert [r[0] for r in rows] == ["Auto", "Explicit"]
+  for _, _, maps, _, err in rows:
+    assert int(maps) == 2
+    assert float(err) < 1e-4
+
+
+def test_compiled_kernels_on_gpu():
+  if jax.default_backend() != "gpu":
+    pytest.skip(f"the Triton kernels compile for a GPU; this run's backend is "
+                f"{jax.default_backend()!r} (interpret mode is tested above)")
+  with jax.default_matmul_precision("highest"):
+    for shape, dtype, with_bias in (((4, 256, 768), jnp.bfloat16, False),
+                                    ((4, 256, 768), jnp.float32, True),
+                                    ((3, 37, 100), jnp.float32, True)):
+      x, scale, bias, cot = inputs(shape, dtype, with_bias)
+      got = value_and_grads(lambda *a: fused_norm.layer_norm(*a, 1e-5), x, scale, bias, cot)
+      want = value_and_grads(lambda *a: params.layer_norm(*a, 1e-5), x, scale, bias, cot)
+      tol = 1e-4 if dtype == jnp.float32 else 1e-2
+      for name, a, b in zip(("y", "dx", "dscale", "dbias"), got, want):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= tol * (1 + np.abs(b).max()), (shape, name)
+
+
+def test_kernels_lower_to_triton_for_a_gpu():
+  """Pallas lowers the kernels to Triton IR on any machine: a construct Triton lacks (a block that
+  is not a power of two, an unsupported op) fails here, on CPU, not first on a GPU. The forward and
+  backward each become one Triton custom call; XLA compiles them to PTX only on a GPU."""
+  x = jax.ShapeDtypeStruct((8, 256, 768), jnp.bfloat16)
+  scale = jax.ShapeDtypeStruct((768,), jnp.float32)
+  for bias in (None, scale):
+    def loss(x, scale, bias):
+      return jnp.sum(fused_norm.layer_norm(x, scale, bias, 1e-5).astype(jnp.float32))
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, scale, bias).lower(
+        lowering_platforms=("cuda",))
+    assert lowered.as_text().count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 2
