@@ -349,8 +349,9 @@ def parity(model_dir: Path):
 #   lengths  global cuDNN attention with padding as lengths; before: a [B, 1, T, T] mask
 #   blocks   windowed attention block-local from T >= 8w; before: always the full T x T
 # and since session 35:
-#   fused_ln LayerNorm as Triton kernels (`fused_norm`) on the cudnn path; before: `params.layer_norm`
-FEATURES = ("ln", "split", "lengths", "blocks", "fused_ln")
+#   fused_ln  LayerNorm as Triton kernels (`fused_norm`) on the cudnn path; before: `params.layer_norm`
+#   fused_add the residual add before each block's MLP norm inside that kernel; before: an XLA add
+FEATURES = ("ln", "split", "lengths", "blocks", "fused_ln", "fused_add")
 # Changes not (yet) in saejax, for a next GPU run to measure (RESULTS.md "GPU", session 34: the
 # levers left):
 #   rope_lowp   RoPE in the compute dtype (bf16) instead of fp32
@@ -367,11 +368,14 @@ STEP_VARIANTS = {
     "no_split": (("split",), None),
     "no_lengths": (("lengths",), None),
     "no_fused_ln": (("fused_ln",), None),
+    "no_fused_add": (("fused_add",), None),
     # cuBLAS for every matmul instead of XLA's Triton GEMM fusions (casts fused into the GEMM)
     "cublas": ((), {"xla_gpu_enable_triton_gemm": False, "xla_gpu_dot_merger_threshold_mb": 0}),
     # XLA's default DotMerger: GEMMs sharing a weight (the query and document passes) run as one
     # over a concatenation of their inputs
     "dot_merger": ((), {}),
+    # XLA's command buffers (CUDA graphs) off: how much of the step's launch gaps they close
+    "no_cmdbuf": ((), {"xla_gpu_dot_merger_threshold_mb": 0, "xla_gpu_enable_command_buffer": ""}),
     "try_rope_lowp": (("rope_lowp",), None),
     "try_xla_short": (("xla_short",), None),
     "try_ln_wide": (("ln_wide",), None),
@@ -422,6 +426,13 @@ def _xla_when_short(attention):
   return call
 
 
+def _unfused_add(norm):
+  def add_layer_norm(x, residual, scale, bias, eps):
+    s = x + residual
+    return s, norm(s, scale, bias, eps)
+  return add_layer_norm
+
+
 @contextlib.contextmanager
 def model_as(patches: tuple[str, ...]):
   """Trace the step with the listed FEATURES switched back to the code saejax had before session
@@ -434,9 +445,14 @@ def model_as(patches: tuple[str, ...]):
   from saejax.models import modernbert as mb
   saved = (mb.layer_norm, mb.Attention.__call__, mb.GeGLU.__call__, attn._cudnn_padded,
            attn.blocks_pay, mb.apply_rope, mb.attention, mb.fused_norm, fused_norm.TILE,
-           fused_norm.WARPS)
-  if "fused_ln" in patches:  # Norm calls mb.layer_norm (or the old one, with "ln") instead
-    mb.fused_norm = types.SimpleNamespace(layer_norm=lambda *a: mb.layer_norm(*a))
+           fused_norm.WARPS, mb.add_layer_norm)
+  if "ln" in patches:  # the add-and-norm pair's norm too
+    mb.add_layer_norm = _unfused_add(lambda *a: mb.layer_norm(*a))
+  if "fused_ln" in patches or "fused_add" in patches:
+    # Norm calls mb.layer_norm (or the old one, with "ln") instead of the kernels; or the kernel
+    # for the norm and an XLA add before it
+    norm = (lambda *a: mb.layer_norm(*a)) if "fused_ln" in patches else fused_norm.layer_norm
+    mb.fused_norm = types.SimpleNamespace(layer_norm=norm, add_layer_norm=_unfused_add(norm))
   if "ln_wide" in patches:
     fused_norm.TILE, fused_norm.WARPS = 8192, 8
   if "rope_lowp" in patches:
@@ -457,7 +473,7 @@ def model_as(patches: tuple[str, ...]):
   finally:
     (mb.layer_norm, mb.Attention.__call__, mb.GeGLU.__call__, attn._cudnn_padded,
      attn.blocks_pay, mb.apply_rope, mb.attention, mb.fused_norm, fused_norm.TILE,
-     fused_norm.WARPS) = saved
+     fused_norm.WARPS, mb.add_layer_norm) = saved
 
 
 class SaejaxTrain:

@@ -62,6 +62,35 @@ def test_interpreted_kernels_match_xla_layer_norm(shape, dtype, with_bias):
     assert np.abs(a - b).max() <= tol * (1 + np.abs(b).max()), name
 
 
+@pytest.mark.parametrize("shape, dtype, with_bias", [
+    ((3, 5, 768), jnp.bfloat16, False),   # ModernBERT's case: bf16 residual stream, no bias
+    ((1100, 64), jnp.float32, True),      # several backward programs
+    ((37, 100), jnp.float32, False),
+])
+def test_interpreted_add_and_norm_match_xla(shape, dtype, with_bias):
+  """(s, y) = (x + r, norm(x + r)) with cotangents on both outputs: x and r both get
+  d(s) + the norm's gradient, as the separate add and norm give them."""
+  x, scale, bias, cot_y = inputs(shape, dtype, with_bias)
+  r = jax.random.normal(jax.random.key(5), shape).astype(dtype)
+  cot_s = jax.random.normal(jax.random.key(6), shape)
+
+  def run(add_norm):
+    def loss(x, r, scale, bias):
+      s, y = add_norm(x, r, scale, bias)
+      return jnp.sum(s.astype(jnp.float32) * cot_s) + jnp.sum(y.astype(jnp.float32) * cot_y), (s, y)
+    argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+    grads, outs = jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(x, r, scale, bias)
+    return (*outs, *grads)
+
+  got = run(lambda *a: fused_norm.add_layer_norm(*a, 1e-5, interpret=True))
+  want = run(lambda *a: params.add_layer_norm(*a, 1e-5))
+  assert [a.dtype for a in got[:4]] == [dtype] * 4
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  for name, a, b in zip(("s", "y", "dx", "dr", "dscale", "dbias"), got, want):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.abs(a - b).max() <= tol * (1 + np.abs(b).max()), name
+
+
 def test_statistics_are_per_row_and_fp32():
   # A hand-made case: rows [1, 3] and [10, 10 + 2e-3] (eps 0): y = [-1, 1] for both. bf16 could
   # not even hold the second row's spread; the statistics must be fp32.
@@ -94,6 +123,13 @@ _SHARDED_SCRIPT = textwrap.dedent("""
         got = grads(fused, xs, scale, bias)
       err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want))
       print(kind.name, "SHARD_MAPS", text.count("shard_map"), "ERR", err)
+      with jax.set_mesh(mesh):  # the add-and-norm pair: s = x + r, d scale summed over shards
+        got = grads(lambda x, s, b: sum(fused_norm.add_layer_norm(x, x[::-1], s, b, 1e-5,
+                                                                  interpret=True)), xs, scale, bias)
+      want_add = grads(lambda x, s, b: sum(params.add_layer_norm(x, x[::-1], s, b, 1e-5)),
+                       x, scale, bias)
+      print(kind.name, "ADD_ERR", max(float(jnp.max(jnp.abs(a - b)))
+                                      for a, b in zip(got, want_add)))
 """)
 
 
@@ -109,6 +145,8 @@ def test_kernels_run_per_batch_shard_under_a_mesh():
   for _, _, maps, _, err in rows:
     assert int(maps) == 2
     assert float(err) < 1e-4
+  add_errors = [float(line.split()[-1]) for line in run.stdout.splitlines() if "ADD_ERR" in line]
+  assert len(add_errors) == 2 and max(add_errors) < 1e-4
 
 
 def test_compiled_kernels_on_gpu():
@@ -126,6 +164,12 @@ def test_compiled_kernels_on_gpu():
       for name, a, b in zip(("y", "dx", "dscale", "dbias"), got, want):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.abs(a - b).max() <= tol * (1 + np.abs(b).max()), (shape, name)
+      got = value_and_grads(lambda *a: fused_norm.add_layer_norm(x, *a, 1e-5)[1], x, scale, bias,
+                            cot)
+      want = value_and_grads(lambda *a: params.add_layer_norm(x, *a, 1e-5)[1], x, scale, bias, cot)
+      for name, a, b in zip(("y", "dx+dr", "dscale", "dbias"), got, want):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= tol * (1 + np.abs(b).max()), (shape, "add", name)
 
 
 def test_kernels_lower_to_triton_for_a_gpu():
@@ -138,5 +182,11 @@ def test_kernels_lower_to_triton_for_a_gpu():
     def loss(x, scale, bias):
       return jnp.sum(fused_norm.layer_norm(x, scale, bias, 1e-5).astype(jnp.float32))
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, scale, bias).lower(
+        lowering_platforms=("cuda",))
+    assert lowered.as_text().count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 2
+    def add_loss(x, scale, bias):
+      s, y = fused_norm.add_layer_norm(x, x, scale, bias, 1e-5)
+      return jnp.sum(s.astype(jnp.float32)) + jnp.sum(y.astype(jnp.float32))
+    lowered = jax.jit(jax.grad(add_loss, argnums=(0, 1))).trace(x, scale, bias).lower(
         lowering_platforms=("cuda",))
     assert lowered.as_text().count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 2

@@ -53,30 +53,68 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: floa
   return _layer_norm(x, scale, bias, eps, interpret)
 
 
+def add_layer_norm(x: jax.Array, residual: jax.Array, scale: jax.Array, bias: jax.Array | None,
+                   eps: float, *, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """(s, layer_norm(s)) with s = x + residual (rounded to x's dtype), in one pass over the rows.
+
+  A pre-norm block's "x + attn(h)" followed by the norm of the sum: the kernel reads x and the
+  residual once and writes s and y, where an add and a norm would read s back; the backward pass
+  adds s's own gradient to the norm's in the same pass. As `params.add_layer_norm`.
+  """
+  return _add_layer_norm(x, residual, scale, bias, eps, interpret)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _layer_norm(x, scale, bias, eps, interpret):
   return _layer_norm_fwd(x, scale, bias, eps, interpret)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, eps, interpret):
-  params = (scale,) if bias is None else (scale, bias)
-  y, mean, rstd = _per_batch_shard(
-      functools.partial(_forward, eps=eps, interpret=interpret), x, params, 3)
+  y, mean, rstd = _run_forward((x,), scale, bias, eps, interpret)
   return y, (x, mean, rstd, scale, bias)
 
 
 def _layer_norm_bwd(eps, interpret, residuals, g):
-  del eps
   x, mean, rstd, scale, bias = residuals
-  dx, dscale, dbias = _per_batch_shard(
-      functools.partial(_backward, has_bias=bias is not None, interpret=interpret),
-      (x, g, mean, rstd), (scale,), 3)
-  dscale = dscale.sum(0).astype(scale.dtype)
-  dbias = None if bias is None else dbias.sum(0).astype(bias.dtype)
-  return dx, dscale, dbias
+  return _run_backward((x, g, mean, rstd), scale, bias, interpret)
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _add_layer_norm(x, residual, scale, bias, eps, interpret):
+  return _add_layer_norm_fwd(x, residual, scale, bias, eps, interpret)[0]
+
+
+def _add_layer_norm_fwd(x, residual, scale, bias, eps, interpret):
+  s, y, mean, rstd = _run_forward((x, residual), scale, bias, eps, interpret)
+  return (s, y), (s, mean, rstd, scale, bias)
+
+
+def _add_layer_norm_bwd(eps, interpret, residuals, cotangents):
+  s, mean, rstd, scale, bias = residuals
+  g_s, g_y = cotangents
+  d, dscale, dbias = _run_backward((s, g_y, mean, rstd, g_s), scale, bias, interpret)
+  return d, d, dscale, dbias   # s = x + residual: both get d(s)
+
+
+_add_layer_norm.defvjp(_add_layer_norm_fwd, _add_layer_norm_bwd)
+
+
+def _run_forward(sharded, scale, bias, eps, interpret):
+  params = (scale,) if bias is None else (scale, bias)
+  fn = functools.partial(_forward, eps=eps, has_residual=len(sharded) == 2,
+                         has_bias=bias is not None, interpret=interpret)
+  return _per_batch_shard(fn, sharded, params, 2 + len(sharded))
+
+
+def _run_backward(sharded, scale, bias, interpret):
+  fn = functools.partial(_backward, has_residual=len(sharded) == 5, interpret=interpret)
+  dx, dscale, dbias = _per_batch_shard(fn, sharded, (scale,), 3)
+  dscale = dscale.sum(0).astype(scale.dtype)
+  dbias = None if bias is None else dbias.sum(0).astype(bias.dtype)
+  return dx, dscale, dbias
 
 
 def _per_batch_shard(fn, sharded, replicated: tuple, n_out: int):
@@ -106,39 +144,43 @@ def _tiles(d: int) -> tuple[int, int]:
   return width, max(1, TILE // width)
 
 
-def _forward(x, scale, bias=None, *, eps, interpret):
+def _forward(*arrays, eps, has_residual, has_bias, interpret):
+  x = arrays[0]
   shape, d = x.shape, x.shape[-1]
-  rows = x.reshape(-1, d)
-  m = rows.shape[0]
+  m = math.prod(shape[:-1])
   width, block = _tiles(d)
-  out_shape = (jax.ShapeDtypeStruct((m, d), x.dtype), jax.ShapeDtypeStruct((m,), jnp.float32),
-               jax.ShapeDtypeStruct((m,), jnp.float32))
+  rows = (m, d)
+  out_shape = ((jax.ShapeDtypeStruct(rows, x.dtype),) * (2 if has_residual else 1)
+               + (jax.ShapeDtypeStruct((m,), jnp.float32),) * 2)
   kernel = functools.partial(_forward_kernel, eps=eps, width=width, block=block,
-                             has_bias=bias is not None)
-  y, mean, rstd = pl.pallas_call(
+                             has_residual=has_residual, has_bias=has_bias)
+  inputs = [a.reshape(rows) for a in arrays[:1 + has_residual]] + list(arrays[1 + has_residual:])
+  outs = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(pl.cdiv(m, block),), interpret=interpret,
       compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1), name="layer_norm_fwd",
-  )(rows, scale, *(() if bias is None else (bias,)))
-  return y.reshape(shape), mean.reshape(shape[:-1]), rstd.reshape(shape[:-1])
+  )(*inputs)
+  *ys, mean, rstd = outs
+  return (*(y.reshape(shape) for y in ys), mean.reshape(shape[:-1]), rstd.reshape(shape[:-1]))
 
 
-def _backward(x, g, mean, rstd, scale, *, has_bias, interpret):
+def _backward(x, g, mean, rstd, *rest, has_residual, interpret):
+  g_s, scale = rest if has_residual else (None, rest[0])
   shape, d = x.shape, x.shape[-1]
-  rows, g = x.reshape(-1, d), g.reshape(-1, d)
-  m = rows.shape[0]
+  m = math.prod(shape[:-1])
   width, block = _tiles(d)
   steps = max(1, min(STEPS, pl.cdiv(m, block)))
   programs = pl.cdiv(m, block * steps)
   out_shape = (jax.ShapeDtypeStruct((m, d), x.dtype),
                jax.ShapeDtypeStruct((programs * d,), jnp.float32),
                jax.ShapeDtypeStruct((programs * d,), jnp.float32))
-  kernel = functools.partial(_backward_kernel, width=width, block=block, steps=steps)
+  kernel = functools.partial(_backward_kernel, width=width, block=block, steps=steps,
+                             has_residual=has_residual)
+  extra = () if g_s is None else (g_s.reshape(m, d),)
   dx, dscale, dbias = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(programs,), interpret=interpret,
       compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1), name="layer_norm_bwd",
-  )(rows, g, mean.reshape(-1), rstd.reshape(-1), scale)
-  dscale, dbias = dscale.reshape(programs, d), dbias.reshape(programs, d)
-  return dx.reshape(shape), dscale, dbias if has_bias else jnp.zeros_like(dbias)
+  )(x.reshape(m, d), g.reshape(m, d), mean.reshape(-1), rstd.reshape(-1), scale, *extra)
+  return dx.reshape(shape), dscale.reshape(programs, d), dbias.reshape(programs, d)
 
 
 def _tile_index(ref, first_row, block, width):
@@ -150,12 +192,22 @@ def _tile_index(ref, first_row, block, width):
   return rows, cols, row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
 
 
-def _forward_kernel(x_ref, scale_ref, *refs, eps, width, block, has_bias):
-  bias_ref, (y_ref, mean_ref, rstd_ref) = (refs[0], refs[1:]) if has_bias else (None, refs)
+def _forward_kernel(x_ref, *refs, eps, width, block, has_residual, has_bias):
+  refs = list(refs)
+  residual_ref = refs.pop(0) if has_residual else None
+  scale_ref = refs.pop(0)
+  bias_ref = refs.pop(0) if has_bias else None
+  s_ref = refs.pop(0) if has_residual else None
+  y_ref, mean_ref, rstd_ref = refs
   d = x_ref.shape[1]
   rows, cols, row_ok, col_ok, ok = _tile_index(x_ref, pl.program_id(0) * block, block, width)
   at = (rows[:, None], cols[None, :])
-  x = plgpu.load(x_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
+  x = plgpu.load(x_ref.at[at], mask=ok, other=0.0)
+  if has_residual:  # the sum in x's dtype, as `x + residual` outside the kernel rounds it
+    x = (x.astype(jnp.float32) + plgpu.load(residual_ref.at[at], mask=ok, other=0.0
+                                            ).astype(jnp.float32)).astype(x_ref.dtype)
+    plgpu.store(s_ref.at[at], x, mask=ok)
+  x = x.astype(jnp.float32)
   mean = x.sum(1) / d
   centred = jnp.where(ok, x - mean[:, None], 0.0)
   rstd = jax.lax.rsqrt((centred * centred).sum(1) / d + eps)
@@ -168,8 +220,9 @@ def _forward_kernel(x_ref, scale_ref, *refs, eps, width, block, has_bias):
   plgpu.store(rstd_ref.at[rows], rstd, mask=row_ok)
 
 
-def _backward_kernel(x_ref, g_ref, mean_ref, rstd_ref, scale_ref, dx_ref, dscale_ref, dbias_ref, *,
-                     width, block, steps):
+def _backward_kernel(x_ref, g_ref, mean_ref, rstd_ref, scale_ref, *refs, width, block, steps,
+                     has_residual):
+  g_s_ref, (dx_ref, dscale_ref, dbias_ref) = (refs[0], refs[1:]) if has_residual else (None, refs)
   d = x_ref.shape[1]
   program = pl.program_id(0)
   cols = jnp.arange(width)
@@ -185,6 +238,8 @@ def _backward_kernel(x_ref, g_ref, mean_ref, rstd_ref, scale_ref, dx_ref, dscale
     xhat = jnp.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
     gs = g * scale[None, :]
     dx = rstd[:, None] * (gs - (gs.sum(1) / d)[:, None] - xhat * ((gs * xhat).sum(1) / d)[:, None])
+    if has_residual:  # the sum's own gradient, added where `s` fed the rest of the network
+      dx = dx + plgpu.load(g_s_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
     plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=ok)
     return sums[0] + (g * xhat).sum(0), sums[1] + g.sum(0)
 

@@ -33,7 +33,8 @@ from saejax.errors import ConfigError
 from saejax.models import fused_norm
 from saejax.models.architecture import Architecture, TensorMap
 from saejax.models.attention import Backend, attention
-from saejax.models.params import gelu, layer_norm, linear, normal, ones, param, zeros
+from saejax.models.params import (add_layer_norm, gelu, layer_norm, linear, normal, ones, param,
+                                  zeros)
 from saejax.sharding import constrain_batch
 
 LayerType = Literal["full_attention", "sliding_attention"]
@@ -244,6 +245,11 @@ class Norm(nnx.Module):
     norm = fused_norm.layer_norm if self.fused else layer_norm
     return norm(x, self.scale[...], None, self.eps)
 
+  def add(self, x, residual):
+    """(x + residual, its norm): the residual add and this norm in one kernel where fused."""
+    add_norm = fused_norm.add_layer_norm if self.fused else add_layer_norm
+    return add_norm(x, residual, self.scale[...], None, self.eps)
+
 
 class Block(nnx.Module):
   """Pre-norm block: x + attn(attn_norm(x)); x + mlp(mlp_norm(x))."""
@@ -257,8 +263,8 @@ class Block(nnx.Module):
 
   def __call__(self, x, valid):
     h = self.attn_norm(x) if self.attn_norm is not None else x
-    x = x + self.attn(h, valid)
-    return x + self.mlp(self.mlp_norm(x))
+    x, h = self.mlp_norm.add(x, self.attn(h, valid))
+    return x + self.mlp(h)
 
 
 class ModernBert(nnx.Module):

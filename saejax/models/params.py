@@ -83,6 +83,14 @@ def _layer_norm_bwd(eps, residuals, g):
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+def add_layer_norm(x: jax.Array, residual: jax.Array, scale: jax.Array, bias: jax.Array | None,
+                   eps: float) -> tuple[jax.Array, jax.Array]:
+  """(s, layer_norm(s)) with s = x + residual: a pre-norm block's residual add and the norm after
+  it, the form `fused_norm.add_layer_norm` computes in one kernel."""
+  s = x + residual
+  return s, layer_norm(s, scale, bias, eps)
+
+
 def gelu(x: jax.Array) -> jax.Array:
   """Exact GELU as PyTorch computes it, 0.5 x (1 + erf(x / sqrt 2)), in fp32.
 
