@@ -39,11 +39,10 @@ install it with `pip install --target` before the run (see RESULTS.md for the ex
 
     python benchmarks/bench_gpu.py --budget-s 420
 
-Session 34's step comparison (RESULTS.md "GPU", 2026-12-04), about 5 minutes on an H200:
+Session 35's step comparison (RESULTS.md "GPU", 2026-12-04, run 5), about 7 minutes on an H200:
 
-    python3 benchmarks/bench_gpu.py --budget-s 420 --backends cudnn cudnn:old cudnn:no_ln \
-      cudnn:no_split cudnn:no_lengths --profile --torch-compile --skip attention encode parity \
-      variants
+    python3 benchmarks/bench_gpu.py --budget-s 400 --backends cudnn cudnn:no_fused_add \
+      cudnn:no_cmdbuf --profile --torch-compile --skip attention encode parity variants
 
 A CPU smoke run of the script (~2 min on 2 cores): the cuDNN backend needs a GPU, so the step is
 timed with `--backends xla`, and parity's bf16 cuDNN half records an error after its fp32 half:
@@ -343,7 +342,7 @@ def parity(model_dir: Path):
     record("parity_rel_err_vs_torch_fp32", out)
 
 
-# The step's model as saejax had it before session 34, feature by feature, for A/B rows:
+# The step's model as saejax had it before sessions 34 and 35, feature by feature, for A/B rows:
 #   ln       LayerNorm's backward written out (`params._layer_norm_bwd`); before: autodiff
 #   split    Wqkv and Wi as GEMMs on column slices of the weight; before: one GEMM and a split
 #   lengths  global cuDNN attention with padding as lengths; before: a [B, 1, T, T] mask
@@ -352,12 +351,16 @@ def parity(model_dir: Path):
 #   fused_ln  LayerNorm as Triton kernels (`fused_norm`) on the cudnn path; before: `params.layer_norm`
 #   fused_add the residual add before each block's MLP norm inside that kernel; before: an XLA add
 FEATURES = ("ln", "split", "lengths", "blocks", "fused_ln", "fused_add")
-# Changes not (yet) in saejax, for a next GPU run to measure (RESULTS.md "GPU", session 34: the
-# levers left):
-#   rope_lowp   RoPE in the compute dtype (bf16) instead of fp32
-#   xla_short   XLA's attention instead of cuDNN's for sequences of at most 64 tokens (queries)
+# Changes not in saejax, measured as A/B rows and not adopted (RESULTS.md "GPU", session 35):
+#   rope_lowp   RoPE in the compute dtype (bf16) instead of fp32 (-0.4 ms of 78.6, within noise)
+#   xla_short   XLA's attention instead of cuDNN's for sequences of at most 64 tokens (queries) (0)
 #   ln_wide     the LayerNorm kernels on tiles of 8 rows (8,192 elements) with 8 warps, not 4 and 4
-TRIALS = ("rope_lowp", "xla_short", "ln_wide")
+#               (+2.1 ms)
+# and for a next GPU run:
+#   carry       the end-of-block residual add moved into the next norm's kernel: each block hands
+#               (x, mlp output) on and the next attn_norm (or final_norm) adds them (2.4 ms of
+#               standalone adds in run 5); the A/B row is prepared here, off the shipped path
+TRIALS = ("rope_lowp", "xla_short", "ln_wide", "carry")
 # --backends BACKEND:VARIANT -> (FEATURES switched back to the old code or TRIALS switched on, XLA
 # compiler options; None: the options saejax trains with, `step.compiler_options()`, which turn
 # XLA's DotMerger off)
@@ -379,6 +382,7 @@ STEP_VARIANTS = {
     "try_rope_lowp": (("rope_lowp",), None),
     "try_xla_short": (("xla_short",), None),
     "try_ln_wide": (("ln_wide",), None),
+    "try_carry": (("carry",), None),
 }
 
 
@@ -419,6 +423,21 @@ def _rope_lowp(x, cos, sin):
   return x * cos[None, :, None, :].astype(x.dtype) + rotated * sin[None, :, None, :].astype(x.dtype)
 
 
+def _carry_model_call(self, input_ids, valid=None):
+  """ModernBert.__call__ (no remat, no mesh: as this benchmark runs it) with every residual add
+  inside a norm kernel: block i's MLP output is added to x by block i + 1's attn_norm."""
+  x = self.emb_norm(self.tok_embeddings[...][input_ids].astype(self.cfg.dtype))
+  pending = None
+  for block in self.layers:
+    if pending is None:
+      h = block.attn_norm(x) if block.attn_norm is not None else x
+    else:
+      x, h = block.attn_norm.add(x, pending)
+    x, h = block.mlp_norm.add(x, block.attn(h, valid))
+    pending = block.mlp(h)
+  return self.final_norm.add(x, pending)[1]
+
+
 def _xla_when_short(attention):
   def call(q, k, v, *, valid, window=None, backend="xla"):
     short = backend == "cudnn" and q.shape[1] <= 64
@@ -445,7 +464,9 @@ def model_as(patches: tuple[str, ...]):
   from saejax.models import modernbert as mb
   saved = (mb.layer_norm, mb.Attention.__call__, mb.GeGLU.__call__, attn._cudnn_padded,
            attn.blocks_pay, mb.apply_rope, mb.attention, mb.fused_norm, fused_norm.TILE,
-           fused_norm.WARPS, mb.add_layer_norm)
+           fused_norm.WARPS, mb.add_layer_norm, mb.ModernBert.__call__)
+  if "carry" in patches:
+    mb.ModernBert.__call__ = _carry_model_call
   if "ln" in patches:  # the add-and-norm pair's norm too
     mb.add_layer_norm = _unfused_add(lambda *a: mb.layer_norm(*a))
   if "fused_ln" in patches or "fused_add" in patches:
@@ -473,7 +494,7 @@ def model_as(patches: tuple[str, ...]):
   finally:
     (mb.layer_norm, mb.Attention.__call__, mb.GeGLU.__call__, attn._cudnn_padded,
      attn.blocks_pay, mb.apply_rope, mb.attention, mb.fused_norm, fused_norm.TILE,
-     fused_norm.WARPS, mb.add_layer_norm) = saved
+     fused_norm.WARPS, mb.add_layer_norm, mb.ModernBert.__call__) = saved
 
 
 class SaejaxTrain:

@@ -20,6 +20,15 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(os.environ.get("TMPD
                                                        f"saejax-test-xla-cache-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+# fp32 comparisons at fp32 precision wherever the suite runs: a GPU's fp32 matmuls default to TF32
+# (on an H200, 10 tests of test_modernbert/bert/sae/losses missed their 1e-4..1e-5 tolerances by
+# 1e-4..6e-3, RESULTS.md "GPU", session 35). XLA:CPU computes fp32 in full either way. The
+# environment variable carries it to subprocesses; the update covers a jax imported already.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", os.environ["JAX_DEFAULT_MATMUL_PRECISION"])
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 

@@ -23,14 +23,6 @@ from saejax.models import splash
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _full_precision_fp32_matmuls():
-  """fp32 comparisons at fp32 precision also where a GPU runs these tests (its fp32 matmuls
-  default to TF32, ~1e-3); a no-op on CPU."""
-  with jax.default_matmul_precision("highest"):
-    yield
-
-
 def reference_mask(valid: np.ndarray, window: int | None) -> np.ndarray:
   """[B, 1, Tq, Tk] True where the key is a real token inside the query's window."""
   t = valid.shape[1]

@@ -153,23 +153,22 @@ def test_compiled_kernels_on_gpu():
   if jax.default_backend() != "gpu":
     pytest.skip(f"the Triton kernels compile for a GPU; this run's backend is "
                 f"{jax.default_backend()!r} (interpret mode is tested above)")
-  with jax.default_matmul_precision("highest"):
-    for shape, dtype, with_bias in (((4, 256, 768), jnp.bfloat16, False),
-                                    ((4, 256, 768), jnp.float32, True),
-                                    ((3, 37, 100), jnp.float32, True)):
-      x, scale, bias, cot = inputs(shape, dtype, with_bias)
-      got = value_and_grads(lambda *a: fused_norm.layer_norm(*a, 1e-5), x, scale, bias, cot)
-      want = value_and_grads(lambda *a: params.layer_norm(*a, 1e-5), x, scale, bias, cot)
-      tol = 1e-4 if dtype == jnp.float32 else 1e-2
-      for name, a, b in zip(("y", "dx", "dscale", "dbias"), got, want):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        assert np.abs(a - b).max() <= tol * (1 + np.abs(b).max()), (shape, name)
-      got = value_and_grads(lambda *a: fused_norm.add_layer_norm(x, *a, 1e-5)[1], x, scale, bias,
-                            cot)
-      want = value_and_grads(lambda *a: params.add_layer_norm(x, *a, 1e-5)[1], x, scale, bias, cot)
-      for name, a, b in zip(("y", "dx+dr", "dscale", "dbias"), got, want):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        assert np.abs(a - b).max() <= tol * (1 + np.abs(b).max()), (shape, "add", name)
+  for shape, dtype, with_bias in (((4, 256, 768), jnp.bfloat16, False),
+                                  ((4, 256, 768), jnp.float32, True),
+                                  ((3, 37, 100), jnp.float32, True)):
+    x, scale, bias, cot = inputs(shape, dtype, with_bias)
+    got = value_and_grads(lambda *a: fused_norm.layer_norm(*a, 1e-5), x, scale, bias, cot)
+    want = value_and_grads(lambda *a: params.layer_norm(*a, 1e-5), x, scale, bias, cot)
+    tol = 1e-4 if dtype == jnp.float32 else 1e-2
+    for name, a, b in zip(("y", "dx", "dscale", "dbias"), got, want):
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      assert np.abs(a - b).max() <= tol * (1 + np.abs(b).max()), (shape, name)
+    got = value_and_grads(lambda *a: fused_norm.add_layer_norm(x, *a, 1e-5)[1], x, scale, bias,
+                          cot)
+    want = value_and_grads(lambda *a: params.add_layer_norm(x, *a, 1e-5)[1], x, scale, bias, cot)
+    for name, a, b in zip(("y", "dx+dr", "dscale", "dbias"), got, want):
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      assert np.abs(a - b).max() <= tol * (1 + np.abs(b).max()), (shape, "add", name)
 
 
 def test_kernels_lower_to_triton_for_a_gpu():
