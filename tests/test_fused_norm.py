@@ -91,6 +91,21 @@ def test_interpreted_add_and_norm_match_xla(shape, dtype, with_bias):
     assert np.abs(a - b).max() <= tol * (1 + np.abs(b).max()), name
 
 
+def test_gradients_under_remat_match():
+  """ModernBERT recomputes each block in the backward pass (`remat`): the kernels' forward then
+  runs again inside the backward, and the gradients must not change."""
+  x, scale, _, cot = inputs((4, 9, 48), jnp.float32, False)
+
+  def loss(x, scale):
+    s, y = fused_norm.add_layer_norm(x, x * x, scale, None, 1e-5, interpret=True)
+    return jnp.sum(fused_norm.layer_norm(s + y, scale, None, 1e-5, interpret=True) * cot)
+
+  plain = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, scale)
+  remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1)))(x, scale)
+  for a, b in zip(remat, plain):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
 def test_statistics_are_per_row_and_fp32():
   # A hand-made case: rows [1, 3] and [10, 10 + 2e-3] (eps 0): y = [-1, 1] for both. bf16 could
   # not even hold the second row's spread; the statistics must be fp32.

@@ -19,7 +19,8 @@ What each kernel does (rows are the flattened leading axes, D the normalised one
 
 Sharding: a Pallas call cannot be partitioned by XLA (it would gather its inputs onto every device),
 so inside a mesh whose data-parallel axes split the batch, the kernels run in `jax.shard_map` over
-those axes; the partial sums leave the map sharded and XLA's sum over them is the all-reduce.
+those axes; the partial sums leave the map sharded and XLA's sum over them is the all-reduce. Where
+the batch does not divide those axes the call is left whole (correct; XLA gathers its inputs).
 Off a GPU the kernels run in Pallas interpret mode (`interpret=True`), which is how the CPU tests
 check them against `params.layer_norm`.
 """
