@@ -348,7 +348,7 @@ def parity(model_dir: Path):
 #   lengths  global cuDNN attention with padding as lengths; before: a [B, 1, T, T] mask
 #   blocks   windowed attention block-local from T >= 8w; before: always the full T x T
 # and since session 35:
-#   fused_ln  LayerNorm as Triton kernels (`fused_norm`) on the cudnn path; before: `params.layer_norm`
+#   fused_ln  LayerNorm as Triton kernels (`fused_norm`) on the cudnn path; before: params.layer_norm
 #   fused_add the residual add before each block's MLP norm inside that kernel; before: an XLA add
 FEATURES = ("ln", "split", "lengths", "blocks", "fused_ln", "fused_add")
 # Changes not in saejax, measured as A/B rows and not adopted (RESULTS.md "GPU", session 35):

@@ -126,7 +126,8 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     cot = jax.random.normal(jax.random.key(1), x.shape)
 
     def grads(norm, x, scale, bias):
-      return jax.jit(jax.grad(lambda *a: jnp.sum(norm(*a) * cot), argnums=(0, 1, 2)))(x, scale, bias)
+      loss = lambda *a: jnp.sum(norm(*a) * cot)
+      return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, scale, bias)
 
     want = grads(lambda *a: params.layer_norm(*a, 1e-5), x, scale, bias)
     fused = lambda *a: fused_norm.layer_norm(*a, 1e-5, interpret=True)
