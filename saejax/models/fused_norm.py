@@ -10,9 +10,9 @@ writes dx once (backward), whatever layout XLA prefers elsewhere.
 What each kernel does (rows are the flattened leading axes, D the normalised one):
 
   forward   one program per tile of rows (`TILE` elements): load [rows, D] (D padded to a power
-            of two and masked, as Triton requires), mean and the exact two-pass variance in fp32 (PyTorch's
-            semantics, as `params.layer_norm`), y = (x - mean) / std * scale (+ bias); mean and
-            1 / std are kept (fp32, one value per row) for the backward pass.
+            of two and masked, as Triton requires), mean and the exact two-pass variance in fp32
+            (PyTorch's semantics, as `params.layer_norm`), y = (x - mean) / std * scale (+ bias);
+            mean and 1 / std are kept (fp32, one value per row) for the backward pass.
   backward  one program per `STEPS` tiles: dx row by row from the saved statistics,
             dx = rstd (g s - mean(g s) - xhat mean(g s xhat)), and this program's partial sums of
             g xhat (and g) over its rows; XLA adds the partial rows (1,024 for ModernBERT-base at
