@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import AxisType, PartitionSpec as P
 
+from saejax.models import params
 from saejax.sharding import BATCH_AXES
 
 TILE = 4096  # elements of x a program holds at once: rows x padded D (4 rows of ModernBERT's 768)
@@ -52,6 +53,8 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: floa
     eps: added to the variance.
     interpret: run the kernels in Pallas interpret mode (any backend; for tests).
   """
+  if x.size == 0:  # no rows: no program to launch (a Pallas grid of size 0 is an error)
+    return params.layer_norm(x, scale, bias, eps)
   return _layer_norm(x, scale, bias, eps, interpret)
 
 
@@ -63,6 +66,8 @@ def add_layer_norm(x: jax.Array, residual: jax.Array, scale: jax.Array, bias: ja
   residual once and writes s and y, where an add and a norm would read s back; the backward pass
   adds s's own gradient to the norm's in the same pass. As `params.add_layer_norm`.
   """
+  if x.size == 0:
+    return params.add_layer_norm(x, residual, scale, bias, eps)
   return _add_layer_norm(x, residual, scale, bias, eps, interpret)
 
 
