@@ -128,13 +128,14 @@ def _per_batch_shard(fn, sharded, replicated: tuple, n_out: int):
   """fn(*sharded, *replicated), run per shard of the leading axis over the batch mesh axes.
 
   `sharded` is a tuple of arrays whose leading axis is the batch; every output of fn is split the
-  same way (the partial sums' leading axis too). Without a mesh, or where the batch axes are
-  trivial or do not divide the leading axis, fn runs on the whole arrays.
+  same way (the partial sums' leading axis too). Without a mesh, where the batch axes are trivial
+  or do not divide the leading axis, or for a single row [D], fn runs on the whole arrays.
   """
   mesh = jax.sharding.get_abstract_mesh()
   axes = () if mesh.empty else tuple(a for a in BATCH_AXES
                                      if a in mesh.axis_names and mesh.shape[a] > 1)
-  if not axes or sharded[0].shape[0] % math.prod(mesh.shape[a] for a in axes):
+  lead = sharded[0]
+  if not axes or lead.ndim < 2 or lead.shape[0] % math.prod(mesh.shape[a] for a in axes):
     return fn(*sharded, *replicated)
   if AxisType.Explicit in mesh.axis_types:
     sharded = tuple(jax.sharding.reshard(a, P(axes)) for a in sharded)
