@@ -454,8 +454,8 @@ def _unfused_add(norm):
 
 @contextlib.contextmanager
 def model_as(patches: tuple[str, ...]):
-  """Trace the step with the listed FEATURES switched back to the code saejax had before session
-  34, or the listed TRIALS switched on (patched module attributes, restored on exit; the patch
+  """Trace the step with the listed FEATURES switched back to the code saejax had before sessions
+  34 and 35, or the listed TRIALS switched on (patched module attributes, restored on exit; the patch
   lasts while the step is traced)."""
   import types
 
