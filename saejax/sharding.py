@@ -156,10 +156,20 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   on every device. One constraint per block keeps activations batch-sharded (as MaxText does).
   A no-op outside a mesh context (`jax.set_mesh`) or where the batch does not divide.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-    return x
-  axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
-  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+  axes = batch_split(x.shape[0])
+  if not axes:
     return x
   return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
+
+
+def batch_split(rows: int) -> tuple[str, ...]:
+  """The data-parallel axes of the current mesh (`jax.set_mesh`) that split a leading axis of
+  `rows`: those of size > 1. Empty outside a mesh, without the batch axes, or where `rows` does
+  not divide over them."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return ()
+  axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+  if not axes or rows % math.prod(mesh.shape[a] for a in axes):
+    return ()
+  return axes

@@ -36,7 +36,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import AxisType, PartitionSpec as P
 
 from saejax.models import params
-from saejax.sharding import BATCH_AXES
+from saejax.sharding import batch_split
 
 TILE = 4096  # elements of x a program holds at once: rows x padded D (4 rows of ModernBERT's 768)
 STEPS = 8    # row tiles a backward program walks through, so d scale has M / (8 x rows) partials
@@ -131,12 +131,11 @@ def _per_batch_shard(fn, sharded, replicated: tuple, n_out: int):
   same way (the partial sums' leading axis too). Without a mesh, where the batch axes are trivial
   or do not divide the leading axis, or for a single row [D], fn runs on the whole arrays.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  axes = () if mesh.empty else tuple(a for a in BATCH_AXES
-                                     if a in mesh.axis_names and mesh.shape[a] > 1)
   lead = sharded[0]
-  if not axes or lead.ndim < 2 or lead.shape[0] % math.prod(mesh.shape[a] for a in axes):
+  axes = batch_split(lead.shape[0]) if lead.ndim >= 2 else ()
+  if not axes:
     return fn(*sharded, *replicated)
+  mesh = jax.sharding.get_abstract_mesh()
   if AxisType.Explicit in mesh.axis_types:
     sharded = tuple(jax.sharding.reshard(a, P(axes)) for a in sharded)
     replicated = tuple(jax.sharding.reshard(a, P()) for a in replicated)
