@@ -108,6 +108,16 @@ def test_gradients_under_remat_match():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
+def test_mismatched_shapes_are_named():
+  x = jnp.ones((2, 8))
+  with pytest.raises(ValueError, match=r"scale has shape \(4,\), expected \(8,\)"):
+    fused_norm.layer_norm(x, jnp.ones(4), None, 1e-5, interpret=True)
+  with pytest.raises(ValueError, match=r"bias has shape \(9,\)"):
+    fused_norm.layer_norm(x, jnp.ones(8), jnp.ones(9), 1e-5, interpret=True)
+  with pytest.raises(ValueError, match=r"residual has shape \(1, 8\), expected \(2, 8\)"):
+    fused_norm.add_layer_norm(x, jnp.ones((1, 8)), jnp.ones(8), None, 1e-5, interpret=True)
+
+
 def test_statistics_are_per_row_and_fp32():
   # A hand-made case: rows [1, 3] and [10, 10 + 2e-3] (eps 0): y = [-1, 1] for both. bf16 could
   # not even hold the second row's spread; the statistics must be fp32.

@@ -53,6 +53,7 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: floa
     eps: added to the variance.
     interpret: run the kernels in Pallas interpret mode (any backend; for tests).
   """
+  _check_shapes(x, None, scale, bias)
   if x.size == 0:  # no rows: no program to launch (a Pallas grid of size 0 is an error)
     return params.layer_norm(x, scale, bias, eps)
   return _layer_norm(x, scale, bias, eps, interpret)
@@ -66,9 +67,21 @@ def add_layer_norm(x: jax.Array, residual: jax.Array, scale: jax.Array, bias: ja
   residual once and writes s and y, where an add and a norm would read s back; the backward pass
   adds s's own gradient to the norm's in the same pass. As `params.add_layer_norm`.
   """
+  _check_shapes(x, residual, scale, bias)
   if x.size == 0:
     return params.add_layer_norm(x, residual, scale, bias, eps)
   return _add_layer_norm(x, residual, scale, bias, eps, interpret)
+
+
+def _check_shapes(x, residual, scale, bias):
+  # The kernels index scale, bias and the residual by x's row and column: a mismatch would read
+  # past them instead of failing as a broadcast does.
+  d = x.shape[-1] if x.ndim else None
+  for name, a, want in (("scale", scale, (d,)), ("bias", bias, (d,)),
+                        ("residual", residual, x.shape)):
+    if a is not None and a.shape != want:
+      raise ValueError(f"fused_norm: {name} has shape {a.shape}, expected {want} for x of shape "
+                       f"{x.shape}")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
