@@ -350,7 +350,13 @@ def parity(model_dir: Path):
 # and since session 35:
 #   fused_ln  LayerNorm as Triton kernels (`fused_norm`) on the cudnn path; before: params.layer_norm
 #   fused_add the residual add before each block's MLP norm inside that kernel; before: an XLA add
-FEATURES = ("ln", "split", "lengths", "blocks", "fused_ln", "fused_add")
+# and since session 36:
+#   skip_dbias   cuDNN's backward no longer writes the gradient of a mask given as a bias
+#                (`attention._mask_without_gradient`); before: a [B, 1, T, T] dbias per layer
+#   short_window a window covering every pair (the 32-token queries' local layers) is no window:
+#                lengths, no mask; before: an all-True band mask
+FEATURES = ("ln", "split", "lengths", "blocks", "fused_ln", "fused_add", "skip_dbias",
+            "short_window")
 # Changes not in saejax, measured as A/B rows and not adopted (RESULTS.md "GPU", session 35):
 #   rope_lowp   RoPE in the compute dtype (bf16) instead of fp32 (-0.4 ms of 78.6, within noise)
 #   xla_short   XLA's attention instead of cuDNN's for sequences of at most 64 tokens (queries) (0)
@@ -360,7 +366,9 @@ FEATURES = ("ln", "split", "lengths", "blocks", "fused_ln", "fused_add")
 #   carry       the end-of-block residual add moved into the next norm's kernel: each block hands
 #               (x, mlp output) on and the next attn_norm (or final_norm) adds them (2.4 ms of
 #               standalone adds in run 5); the A/B row is prepared here, off the shipped path
-TRIALS = ("rope_lowp", "xla_short", "ln_wide", "carry")
+#   band_lengths windowed cuDNN layers (T < 8w) with padding as lengths and the band alone as a
+#               [1, 1, T, T] mask shared by the batch, not a [B, 1, T, T] one
+TRIALS = ("rope_lowp", "xla_short", "ln_wide", "carry", "band_lengths")
 # --backends BACKEND:VARIANT -> (FEATURES switched back to the old code or TRIALS switched on, XLA
 # compiler options; None: the options saejax trains with, `step.compiler_options()`, which turn
 # XLA's DotMerger off)
@@ -383,6 +391,12 @@ STEP_VARIANTS = {
     "try_xla_short": (("xla_short",), None),
     "try_ln_wide": (("ln_wide",), None),
     "try_carry": (("carry",), None),
+    "try_band_lengths": (("band_lengths",), None),
+    # XLA's Triton GEMMs wherever they apply, so elementwise producers (GeGLU's gelu(h) * gate,
+    # casts) can be fused into the GEMM that reads them instead of being written out first
+    "try_gemm_any": ((), {"xla_gpu_dot_merger_threshold_mb": 0, "xla_gpu_triton_gemm_any": True}),
+    "no_skip_dbias": (("skip_dbias",), None),
+    "no_short_window": (("short_window",), None),
 }
 
 
@@ -445,6 +459,35 @@ def _xla_when_short(attention):
   return call
 
 
+def _mask_short_windows(attention):
+  """Session 35's routing: a window covering every pair still went to cuDNN as a band mask."""
+  from saejax.models import attention as attn
+
+  def call(q, k, v, *, valid, window=None, backend="xla"):
+    if backend == "cudnn" and window is not None and window >= q.shape[1] - 1:
+      return attn._cudnn_attention(q, k, v, attn.window_mask(valid, window))
+    return attention(q, k, v, valid=valid, window=window, backend=backend)
+  return call
+
+
+def _band_with_lengths(attention):
+  """Windowed cuDNN layers below the block threshold: padding as lengths, the band as one
+  [1, 1, T, T] mask (the benchmark's rows are all full, so no prefix check is needed here)."""
+  import jax.numpy as jnp
+
+  from saejax.models import attention as attn
+
+  def call(q, k, v, *, valid, window=None, backend="xla"):
+    t = q.shape[1]
+    if (backend != "cudnn" or window is None or window >= t - 1
+        or attn.blocks_pay(t, window)):
+      return attention(q, k, v, valid=valid, window=window, backend=backend)
+    band = attn.window_mask(jnp.ones((1, t), bool), window)
+    out = attn._cudnn_attention(q, k, v, band, jnp.maximum(valid.sum(-1, dtype=jnp.int32), 1))
+    return jnp.where(valid[:, :, None, None], out, jnp.zeros((), out.dtype))
+  return call
+
+
 def _unfused_add(norm):
   def add_layer_norm(x, residual, scale, bias, eps):
     s = x + residual
@@ -464,7 +507,14 @@ def model_as(patches: tuple[str, ...]):
   from saejax.models import modernbert as mb
   saved = (mb.layer_norm, mb.Attention.__call__, mb.GeGLU.__call__, attn._cudnn_padded,
            attn.blocks_pay, mb.apply_rope, mb.attention, mb.fused_norm, fused_norm.TILE,
-           fused_norm.WARPS, mb.add_layer_norm, mb.ModernBert.__call__)
+           fused_norm.WARPS, mb.add_layer_norm, mb.ModernBert.__call__,
+           attn._mask_without_gradient)
+  if "skip_dbias" in patches:
+    attn._mask_without_gradient = contextlib.nullcontext
+  if "short_window" in patches:
+    mb.attention = _mask_short_windows(mb.attention)
+  if "band_lengths" in patches:
+    mb.attention = _band_with_lengths(mb.attention)
   if "carry" in patches:
     mb.ModernBert.__call__ = _carry_model_call
   if "ln" in patches:  # the add-and-norm pair's norm too
@@ -494,13 +544,14 @@ def model_as(patches: tuple[str, ...]):
   finally:
     (mb.layer_norm, mb.Attention.__call__, mb.GeGLU.__call__, attn._cudnn_padded,
      attn.blocks_pay, mb.apply_rope, mb.attention, mb.fused_norm, fused_norm.TILE,
-     fused_norm.WARPS, mb.add_layer_norm, mb.ModernBert.__call__) = saved
+     fused_norm.WARPS, mb.add_layer_norm, mb.ModernBert.__call__,
+     attn._mask_without_gradient) = saved
 
 
 class SaejaxTrain:
   """The real saejax train step on ModernBERT-base + SAE, bf16 compute, fp32 master weights."""
 
-  def __init__(self, model_dir: Path, backend: str, args):
+  def __init__(self, model_dir: Path, backend: str, args, records: int):
     import jax
     from flax import nnx
 
@@ -513,7 +564,7 @@ class SaejaxTrain:
     enc_cfg, encoder = convert.load_hf(model_dir, head=False, dtype="bfloat16",
                                        attention_backend=backend, **runtime)
     self.d_model = enc_cfg.hidden_size
-    texts = args.records * (2 + args.negatives)
+    texts = records * (2 + args.negatives)
     sae_cfg = sae_lib.SAEConfig(d_model=self.d_model, num_latents=args.latents, k=args.k,
                                 k_aux=512, dead_after_tokens=30 * texts)
     model = Embedder(encoder, sae_lib.SAE(sae_cfg, rngs=nnx.Rngs(0)))
@@ -627,43 +678,57 @@ def train_speed(model_dir: Path, args, budget_end: float):
   import numpy as np
   import torch
   r, n, tq, td = args.records, args.negatives, args.query_len, args.doc_len
-  rng = np.random.default_rng(1)
-  q_ids = rng.integers(5, 50000, size=(r, tq)).astype(np.int32)
-  d_ids = rng.integers(5, 50000, size=(r, 1 + n, td)).astype(np.int32)
-  jbatch = jax.device_put({"q_ids": q_ids, "q_valid": np.ones_like(q_ids, bool),
+
+  def token_ids(records):
+    rng = np.random.default_rng(1)
+    return (rng.integers(5, 50000, size=(records, tq)).astype(np.int32),
+            rng.integers(5, 50000, size=(records, 1 + n, td)).astype(np.int32))
+
+  def jax_batch(q_ids, d_ids):
+    return jax.device_put({"q_ids": q_ids, "q_valid": np.ones_like(q_ids, bool),
                            "d_ids": d_ids, "d_valid": np.ones_like(d_ids, bool)})
+  q_ids, d_ids = token_ids(r)
+  jbatch = jax_batch(q_ids, d_ids)
 
   def feats(x):
     t = torch.tensor(x, dtype=torch.long, device=DEVICE)
     return {"input_ids": t, "attention_mask": torch.ones_like(t)}
   tbatch = [feats(q_ids)] + [feats(d_ids[:, j]) for j in range(1 + n)]
   tokens = q_ids.size + d_ids.size
-  texts = r * (2 + n)
 
   rows = {}
   n_nonembed = None
+
+  def saejax_row(name, backend, variant, batch, records):
+    """Compile and time one saejax step; False if it failed (recorded in its row)."""
+    nonlocal n_nonembed
+    patches, options = STEP_VARIANTS[variant or "new"]
+    try:
+      with model_as(patches):
+        runner = SaejaxTrain(model_dir, backend, args, records)
+        n_nonembed = sum(v for k, v in runner.n_params.items() if "tok_embeddings" not in k)
+        compile_s = runner.compile(batch, options)
+      loss0 = float(runner.step(batch))
+    except Exception as e:  # noqa: BLE001 - keep the other rows
+      rows[name] = {"error": f"{type(e).__name__}: {str(e)[:800]}"}
+      record("train", rows)
+      return None
+    ts = timed(lambda: runner.step(batch), reps=args.steps, warmup=2, sync=jax.block_until_ready)
+    stats = jax.devices()[0].memory_stats() or {}
+    rows[name] = {"step_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts),
+                  "compile_s": compile_s, "first_loss": loss0, "records": records,
+                  "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+    record("train", rows)
+    return runner
+
   for entry in args.backends:
     if time.time() > budget_end - 60 - (150 if args.torch_compile else 0):
       break   # keep the PyTorch rows' time (a compile takes ~2 min)
     backend, _, variant = entry.partition(":")
     name = f"saejax_{backend}" + (f"_{variant}" if variant else "")
-    patches, options = STEP_VARIANTS[variant or "new"]
-    try:
-      with model_as(patches):
-        runner = SaejaxTrain(model_dir, backend, args)
-        n_nonembed = sum(v for k, v in runner.n_params.items() if "tok_embeddings" not in k)
-        compile_s = runner.compile(jbatch, options)
-      loss0 = float(runner.step(jbatch))
-    except Exception as e:  # noqa: BLE001 - keep the other rows
-      rows[name] = {"error": f"{type(e).__name__}: {str(e)[:800]}"}
-      record("train", rows)
+    runner = saejax_row(name, backend, variant, jbatch, r)
+    if runner is None:
       continue
-    ts = timed(lambda: runner.step(jbatch), reps=args.steps, warmup=2, sync=jax.block_until_ready)
-    stats = jax.devices()[0].memory_stats() or {}
-    rows[name] = {"step_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts),
-                  "compile_s": compile_s, "first_loss": loss0,
-                  "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
-    record("train", rows)
     if args.profile and (not variant or variant == "new"):
       import gzip
       OUT.mkdir(parents=True, exist_ok=True)
@@ -683,23 +748,37 @@ def train_speed(model_dir: Path, args, budget_end: float):
     except Exception as e:  # noqa: BLE001 - keep the other rows
       rows[name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
     record("train", rows)
+  # The shipped step at more records per device (the MFU target allows the largest that fits);
+  # no PyTorch rows at these sizes
+  backend = args.backends[0].partition(":")[0]
+  for records in args.sweep_records:
+    name = f"saejax_{backend}_r{records}"
+    if time.time() > budget_end - 45:
+      rows[name] = {"error": "skipped: budget"}
+      break
+    runner = saejax_row(name, backend, "", jax_batch(*token_ids(records)), records)
+    del runner
 
   layers = ARCH["num_hidden_layers"]
   every = ARCH["global_attn_every_n_layers"]
   n_global = len(range(0, layers, every))
-  flops = model_flops(n_nonembed or 110_000_000, layers - n_global, n_global,
-                      ARCH["hidden_size"], ARCH["local_attention"] // 2,
-                      [(tq, r), (td, r * (1 + n))], args.latents, texts)
+
+  def flops(records):
+    return model_flops(n_nonembed or 110_000_000, layers - n_global, n_global,
+                       ARCH["hidden_size"], ARCH["local_attention"] // 2,
+                       [(tq, records), (td, records * (1 + n))], args.latents,
+                       records * (2 + n))
   peak_sheet = 989e12
   peak_meas = RESULTS.get("ceiling", {}).get("bf16_matmul_tflops")
   for name, row in rows.items():
     if "step_ms" not in row:
       continue
     s = row["step_ms"] / 1e3
-    row["tokens_per_s"] = tokens / s
-    row["mfu_datasheet"] = flops / s / peak_sheet
+    records = row.get("records", r)
+    row["tokens_per_s"] = tokens * records / r / s
+    row["mfu_datasheet"] = flops(records) / s / peak_sheet
     if peak_meas:
-      row["mfu_measured_peak"] = flops / s / (peak_meas * 1e12)
+      row["mfu_measured_peak"] = flops(records) / s / (peak_meas * 1e12)
   rows = {k: v for k, v in rows.items() if "step_ms" in v} | {
       k: v for k, v in rows.items() if "step_ms" not in v}
   if "step_ms" in rows.get("torch_st_csr", {}):
@@ -707,7 +786,7 @@ def train_speed(model_dir: Path, args, budget_end: float):
       rows[name]["speedup_vs_torch"] = rows["torch_st_csr"]["step_ms"] / rows[name]["step_ms"]
   record("train", rows)
   record("train_shape", {"records": r, "negatives": n, "query_len": tq, "doc_len": td,
-                         "tokens_per_step": tokens, "model_tflops_per_step": flops / 1e12,
+                         "tokens_per_step": tokens, "model_tflops_per_step": flops(r) / 1e12,
                          "non_embedding_params": n_nonembed, "latents": args.latents, "k": args.k,
                          "remat": args.remat})
 
@@ -831,6 +910,9 @@ def main():
   p.add_argument("--latents", type=int, default=16384)
   p.add_argument("--k", type=int, default=64)
   p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--sweep-records", type=int, nargs="*", default=[],
+                 help="also time the shipped step (the first --backends entry's backend) at "
+                      "these records per step, without PyTorch rows")
   p.add_argument("--backends", nargs="+", default=["cudnn", "xla"],
                  help="attention backends to time the saejax step with (while budget lasts); "
                       "BACKEND:VARIANT picks one of STEP_VARIANTS, e.g. 'cudnn:old', the "

@@ -240,12 +240,14 @@ def test_cudnn_matches_xla():
     pytest.skip(f"cuDNN attention needs a CUDA GPU; this run's backend is {jax.default_backend()!r}")
   # cuDNN fused attention takes fp16/bf16 only: compare against xla on the same rounded inputs.
   # Global layers: right padding as lengths (an all-padding row too). Windowed: block-local (16)
-  # and the full T x T (100), with right and left padding (a mask: any padding).
+  # and the full T x T (100), with right and left padding (a mask: any padding; its backward
+  # without the mask's gradient); a window covering every pair (255) as a global layer.
   q, k, v, valid = make_inputs(7, lengths=(256, 100, 0), t=256, n=4, h=64)
   left = valid[:, ::-1]
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
   weight = jax.random.normal(jax.random.key(8), q.shape)
-  for window, mask in ((None, valid), (16, valid), (100, valid), (16, left), (100, left)):
+  for window, mask in ((None, valid), (16, valid), (100, valid), (16, left), (100, left),
+                       (255, valid)):
     def run(backend, q, k, v, mask=mask, window=window):
       out = attn.attention(q, k, v, valid=mask, window=window, backend=backend)
       return jnp.sum(out.astype(jnp.float32) * weight * mask[:, :, None, None]), out
@@ -285,6 +287,70 @@ def test_cudnn_lengths_path_under_jit_makes_rows_it_cannot_express_nan(monkeypat
   assert np.abs(out[:3] - ref[:3])[good].max() < 1e-5
   assert np.all(out[:3][~good] == 0)
   assert np.all(np.isnan(out[3]))
+
+
+def cudnn_lowering(monkeypatch, fn, *args) -> str:
+  """StableHLO of jit(fn) lowered for CUDA on this (CPU) machine: JAX's cuDNN attention asks the
+  runtime for cuDNN's version and the card's compute capability while lowering, so both are
+  answered here as an H100 with cuDNN 9.10 would."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+  monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(cudnn_fa, "check_compute_capability", lambda capability: True)
+  monkeypatch.setattr(cudnn_fa, "is_cuda_compute_capability_equal", lambda capability: False)
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def backward_results(hlo: str) -> list[int]:
+  """Number of results of each cuDNN attention backward call: dq, dk, dv (+ dbias) + workspace."""
+  calls = [line for line in hlo.splitlines() if "custom_call @__cudnn$fmha" in line
+           and "Backward(" in line]
+  return [int(line.split("=")[0].split(":")[1]) for line in calls]
+
+
+def test_cudnn_backward_writes_no_mask_gradient(monkeypatch):
+  """A windowed layer gives cuDNN its band as a mask (an additive bias to JAX): the backward
+  kernel computes dq, dk, dv and no [B, 1, T, T] bias gradient. JAX's switch is only off while
+  saejax's call is traced; a plain JAX call afterwards still gets the gradient (its own choice)."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+  q, k, v, valid = make_inputs(11, lengths=(64, 40), t=64, n=2, h=64)
+  q = q.astype(jnp.bfloat16)
+
+  def loss(q, window):
+    out = attn.attention(q, q, q, valid=valid, window=window, backend="cudnn")
+    return jnp.sum(out.astype(jnp.float32))
+  for window in (8, None):      # a band mask (no dbias), and lengths (never a bias)
+    hlo = cudnn_lowering(monkeypatch, jax.grad(functools.partial(loss, window=window)), q)
+    assert backward_results(hlo) == [4], (window, backward_results(hlo))
+  assert cudnn_fa.should_export_dbias(None, None, None) is True
+
+  def plain(q):
+    out = jax.nn.dot_product_attention(q, q, q, mask=attn.window_mask(valid, 8),
+                                       implementation="cudnn")
+    return jnp.sum(out.astype(jnp.float32))
+  assert backward_results(cudnn_lowering(monkeypatch, jax.grad(plain), q)) == [5]
+
+
+def test_a_window_covering_every_pair_is_no_window(monkeypatch):
+  """Window >= T - 1 (ModernBERT's local layers on 32-token queries) masks nothing: cuDNN gets
+  lengths and no mask, and the xla backend gives the same numbers as without the window."""
+  q, k, v, valid = make_inputs(12, lengths=(16, 9), t=16, n=2, h=8)
+  seen = []
+
+  def by_lengths(q, k, v, keep=None, lengths=None):
+    seen.append((keep is None, lengths is not None))
+    prefix = jnp.arange(q.shape[1])[None, :] < lengths[:, None]
+    return attn._xla_attention(q, k, v, attn.window_mask(prefix, None))
+
+  monkeypatch.setattr(attn, "_cudnn_attention", by_lengths)
+  for window in (15, 64):
+    attn.attention(q, k, v, valid=valid, window=window, backend="cudnn")
+    assert seen.pop() == (True, True)
+    np.testing.assert_array_equal(attn.attention(q, k, v, valid=valid, window=window),
+                                  attn.attention(q, k, v, valid=valid, window=None))
+  ref = reference_attention(q, k, v, valid, 14)       # one pair short of covering: still a band
+  out = attn.attention(q, k, v, valid=valid, window=14)
+  assert max_error_on_valid_rows(out, ref, valid) < 1e-5
+  assert max_error_on_valid_rows(attn.attention(q, k, v, valid=valid), ref, valid) > 1e-3
 
 
 def test_cudnn_refuses_left_padding_it_cannot_express():

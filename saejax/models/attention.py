@@ -20,7 +20,9 @@ Backends:
                describe right padding only (what `saejax.data` produces): a row of `valid` that
                is not a prefix is an error (eagerly) or NaN (under jit), never a wrong row.
                cuDNN's own sliding window is one-sided (causal models), so ModernBERT's two-sided
-               window goes in as a mask, over blocks where that pays.
+               window goes in as a mask, over blocks where that pays, and its backward writes no
+               mask gradient (`_mask_without_gradient`). A window covering every pair (32-token
+               queries, w = 64) is no window: lengths, no mask.
   * ``splash`` TPU Pallas splash attention with ``LocalMask`` and segment ids for padding
                (runs on CPU only in interpret mode, for tests).
 
@@ -30,6 +32,7 @@ block, so a windowed layer costs about ``3 * window / T`` of a global one instea
 T x T (an 8k-token windowed layer 4.7x faster on an H200).
 """
 
+import contextlib
 from typing import Literal
 
 import jax
@@ -79,6 +82,8 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B T N H"], v: Float[A
     return splash.attention(q, k, v, valid=valid, window=window)
   if backend not in ("xla", "cudnn"):
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+  if window is not None and window >= q.shape[1] - 1:
+    window = None      # the band covers every pair (32-token queries, w = 64): no band to mask
   masked = _xla_attention if backend == "xla" else _cudnn_attention
   if blocks_pay(q.shape[1], window):
     return _local_blocks(q, k, v, valid, window, masked)
@@ -104,9 +109,32 @@ def _cudnn_attention(q, k, v, keep=None, lengths=None):
   dtype = q.dtype
   if dtype == jnp.float32:
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-  out = jax.nn.dot_product_attention(q, k, v, mask=keep, query_seq_lengths=lengths,
-                                     key_value_seq_lengths=lengths, implementation="cudnn")
+  with _mask_without_gradient():
+    out = jax.nn.dot_product_attention(q, k, v, mask=keep, query_seq_lengths=lengths,
+                                       key_value_seq_lengths=lengths, implementation="cudnn")
   return out.astype(dtype)
+
+
+@contextlib.contextmanager
+def _mask_without_gradient():
+  """JAX hands a mask to cuDNN as an additive bias and has the backward kernel write that bias's
+  gradient too: a [B, 1, T, T] array nobody reads (a mask is no parameter). JAX decides it with
+  `should_export_dbias`, read while the call is traced: always True in jax 0.10 and 0.11, while
+  earlier releases skipped dbias for any bias not shaped [1, N, T, S] (so [B, 1, T, T] masks ran
+  without it, the configuration used here). This turns it off for saejax's own calls (the bias
+  cotangent is then zero, which it is); where JAX has no such switch, the call is left as it is.
+  `tests/test_attention.py` checks on the CPU that the backward kernel loses that output, and on a
+  GPU that gradients still match."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # private: see the docstring
+  saved = getattr(cudnn_fa, "should_export_dbias", None)
+  if saved is None:
+    yield
+    return
+  cudnn_fa.should_export_dbias = lambda *_: False
+  try:
+    yield
+  finally:
+    cudnn_fa.should_export_dbias = saved
 
 
 def _cudnn_padded(q, k, v, valid):
