@@ -330,6 +330,26 @@ def test_cudnn_backward_writes_no_mask_gradient(monkeypatch):
   assert backward_results(cudnn_lowering(monkeypatch, jax.grad(plain), q)) == [5]
 
 
+def test_the_mask_gradient_switch_is_this_threads_only():
+  """While saejax traces its cuDNN call, JAX's dbias switch is off for that thread alone: another
+  thread (a user's model with a learnable bias) still gets its bias gradient; afterwards JAX's own
+  function is back."""
+  import threading
+
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+  original = cudnn_fa.should_export_dbias
+  other = []
+  with attn._mask_without_gradient():
+    with attn._mask_without_gradient():       # nested (a block-local layer inside a step)
+      assert cudnn_fa.should_export_dbias(None, None, None) is False
+      thread = threading.Thread(target=lambda: other.append(
+          cudnn_fa.should_export_dbias(None, None, None)))
+      thread.start()
+      thread.join()
+  assert other == [True]
+  assert cudnn_fa.should_export_dbias is original
+
+
 def test_a_window_covering_every_pair_is_no_window(monkeypatch):
   """Window >= T - 1 (ModernBERT's local layers on 32-token queries) masks nothing: cuDNN gets
   lengths and no mask, and the xla backend gives the same numbers as without the window."""

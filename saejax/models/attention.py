@@ -33,6 +33,7 @@ T x T (an 8k-token windowed layer 4.7x faster on an H200).
 """
 
 import contextlib
+import threading
 from typing import Literal
 
 import jax
@@ -124,17 +125,23 @@ def _mask_without_gradient():
   without it, the configuration used here). This turns it off for saejax's own calls (the bias
   cotangent is then zero, which it is); where JAX has no such switch, the call is left as it is.
   `tests/test_attention.py` checks on the CPU that the backward kernel loses that output, and on a
-  GPU that gradients still match."""
+  GPU that gradients still match. The switch is off for this thread only (another thread tracing a
+  cuDNN attention with a learnable bias meanwhile still gets its gradient), and saejax's own calls
+  take turns, so each restores what it found."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # private: see the docstring
-  saved = getattr(cudnn_fa, "should_export_dbias", None)
-  if saved is None:
+  if not hasattr(cudnn_fa, "should_export_dbias"):
     yield
     return
-  cudnn_fa.should_export_dbias = lambda *_: False
-  try:
-    yield
-  finally:
-    cudnn_fa.should_export_dbias = saved
+  with _DBIAS_SWITCH:
+    saved, me = cudnn_fa.should_export_dbias, threading.get_ident()
+    cudnn_fa.should_export_dbias = lambda *a: threading.get_ident() != me and saved(*a)
+    try:
+      yield
+    finally:
+      cudnn_fa.should_export_dbias = saved
+
+
+_DBIAS_SWITCH = threading.RLock()
 
 
 def _cudnn_padded(q, k, v, valid):
