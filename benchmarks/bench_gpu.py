@@ -44,6 +44,14 @@ Session 35's step comparison (RESULTS.md "GPU", 2026-12-04, run 5), about 7 minu
     python3 benchmarks/bench_gpu.py --budget-s 400 --backends cudnn cudnn:no_fused_add \
       cudnn:no_cmdbuf --profile --torch-compile --skip attention encode parity variants
 
+Prepared in session 36 for the next GPU (no device was lent then), about 8 minutes: session 36's
+cuDNN changes against the old code, the trials, and the shipped step at 128 and 256 records:
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD python3 benchmarks/bench_gpu.py \
+      --budget-s 440 --backends cudnn cudnn:try_carry cudnn:no_skip_dbias cudnn:try_band_lengths \
+      cudnn:try_gemm_any --sweep-records 128 256 --profile --torch-compile \
+      --skip attention encode parity variants
+
 A CPU smoke run of the script (~2 min on 2 cores): the cuDNN backend needs a GPU, so the step is
 timed with `--backends xla`, and parity's bf16 cuDNN half records an error after its fp32 half:
 
