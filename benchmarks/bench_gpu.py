@@ -44,13 +44,19 @@ Session 35's step comparison (RESULTS.md "GPU", 2026-12-04, run 5), about 7 minu
     python3 benchmarks/bench_gpu.py --budget-s 400 --backends cudnn cudnn:no_fused_add \
       cudnn:no_cmdbuf --profile --torch-compile --skip attention encode parity variants
 
-Prepared in session 36 for the next GPU (no device was lent then), about 8 minutes: session 36's
+Prepared in session 36 for the next GPU (no device was lent then), about 9 minutes: session 36's
 cuDNN changes against the old code, the trials, and the shipped step at 128 and 256 records:
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD python3 benchmarks/bench_gpu.py \
-      --budget-s 440 --backends cudnn cudnn:try_carry cudnn:no_skip_dbias cudnn:try_band_lengths \
-      cudnn:try_gemm_any --sweep-records 128 256 --profile --torch-compile \
-      --skip attention encode parity variants
+      --budget-s 500 --backends cudnn cudnn:no_skip_dbias cudnn:try_carry cudnn:try_cudnn_gemm \
+      cudnn:try_gemm_any cudnn:try_triton_ws cudnn:try_band_lengths --sweep-records 128 256 \
+      --profile --torch-compile --skip tests attention encode parity variants
+
+then, in a second call, the GPU tests and the fp32 tests on the card (the suite's precision pin,
+`tests/conftest.py`):
+
+    python3 -m pytest -q -p no:cacheprovider -rf tests/test_modernbert.py tests/test_losses.py \
+      tests/test_sae.py tests/test_bert.py tests/test_attention.py tests/test_fused_norm.py
 
 A CPU smoke run of the script (~2 min on 2 cores): the cuDNN backend needs a GPU, so the step is
 timed with `--backends xla`, and parity's bf16 cuDNN half records an error after its fp32 half:
@@ -403,6 +409,14 @@ STEP_VARIANTS = {
     # XLA's Triton GEMMs wherever they apply, so elementwise producers (GeGLU's gelu(h) * gate,
     # casts) can be fused into the GEMM that reads them instead of being written out first
     "try_gemm_any": ((), {"xla_gpu_dot_merger_threshold_mb": 0, "xla_gpu_triton_gemm_any": True}),
+    # cuDNN's GEMM fusions as a third candidate for XLA's GEMM autotuner (level 3: elementwise
+    # prologues and epilogues, what GeGLU and the residual adds would need)
+    "try_cudnn_gemm": ((), {"xla_gpu_dot_merger_threshold_mb": 0,
+                            "xla_gpu_cudnn_gemm_fusion_level": 3}),
+    # XLA's Triton GEMMs with Hopper warp specialisation (its Triton GEMM fusions took 4.8 ms of
+    # run 5's GPU time, the split-K weight gradients among them)
+    "try_triton_ws": ((), {"xla_gpu_dot_merger_threshold_mb": 0,
+                           "xla_gpu_experimental_enable_triton_warp_specialization": True}),
     "no_skip_dbias": (("skip_dbias",), None),
     "no_short_window": (("short_window",), None),
 }
