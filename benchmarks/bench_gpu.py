@@ -804,7 +804,7 @@ def train_speed(model_dir: Path, args, budget_end: float):
   rows = {k: v for k, v in rows.items() if "step_ms" in v} | {
       k: v for k, v in rows.items() if "step_ms" not in v}
   if "step_ms" in rows.get("torch_st_csr", {}):
-    for name in [k for k in rows if "step_ms" in rows[k]]:
+    for name in [k for k in rows if "step_ms" in rows[k] and rows[k].get("records", r) == r]:
       rows[name]["speedup_vs_torch"] = rows["torch_st_csr"]["step_ms"] / rows[name]["step_ms"]
   record("train", rows)
   record("train_shape", {"records": r, "negatives": n, "query_len": tq, "doc_len": td,
