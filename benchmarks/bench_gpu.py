@@ -545,7 +545,8 @@ def model_as(patches: tuple[str, ...]):
     # Norm calls mb.layer_norm (or the old one, with "ln") instead of the kernels; or the kernel
     # for the norm and an XLA add before it
     norm = (lambda *a: mb.layer_norm(*a)) if "fused_ln" in patches else fused_norm.layer_norm
-    mb.fused_norm = types.SimpleNamespace(layer_norm=norm, add_layer_norm=_unfused_add(norm))
+    mb.fused_norm = types.SimpleNamespace(layer_norm=norm, add_layer_norm=_unfused_add(norm),
+                                          wanted=fused_norm.wanted)
   if "ln_wide" in patches:
     fused_norm.TILE, fused_norm.WARPS = 8192, 8
   if "rope_lowp" in patches:

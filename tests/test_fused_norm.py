@@ -217,3 +217,38 @@ def test_kernels_lower_to_triton_for_a_gpu():
     lowered = jax.jit(jax.grad(add_loss, argnums=(0, 1))).trace(x, scale, bias).lower(
         lowering_platforms=("cuda",))
     assert lowered.as_text().count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 2
+
+
+_NO_TRITON_SCRIPT = textwrap.dedent("""
+    import logging, sys
+    sys.modules["jax.experimental.pallas.triton"] = None   # a JAX without Pallas's Triton backend
+    import jax, jax.numpy as jnp
+    from flax import nnx
+    from saejax.models import fused_norm, modernbert, params
+    logging.basicConfig(level=logging.WARNING)
+    cfg = modernbert.ModernBertConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                      layer_types=("full_attention",),
+                                      num_attention_heads=2, attention_backend="cudnn")
+    norms = [modernbert.Norm(cfg, rngs=nnx.Rngs(0)) for _ in range(3)]
+    x = jax.random.normal(jax.random.key(0), (3, 5, 16))
+    y, (s, y2) = norms[0](x), norms[1].add(x, 2 * x)
+    want, want2 = (params.layer_norm(a, n.scale[...], None, cfg.norm_eps)
+                   for a, n in ((x, norms[0]), (3 * x, norms[1])))
+    print("AVAILABLE", fused_norm.available(), "FUSED", [n.fused for n in norms],
+          "ERR", float(jnp.abs(y - want).max()), float(jnp.abs(y2 - want2).max()),
+          float(jnp.abs(s - 3 * x).max()))
+""")
+
+
+def test_a_jax_without_pallas_triton_still_imports_and_norms_without_the_kernels():
+  """JAX 0.11 deprecates Pallas's Triton backend: where it is gone, saejax still imports, the cudnn
+  path's norms are `params.layer_norm` (the same values), and the fallback is logged once."""
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+  run = subprocess.run([sys.executable, "-c", _NO_TRITON_SCRIPT], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  words = next(line for line in run.stdout.splitlines() if line.startswith("AVAILABLE")).split()
+  assert words[1] == "False" and " ".join(words[3:6]) == "[False, False, False]"
+  assert all(float(e) < 1e-6 for e in words[7:])
+  assert run.stderr.count("has no Pallas Triton backend") == 1, run.stderr[-2000:]
+  assert fused_norm.available()          # this suite's JAX has it: the kernels are what it tests

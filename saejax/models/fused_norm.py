@@ -27,13 +27,18 @@ check them against `params.layer_norm`.
 """
 
 import functools
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 from jax.sharding import AxisType, PartitionSpec as P
+
+try:  # deprecated in jax 0.11 in favour of Mosaic GPU: a JAX without it must still import saejax
+  from jax.experimental.pallas import triton as plgpu
+except ImportError:
+  plgpu = None
 
 from saejax.models import params
 from saejax.sharding import batch_split
@@ -41,6 +46,24 @@ from saejax.sharding import batch_split
 TILE = 4096  # elements of x a program holds at once: rows x padded D (4 rows of ModernBERT's 768)
 STEPS = 8    # row tiles a backward program walks through, so d scale has M / (8 x rows) partials
 WARPS = 4    # Triton warps per program
+
+
+def available() -> bool:
+  """Whether this JAX has Pallas's Triton backend, which the kernels are written for. Where it is
+  gone, callers use `params.layer_norm` (the same function in XLA ops, slower on a GPU); `wanted`
+  says so once."""
+  return plgpu is not None
+
+
+@functools.cache
+def wanted() -> bool:
+  """`available()`, logging once when the GPU path has to do without the kernels."""
+  if not available():
+    logging.getLogger(__name__).warning(
+        "jax %s has no Pallas Triton backend (jax.experimental.pallas.triton): LayerNorm runs as "
+        "XLA ops on the cudnn path (same results; RESULTS.md 'GPU' measured ~15 ms more a "
+        "ModernBERT-base step on an H200)", jax.__version__)
+  return available()
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float, *,

@@ -233,13 +233,14 @@ class Norm(nnx.Module):
 
   On the NVIDIA path (attention backend "cudnn") it runs as `fused_norm`'s Triton kernels, the same
   function: XLA's own LayerNorm cost an H200 train step four times its memory traffic (RESULTS.md
-  "GPU", session 35). Elsewhere it is `params.layer_norm`, which XLA:CPU and XLA:TPU fuse well.
+  "GPU", session 35). Elsewhere (and with a JAX that lacks Pallas's Triton backend) it is
+  `params.layer_norm`, which XLA:CPU and XLA:TPU fuse well.
   """
 
   def __init__(self, cfg: ModernBertConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
     self.scale = param(rngs, ones(), (cfg.hidden_size,), (None,), param_dtype)
     self.eps = cfg.norm_eps
-    self.fused = cfg.attention_backend == "cudnn"
+    self.fused = cfg.attention_backend == "cudnn" and fused_norm.wanted()
 
   def __call__(self, x):
     norm = fused_norm.layer_norm if self.fused else layer_norm
