@@ -48,8 +48,9 @@ Prepared in session 36 for the next GPU (no device was lent then), about 9 minut
 cuDNN changes against the old code, the trials, and the shipped step at 128 and 256 records:
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD python3 benchmarks/bench_gpu.py \
-      --budget-s 500 --backends cudnn cudnn:no_skip_dbias cudnn:try_carry cudnn:try_cudnn_gemm \
-      cudnn:try_gemm_any cudnn:try_triton_ws cudnn:try_band_lengths --sweep-records 128 256 \
+      --budget-s 520 --backends cudnn cudnn:no_skip_dbias cudnn:try_carry cudnn:try_cudnn_gemm \
+      cudnn:try_gemm_any cudnn:try_ln_bwd cudnn:try_triton_ws cudnn:try_band_lengths \
+      --sweep-records 128 256 \
       --profile --torch-compile --skip tests attention encode parity variants
 
 then, in a second call, the GPU tests and the fp32 tests on the card (the suite's precision pin,
@@ -382,7 +383,10 @@ FEATURES = ("ln", "split", "lengths", "blocks", "fused_ln", "fused_add", "skip_d
 #               standalone adds in run 5); the A/B row is prepared here, off the shipped path
 #   band_lengths windowed cuDNN layers (T < 8w) with padding as lengths and the band alone as a
 #               [1, 1, T, T] mask shared by the batch, not a [B, 1, T, T] one
-TRIALS = ("rope_lowp", "xla_short", "ln_wide", "carry", "band_lengths")
+#   ln_bwd      the LayerNorm backward kernel with at least 1,024 programs (one tile each for the
+#               query pass, 64 programs of 8 now) and its tile loop pipelined by Triton (3 stages):
+#               run 5's backward kernels moved ~2.1-2.8 TB/s against ~4 for XLA's elementwise ones
+TRIALS = ("rope_lowp", "xla_short", "ln_wide", "carry", "band_lengths", "ln_bwd")
 # --backends BACKEND:VARIANT -> (FEATURES switched back to the old code or TRIALS switched on, XLA
 # compiler options; None: the options saejax trains with, `step.compiler_options()`, which turn
 # XLA's DotMerger off)
@@ -406,6 +410,7 @@ STEP_VARIANTS = {
     "try_ln_wide": (("ln_wide",), None),
     "try_carry": (("carry",), None),
     "try_band_lengths": (("band_lengths",), None),
+    "try_ln_bwd": (("ln_bwd",), None),
     # XLA's Triton GEMMs wherever they apply, so elementwise producers (GeGLU's gelu(h) * gate,
     # casts) can be fused into the GEMM that reads them instead of being written out first
     "try_gemm_any": ((), {"xla_gpu_dot_merger_threshold_mb": 0, "xla_gpu_triton_gemm_any": True}),
@@ -530,7 +535,9 @@ def model_as(patches: tuple[str, ...]):
   saved = (mb.layer_norm, mb.Attention.__call__, mb.GeGLU.__call__, attn._cudnn_padded,
            attn.blocks_pay, mb.apply_rope, mb.attention, mb.fused_norm, fused_norm.TILE,
            fused_norm.WARPS, mb.add_layer_norm, mb.ModernBert.__call__,
-           attn._mask_without_gradient)
+           attn._mask_without_gradient, fused_norm.MIN_PROGRAMS, fused_norm.BWD_STAGES)
+  if "ln_bwd" in patches:
+    fused_norm.MIN_PROGRAMS, fused_norm.BWD_STAGES = 1024, 3
   if "skip_dbias" in patches:
     attn._mask_without_gradient = contextlib.nullcontext
   if "short_window" in patches:
@@ -568,7 +575,7 @@ def model_as(patches: tuple[str, ...]):
     (mb.layer_norm, mb.Attention.__call__, mb.GeGLU.__call__, attn._cudnn_padded,
      attn.blocks_pay, mb.apply_rope, mb.attention, mb.fused_norm, fused_norm.TILE,
      fused_norm.WARPS, mb.add_layer_norm, mb.ModernBert.__call__,
-     attn._mask_without_gradient) = saved
+     attn._mask_without_gradient, fused_norm.MIN_PROGRAMS, fused_norm.BWD_STAGES) = saved
 
 
 class SaejaxTrain:

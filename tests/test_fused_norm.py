@@ -93,6 +93,25 @@ def test_interpreted_add_and_norm_match_xla(shape, dtype, with_bias):
     assert np.abs(a - b).max(initial=0) <= tol * (1 + np.abs(b).max(initial=0)), name
 
 
+def test_backward_spread_over_more_programs_gives_the_same_gradients(monkeypatch):
+  """MIN_PROGRAMS (a tuning knob: fewer tiles per backward program on small batches) changes how
+  many partial sums d scale has, not its value."""
+  x, scale, bias, cot = inputs((1100, 64), jnp.float32, True)
+  want = value_and_grads(lambda *a: params.layer_norm(*a, 1e-5), x, scale, bias, cot)
+  stats = fused_norm._forward(x, scale, bias, eps=1e-5, has_residual=False, has_bias=True,
+                              interpret=True)[1:]
+  partials = []
+  for min_programs in (1, 1024):
+    monkeypatch.setattr(fused_norm, "MIN_PROGRAMS", min_programs)
+    got = value_and_grads(lambda *a: fused_norm.layer_norm(*a, 1e-5, interpret=True),
+                          x, scale, bias, cot)
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    partials.append(fused_norm._backward(x, cot, *stats, scale, has_residual=False,
+                                         interpret=True)[1].shape[0])
+  assert partials == [3, 18]    # 18 tiles of 64 rows: 8 a program, or one each
+
+
 def test_gradients_under_remat_match():
   """ModernBERT recomputes each block in the backward pass (`remat`): the kernels' forward then
   runs again inside the backward, and the gradients must not change."""

@@ -46,6 +46,11 @@ from saejax.sharding import batch_split
 TILE = 4096  # elements of x a program holds at once: rows x padded D (4 rows of ModernBERT's 768)
 STEPS = 8    # row tiles a backward program walks through, so d scale has M / (8 x rows) partials
 WARPS = 4    # Triton warps per program
+# Backward tuning measured only as a trial so far (bench_gpu.py `try_ln_bwd`): fewer tiles per
+# program while that leaves under MIN_PROGRAMS programs (the 2,048-row query pass runs 64 programs
+# of 8 tiles on a 132-SM card), and Triton's software pipelining of the tile loop's loads.
+MIN_PROGRAMS = 1
+BWD_STAGES = 1
 
 
 def available() -> bool:
@@ -210,7 +215,8 @@ def _backward(x, g, mean, rstd, *rest, has_residual, interpret):
   shape, d = x.shape, x.shape[-1]
   m = math.prod(shape[:-1])
   width, block = _tiles(d)
-  steps = max(1, min(STEPS, pl.cdiv(m, block)))
+  tiles = pl.cdiv(m, block)
+  steps = max(1, min(STEPS, tiles // MIN_PROGRAMS))
   programs = pl.cdiv(m, block * steps)
   out_shape = (jax.ShapeDtypeStruct((m, d), x.dtype),
                jax.ShapeDtypeStruct((programs * d,), jnp.float32),
@@ -220,7 +226,8 @@ def _backward(x, g, mean, rstd, *rest, has_residual, interpret):
   extra = () if g_s is None else (g_s.reshape(m, d),)
   dx, dscale, dbias = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(programs,), interpret=interpret,
-      compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1), name="layer_norm_bwd",
+      compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=BWD_STAGES),
+      name="layer_norm_bwd",
   )(x.reshape(m, d), g.reshape(m, d), mean.reshape(-1), rstd.reshape(-1), scale, *extra)
   return dx.reshape(shape), dscale.reshape(programs, d), dbias.reshape(programs, d)
 
