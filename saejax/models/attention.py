@@ -128,7 +128,10 @@ def _mask_without_gradient():
   GPU that gradients still match. The switch is off for this thread only (another thread tracing a
   cuDNN attention with a learnable bias meanwhile still gets its gradient), and saejax's own calls
   take turns, so each restores what it found."""
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # private: see the docstring
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # private: see the docstring
+  except ImportError:
+    cudnn_fa = None
   if not hasattr(cudnn_fa, "should_export_dbias"):
     yield
     return
