@@ -96,6 +96,51 @@ def test_filters_see_every_document():
   assert (ids[0, 2:] == -1).all()
 
 
+@pytest.mark.parametrize("idf_power", [0.5, 1.0])
+def test_suppress_holds_on_an_idf_weighted_index(idf_power):
+  """On an idf-weighted index a document whose strongest latent (as the index weighs it) is j
+  drops out at strength 1, as on a plain one; a common latent's suppression is not weakened by its
+  small idf. Reference: the idf weighting written out in NumPy."""
+  rng = np.random.default_rng(3)
+  k = 8
+  p = 1.0 / np.arange(1, S + 1) ** 1.5  # head-heavy: idf weights spread over ~0.1 to ~2-4
+  indices = np.stack([rng.choice(S, k, replace=False, p=p / p.sum()) for _ in range(N)])
+  values = (rng.random((N, k)) + 0.1).astype(np.float32)
+  index = SparseIndex.build(values, indices, S, idf_power=idf_power)
+  searcher = steer.SteeredSearch(index, steer.DocActivations(values, indices, S))
+  df = np.bincount(indices.ravel(), minlength=S)
+  w = np.log((N + 1) / (df + 0.5)) ** idf_power
+  weighted = values * w[indices]
+  strongest = indices[np.arange(N), weighted.argmax(1)]
+  q_v, q_i = _queries(40, seed=4)
+  counts = np.bincount(strongest, minlength=S)
+  candidates = np.flatnonzero(counts >= 3)
+  common = candidates[np.argsort(w[candidates])[:2]]  # the smallest idf among them
+  assert w[common].max() < 1 < np.median(w)
+  for j in (*common, counts.argmax()):
+    scores, ids = searcher.search(q_v, q_i, N, steer.Steering.by_id(suppress=[j], strength=1.0))
+    returned = ids[ids >= 0]
+    assert not np.isin(returned, np.flatnonzero(strongest == j)).any(), j
+    # ... while a weaker suppression keeps some of them (the test can tell strengths apart).
+    _, mild = searcher.search(q_v, q_i, N, steer.Steering.by_id(suppress=[j], strength=0.3))
+    assert np.isin(mild[mild >= 0], np.flatnonzero(strongest == j)).any(), j
+
+
+def test_steer_query_with_latent_weights_by_hand():
+  q_v, q_i = np.array([[2.0, 1.0]]), np.array([[3, 5]])
+  w = np.ones(S)
+  w[3], w[5], w[7] = 0.5, 2.0, 4.0
+  v, i = steer.steer_query(q_v, q_i, steer.Steering.by_id(suppress=[3], boost=[7], strength=0.5),
+                           S, w)
+  # scale = 2 * 0.5 + 1 * 2 = 3 as weighted; boost 7 -> 0.5 * 3 / 4; suppress 3 -> -0.5 * 3 / 0.5.
+  np.testing.assert_array_equal(i, [[3, 5, 7, 3]])
+  np.testing.assert_allclose(v, [[0.0, 1.0, 0.375, -3.0]])
+  with pytest.raises(steer.DataError, match="latent_weights"):
+    steer.steer_query(q_v, q_i, steer.Steering.by_id(boost=[7]), S, np.zeros(S))
+  with pytest.raises(steer.DataError, match=r"indices must be integers in \[0, 32\)"):
+    steer.steer_query(q_v, np.array([[3, 40]]), steer.Steering.by_id(boost=[7]), S)
+
+
 LABELS = LatentLabels(
     {0: LatentLabel(0, "audio sound mixer", ("audio", "sound", "mixer"), (3.0, 2.0, 1.0), 0.3),
      1: LatentLabel(1, "license gpl copyright", ("license", "gpl", "copyright"), (3, 2, 1), 0.2),

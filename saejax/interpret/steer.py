@@ -10,6 +10,13 @@ dot product of codes, so concept-level control is arithmetic on the query plus a
   activation a_j loses ``strength * scale * a_j``; since a score is at most ``scale`` times the
   document's largest activation, a document whose strongest latent is j drops out entirely at
   strength 1. Soft: a document that activates j only weakly can stay.
+
+An idf-weighted index (`SparseIndex.build(..., idf_power=a)`, as saejax searches) scores codes whose
+latents it has weighted, queries and documents alike; steering then acts in that space, where the
+scores are: ``scale`` is the sum of the query's weighted positive weights and a steered latent's
+weight is divided by its own idf weight before the index weighs it again, so the two statements
+above hold for the activations as the index weighs them. `SteeredSearch` reads the weights from
+the index (``latent_weights``); unweighted, the two spaces are the same.
 * ``exclude`` j: drop j from the query and remove every result whose activation of j exceeds
   ``threshold`` (hard post-filter).
 * ``only`` j: boost j and keep only results whose activation of j exceeds ``threshold``.
@@ -53,7 +60,9 @@ class SteerError(ConfigError):
 
 
 class SearchIndex(Protocol):
-  """What steering needs from an index (`saejax.retrieval.index.SparseIndex` has it)."""
+  """What steering needs from an index (`saejax.retrieval.index.SparseIndex` has it). An index
+  that weighs query latents before scoring also exposes them as ``latent_weights`` [S] (None or
+  absent: it scores the codes as given)."""
 
   def search(self, q_values: np.ndarray, q_indices: np.ndarray,
              top_k: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -185,13 +194,16 @@ def parse_steering(text: str, labels: labels_lib.LatentLabels | None, num_latent
 # The query transform and the post-filter
 
 def steer_query(q_values: Float[np.ndarray, "Q R"], q_indices: Int[np.ndarray, "Q R"],
-                steering: Steering, num_latents: int
+                steering: Steering, num_latents: int,
+                latent_weights: Float[np.ndarray, "S"] | None = None
                 ) -> tuple[Float[np.ndarray, "Q R2"], Int[np.ndarray, "Q R2"]]:
   """Apply the boost / suppress / exclude / only operations to query codes.
 
   Returns codes with one extra column per steered latent (a latent appearing twice in a row has
   its weights summed by every index); the original columns of suppressed and excluded latents are
-  zeroed.
+  zeroed. ``latent_weights`` [S]: the per-latent weights the index will multiply the query by
+  (an idf-weighted index's ``latent_weights``); the steering weights are set so that they hold
+  after that weighting (module docstring). None: an unweighted index.
   """
   q_values = np.asarray(q_values, np.float32)
   q_indices = np.asarray(q_indices)
@@ -199,7 +211,19 @@ def steer_query(q_values: Float[np.ndarray, "Q R"], q_indices: Int[np.ndarray, "
     raise DataError(f"query codes must be values [Q, R] and indices [Q, R]; got "
                     f"{q_values.shape} and {q_indices.shape}")
   steering.check(num_latents)
-  scale = np.clip(q_values, 0, None).sum(axis=1)  # [Q]
+  if q_indices.size and not (np.issubdtype(q_indices.dtype, np.integer)
+                             and 0 <= q_indices.min() and q_indices.max() < num_latents):
+    raise DataError(f"query code indices must be integers in [0, {num_latents}); got dtype "
+                    f"{q_indices.dtype}, range [{q_indices.min()}, {q_indices.max()}]")
+  if latent_weights is None:
+    latent_weights = np.ones(num_latents, np.float32)
+  latent_weights = np.asarray(latent_weights, np.float64)
+  if latent_weights.shape != (num_latents,) or not (latent_weights > 0).all():
+    raise DataError(f"latent_weights must be [{num_latents}] positive weights (the index's), got "
+                    f"shape {latent_weights.shape}")
+  # The query's positive mass as the index weighs it (the index's per-query rescale to the
+  # original norm multiplies every column alike, so it moves no ranking and no sign).
+  scale = (np.clip(q_values, 0, None) * latent_weights[q_indices]).sum(axis=1)  # [Q]
   # Net effect per latent, in order: later operations override earlier ones on the same latent.
   final: dict[int, tuple[str, float]] = {}
   for op in steering.ops:
@@ -211,7 +235,7 @@ def steer_query(q_values: Float[np.ndarray, "Q R"], q_indices: Int[np.ndarray, "
     if kind in ("suppress", "exclude"):
       values[q_indices == j] = 0.0
     weight = {"boost": strength, "only": strength, "suppress": -strength, "exclude": 0.0}[kind]
-    extra_v.append(weight * scale)
+    extra_v.append(weight * scale / latent_weights[j])
     extra_i.append(np.full(q_values.shape[0], j, q_indices.dtype))
   if not extra_v:
     return values, q_indices.copy()
@@ -291,7 +315,8 @@ class SteeredSearch:
              top_k: int = 10, steering: Steering = Steering()
              ) -> tuple[Float[np.ndarray, "Q top_k"], Int[np.ndarray, "Q top_k"]]:
     """Top ``top_k`` (scores, doc ids) of each query under ``steering``."""
-    values, indices = steer_query(q_values, q_indices, steering, self.num_latents)
+    values, indices = steer_query(q_values, q_indices, steering, self.num_latents,
+                                  getattr(self.index, "latent_weights", None))
     if not steering.filters:
       return self.index.search(values, indices, top_k)
     if self.docs is None:
