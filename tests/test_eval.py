@@ -20,7 +20,7 @@ from saejax.data import pipeline as data
 from saejax.data.beir import BeirData, load_beir
 from saejax.data.tokenizer import load_tokenizer
 from saejax.errors import CheckpointError, ConfigError, DataError
-from saejax.eval import __main__ as cli, harness
+from saejax.eval import __main__ as cli, harness, quickeval
 from saejax.hub import build, checkpoint, convert, trained
 from saejax.hub.state import OptimConfig, init_state, make_optimizer
 from saejax.models import bert
@@ -204,7 +204,6 @@ def test_sparse_system_latent_health_and_k_sweep(beir):
 
 
 def test_query_k_sweep_searches_the_same_index_with_denser_queries(beir):
-  from saejax.eval import quickeval  # noqa: PLC0415
   from saejax.retrieval.index import sparse_matrix  # noqa: PLC0415
   model = _tiny_model()
   tok = load_tokenizer(MINILM, vocab_size=30522)
@@ -398,6 +397,14 @@ def test_random_topk_baseline_size_follows_the_model_or_the_flag(runs, dense_dir
   assert floor("--model", str(runs["sparse"]), "--random-latents", "96") == (96, 8)
   with pytest.raises(ConfigError, match=r"--random-latents=-3 must be >= 1"):
     floor("--random-latents", "-3")
+
+
+@pytest.mark.parametrize("power", [-1.0, float("nan"), True])
+def test_bad_idf_power_is_refused_before_any_encoding(power):
+  with pytest.raises(ConfigError, match=r"idf_power=.* must be a finite number >= 0"):
+    harness.HarnessConfig(idf_power=power)
+  with pytest.raises(ConfigError, match=r"idf_power=.* must be a finite number >= 0"):
+    quickeval.EvalConfig(beir_dir="unused", idf_power=power)
 
 
 def _eval_cli(*args: str) -> subprocess.CompletedProcess:

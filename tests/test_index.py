@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 from saejax.errors import CheckpointError, ConfigError, DataError
 from saejax.retrieval import index as index_module, index_kernels
 from saejax.retrieval.index import (IndexArraysError, SeismicAdapter, SparseIndex, recall,
-                                    weigh_codes)
+                                    sparse_matrix, weigh_codes)
 from idf_reference import idf_weighted  # tests/ is on sys.path (pytest rootdir-relative import)
 
 
@@ -156,6 +156,13 @@ def test_empty_index_and_no_queries():
   assert ids.shape == (2, 3) and (ids == -1).all()
   scores, ids = index.search(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32))
   assert scores.shape == (0, 10) and ids.shape == (0, 10)
+  # Codes of width 0 (every document empty, e.g. read from a file of empty vectors): no postings.
+  for n in (0, 5):
+    empty = np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int32)
+    index = SparseIndex.build(*empty, 10)
+    assert (index.num_docs, index.nnz) == (n, 0)
+    assert (index.search(np.ones((1, 1), np.float32), np.array([[1]]), top_k=3)[1] == -1).all()
+    assert sparse_matrix(*empty, 10).shape == (n, 10)
 
 
 @pytest.mark.parametrize("make, match", [
@@ -434,6 +441,25 @@ def test_save_load_round_trip(corpus, tmp_path, dtype):
   SparseIndex.build(values[:10], indices[:10], 300).save(path, overwrite=True)
   assert SparseIndex.load(path).num_docs == 10
   assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+def test_overwrite_replaces_only_an_index(tmp_path):
+  """overwrite=True never deletes a directory that is not an index, nor a file; an empty
+  directory is fine; nothing is left behind either way."""
+  index = SparseIndex.build(np.ones((3, 2), np.float32), np.array([[0, 1], [1, 2], [2, 3]]), 4)
+  work = tmp_path / "work"
+  (work / "checkpoints").mkdir(parents=True)
+  (work / "precious.txt").write_text("keep me")
+  afile = tmp_path / "notes.txt"
+  afile.write_text("keep me too")
+  for target, what in ((work, "holds no saejax index"), (afile, "not a directory")):
+    with pytest.raises(CheckpointError, match=what):
+      index.save(target, overwrite=True)
+  assert (work / "precious.txt").read_text() == "keep me" and (work / "checkpoints").is_dir()
+  assert afile.read_text() == "keep me too"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "work"]
+  (tmp_path / "empty").mkdir()
+  assert SparseIndex.load(index.save(tmp_path / "empty", overwrite=True)).num_docs == 3
 
 
 def test_constructor_checks_the_arrays():

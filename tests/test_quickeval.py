@@ -16,7 +16,7 @@ from saejax.errors import ConfigError, DataError
 from saejax.eval import quickeval
 from saejax.hub import convert
 from saejax.models import bert
-from saejax.retrieval.index import sparse_matrix
+from saejax.retrieval.index import SparseIndex, sparse_matrix
 from saejax.sae import topk as sae_lib
 from saejax.sae.embedder import Embedder
 
@@ -102,6 +102,25 @@ def test_search_is_exact():
   cos = (q_dense / np.linalg.norm(q_dense, axis=1, keepdims=True)) @ (
       d_dense / np.linalg.norm(d_dense, axis=1, keepdims=True)).T
   np.testing.assert_array_equal(docs, np.argsort(-cos, axis=1, kind="stable")[:, :5])
+
+
+def test_ties_go_to_lower_doc_id_as_in_the_index():
+  """Duplicate documents tie exactly: every search keeps the lowest ids among the tied, as
+  `SparseIndex` does, also where the tie straddles the cut at ``depth``."""
+  rng = np.random.default_rng(1)
+  s = 16
+  values = np.tile(rng.random((1, 4)).astype(np.float32), (300, 1))
+  indices = np.tile(rng.permutation(s)[:4], (300, 1))
+  values[[3, 150]] *= 2  # two documents above the 298 tied ones
+  d = sparse_matrix(values, indices, s)
+  q = sparse_matrix(values[:2], indices[:2], s)
+  want = np.array([[3, 150, 0, 1, 2, 4, 5]] * 2)
+  docs, _ = quickeval.search_sparse(q, d, depth=7)
+  np.testing.assert_array_equal(docs, want)
+  docs, _ = quickeval.search_dense(q.toarray(), d.toarray(), depth=7)
+  np.testing.assert_array_equal(docs, [np.arange(7)] * 2)  # cosine: all 300 tie
+  _, index_ids = SparseIndex.build(values, indices, s).search(values[:2], indices[:2], 7)
+  np.testing.assert_array_equal(index_ids, want)
 
 
 def _numpy_codes(model: Embedder, texts, max_len: int, k: int) -> np.ndarray:

@@ -84,7 +84,7 @@ from saejax.eval.quickeval import RUN_DEPTH
 from saejax.hub import convert, trained
 from saejax.retrieval.encode import (DenseEmbeddings, EncodeConfig, SparseCodes, codes_of,
                                      encode_dense)
-from saejax.retrieval.index import IDF_POWER, SparseIndex
+from saejax.retrieval.index import IDF_POWER, SparseIndex, check_idf_power
 from saejax.sae.embedder import Embedder
 from saejax.sae.topk import SAE, SAEConfig
 
@@ -141,6 +141,7 @@ class HarnessConfig:
       raise ConfigError(f"HarnessConfig.depth={self.depth!r} must be an int >= 1")
     if not 0 < self.hot_frequency <= 1:
       raise ConfigError(f"HarnessConfig.hot_frequency={self.hot_frequency!r} must lie in (0, 1]")
+    check_idf_power(self.idf_power)  # here, not after the whole corpus is encoded
     self.encode_config(self.max_query_len)  # EncodeConfig checks lengths and batch size
     self.encode_config(self.max_doc_len)
 

@@ -51,7 +51,7 @@ from saejax.data.beir import BeirData, Qrels, load_beir
 from saejax.errors import ConfigError
 from saejax.hub import convert, trained
 from saejax.retrieval.encode import EncodeConfig, encode_dense, encode_sparse
-from saejax.retrieval.index import IDF_POWER, SparseIndex
+from saejax.retrieval.index import IDF_POWER, SparseIndex, check_idf_power
 from saejax.sae import topk as sae_lib
 from saejax.sae.embedder import Embedder
 
@@ -104,6 +104,7 @@ class EvalConfig:
     for name in ("max_docs", "k_query", "k_doc"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
         raise ConfigError(f"eval.{name}={getattr(self, name)!r} must be an int >= 0")
+    check_idf_power(self.idf_power)  # here, not after the corpus is encoded
 
   def encode_config(self, max_len: int) -> EncodeConfig:
     return EncodeConfig(max_len=max_len, batch_size=self.batch_size, progress=self.progress)
@@ -113,12 +114,19 @@ class EvalConfig:
 # Scoring
 
 def _top(scores: Float[np.ndarray, "Q N"], depth: int) -> tuple[np.ndarray, np.ndarray]:
-  """Per row, the ``depth`` highest scores and their columns, best first."""
+  """Per row, the ``depth`` highest scores and their columns, best first, ties by lower column
+  (the index's rule, `saejax.retrieval.index`): of the columns tied with the depth-th score, the
+  lowest are kept (a partition alone keeps arbitrary ones, and duplicate documents tie exactly)."""
   depth = min(depth, scores.shape[1])
-  part = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
-  part_scores = np.take_along_axis(scores, part, 1)
-  order = np.argsort(-part_scores, axis=1, kind="stable")
-  return np.take_along_axis(part, order, 1), np.take_along_axis(part_scores, order, 1)
+  if depth == 0:
+    return np.zeros((len(scores), 0), np.int64), np.zeros((len(scores), 0), scores.dtype)
+  kth = -np.partition(-scores, depth - 1, axis=1)[:, depth - 1:depth]  # [Q, 1]
+  above, tied = scores > kth, scores == kth
+  keep = above | (tied & (np.cumsum(tied, axis=1) <= depth - above.sum(1, keepdims=True)))
+  cols = np.nonzero(keep)[1].reshape(len(scores), depth)  # ascending within each row
+  top = np.take_along_axis(scores, cols, 1)
+  order = np.argsort(-top, axis=1, kind="stable")
+  return np.take_along_axis(cols, order, 1), np.take_along_axis(top, order, 1)
 
 
 def _search(score_block, num_queries: int, num_docs: int,

@@ -44,7 +44,7 @@ import numpy as np
 from jaxtyping import Float, Int
 
 from saejax.errors import ConfigError, DataError
-from saejax.retrieval.index import (_check_codes, _check_doc_ids, _check_idf_power, _check_top_k,
+from saejax.retrieval.index import (_check_codes, _check_doc_ids, check_idf_power, _check_top_k,
                                     _sum_duplicates, latent_idf, sparse_matrix,
                                     weigh_codes)
 
@@ -99,7 +99,7 @@ class MilvusIndex:
       ConfigError: pymilvus is missing, the collection exists and `overwrite` is False, or a bad
         idf_power.
     """
-    _check_idf_power(idf_power)
+    check_idf_power(idf_power)
     values, indices = _check_codes(values, indices, int(num_latents), "document")
     client = _client(uri)
     if client.has_collection(collection):

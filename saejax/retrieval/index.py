@@ -98,7 +98,7 @@ def sparse_matrix(values: Float[np.ndarray, "N K"], indices: Int[np.ndarray, "N 
   # Copies: scipy compacts the index array in place when it drops zeros, and a reshape is a view
   # of the caller's array.
   m = sp.csr_matrix((values.reshape(-1).astype(np.float32), indices.reshape(-1).copy(),
-                     np.arange(0, n * k + 1, k)), shape=(n, num_latents))
+                     np.arange(n + 1, dtype=np.int64) * k), shape=(n, num_latents))
   m.sum_duplicates()
   m.eliminate_zeros()
   return m
@@ -137,7 +137,7 @@ class SparseIndex:
     if not isinstance(dense_fraction, (int, float)) or not dense_fraction > 0:
       raise ConfigError(f"dense_fraction={dense_fraction!r} must be > 0 (above 1: no dense "
                         f"columns)")
-    _check_idf_power(idf_power)
+    check_idf_power(idf_power)
     _check_arrays(offsets, docs, weights, doc_ids)
     # Read-only views: the kernels' safety rests on the checks above staying true.
     self.offsets, self.docs, self.weights, self.doc_ids = (
@@ -196,7 +196,7 @@ class SparseIndex:
       raise ConfigError(f"num_latents={num_latents!r} must be a positive int")
     if dtype not in ("float32", "float16"):
       raise ConfigError(f"dtype={dtype!r} must be 'float32' or 'float16'")
-    _check_idf_power(idf_power)
+    check_idf_power(idf_power)
     values, indices = _check_codes(values, indices, int(num_latents), "document")
     n = values.shape[0]
     if n >= 2**31:
@@ -205,8 +205,8 @@ class SparseIndex:
     order = np.argsort(doc_ids, kind="stable")  # rows in doc id order: ties go to lower doc ids
     values, indices, doc_ids = values[order], indices[order], doc_ids[order]
     k = values.shape[1]
-    csr = sp.csr_matrix((values.reshape(-1), indices.reshape(-1), np.arange(0, n * k + 1, k)),
-                        shape=(n, int(num_latents)))
+    csr = sp.csr_matrix((values.reshape(-1), indices.reshape(-1),
+                         np.arange(n + 1, dtype=np.int64) * k), shape=(n, int(num_latents)))
     csr.sum_duplicates()
     csr.eliminate_zeros()
     if idf_power:
@@ -400,11 +400,17 @@ class SparseIndex:
     index is replaced (moved aside, the new one renamed in, the old one deleted).
 
     Raises:
-      CheckpointError: ``path`` exists and ``overwrite`` is False.
+      CheckpointError: ``path`` exists and ``overwrite`` is False, or ``path`` is something
+        other than a saejax index or an empty directory (``overwrite`` never deletes those).
     """
     path = Path(path)
     if path.exists() and not overwrite:
       raise CheckpointError(f"{path} already exists; pass overwrite=True to replace it")
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir())
+                                                 or _is_index_dir(path))):
+      what = "a directory that holds no saejax index" if path.is_dir() else "not a directory"
+      raise CheckpointError(f"{path} is {what}; overwrite=True replaces only a saejax index (or "
+                            f"an empty directory), so nothing was written: choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
@@ -560,7 +566,8 @@ def weigh_codes(values: Float[np.ndarray, "Q R"], indices: Int[np.ndarray, "Q R"
   return kernels.weigh_codes(values, indices, latent_weights)
 
 
-def _check_idf_power(power) -> None:
+def check_idf_power(power) -> None:
+  """ConfigError unless ``power`` is a finite number >= 0 (configs call it before any encoding)."""
   if (isinstance(power, bool) or not isinstance(power, (int, float, np.floating))
       or not np.isfinite(power) or power < 0):
     raise ConfigError(f"idf_power={power!r} must be a finite number >= 0 (0: no idf weighting)")
@@ -622,6 +629,14 @@ def _check_doc_ids(doc_ids, n: int) -> Int[np.ndarray, "N"]:
     raise DataError(f"doc_ids has {dup.size} duplicated ids, e.g. {dup[:5].tolist()} "
                     f"(at rows {np.flatnonzero(doc_ids == dup[0]).tolist()[:5]})")
   return doc_ids
+
+
+def _is_index_dir(path: Path) -> bool:
+  """Whether ``path`` holds an index `SparseIndex.save` wrote (its header names the format)."""
+  try:
+    return json.loads((path / HEADER).read_text(encoding="utf-8")).get("format") == FORMAT
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    return False
 
 
 def _read_header(file: Path) -> dict:
@@ -754,7 +769,7 @@ class SeismicAdapter:
     # Copies: scipy keeps views of its inputs, and sum_duplicates sorts them in place (the caller's
     # int32 indices would come back scrambled, out of step with their values).
     csr = sp.csr_matrix((values.reshape(-1).copy(), indices.reshape(-1).copy(),
-                         np.arange(0, n * k + 1, k)), shape=(n, int(num_latents)))
+                         np.arange(n + 1, dtype=np.int64) * k), shape=(n, int(num_latents)))
     csr.sum_duplicates()  # also sorts each row: Seismic needs strictly increasing components
     csr.eliminate_zeros()
     dataset = seismic.SeismicDataset()
