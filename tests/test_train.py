@@ -164,6 +164,23 @@ def test_resume_after_sigterm_is_exact(tmp_path, uninterrupted):
   _assert_same_params(_final_params(tmp_path, 40), _final_params(reference, 40))
 
 
+def test_a_refused_resume_leaves_the_run_loadable(tmp_path, uninterrupted):
+  """Resuming with a shape-changing override fails, and the run's config.json (what load_run and
+  export rebuild the model from) still describes its checkpoints."""
+  import shutil
+  from saejax.hub import trained
+  reference, _ = uninterrupted
+  run = tmp_path / "run"
+  shutil.copytree(reference, run)
+  before = (run / "config.json").read_text()
+  proc = _run(run, "--config.sae.num_latents=64", steps=40, wait=False)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode != 0, out
+  assert (run / "config.json").read_text() == before
+  _, model, _ = trained.load_run(run)
+  assert model.sae.config.num_latents == 128
+
+
 def test_resume_after_kill9_is_exact(tmp_path, uninterrupted):
   reference, _ = uninterrupted
   proc = _run(tmp_path, steps=40, wait=False)

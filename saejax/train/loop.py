@@ -262,6 +262,15 @@ def _global_batch(batch: dict, mesh) -> dict:
                                                     batch[k]) for k in keys}
 
 
+def _record_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
+  """config.json (what `saejax.hub.trained.load_run` rebuilds the model from) and the code version,
+  from process 0. Written for a fresh run, or once a resume has restored its checkpoint: a resume
+  refused for a changed shape must leave the run loadable."""
+  if jax.process_index() == 0:
+    paths.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+    paths.write_atomic(workdir / "code_version.txt", code_version() + "\n")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   """Run (or resume) training: returns (summary dict, final TrainState, the model graphdef).
 
@@ -297,9 +306,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   # Fail now, not at the first checkpoint: an unwritable workdir would lose every step trained.
   workdir = checkpoint.check_writable(workdir)
   checkpoint.check_writable(workdir / "checkpoints")
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    (workdir / "code_version.txt").write_text(code_version() + "\n")
   mesh = sharding.make_mesh(mesh_cfg)
 
   rngs = nnx.Rngs(tc.seed)
@@ -316,6 +322,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", save_every=tc.checkpoint_every,
                                       keep=tc.keep_checkpoints)
   resuming = ckpt.latest_step() is not None
+  if not resuming:
+    _record_config(workdir, config)
   if not resuming and model.sae is not None and config.sae.get("b_pre_init_batches", 0):
     sample_iter = make_iter()
     # From the global batches: every process must compute the same b_pre.
@@ -341,6 +349,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, state_sh)
     state = ckpt.restore(target, data_iter)  # falls back past damaged checkpoints, with warnings
+    _record_config(workdir, config)  # only now: a refused resume keeps the run's own config
     if jax.process_index() == 0:
       print(f"resumed from checkpoint step {int(state.step)} in {ckpt.directory}", flush=True)
   else:
