@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -20,7 +21,8 @@ from flax import nnx
 
 from saejax.errors import ConfigError, SaejaxError
 from saejax.hub import build
-from saejax.hub.state import OptimConfig, clip_by_global_norm, init_state, make_optimizer
+from saejax.hub.state import (OptimConfig, clip_by_global_norm, init_state, make_optimizer,
+                               schedule)
 from saejax.sae import topk as sae_lib
 from saejax.train import loop, step as step_lib
 
@@ -276,8 +278,11 @@ def test_nonfinite_steps_are_skipped_and_counted():
   _assert_same_params(new.params, state.params)
   _assert_same_params(new.opt_state, state.opt_state)
   good_step = jax.jit(functools.partial(step, loss_cfg=step_lib.LossConfig()))
-  good, _ = good_step(new, batch)  # the warm-up starts at lr 0: a second step moves the params
-  good, _ = good_step(good, batch)
+  good, first = good_step(new, batch)  # the warm-up starts at lr 0: a second step moves the params
+  # The logged rate is the one applied: optax did not count the skipped step.
+  assert float(first["lr_sae"]) == 0.0
+  good, second = good_step(good, batch)
+  assert float(second["lr_sae"]) == pytest.approx(float(schedule(optim, optim.lr_sae)(1)))
   assert int(good.consecutive_skips) == 0 and int(good.skipped) == 1
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(good.params),
                                                        jax.tree.leaves(state.params))]
@@ -323,6 +328,47 @@ def test_too_many_nonfinite_steps_stop_with_last_good_checkpoint(tmp_path):
                                         r"last good checkpoint is step 12"):
     loop.train(config, tmp_path)
   assert (tmp_path / "checkpoints" / "12").is_dir()
+
+
+def test_a_finite_dataset_ends_the_run_with_a_checkpoint_and_a_summary(tmp_path):
+  """config.data.num_epochs running out before train.steps stops the run cleanly: the last step
+  trained is checkpointed and summary.json says why the run stopped short."""
+  config = _tiny(steps=500)
+  config.data.num_epochs = 1
+  config.data.sources[0]["max_records"] = 48  # a handful of batches of 8
+  summary, _, _ = loop.train(config, tmp_path)
+  assert summary["data_ended"] and 0 < summary["step"] < 500
+  assert summary["latest_checkpoint"] == summary["step"]
+  assert (tmp_path / "checkpoints" / str(summary["step"])).is_dir()
+  assert json.loads((tmp_path / "summary.json").read_text())["data_ended"]
+
+
+def test_batch_split_is_checked_before_anything_runs(tmp_path):
+  config = _tiny()
+  config.optim.grad_accum = 3
+  with pytest.raises(ConfigError, match=r"global_batch_size=8 does not split into "
+                                        r"config.optim.grad_accum=3"):
+    loop.train(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()  # refused before the workdir was made
+  four = types.SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 1})  # 4 data devices
+  loop._check_batch_split(16, 2, four)
+  with pytest.raises(ConfigError, match=r"micro-batch of 6 records .* over the 4 data-parallel"):
+    loop._check_batch_split(12, 2, four)
+
+
+def test_stage_one_heads_train_on_whole_batches():
+  """A stage-1 / stage-3 head's batch is whole: grad_accum is the end-to-end step's setting."""
+  optim = OptimConfig(grad_accum=4, warmup_steps=10)
+  head = loop.head_optim(optim, _tiny(steps=6).warmstart)
+  assert head.grad_accum == 1 and head.freeze_encoder
+
+
+def test_best_metrics_skip_non_finite_values(tmp_path):
+  writer = loop.MetricWriter(tmp_path, 30)
+  for step, loss in ((10, 1.0), (20, float("nan")), (30, 3.0)):
+    writer.write(step, {"loss": loss}, 0.0)
+  writer.close()
+  assert writer.best["loss"] == {"value": 1.0, "step": 10}
 
 
 def test_frozen_encoder_and_dense_ablation():

@@ -12,6 +12,7 @@ The workdir is a local directory or a bucket URL (``--workdir gs://BUCKET/PATH``
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -83,7 +84,15 @@ def warm_start_sae(model: Embedder, batches, ws: ml_collections.ConfigDict,
   dense = nnx.jit(lambda m, ids, valid: m.dense(ids, valid))
   qs, ds, keys, sources, n = [], [], [], [], 0
   while n < ws.pairs:
-    batch = distributed.gather_batches([next(batches)])[0]
+    try:
+      batch = distributed.gather_batches([next(batches)])[0]
+    except StopIteration:  # a finite config.data.num_epochs holds fewer pairs
+      if not n:
+        raise ConfigError("stage 1 found no training pairs (config.data)") from None
+      if jax.process_index() == 0:
+        print(f"warning: the training data ended after {n} pairs; stage 1 trains on those "
+              f"(config.warmstart.pairs={ws.pairs})", flush=True)
+      break
     qs.append(np.asarray(dense(model, batch["q_ids"], batch["q_valid"])))
     ds.append(np.asarray(dense(model, batch["d_ids"][:, 0], batch["d_valid"][:, 0])))
     keys += [_pair_key(batch, i) for i in range(len(qs[-1]))]
@@ -118,7 +127,7 @@ def head_optim(optim_cfg: OptimConfig, ws: ml_collections.ConfigDict) -> OptimCo
   """The optimiser of a stage-1 (and stage-3) head: ``ws``'s lr and steps, the encoder frozen."""
   return dataclasses.replace(optim_cfg, lr_sae=ws.lr, total_steps=ws.steps,
                              warmup_steps=min(optim_cfg.warmup_steps, ws.steps // 10),
-                             freeze_encoder=True)
+                             freeze_encoder=True, grad_accum=1)  # a head batch is whole
 
 
 def stage_one(model: Embedder, make_iter, config: ml_collections.ConfigDict,
@@ -224,9 +233,10 @@ class MetricWriter:
     for k, v in metrics.items():
       self.tb.add_scalar(k, v, step)
     self.jsonl.write(json.dumps({"step": step, **metrics}))
-    for key, better in self.BEST.items():
-      if key in metrics and (key not in self.best or
-                             better(metrics[key], self.best[key]["value"]) != self.best[key]["value"]):
+    for key, better in self.BEST.items():  # a non-finite value (a skipped step) is never best
+      if key in metrics and math.isfinite(metrics[key]) and (
+          key not in self.best
+          or better(metrics[key], self.best[key]["value"]) != self.best[key]["value"]):
         self.best[key] = {"value": metrics[key], "step": step}
     eta = (self.total - step) * seconds_per_step
     shown = [f"{name} {fmt.format(scale * metrics[key])}" for key, name, fmt, scale in self.COLUMNS
@@ -262,6 +272,21 @@ def _global_batch(batch: dict, mesh) -> dict:
                                                     batch[k]) for k in keys}
 
 
+def _check_batch_split(global_batch_size: int, grad_accum: int, mesh) -> None:
+  """The global batch must split into ``grad_accum`` micro-batches, each over every data-parallel
+  device; said here, before anything runs, not by a reshape inside jit."""
+  devices = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  if grad_accum < 1 or global_batch_size % grad_accum:
+    raise ConfigError(f"config.data.global_batch_size={global_batch_size} does not split into "
+                      f"config.optim.grad_accum={grad_accum} micro-batches")
+  micro = global_batch_size // grad_accum
+  if micro % devices:
+    raise ConfigError(f"a micro-batch of {micro} records (config.data.global_batch_size="
+                      f"{global_batch_size} / config.optim.grad_accum={grad_accum}) does not "
+                      f"divide over the {devices} data-parallel devices of the mesh "
+                      f"{dict(mesh.shape)}")
+
+
 def _record_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
   """config.json (what `saejax.hub.trained.load_run` rebuilds the model from) and the code version,
   from process 0. Written for a fresh run, or once a resume has restored its checkpoint: a resume
@@ -291,6 +316,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
                       f"config.data.global_batch_size={data_cfg.global_batch_size} (the bank is a "
                       "ring of whole batches)")
   distributed.check_padding(data_cfg.padding)
+  mesh = sharding.make_mesh(mesh_cfg)
+  _check_batch_split(data_cfg.global_batch_size, optim_cfg.grad_accum, mesh)
+  if optim_cfg.total_steps != tc.steps:
+    print(f"warning: config.optim.total_steps={optim_cfg.total_steps} (the learning-rate "
+          f"schedule's horizon) differs from config.train.steps={tc.steps}: the cosine decay "
+          f"ends at step {optim_cfg.total_steps}; set both to change the run's length", flush=True)
   if config.sae.get("enabled", True):
     step_lib.check_band(loss_cfg.st_band, config.sae.num_latents, config.sae.k)
   if config.warmstart.get("init_from", ""):
@@ -306,7 +337,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   # Fail now, not at the first checkpoint: an unwritable workdir would lose every step trained.
   workdir = checkpoint.check_writable(workdir)
   checkpoint.check_writable(workdir / "checkpoints")
-  mesh = sharding.make_mesh(mesh_cfg)
 
   rngs = nnx.Rngs(tc.seed)
   enc_cfg, model = build_model(config, rngs)
@@ -368,9 +398,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
                   if tc.get("log_batch_fingerprints") else None)
   last, window_tokens, window_start = {}, 0, time.time()
   streak = None  # the previous step's count of non-finite steps in a row (a device scalar)
+  data_ended = False
   try:
     while step < tc.steps:
-      local = next(data_iter)
+      try:
+        local = next(data_iter)
+      except StopIteration:  # config.data.num_epochs ran out before config.train.steps
+        data_ended = True
+        break
       if fingerprints is not None:  # what the step saw, to prove exact resumption
         fingerprints.write(json.dumps({"step": step + 1, "batch": _fingerprint(local)}))
       batch = _global_batch(local, mesh)
@@ -429,6 +464,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
             fingerprints.flush()
       if preempt.requested:
         break
+    if data_ended:
+      print(f"the training data ended (config.data.num_epochs) after step {step} of "
+            f"{tc.steps}; stopping there", flush=True)
+      if step and ckpt.latest_step() != step:
+        ckpt.save(step, state, data_iter, force=True)
   finally:
     try:
       ckpt.wait()  # raises CheckpointError if the last asynchronous write failed
@@ -437,7 +477,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
       writer.close()
       if fingerprints is not None:
         fingerprints.close()
-  summary = {"step": step, "preempted": preempt.requested, "wall_s": time.time() - start,
+  summary = {"step": step, "preempted": preempt.requested, "data_ended": data_ended,
+             "wall_s": time.time() - start,
              "checkpoints": str(ckpt.directory), "latest_checkpoint": ckpt.latest_step(),
              "last_metrics": last, "best_metrics": writer.best,
              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}  # the host allocator's setting

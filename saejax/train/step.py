@@ -369,7 +369,9 @@ def train_step(state: TrainState, batch: dict, log: bool | jax.Array = True, *,
              "grad_norm": grad_norm, "param_norm": _when(log, _tree_norm, params),
              "update_norm": update_norm, "finite": finite.astype(jnp.float32),
              "skipped": new_state.skipped, "consecutive_skips": new_state.consecutive_skips,
-             **learning_rates(optim_cfg, state.step)}
+             # The rates this step's update used: optax counts updates, and a skipped step
+             # (non-finite) applied none, so its schedule lags state.step by the skips so far.
+             **learning_rates(optim_cfg, state.step - state.skipped)}
   return new_state, metrics
 
 
