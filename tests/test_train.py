@@ -810,6 +810,30 @@ def test_records_dropped_as_repeats_are_logged(tmp_path, capsys):
   assert f"  dropped {expected[-1]}  " in last, last
 
 
+def test_truncated_texts_are_counted(tmp_path):
+  """Planted data, read in order: every 3rd document and every 5th query exceed their token
+  budgets; each log line carries the fraction of the window's texts cut, summary.json the totals."""
+  rows = [{"query": f"question {i} " + ("why " * 60 if i % 5 == 0 else ""),
+           "document": f"document {i} " + ("text " * 100 if i % 3 == 0 else "")}
+          for i in range(16)]
+  path = tmp_path / "planted.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  config = _tiny(steps=4)
+  config.data.sources = [dict(kind="jsonl", path=str(path), query_field="query",
+                              positive_field="document")]
+  config.data.global_batch_size, config.data.shuffle = 4, False
+  config.warmstart.steps = 0
+  config.train.log_every = 2
+  summary, _, _ = loop.train(config, tmp_path / "run")
+  logged = {r["step"]: r for r in map(
+      json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
+  for step, records in ((2, range(0, 8)), (4, range(8, 16))):
+    assert logged[step]["data/truncated_documents"] == sum(i % 3 == 0 for i in records) / 8
+    assert logged[step]["data/truncated_queries"] == sum(i % 5 == 0 for i in records) / 8
+  assert summary["truncated"] == {"queries": {"texts": 4, "of": 16},
+                                  "documents": {"texts": 6, "of": 16}}
+
+
 def test_gpu_compile_options_are_ones_this_xla_knows():
   """The options the train step is compiled with on GPU name real XLA debug options (XLA refuses
   an unknown name at compile time, so a renamed flag would stop GPU training); elsewhere none."""

@@ -212,6 +212,7 @@ class MetricWriter:
              ("dead_fraction_window", "dead%", "{:.1f}", 100),
              ("hot_fraction", "hot%", "{:.1f}", 100), ("freq_max", "maxfreq%", "{:.1f}", 100),
              ("data/dropped_repeats", "dropped", "{:,.0f}", 1),
+             ("data/truncated_documents", "cut_d%", "{:.1f}", 100),
              ("tokens_per_s", "tok/s", "{:,.0f}", 1), ("mfu", "MFU%", "{:.1f}", 100))
 
   # Metrics whose best value over the run goes into summary.json, and which way is better.
@@ -397,6 +398,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   fingerprints = (paths.LineLog(workdir / f"batches.process{jax.process_index()}.jsonl")
                   if tc.get("log_batch_fingerprints") else None)
   last, window_tokens, window_start = {}, 0, time.time()
+  # Texts the token budgets cut (the pipeline flags each), this process's share: per log window
+  # as fractions, over this invocation in summary.json.
+  cut = {"queries": 0, "documents": 0}
+  seen = {"queries": 0, "documents": 0}
+  window_cut = dict(cut)
+  window_seen = dict(seen)
   streak = None  # the previous step's count of non-finite steps in a row (a device scalar)
   data_ended = False
   try:
@@ -426,6 +433,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
       streak = metrics["consecutive_skips"]
       preempt.update(step)  # several processes: stop at the same step
       window_tokens += int(local["q_valid"].sum() + local["d_valid"].sum()) * jax.process_count()
+      for kind, flags in (("queries", local["q_truncated"]), ("documents", local["d_truncated"])):
+        window_cut[kind] += int(flags.sum())
+        window_seen[kind] += int(flags.size)
       if step % tc.log_every == 0 or step == tc.steps:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.time() - window_start
@@ -434,6 +444,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
         # Records the pipeline dropped as in-batch repeats so far, over the whole run (checkpointed
         # with the iterator): read from its state, a few integers, on logging steps only.
         metrics["data/dropped_repeats"] = int(data_iter.get_state().get("dropped", 0))
+        for kind in cut:
+          metrics[f"data/truncated_{kind}"] = window_cut[kind] / max(window_seen[kind], 1)
+          cut[kind] += window_cut[kind]
+          seen[kind] += window_seen[kind]
+          window_cut[kind] = window_seen[kind] = 0
         if peak:
           flops = step_lib.flops_per_step(n_encoder, window_tokens, texts * tc.log_every,
                                           enc_cfg.hidden_size, n_latents)
@@ -481,6 +496,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
              "wall_s": time.time() - start,
              "checkpoints": str(ckpt.directory), "latest_checkpoint": ckpt.latest_step(),
              "last_metrics": last, "best_metrics": writer.best,
+             # over the logged windows of this invocation, process 0's batches
+             "truncated": {kind: {"texts": cut[kind], "of": seen[kind]} for kind in cut},
              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}  # the host allocator's setting
   if jax.process_index() == 0:
     try:  # a plot must never cost the run its summary
