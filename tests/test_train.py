@@ -568,6 +568,41 @@ def test_warm_start_trains_the_sae_on_frozen_embeddings_only():
   assert not np.allclose(trained[""], trained["topics"])
 
 
+def test_stage_one_pools_each_text_once(monkeypatch):
+  """Stage 1 pools pairs from many pipeline batches (each free of repeats only within itself): a
+  query or positive already in the pool, as either, is left out, so no head batch can hold a
+  pair's own positive as a negative. Planted: a repeated query, a repeated document, and a
+  document equal to another pair's query."""
+  from saejax.train import headtrain
+  config = _tiny()
+  _, model = build.build_model(config, nnx.Rngs(0))
+  q = [[101, 102], [103], [105, 106], [107, 108], [101, 102], [109], [111], [113],
+       [115], [117], [119], [121]]
+  d = [[131], [132], [133], [134], [135], [136], [133], [137], [138], [139], [140], [107, 108]]
+
+  def batch(rows):
+    pad = lambda texts: (np.array([t + [0] * (2 - len(t)) for t in texts], np.int32),  # noqa: E731
+                         np.array([[True] * len(t) + [False] * (2 - len(t)) for t in texts]))
+    (q_ids, q_valid), (d_ids, d_valid) = pad([q[r] for r in rows]), pad([d[r] for r in rows])
+    return {"q_ids": q_ids, "q_valid": q_valid, "d_ids": d_ids[:, None], "d_valid": d_valid[:, None],
+            "source": np.zeros(len(rows), np.int32)}
+
+  pooled = {}
+
+  def capture(sae, q_v, d_v, *args, **kwargs):
+    pooled.update(q=q_v, d=d_v)
+    return sae, None, []
+
+  monkeypatch.setattr(headtrain, "train_head", capture)
+  ws = config.warmstart
+  ws.pairs, ws.batch_size = 12, 4
+  loop.warm_start_sae(model, iter([batch(range(i, i + 4)) for i in (0, 4, 8)]), ws,
+                      step_lib.LossConfig(), OptimConfig())
+  assert len(pooled["q"]) == 9  # rows 4, 6 and 11 left out
+  texts = np.concatenate([pooled["q"], pooled["d"]]).round(5)
+  assert len(np.unique(texts, axis=0)) == 18  # distinct texts embed apart; repeats would not
+
+
 def test_warm_start_refuses_an_unknown_batch_grouping():
   config = _tiny(steps=2)
   config.warmstart.batch_groups = "topic"

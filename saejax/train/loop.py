@@ -95,12 +95,19 @@ def warm_start_sae(model: Embedder, batches, ws: ml_collections.ConfigDict,
       break
     qs.append(np.asarray(dense(model, batch["q_ids"], batch["q_valid"])))
     ds.append(np.asarray(dense(model, batch["d_ids"][:, 0], batch["d_valid"][:, 0])))
-    keys += [_pair_key(batch, i) for i in range(len(qs[-1]))]
+    keys += [_text_keys(batch, i) for i in range(len(qs[-1]))]
     sources.append(batch["source"])
     n += len(qs[-1])
   # The pairs in an order fixed by their content, not by how the processes' rows were gathered:
   # one process and several see the same set of pairs, and must train the same SAE from it.
-  order = np.argsort(np.asarray(keys[:ws.pairs]), kind="stable")
+  keys = keys[:ws.pairs]
+  order = sorted(range(len(keys)), key=keys.__getitem__)
+  order = np.asarray(_first_of_each_text(keys, order), np.int64)
+  if len(order) < len(keys) and jax.process_index() == 0:
+    print(f"warm start: {len(keys) - len(order)} of {len(keys)} pairs repeat a query or positive "
+          f"text already in the pool (the data holds fewer distinct pairs than "
+          f"config.warmstart.pairs, or shares texts between pairs); training on {len(order)}",
+          flush=True)
   q_v, d_v = np.concatenate(qs)[:ws.pairs][order], np.concatenate(ds)[:ws.pairs][order]
   if batch_groups == "source":
     groups = np.concatenate(sources)[:ws.pairs][order]
@@ -181,13 +188,28 @@ def refit_head(model: Embedder, batches, ws: ml_collections.ConfigDict, seed: in
   return warm_start_sae(model, batches, ws, loss_cfg, optim_cfg)
 
 
-def _pair_key(batch: dict, i: int) -> str:
-  """A digest of row i's query and positive tokens (padding excluded)."""
+def _text_keys(batch: dict, i: int) -> tuple[str, str]:
+  """Digests of row i's query and positive tokens (padding excluded): texts as the model reads
+  them, so two documents cut to the same tokens are the same text."""
   import hashlib
   q = batch["q_ids"][i][batch["q_valid"][i]]
   d = batch["d_ids"][i, 0][batch["d_valid"][i, 0]]
-  return hashlib.sha256(np.ascontiguousarray(q, np.int64).tobytes() + b"|" +
-                        np.ascontiguousarray(d, np.int64).tobytes()).hexdigest()
+  return tuple(hashlib.sha256(np.ascontiguousarray(t, np.int64).tobytes()).hexdigest()
+               for t in (q, d))
+
+
+def _first_of_each_text(keys: list[tuple[str, str]], order) -> list[int]:
+  """The rows of ``order`` whose query and positive no earlier row holds (as either).
+
+  A head batch is drawn from the pool at random; a text twice in the pool would be, in some
+  batch, a positive that is also an in-batch negative: InfoNCE would push a pair's own match away
+  (the pool is many pipeline batches, each free of repeats only within itself)."""
+  seen, kept = set(), []
+  for row in order:
+    if not seen.intersection(keys[row]):
+      seen.update(keys[row])
+      kept.append(row)
+  return kept
 
 
 def code_version() -> str:

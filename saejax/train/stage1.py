@@ -66,13 +66,19 @@ def params_sha256(module: nnx.Module) -> str:
   return h.hexdigest()
 
 
+# How `loop.warm_start_sae` pools its pairs; a head pooled otherwise (before 2026-12-04: repeated
+# texts kept) is not the head these inputs make now.
+POOL_RULE = "each query and positive text once"
+
+
 def fingerprint(config, head_optim, encoder: nnx.Module | None = None) -> dict:
   """Everything stage 1's head depends on, as JSON values: the config sections it reads (less
   `_NOT_READ`), the head's optimiser settings as derived (`loop.head_optim`), the init seed and,
   given the ``encoder``, a digest of its untouched weights (a path may hold other weights later)."""
   record = {name: _read(name, config[name].to_dict())
             for name in ("model", "sae", "data", "warmstart", "loss")}
-  record.update(head_optim=dataclasses.asdict(head_optim), seed=config.train.seed)
+  record.update(head_optim=dataclasses.asdict(head_optim), seed=config.train.seed,
+                pool=POOL_RULE)
   if encoder is not None:
     record["encoder_sha256"] = params_sha256(encoder)
   return json.loads(json.dumps(record, sort_keys=True))
