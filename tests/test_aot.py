@@ -69,3 +69,16 @@ def test_parse_mesh():
     aot.parse_mesh("data=2,pipeline=2")
   with pytest.raises(ConfigError, match=r"--mesh item 'fsdp=x'"):
     aot.parse_mesh("fsdp=x")
+
+
+def test_the_checked_state_is_the_one_training_builds():
+  """The compile check sizes the state training runs with, memory bank included."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tiny", REPO / "tests" / "tiny_config.py")
+  tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tiny)
+  config = tiny.get_config()
+  config.loss.bank_size = 16
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=1))
+  _, state, _, _ = aot.abstract_step(config, mesh)
+  assert state.bank is not None and state.bank["v"].shape == (16, config.model.hf_config.hidden_size)

@@ -100,7 +100,7 @@ def abstract_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
                               load_weights=False)[1]
   graphdef, params = nnx.split(nnx.eval_shape(build), nnx.Param)
   tx = make_optimizer(optim_cfg, params)
-  state = jax.eval_shape(lambda: init_state(build(), tx))
+  state = jax.eval_shape(lambda: init_state(build(), tx, loss_cfg.bank_size))  # as training
   param_sh = sharding.shardings(sharding.param_specs(params, mesh), mesh)
   state_sh = loop._state_shardings(state, param_sh, mesh)
   step = loop.jit_train_step(graphdef, tx, loss_cfg, optim_cfg, state_sh, mesh)
