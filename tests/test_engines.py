@@ -163,6 +163,45 @@ def test_jsonl_with_idf_weights_ranks_as_the_idf_index(scifact_codes, tmp_path):
                         latent_weights=np.zeros(NUM_LATENTS))
 
 
+def test_jsonl_keys_naming_one_latent_add_up(tmp_path):
+  file = tmp_path / "same.jsonl"
+  file.write_text('{"id": 0, "vector": {"f00001": 0.5, "f1": 0.25, "f00002": 1.0}}\n')
+  _, _, values, indices = engines.read_jsonl(file)
+  assert dict(zip(indices[0].tolist(), values[0].tolist())) == {1: 0.75, 2: 1.0}
+  file.write_text('{"id": 0, "vector": {"f9999999999": 1.0}}\n')
+  with pytest.raises(DataError, match=r"same.jsonl:1: latent 9999999999 .* outside \[0, 2147483648\)"):
+    engines.read_jsonl(file)
+
+
+def test_milvus_build_refuses_before_writing_and_breaks_ties_by_id(tmp_path):
+  """A refused build (a negative value, an empty row) creates nothing, so a corrected build can
+  follow; exact duplicates tied at the cut come back lowest id first, as from `SparseIndex`."""
+  pytest.importorskip("milvus_lite")
+  uri = tmp_path / "m.db"
+  good_v, good_i = np.full((3, 2), 0.5, np.float32), np.array([[0, 1], [1, 2], [2, 3]])
+  for values, match in ((good_v * [[1, -1]], r"values\[0, 1\] = -0.5 is negative"),
+                        (good_v * [[1, 1], [0, 0], [1, 1]], r"documents \[1\] have no non-zero")):
+    with pytest.raises(DataError, match=match):
+      engines.MilvusIndex.build(values, good_i, 8, uri=uri, idf_power=0.5)
+    with pytest.raises(ConfigError, match="has no collection"):
+      engines.MilvusIndex.open(uri, "saejax", 8)
+  engines.MilvusIndex.build(good_v, good_i, 8, uri=uri).close()
+  rng = np.random.default_rng(0)
+  n = 60  # one code repeated under shuffled ids, plus a few others
+  values = np.tile(np.array([[0.6, 0.8]], np.float32), (n, 1))
+  indices = np.tile(np.array([[3, 5]]), (n, 1))
+  indices[:10, 1] = 6
+  doc_ids = rng.permutation(10 * n)[:n]
+  exact = SparseIndex.build(values, indices, 8, doc_ids)
+  milvus = engines.MilvusIndex.build(values, indices, 8, doc_ids, uri=tmp_path / "t.db")
+  for top_k in (3, 7):
+    want_s, want_i = exact.search(values[-1:], indices[-1:], top_k)
+    got_s, got_i = milvus.search(values[-1:], indices[-1:], top_k)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-6)
+  milvus.close()
+
+
 def test_jsonl_wide_dictionary_keys(tmp_path):
   file = engines.write_jsonl(tmp_path / "w.jsonl", ["a"], None, np.ones((1, 2), np.float32),
                              np.asarray([[3, 123456]]), 200_000)
@@ -173,8 +212,9 @@ def test_jsonl_wide_dictionary_keys(tmp_path):
     ("{not json", "not valid JSON"),
     ('{"content": "x", "vector": {}}', "expected an object with 'id'"),
     ('{"id": 1, "vector": {"x12": 1.0}}', "key 'x12'"),
-    ('{"id": 1, "vector": {"f00012": "big"}}', "not a finite number"),
+    ('{"id": 1, "vector": {"f00012": "big"}}', "not a finite float32 number"),
     ('{"id": 1, "vector": {"f09999": 1.0}}', "outside"),
+    ('{"id": 1, "vector": {"f00012": 1e39}}', "not a finite float32"),
 ])
 def test_jsonl_bad_lines_name_the_line(tmp_path, line, message):
   file = tmp_path / "bad.jsonl"

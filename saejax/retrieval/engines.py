@@ -59,6 +59,33 @@ _SEARCH_PARAMS = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
 _IDF_SUFFIX = "__saejax_idf"
 
 
+def _document_rows(values, indices, doc_ids, num_latents: int,
+                   latent_weights: Float[np.ndarray, "S"] | None
+                   ) -> tuple[Int[np.ndarray, "N"], list[dict[int, float]]]:
+  """Checked doc ids and the documents' rows as Milvus stores them (weighted when
+  ``latent_weights``).
+
+  Raises:
+    DataError: what `SparseIndex.build` refuses, a negative value (Milvus stores only
+      non-negative sparse weights), or a document without a non-zero latent (Milvus rejects an
+      all-zero vector; such a document can never be a hit).
+  """
+  values, indices = _check_codes(values, indices, num_latents, "document")
+  doc_ids = _check_doc_ids(doc_ids, values.shape[0])
+  if (values < 0).any():
+    row, col = np.argwhere(values < 0)[0]
+    raise DataError(f"document values[{row}, {col}] = {values[row, col]:g} is negative; Milvus "
+                    f"stores only non-negative weights (TopK codes are ReLU outputs)")
+  if latent_weights is not None:
+    values = weigh_codes(values, indices, latent_weights)
+  rows = _sparse_rows(values, indices)
+  empty = [int(d) for d, r in zip(doc_ids, rows) if not r]
+  if empty:
+    raise DataError(f"documents {empty[:5]} have no non-zero latent ({len(empty)} such rows); "
+                    "drop them before ingesting")
+  return doc_ids, rows
+
+
 def _sparse_rows(values: np.ndarray, indices: np.ndarray) -> list[dict[int, float]]:
   """One ``{latent: weight}`` dict per row, repeated latents summed and zeros dropped."""
   rows = []
@@ -101,6 +128,13 @@ class MilvusIndex:
     """
     check_idf_power(idf_power)
     values, indices = _check_codes(values, indices, int(num_latents), "document")
+    weights = None
+    if idf_power:
+      codes = sparse_matrix(values, indices, int(num_latents))  # repeats summed, zeros dropped
+      weights = latent_idf(np.bincount(codes.indices, minlength=int(num_latents)),
+                           codes.shape[0], idf_power)
+    # Every check before the first write: a refused build leaves no half-made collection behind.
+    doc_ids, rows = _document_rows(values, indices, doc_ids, int(num_latents), weights)
     client = _client(uri)
     if client.has_collection(collection):
       if not overwrite:
@@ -109,19 +143,21 @@ class MilvusIndex:
       client.drop_collection(collection)
     if client.has_collection(collection + _IDF_SUFFIX):
       client.drop_collection(collection + _IDF_SUFFIX)
-    weights = None
-    if idf_power:
-      codes = sparse_matrix(values, indices, int(num_latents))  # repeats summed, zeros dropped
-      weights = latent_idf(np.bincount(codes.indices, minlength=int(num_latents)),
-                           codes.shape[0], idf_power)
-      _create(client, collection + _IDF_SUFFIX, power=True)
-      client.insert(collection + _IDF_SUFFIX, [{
-          "id": 0, "power": float(idf_power),
-          "vector": {t: float(w) for t, w in enumerate(weights)}}])
-      client.flush(collection + _IDF_SUFFIX)
-    _create(client, collection)
-    index = cls(client, collection, num_latents, idf_power, weights)
-    index.ingest(values, indices, doc_ids)
+    try:
+      if idf_power:
+        _create(client, collection + _IDF_SUFFIX, power=True)
+        client.insert(collection + _IDF_SUFFIX, [{
+            "id": 0, "power": float(idf_power),
+            "vector": {t: float(w) for t, w in enumerate(weights)}}])
+        client.flush(collection + _IDF_SUFFIX)
+      _create(client, collection)
+      index = cls(client, collection, num_latents, idf_power, weights)
+      index._insert(doc_ids, rows)
+    except BaseException:
+      for name in (collection, collection + _IDF_SUFFIX):  # no half-built index to open later
+        if client.has_collection(name):
+          client.drop_collection(name)
+      raise
     return index
 
   @classmethod
@@ -151,13 +187,10 @@ class MilvusIndex:
       values, indices: [N, K] document codes, as `SparseIndex.build`.
       doc_ids: [N] distinct integer ids >= 0 (default 0 .. N-1).
     """
-    values, indices = _check_codes(values, indices, self.num_latents, "document")
-    doc_ids = _check_doc_ids(doc_ids, values.shape[0])
-    rows = _sparse_rows(*self._weighted(values, indices))
-    empty = [int(d) for d, r in zip(doc_ids, rows) if not r]
-    if empty:  # Milvus rejects an all-zero sparse vector; such a document can never be a hit.
-      raise DataError(f"documents {empty[:5]} have no non-zero latent ({len(empty)} such rows); "
-                      "drop them before ingesting")
+    self._insert(*_document_rows(values, indices, doc_ids, self.num_latents,
+                                 self.latent_weights))
+
+  def _insert(self, doc_ids: Int[np.ndarray, "N"], rows: list[dict[int, float]]) -> None:
     for start in range(0, len(rows), _INSERT_CHUNK):
       self.client.upsert(self.collection, [
           {"id": int(d), "vector": r} for d, r in
@@ -193,17 +226,31 @@ class MilvusIndex:
     # Milvus accepts only non-negative weights: queries with a negative (suppressing) weight are
     # answered by `_search_signed`; an empty query has no hit and Milvus refuses it.
     plain = [q for q, r in enumerate(rows) if r and min(r.values()) > 0]
+    # Milvus returns whichever documents tied at the cut it meets first: fetch past the cut, and
+    # further for a query whose tie runs to the end of what was fetched (duplicates tie exactly).
+    limit = min(2 * top_k, _MAX_LIMIT)
     for start in range(0, len(plain), _QUERY_CHUNK):
       chunk = plain[start:start + _QUERY_CHUNK]
       results = self.client.search(
-          self.collection, data=[rows[q] for q in chunk], anns_field="vector", limit=top_k,
+          self.collection, data=[rows[q] for q in chunk], anns_field="vector", limit=limit,
           output_fields=["id"], search_params=_SEARCH_PARAMS)
       for q, hits in zip(chunk, results):
+        hits = self._past_the_cut(rows[q], hits, top_k, limit)
         _fill(scores[q], ids[q], [(float(h["distance"]), int(h["id"])) for h in hits])
     for q, r in enumerate(rows):
       if r and min(r.values()) < 0:
         _fill(scores[q], ids[q], self._search_signed(r, top_k))
     return scores, ids
+
+  def _past_the_cut(self, query: dict[int, float], hits: list, top_k: int, limit: int) -> list:
+    """``hits`` (``limit`` fetched), fetched again deeper until the documents tied with the
+    ``top_k``-th score end before the last one fetched (so `_fill` sees all of them)."""
+    while (len(hits) == limit > top_k and limit < _MAX_LIMIT
+           and hits[-1]["distance"] == hits[top_k - 1]["distance"]):
+      limit = min(4 * limit, _MAX_LIMIT)
+      hits = self.client.search(self.collection, data=[query], anns_field="vector", limit=limit,
+                                output_fields=["id"], search_params=_SEARCH_PARAMS)[0]
+    return hits
 
   def _weighted(self, values: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Checked codes weighted as `SparseIndex` weighs them (``idf_power`` > 0)."""
@@ -231,7 +278,8 @@ class MilvusIndex:
                                                for t, w in h["entity"]["vector"].items()))),
                        int(h["id"])) for h in hits), key=lambda h: (-h[0], h[1]))
       complete = len(hits) < limit or limit == _MAX_LIMIT
-      if complete or (len(exact) >= top_k and exact[top_k - 1][0] >= hits[-1]["distance"]):
+      # Strictly above: a document not fetched may tie with the k-th and have a lower id.
+      if complete or (len(exact) >= top_k and exact[top_k - 1][0] > hits[-1]["distance"]):
         return exact
       limit = min(4 * limit, _MAX_LIMIT)
 
@@ -361,12 +409,14 @@ def read_jsonl(path: str | os.PathLike, num_latents: int | None = None
         if match is None:
           raise DataError(f"{where}: vector key {key!r} is not 'f' followed by a latent id")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(
-            weight):
-          raise DataError(f"{where}: weight of {key} is {weight!r}, not a finite number")
+            np.float32(weight)):  # as stored: 1e39 is a finite float but no finite float32
+          raise DataError(f"{where}: weight of {key} is {weight!r}, not a finite float32 number")
         latent = int(match.group(1))
-        if num_latents is not None and latent >= num_latents:
-          raise DataError(f"{where}: latent {latent} ({key}) is outside [0, {num_latents})")
-        row[latent] = float(weight)
+        limit = np.iinfo(np.int32).max + 1 if num_latents is None else num_latents
+        if latent >= limit:
+          raise DataError(f"{where}: latent {latent} ({key}) is outside [0, {limit})")
+        # "f00001" and "f1" name one latent: its weights add up, as repeats in a code do.
+        row[latent] = row.get(latent, 0.0) + float(weight)
       ids.append(str(record["id"]))
       contents.append(str(record.get("content", "")))
       rows.append(row)
