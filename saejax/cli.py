@@ -33,8 +33,8 @@ from typing import Any
 from saejax.errors import ConfigError, SaejaxError
 
 # Errors a user causes and can fix from the message alone; everything else is a bug.
-USER_ERRORS = (SaejaxError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+USER_ERRORS = (SaejaxError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "SAEJAX_DEBUG"
 EXIT_USER_ERROR = 2  # what argparse uses for a bad command line

@@ -101,6 +101,17 @@ def test_debug_shows_the_traceback():
     assert "Traceback" in out.stderr and "CheckpointError: model directory" in out.stderr
 
 
+def test_a_file_where_a_directory_goes_is_one_line(tmp_path, capsys):
+  """mkdir(exist_ok=True) on a path that is a file (e.g. an --out directory) raises
+  FileExistsError: the user's to fix, so one line and exit 2."""
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(lambda argv: Path(argv[0]).mkdir(parents=True, exist_ok=True), [str(afile)])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == f"error: File exists: {afile}\n"
+
+
 def test_user_errors_exit_2_and_bugs_keep_their_traceback(capsys):
   def missing_file(argv):
     open(MISSING)  # noqa: SIM115 - raises FileNotFoundError

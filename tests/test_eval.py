@@ -407,6 +407,36 @@ def test_bad_idf_power_is_refused_before_any_encoding(power):
     quickeval.EvalConfig(beir_dir="unused", idf_power=power)
 
 
+def test_out_and_k_are_refused_before_any_work(beir, runs, tmp_path, monkeypatch):
+  """A file where the --out directory goes, or --k-query / --k-doc above the model's S (128):
+  a ConfigError before any system is built (--out) or anything is encoded (k)."""
+  class Reached(Exception):
+    pass
+
+  def reached(*args):
+    raise Reached
+
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  base = ["--baselines", "bm25", "--beir", f"{beir}:test"]
+  monkeypatch.setattr(cli, "build_systems", reached)
+  for out in (afile, afile / "sub"):
+    with pytest.raises(ConfigError, match=f"{afile} is a file, not a directory"):
+      cli.main([*base, "--out", str(out)])
+  with pytest.raises(Reached):  # a new directory is fine: on to building the systems
+    cli.main([*base, "--out", str(tmp_path / "new" / "out")])
+  assert (tmp_path / "new" / "out").is_dir()
+  monkeypatch.undo()
+  monkeypatch.setattr(harness, "evaluate", reached)
+  model = [*base, "--model", str(runs["sparse"]), "--out", str(tmp_path / "out")]
+  for flag in ("--k-query", "--k-doc"):
+    with pytest.raises(ConfigError, match=rf"{flag}=129 exceeds the 128 latents \(S\) of system "
+                                          r"'sparse'"):
+      cli.main([*model, flag, "129"])
+    with pytest.raises(Reached):  # k = S is allowed
+      cli.main([*model, flag, "128"])
+
+
 def _eval_cli(*args: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-m", "saejax.eval", *args], cwd=REPO, text=True,
                         capture_output=True, timeout=600, env={**os.environ, "SAEJAX_DEBUG": ""})

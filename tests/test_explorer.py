@@ -1,6 +1,6 @@
 """saejax.interpret.explorer: the command on a tiny trained run, another model's codes refused,
-and the page loaded in a real headless Chromium (JavaScript ran: the latents are in the DOM;
-screenshot saved).
+the embedded data inert whatever the documents hold, and the page loaded in a real headless
+Chromium (JavaScript ran: the latents are in the DOM; screenshot saved).
 
 Chromium comes from Debian's package (``apt-get install -y chromium``); the browser test skips
 with a reason where it is absent.
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from saejax.data.beir import load_beir
-from saejax.errors import DataError
+from saejax.errors import ConfigError, DataError
 from saejax.hub import trained
 from saejax.interpret import explorer, latents as interpret
+from saejax.sae.embedder import Embedder
 
 REPO = Path(__file__).resolve().parents[1]
 BEIR = REPO / "data/debian-quickstart/beir-dev"
@@ -38,10 +39,45 @@ def report(run_dir, tmp_path_factory) -> Path:
   return out
 
 
+def _data_block(html: str) -> str:
+  """The embedded JSON as an HTML parser delimits it: up to the first "</script"."""
+  return re.search(r'<script id="data" type="application/json">(.*?)</script', html,
+                   re.S).group(1)
+
+
 def _payload(page: Path) -> dict:
-  text = page.read_text()
-  return json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', text,
-                              re.S).group(1).replace("<\\/", "</"))
+  return json.loads(_data_block(page.read_text()))
+
+
+# Document texts that break a page whose embedded JSON keeps "<" as is: "<!--" then "<script"
+# puts the HTML parser in a state where the page's own </script> no longer ends the data (and no
+# "-->" follows here to take it back out).
+HOSTILE = ["Example config: <!-- <script> here", "</script><script>alert(1)</script>",
+           "a && b > c", "line\u2028separator\u2029paragraph", "plain"]
+
+
+def _hand_payload(docs: list[str]) -> dict:
+  """A `collect`-shaped payload built by hand: latent 1 fires in every document."""
+  return {"title": "t <b>", "model": {"fingerprint": "f", "num_latents": 4, "k": 1,
+                                      "num_docs": len(docs), "num_queries": 1, "dead": 0,
+                                      "hot": 0, "label_quality": "q"},
+          "latents": [{"id": 1, "label": "audio <!--", "terms": ["audio"], "freq": 1.0,
+                       "mean": 1.0, "max": 1.0, "auc": None, "family": 0,
+                       "top": [{"doc": 0, "act": 1.0, "spans": None}]}],
+          "labels": {"1": "audio <!--"}, "docs": docs,
+          "doc_codes": [[[1], [1.0]] for _ in docs],
+          "queries": [{"text": "q <script>", "idx": [1], "val": [1.0]}],
+          "histogram_svg": "<svg></svg>"}
+
+
+def test_embedded_json_cannot_leave_its_script():
+  """No "<" (nor ">", "&", U+2028, U+2029) inside the data element, whatever the documents hold,
+  and the element parses back to the payload: the HTML parser, which reacts to "<" only within a
+  script, ends the element where the template ends it."""
+  payload = _hand_payload(HOSTILE)
+  block = _data_block(explorer.render(payload))
+  assert json.loads(block) == payload
+  assert not set(block) & set("<>&\u2028\u2029"), sorted(set(block) & set("<>&\u2028\u2029"))
 
 
 def _numpy_sae(model) -> dict[str, np.ndarray]:
@@ -142,6 +178,19 @@ def test_refuses_another_models_codes(run_dir, report, tmp_path):
   assert not (tmp_path / "x.html").exists()
 
 
+def test_refuses_a_run_without_sae_and_negative_max_queries(run_dir, tmp_path, monkeypatch):
+  out = tmp_path / "x.html"
+  with pytest.raises(ConfigError, match=r"--max-queries=-1 must be >= 0"):
+    explorer.main(["--run", str(run_dir), "--out", str(out), *ARGS, "--max-queries", "-1"])
+  # The dense ablation (sae.enabled=False) loads as an Embedder whose sae is None.
+  config, model, tokenizer = trained.load_run(run_dir)
+  monkeypatch.setattr(trained, "load_run",
+                      lambda run: (config, Embedder(model.encoder, None), tokenizer))
+  with pytest.raises(ConfigError, match=f"--run {re.escape(str(run_dir))} has no SAE"):
+    explorer.main(["--run", str(run_dir), "--out", str(out), *ARGS])
+  assert not out.exists()
+
+
 def _chromium() -> str:
   for name in ("chromium", "chromium-browser", "google-chrome"):
     if shutil.which(name):
@@ -149,12 +198,20 @@ def _chromium() -> str:
   pytest.skip("no Chromium on this machine (Debian: apt-get install -y chromium)")
 
 
+def _browser_flags() -> list[str]:
+  return [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+          "--virtual-time-budget=10000", "--window-size=1400,1000"]
+
+
+def _dom(page: Path) -> str:
+  """The page's DOM after its JavaScript ran."""
+  return subprocess.run([*_browser_flags(), "--dump-dom", page.as_uri()], capture_output=True,
+                        text=True, timeout=120, check=True).stdout
+
+
 def test_page_in_headless_chromium(report, tmp_path):
-  browser = _chromium()
-  flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--virtual-time-budget=10000", "--window-size=1400,1000"]
-  dom = subprocess.run([*flags, "--dump-dom", report.as_uri()], capture_output=True, text=True,
-                       timeout=120, check=True).stdout
+  flags = _browser_flags()
+  dom = _dom(report)
   data = _payload(report)
   # Rows exist only after the page's JavaScript rendered them from the embedded JSON.
   rows = re.findall(r'<tr class="latent-row[^"]*" data-latent="(\d+)"', dom)
@@ -166,3 +223,15 @@ def test_page_in_headless_chromium(report, tmp_path):
   subprocess.run([*flags, f"--screenshot={shot}", report.as_uri()], capture_output=True,
                  timeout=120, check=True)
   assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hostile_documents_in_headless_chromium(tmp_path):
+  """Documents holding "<!-- <script>" and "</script>" leave the page working: its script ran
+  (the latent row, the top document and all five results are in the DOM) and shows them as text."""
+  page = explorer.write_report(tmp_path / "hostile.html", _hand_payload(HOSTILE))
+  dom = _dom(page)
+  assert re.findall(r'<tr class="latent-row[^"]*" data-latent="(\d+)"', dom) == ["1"]
+  scores = re.findall(r'<div class="doc result"><span class="act">score ([\d.]+)</span>', dom)
+  assert scores == ["1.000"] * len(HOSTILE)  # every document holds latent 1 at 1.0, as the query
+  assert "Example config: &lt;!-- &lt;script&gt; here" in dom
+  assert "&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in dom

@@ -1,5 +1,7 @@
 """saejax.interpret: statistics against hand-computed cases, leave-one-token-out on a known case."""
 
+import json
+import re
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -8,7 +10,7 @@ import pytest
 from flax import nnx
 
 from saejax.data.tokenizer import load_tokenizer, truncating_copy
-from saejax.errors import ConfigError, DataError
+from saejax.errors import CheckpointError, ConfigError, DataError
 from saejax.interpret import labels, latents as interpret
 from saejax.models import bert
 from saejax.sae import topk as sae_lib
@@ -35,6 +37,15 @@ def test_stats_by_hand():
   assert [r["latent"] for r in rows] == [0, 1, 2] and rows[0]["label"] == "zero"
   text = interpret.format_table(rows)
   assert "frequency" in text.splitlines()[0] and len(text.splitlines()) == 5
+
+
+def test_stats_table_of_chosen_latents():
+  st = interpret.latent_stats(VALUES, INDICES, 5)
+  rows = interpret.stats_table(st, latents=[2, 0])
+  assert [(r["latent"], r["count"], r["max"]) for r in rows] == [(2, 1, 1.0), (0, 3, 4.0)]
+  for bad in (-1, 5):  # -1 would read latent 4 (NumPy counts from the end)
+    with pytest.raises(ConfigError, match=rf"latent id\(s\) \[{bad}\] out of range \[0, 5\)"):
+      interpret.stats_table(st, latents=[bad])
 
 
 def test_coactivation_and_families_by_hand():
@@ -154,6 +165,38 @@ def test_fingerprint_and_stored_codes(tmp_path):
   np.testing.assert_array_equal(codes.indices, INDICES)
   with pytest.raises(interpret.FingerprintError, match="not by this model"):
     interpret.load_codes(path, fingerprint=b)
+
+
+def test_malformed_codes_and_labels_files_name_what_is_wrong(tmp_path):
+  def naming(name, says):  # the message names the file, then what is wrong with it
+    return f"{re.escape(str(tmp_path / name))}.*{re.escape(says)}"
+
+  header = lambda **h: np.asarray(json.dumps(h))
+  np.save(tmp_path / "one.npy", np.zeros(3))
+  (tmp_path / "codes.json").write_text("{}")
+  np.savez(tmp_path / "no_header.npz", values=VALUES, indices=INDICES)
+  np.savez(tmp_path / "no_size.npz", values=VALUES, indices=INDICES,
+           header=header(format=interpret.CODES_FORMAT, fingerprint="abc"))
+  np.savez(tmp_path / "other.npz", values=VALUES, indices=INDICES, header=header(format="x"))
+  for name, says in [("one.npy", "it holds a single array"),
+                     ("codes.json", "NumPy cannot read it as an .npz archive"),
+                     ("no_header.npz", "it has no header"),
+                     ("no_size.npz", "its header has no num_latents"),
+                     ("other.npz", "has format 'x', not 'saejax.codes'")]:
+    with pytest.raises(CheckpointError, match=naming(name, says)):
+      interpret.load_codes(tmp_path / name, fingerprint="abc")
+  good = {"format": labels.FORMAT, "version": labels.FORMAT_VERSION, "num_latents": 5,
+          "fingerprint": "abc", "config": {}, "labels": {}}
+  for name, data, says in [
+      ("no_fp.json", {k: v for k, v in good.items() if k != "fingerprint"}, "has no fingerprint"),
+      ("list.json", [good], f"is not a {labels.FORMAT} v{labels.FORMAT_VERSION} file"),
+      ("bad_label.json", {**good, "labels": {"0": {"latent": 0}}}, "malformed labels or config"),
+      ("bad_config.json", {**good, "config": {"top_k": 3}}, "malformed labels or config")]:
+    (tmp_path / name).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=naming(name, says)):
+      labels.load_labels(tmp_path / name, fingerprint="abc")
+  (tmp_path / "ok.json").write_text(json.dumps(good))
+  assert labels.load_labels(tmp_path / "ok.json", fingerprint="abc").labels == {}
 
 
 # ---------------------------------------------------------------------------------------------

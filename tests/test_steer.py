@@ -141,6 +141,41 @@ def test_steer_query_with_latent_weights_by_hand():
     steer.steer_query(q_v, np.array([[3, 40]]), steer.Steering.by_id(boost=[7]), S)
 
 
+def test_later_operations_win_in_the_filters_too():
+  """Where two operations name one latent the later one alone acts, on the query and on the
+  filters (as in the explorer page, which keeps one operation per latent). Documents 0-4 hold
+  latent 1, documents 5-9 latent 2; the query holds both at 1, so scale = 2."""
+  vals = np.ones((10, 1), np.float32)
+  idx = np.array([[1]] * 5 + [[2]] * 5, np.int32)
+  s = steer.SteeredSearch(SparseIndex.build(vals, idx, 8), steer.DocActivations(vals, idx, 8))
+  q_v, q_i = np.ones((1, 2), np.float32), np.array([[1, 2]], np.int32)
+  search = lambda text: s.search(q_v, q_i, 5, steer.parse_steering(text, None, 8))
+  scores, ids = search("without #1; more about #1")  # the boost replaces the exclude
+  np.testing.assert_array_equal(ids, [[0, 1, 2, 3, 4]])
+  np.testing.assert_allclose(scores, [[3.0] * 5])  # latent 1 weighs 1 + scale
+  scores, ids = search("more about #1; without #1")  # the exclude replaces the boost
+  np.testing.assert_array_equal(ids, [[5, 6, 7, 8, 9]])
+  np.testing.assert_allclose(scores, [[1.0] * 5])
+  # One operation on several latents keeps, as a filter, those no later operation names.
+  st = steer.parse_steering("only #1, 2; more about #2", None, 8)
+  assert [(op.kind, op.latents) for op in st.filters] == [("only", (1,))]
+  assert steer.parse_steering("only #1; more about #1", None, 8).filters == ()
+
+
+def test_latent_ids_out_of_range_are_refused():
+  """-1 would read latent S-1 through NumPy's negative indexing; S and above are no latent."""
+  vals = np.ones((4, 1), np.float32)
+  idx = np.array([[7], [7], [1], [2]], np.int32)
+  docs = steer.DocActivations(vals, idx, 8)
+  ids = np.arange(4)[None]
+  np.testing.assert_allclose(steer.fraction_activating(ids, docs, 7), [0.5])
+  for bad in (-1, 8, 100):
+    with pytest.raises(steer.ConfigError, match=rf"latent id\(s\) \[{bad}\] out of range \[0, 8\)"):
+      steer.fraction_activating(ids, docs, bad)
+    with pytest.raises(steer.ConfigError, match=r"S=8"):
+      docs.activation(ids, bad)
+
+
 LABELS = LatentLabels(
     {0: LatentLabel(0, "audio sound mixer", ("audio", "sound", "mixer"), (3.0, 2.0, 1.0), 0.3),
      1: LatentLabel(1, "license gpl copyright", ("license", "gpl", "copyright"), (3, 2, 1), 0.2),

@@ -191,6 +191,16 @@ def build_systems(args: argparse.Namespace) -> list:
   return systems
 
 
+def check_k(args: argparse.Namespace, systems: list) -> None:
+  """Refuse a --k-query / --k-doc above a sparse system's S before anything is encoded."""
+  for system in (s for s in systems if s.kind == "sparse"):
+    num_latents = system.model.sae.config.num_latents
+    for flag, k in (("--k-query", args.k_query), ("--k-doc", args.k_doc)):
+      if k > num_latents:
+        raise ConfigError(f"{flag}={k} exceeds the {num_latents} latents (S) of system "
+                          f"{system.name!r}; choose k <= {num_latents} (0: the model's own k)")
+
+
 def main(argv: list[str] | None = None) -> dict:
   """Run the evaluation; returns what was written to results.json."""
   argv = sys.argv[1:] if argv is None else argv
@@ -200,8 +210,10 @@ def main(argv: list[str] | None = None) -> dict:
     harness.model_kind(harness.split_name(model)[1])  # loading and encoding
   for spec in specs:
     spec.check()
+  report.out_directory(args.out)  # a file in the way fails now, not after the evaluation
   show_stages(args.quiet)
   systems = build_systems(args)
+  check_k(args, systems)
   budgets = token_budgets(args, systems)
   STAGES.info("token budgets: queries %d, documents %d (%s)", budgets["max_query_len"],
               budgets["max_doc_len"], budgets["from"])

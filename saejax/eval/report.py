@@ -20,6 +20,7 @@ import os
 import platform
 from pathlib import Path
 
+from saejax.errors import ConfigError
 from saejax.eval.harness import file_stem
 
 RESULTS = "results.json"
@@ -35,6 +36,20 @@ def machine() -> dict:
           "jax_device": getattr(device, "device_kind", str(device)), "jax_version": jax.__version__}
 
 
+def out_directory(out_dir: str | Path) -> Path:
+  """``out_dir``, created with its parents (``python -m saejax.eval`` calls it before any work).
+
+  Raises:
+    ConfigError: ``out_dir`` or one of its parents exists as a file.
+  """
+  out = Path(out_dir)
+  blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+  if blocking is not None:
+    raise ConfigError(f"cannot write the report to {out}: {blocking} is a file, not a directory")
+  out.mkdir(parents=True, exist_ok=True)
+  return out
+
+
 def write(results: dict, out_dir: str | Path, *, command: str = "", plots: bool = True) -> dict:
   """Write results.json, report.md and (with ``plots``) the PNGs to ``out_dir``.
 
@@ -48,8 +63,7 @@ def write(results: dict, out_dir: str | Path, *, command: str = "", plots: bool 
     The results with the run information (``created``, ``command``, ``machine``, ``files``)
     added, as written to results.json.
   """
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  out = out_directory(out_dir)
   results = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "command": command, "machine": machine(), **results}
   files = {}

@@ -38,6 +38,8 @@ from saejax.retrieval.encode import EncodeConfig, encode_sparse
 from saejax.sae.embedder import Embedder
 
 TEMPLATE = Path(__file__).with_name("explorer_template.html")
+# Characters written as \uXXXX in the page's embedded JSON (`script_json`).
+_SCRIPT_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,11 +197,22 @@ def collect(model: Embedder, tokenizer: Tokenizer, docs: Sequence[str], queries:
 def render(payload: dict) -> str:
   """The HTML page of a `collect` payload."""
   template = TEMPLATE.read_text(encoding="utf-8")
-  # "</" inside a <script> would end it early: escape the slash (valid JSON).
-  data = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
   return (template.replace("{{TITLE}}", html.escape(payload["title"]))
           .replace("{{HISTOGRAM}}", payload["histogram_svg"])
-          .replace("{{DATA}}", data))
+          .replace("{{DATA}}", script_json(payload)))
+
+
+def script_json(payload: dict) -> str:
+  """``payload`` as JSON safe to embed in a <script> element.
+
+  Inside a script the HTML parser reacts to "<" alone ("</script", and "<!--" followed by
+  "<script", which makes it swallow the page's own script: HTML spec, "Restrictions for contents
+  of script elements"), so every "<" becomes \\u003c; ">" and "&" too, as Django's json_script
+  does. ``ensure_ascii`` writes U+2028 / U+2029 as escapes as well. These characters occur only
+  inside JSON strings, so the result is still valid JSON and parses to ``payload``.
+  """
+  text = json.dumps(payload, separators=(",", ":"), ensure_ascii=True)
+  return text.translate(_SCRIPT_ESCAPES)
 
 
 def write_report(path: str | Path, payload: dict) -> Path:
@@ -230,7 +243,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
   p.add_argument("--evidence-latents", "--evidence_latents", dest="evidence_latents", type=int,
                  default=ExplorerConfig.evidence_latents)
   args = p.parse_args(argv)
+  if args.max_queries < 0:
+    raise ConfigError(f"--max-queries={args.max_queries} must be >= 0")
   config, model, tokenizer = trained.load_run(args.run)
+  if model.sae is None:
+    raise ConfigError(f"--run {args.run} has no SAE (trained with sae.enabled=False, a dense "
+                      f"ablation): the explorer shows SAE latents; pass a run trained with an SAE")
   data = load_beir(args.beir, args.split, max_docs=args.max_docs)
   fingerprint = latents_lib.model_fingerprint(model)
   codes = latents_lib.load_codes(args.codes, fingerprint=fingerprint) if args.codes else None

@@ -144,24 +144,41 @@ class LatentLabels:
 
 
 def load_labels(path: str | Path, *, fingerprint: str | None = None) -> LatentLabels:
-  """Read ``latent_labels.json``; with ``fingerprint``, refuse another model's labels."""
+  """Read ``latent_labels.json``; with ``fingerprint``, refuse another model's labels.
+
+  Raises:
+    CheckpointError: no file at ``path``, or one that is not such a file (the message names the
+      file and what it lacks).
+    FingerprintError: another model's labels.
+  """
   path = Path(path)
   path = path / FILE_NAME if path.is_dir() else path
   if not path.is_file():
     raise CheckpointError(f"no labels file at {path}")
   try:
     data = json.loads(path.read_text(encoding="utf-8"))
+  except UnicodeDecodeError as e:
+    raise CheckpointError(f"{path} is not a text file (byte {e.start} is not UTF-8)") from e
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path} is not valid JSON (line {e.lineno}): {e.msg}") from e
-  if data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
+  if (not isinstance(data, dict) or data.get("format") != FORMAT
+      or data.get("version") != FORMAT_VERSION):
     raise CheckpointError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} file")
+  missing = [k for k in ("num_latents", "fingerprint", "config", "labels") if k not in data]
+  if missing:
+    raise CheckpointError(f"{path} has no {' or '.join(missing)}: write it with "
+                          f"LatentLabels.save")
   if fingerprint is not None:
     latents.check_fingerprint(fingerprint, data["fingerprint"], f"labels file {path}")
-  labels = {int(j): LatentLabel(**{**x, "terms": tuple(x["terms"]),
-                                   "weights": tuple(x["weights"])})
-            for j, x in data["labels"].items()}
-  return LatentLabels(labels, int(data["num_latents"]), data["fingerprint"],
-                      LabelConfig(**data["config"]))
+  try:
+    labels = {int(j): LatentLabel(**{**x, "terms": tuple(x["terms"]),
+                                     "weights": tuple(x["weights"])})
+              for j, x in data["labels"].items()}
+    return LatentLabels(labels, int(data["num_latents"]), data["fingerprint"],
+                        LabelConfig(**data["config"]))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # a malformed entry
+    raise CheckpointError(f"{path}: malformed labels or config ({type(e).__name__}: {e}); "
+                          f"write it with LatentLabels.save") from e
 
 
 def auc_summary(aucs: Float[np.ndarray, "M"]) -> dict:

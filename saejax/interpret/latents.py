@@ -35,6 +35,7 @@ Shape legend: N documents, K active latents per document, S latents, T tokens, L
 import dataclasses
 import hashlib
 import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -110,6 +111,21 @@ def _check_codes(values: np.ndarray, indices: np.ndarray, num_latents: int
   if not np.isfinite(values).all():
     raise DataError("codes hold non-finite values")
   return values, indices
+
+
+def check_latent_ids(latents: Sequence[int], num_latents: int) -> Int[np.ndarray, "L"]:
+  """``latents`` as an int64 array; ConfigError naming the ids outside [0, num_latents).
+
+  A negative id would otherwise index from the end (latent S-1 for -1) without a word.
+  """
+  ids = np.asarray(latents).reshape(-1)
+  if ids.size and not np.issubdtype(ids.dtype, np.integer):
+    raise ConfigError(f"latent ids must be integers, got {ids.dtype} ({ids[:5].tolist()})")
+  bad = ids[(ids < 0) | (ids >= num_latents)]
+  if bad.size:
+    raise ConfigError(f"latent id(s) {bad[:10].tolist()} out of range [0, {num_latents}): the "
+                      f"model has S={num_latents} latents")
+  return ids.astype(np.int64)
 
 
 def activations(values: Float[np.ndarray, "N K"], indices: Int[np.ndarray, "N K"],
@@ -203,7 +219,7 @@ def stats_table(stats: LatentStats, *, labels: dict[int, str] | None = None,
 
   Columns: latent, count, frequency, mean, max, hot, and label / family when given.
   """
-  chosen = (np.asarray(latents) if latents is not None
+  chosen = (check_latent_ids(latents, stats.num_latents) if latents is not None
             else stats.live[np.argsort(-stats.counts[stats.live], kind="stable")])
   rows = []
   for j in chosen:
@@ -242,10 +258,7 @@ def top_documents(values: Float[np.ndarray, "N K"], indices: Int[np.ndarray, "N 
     (rows [L, n] with -1 padding where a latent fires in fewer than n documents, activations
     [L, n] with 0 padding). Ties go to the lower row.
   """
-  latents = np.asarray(latents, dtype=np.int64).reshape(-1)
-  if latents.size and (latents.min() < 0 or latents.max() >= num_latents):
-    raise ConfigError(f"latents must lie in [0, {num_latents}); got {latents.min()} .. "
-                      f"{latents.max()}")
+  latents = check_latent_ids(latents, num_latents)
   csc = activations(values, indices, num_latents).tocsc()
   rows = np.full((latents.size, n), -1, dtype=np.int64)
   acts = np.zeros((latents.size, n), dtype=np.float32)
@@ -328,9 +341,7 @@ def token_evidence(model: Embedder, tokenizer: Tokenizer, texts: Sequence[str],
   out = []
   for enc, chosen in zip(encodings, latents):
     text_ids = enc.ids
-    chosen = np.asarray(chosen, dtype=np.int64).reshape(-1)
-    if chosen.size and (chosen.min() < 0 or chosen.max() >= s):
-      raise ConfigError(f"latent ids must lie in [0, {s}); got {chosen.min()} .. {chosen.max()}")
+    chosen = check_latent_ids(chosen, s)
     t = len(text_ids)
     ids, valid = _pad([text_ids], 1, _bucket(t, lengths), pad)
     pre = np.asarray(forward(jnp.asarray(ids[0]), jnp.asarray(valid[0])))[:, chosen]
@@ -374,18 +385,46 @@ def save_codes(path: str | Path, codes: StoredCodes) -> Path:
 
 
 def load_codes(path: str | Path, *, fingerprint: str | None = None) -> StoredCodes:
-  """Read codes written by `save_codes`; with ``fingerprint``, refuse another model's codes."""
+  """Read codes written by `save_codes`; with ``fingerprint``, refuse another model's codes.
+
+  Raises:
+    CheckpointError: no file at ``path``, or one that is not such an .npz (the message names the
+      file and what it lacks).
+    FingerprintError: another model's codes.
+  """
   path = Path(path)
   if not path.is_file():
     raise CheckpointError(f"no codes file at {path}")
-  with np.load(path, allow_pickle=False) as f:
-    if "header" not in f:
-      raise CheckpointError(f"{path} is not a saejax codes file (no header)")
-    header = json.loads(str(f["header"]))
+  not_codes = f"{path} is not a saejax codes file (the .npz latents.save_codes writes)"
+  try:
+    f = np.load(path, allow_pickle=False)
+  except (ValueError, EOFError, zipfile.BadZipFile) as e:  # text, JSON, pickled or cut-off bytes
+    raise CheckpointError(f"{not_codes}: NumPy cannot read it as an .npz archive") from e
+  if not isinstance(f, np.lib.npyio.NpzFile):
+    raise CheckpointError(f"{not_codes}: it holds a single array")
+  with f:
+    missing = [k for k in ("header", "values", "indices") if k not in f]
+    if missing:
+      raise CheckpointError(f"{not_codes}: it has no {' or '.join(missing)}")
+    header = _codes_header(f["header"], path)
     codes = StoredCodes(f["values"], f["indices"], int(header["num_latents"]),
-                        header["fingerprint"])
-  if header.get("format") != CODES_FORMAT:
-    raise CheckpointError(f"{path} has format {header.get('format')!r}, not {CODES_FORMAT!r}")
+                        str(header["fingerprint"]))
   if fingerprint is not None:
     check_fingerprint(fingerprint, codes.fingerprint, f"codes file {path}")
   return codes
+
+
+def _codes_header(stored: np.ndarray, path: Path) -> dict:
+  """The header of codes file ``path``, checked: format, num_latents and fingerprint."""
+  try:
+    header = json.loads(str(stored))
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: its header is not JSON ({e.msg})") from e
+  if not isinstance(header, dict) or header.get("format") != CODES_FORMAT:
+    found = header.get("format") if isinstance(header, dict) else header
+    raise CheckpointError(f"{path} has format {found!r}, not {CODES_FORMAT!r}")
+  missing = [k for k in ("num_latents", "fingerprint") if k not in header]
+  if missing:
+    raise CheckpointError(f"{path}: its header has no {' or '.join(missing)}: write it with "
+                          f"latents.save_codes")
+  return header

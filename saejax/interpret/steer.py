@@ -46,7 +46,7 @@ import numpy as np
 from jaxtyping import Float, Int
 
 from saejax.errors import ConfigError, DataError
-from saejax.interpret import labels as labels_lib
+from saejax.interpret import labels as labels_lib, latents as latents_lib
 from saejax.retrieval.index import sparse_matrix
 
 OpKind = Literal["boost", "suppress", "exclude", "only"]
@@ -117,9 +117,19 @@ class Steering:
       if bad:
         raise SteerError(f"{op.kind}: latent id(s) {bad} out of range [0, {num_latents})")
 
+  def last_ops(self) -> dict[int, SteerOp]:
+    """Each steered latent's operation: the last one that names it (later operations win, as
+    in the explorer page, which keeps one operation per latent)."""
+    return {j: op for op in self.ops for j in op.latents}
+
   @property
   def filters(self) -> tuple[SteerOp, ...]:
-    return tuple(op for op in self.ops if op.kind in FILTERS)
+    """The exclude / only operations, each on the latents that no later operation overrides
+    (an op left with none is dropped)."""
+    last = self.last_ops()
+    kept = ((op, tuple(j for j in op.latents if last[j] is op))
+            for op in self.ops if op.kind in FILTERS)
+    return tuple(dataclasses.replace(op, latents=ids) for op, ids in kept if ids)
 
   def describe(self, labels: labels_lib.LatentLabels | None = None) -> str:
     """One line per operation, with labels where known."""
@@ -224,17 +234,12 @@ def steer_query(q_values: Float[np.ndarray, "Q R"], q_indices: Int[np.ndarray, "
   # The query's positive mass as the index weighs it (the index's per-query rescale to the
   # original norm multiplies every column alike, so it moves no ranking and no sign).
   scale = (np.clip(q_values, 0, None) * latent_weights[q_indices]).sum(axis=1)  # [Q]
-  # Net effect per latent, in order: later operations override earlier ones on the same latent.
-  final: dict[int, tuple[str, float]] = {}
-  for op in steering.ops:
-    for j in op.latents:
-      final[j] = (op.kind, op.strength)
   values = q_values.copy()
   extra_v, extra_i = [], []
-  for j, (kind, strength) in final.items():
-    if kind in ("suppress", "exclude"):
+  for j, op in steering.last_ops().items():  # later operations override earlier ones on j
+    if op.kind in ("suppress", "exclude"):
       values[q_indices == j] = 0.0
-    weight = {"boost": strength, "only": strength, "suppress": -strength, "exclude": 0.0}[kind]
+    weight = {"boost": 1.0, "only": 1.0, "suppress": -1.0, "exclude": 0.0}[op.kind] * op.strength
     extra_v.append(weight * scale / latent_weights[j])
     extra_i.append(np.full(q_values.shape[0], j, q_indices.dtype))
   if not extra_v:
@@ -270,7 +275,12 @@ class DocActivations:
     return np.where(found, self._order[pos], -1)
 
   def activation(self, doc_ids: Int[np.ndarray, "..."], latent: int) -> Float[np.ndarray, "..."]:
-    """Activation of ``latent`` in each document (0 for unknown ids)."""
+    """Activation of ``latent`` in each document (0 for unknown ids).
+
+    Raises:
+      ConfigError: ``latent`` outside [0, S).
+    """
+    (latent,) = latents_lib.check_latent_ids([latent], self.num_latents)
     rows = self.rows(doc_ids)
     column = np.asarray(self.matrix[:, latent].todense()).ravel()
     return np.where(rows >= 0, column[np.maximum(rows, 0)], 0.0)
@@ -336,7 +346,7 @@ class SteeredSearch:
 def fraction_activating(doc_ids: Int[np.ndarray, "Q R"], docs: DocActivations, latent: int,
                         threshold: float = 0.0) -> Float[np.ndarray, "Q"]:
   """Per query, the fraction of its returned documents whose activation of ``latent`` exceeds
-  ``threshold`` (0 for a query with no results)."""
+  ``threshold`` (0 for a query with no results); ConfigError for ``latent`` outside [0, S)."""
   acts = docs.activation(doc_ids, latent)
   returned = (doc_ids >= 0).sum(axis=1)
   hits = ((acts > threshold) & (doc_ids >= 0)).sum(axis=1)
