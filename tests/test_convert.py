@@ -1,6 +1,8 @@
 """Conversion CLI, Orbax encoder checkpoints and tokenizer checks."""
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -132,6 +134,54 @@ def test_restore_rejects_a_config_that_does_not_fit(tmp_path, hf_dir):
   (tmp_path / "ckpt" / "config.json").write_text(text)
   with pytest.raises(CheckpointError, match="does not fit the model"):
     convert.restore_encoder(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("pooler, args", [(False, []), (True, ["--no-head"])])
+def test_cli_round_trip_of_a_bert_without_pooler(tmp_path, pooler, args):
+  """A BERT without its pooler (an embedding model saved without one, or --no-head): its saejax
+  checkpoint restores, and saejax-to-hf gives back its tensors bit for bit, from which
+  transformers computes the original model's hidden states."""
+  torch.manual_seed(0)
+  original = transformers.BertModel(transformers.BertConfig(
+      vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+      intermediate_size=64, max_position_embeddings=64), add_pooling_layer=pooler).eval()
+  original.save_pretrained(tmp_path / "hf")
+  convert.main(["hf-to-saejax", *args, str(tmp_path / "hf"), str(tmp_path / "ckpt")])
+  cfg, _ = convert.restore_encoder(tmp_path / "ckpt")
+  assert cfg.pooler is False
+  convert.main(["saejax-to-hf", str(tmp_path / "ckpt"), str(tmp_path / "back")])
+  a, b = convert.read_tensors(tmp_path / "hf"), convert.read_tensors(tmp_path / "back")
+  assert b.keys() == {k for k in a if not k.startswith("pooler.")}
+  assert all(np.array_equal(a[k], b[k]) for k in b)
+  ids = torch.tensor(np.random.default_rng(0).integers(1, 100, (2, 12)))
+  with torch.no_grad():
+    want = original(input_ids=ids).last_hidden_state.numpy()
+    got = transformers.BertModel.from_pretrained(tmp_path / "back").eval()(
+        input_ids=ids).last_hidden_state.numpy()
+  np.testing.assert_array_equal(got, want)
+
+
+def test_damaged_index_and_config_are_named(tmp_path):
+  """A sharded checkpoint whose model.safetensors.index.json is truncated, lacks its weight_map or
+  is not an object, and a config.json that is not an object: CheckpointErrors naming the file."""
+  torch.manual_seed(0)
+  base = tmp_path / "base"
+  transformers.BertModel(transformers.BertConfig(
+      vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+      intermediate_size=64, max_position_embeddings=64)).save_pretrained(base,
+                                                                        max_shard_size="20KB")
+  index = "model.safetensors.index.json"
+  assert (base / index).exists()
+  cases = [(index, lambda text: text[: len(text) // 2], "is not valid JSON"),
+           (index, lambda text: json.dumps({"metadata": {}}), "has no 'weight_map' object"),
+           (index, lambda text: "[]", "has no 'weight_map' object"),
+           ("config.json", lambda text: "[]", "holds a JSON list, not a model config object")]
+  for i, (name, damage, match) in enumerate(cases):
+    directory = tmp_path / f"case{i}"
+    shutil.copytree(base, directory)
+    (directory / name).write_text(damage((directory / name).read_text()))
+    with pytest.raises(CheckpointError, match=re.escape(str(directory / name)) + ".* " + match):
+      convert.load_hf(directory)
 
 
 def test_tokenizer_vocab_mismatch_is_caught(data_dir):

@@ -9,6 +9,7 @@ saejax models with `SAEConfig.normalize_codes`.
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -203,6 +204,29 @@ def test_modernbert_export_matches_saejax(data_dir, texts, tmp_path, normalize_c
   _assert_same_codes(again.values, again.indices, st_codes)
 
 
+def test_import_lowercases_where_sentence_bert_config_says(data_dir, texts, tmp_path):
+  """``do_lower_case`` in sentence_bert_config.json (older sentence-transformers wrote it there,
+  beside a cased tokenizer.json): sentence-transformers lowercases each text before tokenizing,
+  and the import must encode as it does. ModernBERT's tokenizer is cased, so it shows."""
+  import transformers
+  torch.manual_seed(0)
+  hf_dir = tmp_path / "modernbert"
+  transformers.ModernBertModel(transformers.ModernBertConfig(
+      vocab_size=50368, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+      intermediate_size=48, local_attention=8, max_position_embeddings=64, pad_token_id=50283,
+      cls_token_id=50281, sep_token_id=50282)).save_pretrained(hf_dir)
+  export.write_tokenizer(data_dir / "modernbert-tokenizer" / "tokenizer.json", hf_dir, 32)
+  st_dir = _st_sparse_encoder(hf_dir, tmp_path / "csr", max_len=32, latents=128, k=8)
+  cased = _st_encode(st_dir, texts)
+  file = st_dir / "sentence_bert_config.json"
+  file.write_text(json.dumps({**json.loads(file.read_text()), "do_lower_case": True}))
+  lowercased = _st_encode(st_dir, texts)
+  assert not np.allclose(cased, lowercased)  # the setting changes these texts' codes
+  model, tok, _ = export.load_sparse_encoder(st_dir)
+  codes = encode_sparse(model, tok, texts, config=EncodeConfig(max_len=32, progress=False))
+  _assert_same_codes(codes.values, codes.indices, lowercased)
+
+
 def test_export_with_denser_queries_routes_queries_and_documents(tiny_bert_dir, texts, tmp_path):
   """`--query-k`: sentence-transformers' encode_query gives saejax's code at the query k and
   encode_document (and plain encode) at the document k, from one set of SAE weights; the import
@@ -252,15 +276,19 @@ def _load_config_py(file: Path):
   return module.get_config()
 
 
-def test_training_continues_from_an_imported_sparse_encoder(tiny_bert_dir, tmp_path):
+@pytest.mark.parametrize("bank_size", [0, 16])
+def test_training_continues_from_an_imported_sparse_encoder(tiny_bert_dir, tmp_path, bank_size):
+  """bank_size 16: the XBM memory bank (two batches of 8) is part of the step-0 state too."""
   st_dir = _st_sparse_encoder(tiny_bert_dir, tmp_path / "csr", max_len=32, latents=128, k=8)
-  workdir = export.init_run_from_sparse_encoder(st_dir, tiny_config.get_config("2"),
-                                                tmp_path / "run")
+  config = tiny_config.get_config("2")
+  config.loss.bank_size = bank_size
+  workdir = export.init_run_from_sparse_encoder(st_dir, config, tmp_path / "run")
   config = _load_config_py(workdir / "config.py")  # what `--config WORKDIR/config.py` reads
   assert (config.sae.num_latents, config.sae.k, config.data.max_doc_len) == (128, 8, 32)
   _, start, _ = trained.load_run(workdir)
   summary, state, graphdef = loop.train(config, workdir)
   assert summary["step"] == 2 and trained.checkpoint_steps(workdir)[-1] == 2
+  assert (state.bank is not None) == (bank_size > 0)
   trained_model = nnx.merge(graphdef, state.params)
   # Both parts trained: the imported backbone and the imported SAE encoder moved.
   head = SparseEncoder(str(st_dir))[2]
@@ -383,6 +411,57 @@ def test_bad_input_names_the_problem(tiny_bert_dir, tmp_path):
   with pytest.raises(CheckpointError, match=r"3_Normalize/config.json: Normalize maps "
                                             r"'token_embeddings'"):
     export.load_sparse_encoder(odd)
+
+
+def test_card_names_the_step_exported_past_a_damaged_one(tiny_run, tmp_path):
+  """The newest checkpoint damaged: the export reads the one before (as load_run does) and its
+  card names that step, whose SAE the export holds."""
+  import shutil
+  run = tmp_path / "run"
+  shutil.copytree(tiny_run, run)
+  *_, older, newest = trained.checkpoint_steps(run)
+  biggest = max((p for p in (run / "checkpoints" / str(newest) / "state").rglob("*")
+                 if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(biggest.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  biggest.write_bytes(bytes(data))
+  out = export.export_run(run, tmp_path / "export")
+  assert f"from run `run` (checkpoint step {older})." in (out / "README.md").read_text()
+  from safetensors.numpy import load_file
+  exported = load_file(out / "2_SparseAutoEncoder" / "model.safetensors")["encoder.weight"]
+  _, expected, _ = trained.load_run(run, older)
+  np.testing.assert_array_equal(exported, np.asarray(expected.sae.w_enc[...]).T)
+
+
+def _edit_json(file: Path, edit) -> None:
+  file.write_text(json.dumps(edit(json.loads(file.read_text()))))
+
+
+def test_damaged_sparse_encoder_files_are_named(tiny_bert_dir, tmp_path):
+  """Each damaged file of a SparseEncoder directory is a CheckpointError naming it, not a raw
+  safetensors / KeyError / AttributeError from deep inside the import."""
+  import shutil
+  good = _st_sparse_encoder(tiny_bert_dir, tmp_path / "good", max_len=32, latents=64, k=4)
+  sae = "2_SparseAutoEncoder"
+  without = lambda key: lambda d: {k: v for k, v in d.items() if k != key}  # noqa: E731
+  cases = [
+      (f"{sae}/model.safetensors", None, "is not a readable safetensors file"),
+      (f"{sae}/config.json", without("hidden_dim"), "lacks 'hidden_dim'"),
+      (f"{sae}/config.json", lambda d: {**d, "k": "four"}, ": 'k' is 'four'; expected an integer"),
+      (f"{sae}/config.json", lambda d: [d], "holds a JSON list, not an object"),
+      ("1_Pooling/config.json", lambda d: [d], "holds a JSON list, not an object"),
+      ("modules.json", lambda ms: [without("path")(m) for m in ms],
+       "is not a list of modules, each with a 'type' and a 'path'")]
+  for i, (name, edit, match) in enumerate(cases):
+    directory = tmp_path / f"case{i}"
+    shutil.copytree(good, directory)
+    file = directory / name
+    if edit is None:  # truncated
+      file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    else:
+      _edit_json(file, edit)
+    with pytest.raises(CheckpointError, match=re.escape(f"{file}") + ".*" + re.escape(match)):
+      export.load_sparse_encoder(directory)
 
 
 def test_old_run_config_reads_as_raw_codes(tmp_path):

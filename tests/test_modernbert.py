@@ -175,6 +175,23 @@ def test_old_config_dialect_reads_the_same():
   assert (a.global_rope_theta, a.local_rope_theta) == (80_000.0, 5_000.0)
 
 
+@pytest.mark.parametrize("stored", ["bfloat16", "float16"])
+def test_stored_dtype_is_not_the_compute_dtype(tmp_path, stored):
+  """transformers 5 writes the dtype its weights are stored in into config.json ("dtype"); saejax
+  computes in its own setting (float32 by default), so a half-precision checkpoint gives what
+  transformers gives from the same file in float32. A compute dtype saejax has no path for is
+  refused by name."""
+  _hf_model(tmp_path, mlm=False, seed=3).to(getattr(torch, stored)).save_pretrained(tmp_path)
+  assert json.loads((tmp_path / "config.json").read_text())["dtype"] == stored
+  cfg, model = convert.load_hf(tmp_path)
+  assert cfg.dtype == "float32"
+  reference = transformers.ModernBertModel.from_pretrained(tmp_path, dtype=torch.float32).eval()
+  _compare(reference, model, *_inputs(seed=3))
+  with pytest.raises(ConfigError, match=r"dtype 'float16' is not one of \('float32', 'bfloat16'\)"):
+    modernbert.ModernBertConfig.from_hf_config({"model_type": "modernbert", **TINY},
+                                               dtype="float16")
+
+
 def test_to_hf_config_round_trips_through_transformers():
   cfg = modernbert.ModernBertConfig.from_hf_config({"model_type": "modernbert", **TINY})
   hc = transformers.ModernBertConfig(**cfg.to_hf_config())

@@ -9,6 +9,7 @@ training loop.
 """
 
 import dataclasses
+from pathlib import Path
 
 import ml_collections
 from flax import nnx
@@ -42,16 +43,30 @@ def data_config(config: ml_collections.ConfigDict) -> DataConfig:
   return from_section(DataConfig, ml_collections.ConfigDict(section), "data", sources=sources)
 
 
-def encoder_config(config: ml_collections.ConfigDict):
-  """(architecture, encoder config): config.model.hf_config, else init_from's config.json."""
+# config.model fields chosen at run time, not part of an encoder's architecture (config.json).
+_RUNTIME_FIELDS = ("dtype", "attention_backend", "remat")
+
+
+def encoder_config(config: ml_collections.ConfigDict, *, fetch: bool = True):
+  """(architecture, encoder config) of the weights the run trains.
+
+  With ``config.model.init_from`` the architecture is its config.json, as `build_model` loads it;
+  a ``config.model.hf_config`` beside it must agree on every architecture field (a ConfigError
+  names those that differ). Without init_from it is hf_config (a random init). `fetch=False` (a
+  build without the weights: a shape check, or a run whose parameters come from its checkpoint)
+  does not download a hub id: hf_config, checked against it when the run trained, stands in.
+  """
   m = config.model
   hf_config = m.hf_config.to_dict()
   where = "config.model.hf_config"
-  if not hf_config:
-    if not m.init_from:
-      raise ConfigError("config.model needs init_from (HF weights) or hf_config (random init)")
+  if m.init_from and (fetch or not hf_config or Path(m.init_from).is_dir()):
     model_dir = convert.resolve(m.init_from)
-    hf_config, where = convert.read_config(model_dir), str(model_dir / "config.json")
+    init_config, init_where = convert.read_config(model_dir), str(model_dir / "config.json")
+    if hf_config:
+      _check_same_architecture(hf_config, init_config, init_where)
+    hf_config, where = init_config, init_where
+  elif not hf_config:
+    raise ConfigError("config.model needs init_from (HF weights) or hf_config (random init)")
   arch = convert.architecture(hf_config, where)
   runtime = {"dtype": m.dtype,
              "attention_backend": m.attention_backend or attention.default_backend()}
@@ -64,10 +79,30 @@ def encoder_config(config: ml_collections.ConfigDict):
   return arch, arch.with_head(enc_cfg, False)
 
 
+def _architecture_fields(hf_config: dict, where: str) -> dict:
+  """The encoder's architecture as saejax reads it from `hf_config` (head and runtime excluded)."""
+  arch = convert.architecture(hf_config, where)
+  cfg = arch.with_head(arch.config_cls.from_hf_config(hf_config), False)
+  return {"model_type": arch.model_type,
+          **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_FIELDS}}
+
+
+def _check_same_architecture(hf_config: dict, init_config: dict, init_where: str) -> None:
+  """config.model.hf_config must describe the network init_from's weights belong to."""
+  ours = _architecture_fields(hf_config, "config.model.hf_config")
+  theirs = _architecture_fields(init_config, init_where)
+  fields = ["model_type"] if ours["model_type"] != theirs["model_type"] else list(ours)
+  differ = [f"{k}: {ours[k]!r} vs {theirs[k]!r}" for k in fields if ours[k] != theirs[k]]
+  if differ:
+    raise ConfigError(f"config.model.hf_config and {init_where} (config.model.init_from) describe "
+                      f"different encoders: {'; '.join(differ)}. The weights' config.json is the "
+                      "encoder trained: make hf_config agree with it, or leave hf_config empty")
+
+
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs, *, load_weights: bool = True):
   """(encoder config, Embedder): the encoder from converted HF weights (config.model.init_from)
   or, without it or with `load_weights=False`, randomly initialised; then a fresh SAE."""
-  arch, enc_cfg = encoder_config(config)
+  arch, enc_cfg = encoder_config(config, fetch=load_weights)
   if config.model.init_from and load_weights:
     runtime = {"dtype": enc_cfg.dtype, "attention_backend": enc_cfg.attention_backend}
     if getattr(enc_cfg, "remat", False):

@@ -79,18 +79,19 @@ def read_config(model_dir: Path) -> dict:
   if not file.exists():
     raise CheckpointError(f"{model_dir} has no config.json")
   try:
-    return json.loads(file.read_text())
+    config = json.loads(file.read_text())
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+  if not isinstance(config, dict):
+    raise CheckpointError(f"{file} holds a JSON {type(config).__name__}, not a model config object")
+  return config
 
 
 def read_tensors(model_dir: Path) -> dict[str, np.ndarray]:
   """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
-  from safetensors import SafetensorError
-  from safetensors.numpy import load_file
   index = model_dir / "model.safetensors.index.json"
   if index.exists():
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    files = _shard_files(index)
   elif (model_dir / "model.safetensors").exists():
     files = ["model.safetensors"]
   else:
@@ -102,11 +103,31 @@ def read_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     file = model_dir / name
     if not file.exists():
       raise CheckpointError(f"shard {file} listed in {index.name} is missing")
-    try:
-      tensors.update(load_file(file))
-    except (SafetensorError, OSError, ValueError) as e:
-      raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e
+    tensors.update(load_safetensors(file))
   return tensors
+
+
+def _shard_files(index: Path) -> list[str]:
+  """The shard files a model.safetensors.index.json maps the tensors to."""
+  try:
+    content = json.loads(index.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{index} is not valid JSON (line {e.lineno}): {e.msg}") from e
+  weight_map = content.get("weight_map") if isinstance(content, dict) else None
+  if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+    raise CheckpointError(f"{index} has no 'weight_map' object (tensor name -> shard file); "
+                          "save the model again with transformers' save_pretrained")
+  return sorted(set(weight_map.values()))
+
+
+def load_safetensors(file: Path) -> dict[str, np.ndarray]:
+  """The tensors of one safetensors file, or a CheckpointError naming it (truncated, not one)."""
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  try:
+    return load_file(file)
+  except (SafetensorError, OSError, ValueError) as e:
+    raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e
 
 
 def _strip_prefix(tensors: dict[str, np.ndarray], arch: Architecture) -> dict[str, np.ndarray]:
@@ -308,6 +329,9 @@ def save_encoder(cfg, model: nnx.Module, directory: str | os.PathLike) -> Path:
 def restore_encoder(directory: str | os.PathLike, *, shardings=None, **overrides):
   """Read a directory written by `save_encoder`: returns (config, model).
 
+  The optional head (BERT's pooler, ModernBERT's MLM head) is part of the model when the saved
+  parameters hold it: config.json cannot say so for BERT, whose Hugging Face config has no switch.
+
   Args:
     shardings: optional pytree of `jax.sharding.Sharding` matching the parameter state, to restore
       each array directly into its place on the current mesh.
@@ -317,9 +341,11 @@ def restore_encoder(directory: str | os.PathLike, *, shardings=None, **overrides
   directory = Path(directory).absolute()
   hf_config = read_config(directory)
   arch = architecture(hf_config, str(directory / "config.json"))
-  cfg = dataclasses.replace(arch.config_cls.from_hf_config(hf_config), **overrides)
   if not (directory / "params").is_dir():
     raise CheckpointError(f"{directory} has no params/ checkpoint")
+  cfg = arch.config_cls.from_hf_config(hf_config)
+  cfg = arch.with_head(cfg, _saved_head(directory / "params", arch, cfg))
+  cfg = dataclasses.replace(cfg, **overrides)
   abstract = nnx.eval_shape(lambda: arch.build(cfg, rngs=nnx.Rngs(0)))
   params = nnx.state(abstract, nnx.Param)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
@@ -334,6 +360,20 @@ def restore_encoder(directory: str | os.PathLike, *, shardings=None, **overrides
                           f"{e}") from e
   nnx.update(abstract, restored)
   return cfg, abstract
+
+
+def _saved_head(params_dir: Path, arch: Architecture, cfg) -> bool:
+  """Whether a `save_encoder` checkpoint holds the optional head: its parameters say so, where
+  config.json cannot (Hugging Face has no switch for BERT's pooler)."""
+  import orbax.checkpoint as ocp
+  try:
+    saved = ocp.StandardCheckpointHandler().metadata(params_dir).tree
+  except Exception as e:  # noqa: BLE001 - Orbax raises bare errors on damaged metadata
+    raise CheckpointError(f"{params_dir} has no readable Orbax metadata: {type(e).__name__}: {e}"
+                          ) from e
+  head_roots = ({r.path[0] for r in arch.tensor_map(arch.with_head(cfg, True))}
+                - {r.path[0] for r in arch.tensor_map(arch.with_head(cfg, False))})
+  return bool(head_roots & set(saved))
 
 
 def main(argv: list[str] | None = None) -> None:

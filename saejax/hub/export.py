@@ -318,7 +318,7 @@ def check_backbone(config: ml_collections.ConfigDict, workdir: Path) -> str:
   """The run's backbone model_type, or a ConfigError naming the workdir and the supported ones."""
   from saejax.hub import build
   try:
-    arch, _ = build.encoder_config(config)
+    arch, _ = build.encoder_config(config, fetch=False)  # the model_type only
   except ConfigError as e:
     raise ConfigError(f"cannot export {workdir}: {e}") from e
   return arch.model_type
@@ -355,6 +355,24 @@ def _read_json(file: Path) -> Any:
     return json.loads(file.read_text())
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{file} is not valid JSON (line {e.lineno}): {e.msg}") from e
+
+
+def _read_object(file: Path) -> dict | None:
+  """A JSON file that must hold an object (a module's config), or None where it is absent."""
+  value = _read_json(file)
+  if value is not None and not isinstance(value, dict):
+    raise CheckpointError(f"{file} holds a JSON {type(value).__name__}, not an object")
+  return value
+
+
+def _config_int(cfg: dict, key: str, file: Path, default: int | None = None) -> int:
+  """``cfg[key]`` as an int (`default` where absent), or a CheckpointError naming file and key."""
+  if key not in cfg and default is None:
+    raise CheckpointError(f"{file} lacks {key!r} (an integer)")
+  value = cfg.get(key, default)
+  if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+    raise CheckpointError(f"{file}: {key!r} is {value!r}; expected an integer")
+  return int(value)
 
 
 def portable_path(path: str | os.PathLike) -> str:
@@ -471,7 +489,7 @@ def export_run(ckpt: str | Path, out: str | Path, *, step: int | None = None, fo
   Args:
     ckpt: the training workdir, or ``WORKDIR/checkpoints/<step>``.
     out: the export directory (absent or empty unless `force`).
-    step: which checkpoint (default: the newest).
+    step: which checkpoint (default: the newest readable one, which the model card names).
     force: replace a non-empty `out`.
     backbone_only: write only the Hugging Face backbone directory.
     k: active latents of the exported encoder (default: the training k); per document when
@@ -483,11 +501,11 @@ def export_run(ckpt: str | Path, out: str | Path, *, step: int | None = None, fo
   if out.is_dir() and any(out.iterdir()) and not force:  # fail before loading anything
     raise OutputExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
   workdir, step = resolve_ckpt(ckpt, step)
-  config = trained.read_config(workdir)
+  config = trained.read_config(workdir, sections=trained.MODEL_SECTIONS)
   backbone = check_backbone(config, workdir)
   settings = settings_for_run(config, k, query_k)
-  config, model, _ = trained.load_run(workdir, step, dtype="float32")
-  step = step if step is not None else max(trained.checkpoint_steps(workdir))
+  # The step read, not the newest: load_run passes over damaged checkpoints to an older one.
+  config, model, _, step = trained.load_run_and_step(workdir, step, dtype="float32")
   tokenizer_src = tokenizer_source(config)
   if backbone_only:
     stage = _prepare_out(out, force)
@@ -510,8 +528,10 @@ def _modules(path: Path) -> list[dict]:
   if not file.is_file():
     raise CheckpointError(f"{path} is not a sentence-transformers model directory: no modules.json")
   modules = _read_json(file)
-  if not isinstance(modules, list) or not all(isinstance(m, dict) and "type" in m for m in modules):
-    raise CheckpointError(f"{file} is not a list of modules with a 'type'")
+  if not isinstance(modules, list) or not all(
+      isinstance(m, dict) and isinstance(m.get("type"), str) and isinstance(m.get("path"), str)
+      for m in modules):
+    raise CheckpointError(f"{file} is not a list of modules, each with a 'type' and a 'path'")
   return modules
 
 
@@ -589,7 +609,7 @@ def _check_layout(path: Path, modules: list[dict]) -> tuple[Path, Path, dict[str
 
 def _check_normalize(normalize_dir: Path) -> None:
   """A Normalize module must L2-normalise the SAE's output, the ``sentence_embedding``."""
-  cfg = _read_json(normalize_dir / "config.json") or {}  # older versions write no config
+  cfg = _read_object(normalize_dir / "config.json") or {}  # older versions write no config
   names = (cfg.get("module_input_name", "sentence_embedding"),
            cfg.get("module_output_name") or cfg.get("module_input_name", "sentence_embedding"))
   if names != ("sentence_embedding", "sentence_embedding"):
@@ -599,7 +619,7 @@ def _check_normalize(normalize_dir: Path) -> None:
 
 
 def _check_pooling(pool_dir: Path) -> None:
-  cfg = _read_json(pool_dir / "config.json") or {}
+  cfg = _read_object(pool_dir / "config.json") or {}
   # sentence-transformers >= 5.2 writes pooling_mode; older versions one boolean per mode.
   mode = cfg.get("pooling_mode") or ("mean" if cfg.get("pooling_mode_mean_tokens") else None)
   if mode != "mean":
@@ -610,20 +630,31 @@ def _check_pooling(pool_dir: Path) -> None:
 def _max_seq_length(transformer_dir: Path, fallback: int) -> int:
   for file, key in (("sentence_bert_config.json", "max_seq_length"),
                     ("tokenizer_config.json", "model_max_length")):
-    value = (_read_json(transformer_dir / file) or {}).get(key)
+    value = (_read_object(transformer_dir / file) or {}).get(key)
     if isinstance(value, int) and 0 < value < 1_000_000:  # HF's "no limit" is a huge int
       return value
   return fallback
+
+
+def _st_tokenizer(transformer_dir: Path, vocab_size: int) -> Tokenizer:
+  """The Transformer module's tokenizer as sentence-transformers applies it: ``do_lower_case`` in
+  its sentence_bert_config.json lowercases every text before the tokenizer's own normalizer."""
+  tokenizer = load_tokenizer(transformer_dir, vocab_size=vocab_size)
+  if (_read_object(transformer_dir / "sentence_bert_config.json") or {}).get("do_lower_case"):
+    from tokenizers import normalizers
+    own = [tokenizer.normalizer] if tokenizer.normalizer is not None else []
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), *own])
+  return tokenizer
 
 
 def _read_head(sae_dir: Path, normalize_dir: Path | None, transformer_dir: Path, hidden_size: int
                ) -> tuple[dict, dict[str, np.ndarray], str]:
   """(config.json, tensors, name of the weight tensor) of one SparseAutoEncoder directory,
   checked against itself and the backbone's ``hidden_size``."""
-  from safetensors.numpy import load_file
   if normalize_dir is not None:
     _check_normalize(normalize_dir)
-  st_cfg = _read_json(sae_dir / "config.json")
+  cfg_file = sae_dir / "config.json"
+  st_cfg = _read_object(cfg_file)
   if not st_cfg:
     raise CheckpointError(f"{sae_dir} has no config.json")
   if st_cfg.get("normalize"):
@@ -632,13 +663,13 @@ def _read_head(sae_dir: Path, normalize_dir: Path | None, transformer_dir: Path,
   file = sae_dir / "model.safetensors"
   if not file.is_file():
     raise CheckpointError(f"{sae_dir} has no model.safetensors")
-  tensors = load_file(file)
+  tensors = convert.load_safetensors(file)
   name = next((n for n in SAE_WEIGHT_NAMES if n in tensors), None)
   missing = [k for k in ("pre_bias", "latent_bias") if k not in tensors] + (
       [] if name else [" or ".join(SAE_WEIGHT_NAMES)])
   if missing:
     raise CheckpointError(f"{file} lacks tensors {missing}; it has {sorted(tensors)}")
-  s, d = int(st_cfg["hidden_dim"]), int(st_cfg["input_dim"])
+  s, d = _config_int(st_cfg, "hidden_dim", cfg_file), _config_int(st_cfg, "input_dim", cfg_file)
   for key, shape in ((name, (s, d)), ("pre_bias", (d,)), ("latent_bias", (s,))):
     if tensors[key].shape != shape:
       raise CheckpointError(f"{file}: tensor {key} has shape {tensors[key].shape}, expected {shape} "
@@ -659,6 +690,8 @@ def load_sparse_encoder(path: str | Path, *, dead_after_tokens: int = 1_000_000
       ``normalize_codes=True``, else False); or Transformer, Pooling(mean) and a Router whose
       "query" and "document" routes are each that head, with the same weights (a saejax export
       with ``--query-k``): the model is the document route's, ``info["query_k"]`` the query's k.
+      ``do_lower_case`` in the Transformer's sentence_bert_config.json gives the tokenizer a
+      Lowercase normalizer before its own, so texts are lowercased as sentence-transformers does.
     dead_after_tokens: saejax's dead-latent horizon in texts (sentence-transformers counts steps,
       which have no fixed number of texts).
 
@@ -677,7 +710,7 @@ def load_sparse_encoder(path: str | Path, *, dead_after_tokens: int = 1_000_000
   transformer_dir, pool_dir, heads = _check_layout(path, _modules(path))
   _check_pooling(pool_dir)
   enc_cfg, encoder = convert.load_hf(transformer_dir, head=False)
-  tokenizer = load_tokenizer(transformer_dir, vocab_size=enc_cfg.vocab_size)
+  tokenizer = _st_tokenizer(transformer_dir, enc_cfg.vocab_size)
   read = {route: _read_head(*head, transformer_dir, enc_cfg.hidden_size)
           for route, head in heads.items()}
   st_cfg, tensors, name = read["document"]
@@ -693,9 +726,13 @@ def load_sparse_encoder(path: str | Path, *, dead_after_tokens: int = 1_000_000
         raise CheckpointError(f"{q_dir} and {d_dir} hold different {key} tensors; saejax imports "
                               "routes that share one SAE and differ only in k")
   weight = tensors[name].astype(np.float32)
-  s, d = int(st_cfg["hidden_dim"]), int(st_cfg["input_dim"])
-  k = int(st_cfg.get("k", 8))
-  cfg = sae_lib.SAEConfig(d_model=d, num_latents=s, k=k, k_aux=min(int(st_cfg.get("k_aux", 512)), s),
+  s, d = weight.shape  # (hidden_dim, input_dim), checked by _read_head
+  sae_cfg_file = heads["document"][0] / "config.json"
+  k = _config_int(st_cfg, "k", sae_cfg_file, 8)
+  k_aux = _config_int(st_cfg, "k_aux", sae_cfg_file, 512)
+  query_k = (_config_int(read["query"][0], "k", heads["query"][0] / "config.json", k)
+             if "query" in read else k)
+  cfg = sae_lib.SAEConfig(d_model=d, num_latents=s, k=k, k_aux=min(k_aux, s),
                           dead_after_tokens=dead_after_tokens,
                           normalize_codes=heads["document"][1] is not None)
   sae = nnx.eval_shape(lambda: sae_lib.SAE(cfg, rngs=nnx.Rngs(0)))
@@ -707,9 +744,9 @@ def load_sparse_encoder(path: str | Path, *, dead_after_tokens: int = 1_000_000
   info = {"path": str(path), "transformer_dir": str(transformer_dir),
           "backbone": enc_cfg.to_hf_config()["model_type"],
           "max_seq_length": _max_seq_length(transformer_dir, enc_cfg.max_position_embeddings),
-          "k": k, "query_k": int(read["query"][0].get("k", k)) if "query" in read else k,
+          "k": k, "query_k": query_k,
           "k_aux": cfg.k_aux, "num_latents": s, "normalize_codes": cfg.normalize_codes,
-          "dead_threshold": int(st_cfg.get("dead_threshold", 30)),
+          "dead_threshold": _config_int(st_cfg, "dead_threshold", sae_cfg_file, 30),
           "stats_last_nonzero": tensors.get("stats_last_nonzero"),
           "decoder": "w_dec = encoder.weight rows normalised to unit L2 norm (tied weights)",
           "decoder_row_norms": (float(norms.min()), float(norms.max()))}
@@ -766,7 +803,7 @@ def init_run_from_sparse_encoder(st_dir: str | Path, config: ml_collections.Conf
   (workdir / "config.py").write_text(_CONFIG_PY)
   _, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(build.from_section(OptimConfig, config.optim, "optim"), params)
-  state = init_state(model, tx)
+  state = init_state(model, tx, bank_size=config.loss.get("bank_size", 0))
   data_iter = pipeline.make_iterator(build.data_config(config), tokenizer, shard_index=0,
                                      shard_count=1)
   ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", save_every=1, keep=1,

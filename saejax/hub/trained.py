@@ -36,23 +36,56 @@ from saejax.sae.embedder import Embedder
 _BEFORE_FIELD_EXISTED = {("sae", "normalize_codes"): False}
 
 
-def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+# The sections a model is built from: every config.json that `saejax.train` writes has them.
+MODEL_SECTIONS = ("model", "sae", "data")
+
+
+def read_config(workdir: str | os.PathLike, *, sections: tuple[str, ...] = ()
+                ) -> ml_collections.ConfigDict:
   """The resolved training config a run wrote to ``workdir/config.json``.
 
   A field the run's code did not have yet (`_BEFORE_FIELD_EXISTED`) is filled with the value
   that code behaved as, so an old run loads exactly as it trained.
+
+  Args:
+    workdir: the training workdir (or gs:// URL).
+    sections: the config sections the caller reads (`MODEL_SECTIONS` to build the model); one
+      missing is a CheckpointError naming it.
+
+  Raises:
+    CheckpointError: no config.json, one that is not a JSON object, a Hugging Face /
+      sentence-transformers model's config.json, or one without a section of `sections`.
   """
   file = paths.resolve(workdir) / "config.json"
   if not file.is_file():
     raise CheckpointError(f"{workdir} is not a saejax training workdir: it has no config.json")
   try:
-    config = ml_collections.ConfigDict(json.loads(file.read_text()))
+    raw = json.loads(file.read_text())
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{file} is not valid JSON (line {e.lineno}): {e.msg}") from e
+  _check_training_config(raw, file, sections)
+  config = ml_collections.ConfigDict(raw)
   for (section, key), value in _BEFORE_FIELD_EXISTED.items():
     if section in config and key not in config[section]:
       config[section][key] = value
   return config
+
+
+def _check_training_config(raw, file: epath.Path, sections: tuple[str, ...]) -> None:
+  """Refuse a config.json that is not a training run's, saying what it looks like instead."""
+  if not isinstance(raw, dict):
+    raise CheckpointError(f"{file} holds a JSON {type(raw).__name__}, not a saejax training "
+                          "config (an object with sections model, sae, data...)")
+  if "model_type" in raw or "architectures" in raw or (file.parent / "modules.json").exists():
+    raise CheckpointError(
+        f"{file} is not a saejax training config: {file.parent} looks like a Hugging Face / "
+        f"sentence-transformers model directory (model_type {raw.get('model_type')!r}), not a "
+        "training workdir; pass the workdir given to `python -m saejax.train --workdir`")
+  missing = [s for s in sections if not isinstance(raw.get(s), dict)]
+  if missing:
+    raise CheckpointError(f"{file} is not a saejax training config: it lacks the sections "
+                          f"{missing} (a training workdir's config.json has all of "
+                          f"{list(MODEL_SECTIONS)})")
 
 
 def tokenizer_for(config: ml_collections.ConfigDict, vocab_size: int) -> Tokenizer:
@@ -77,6 +110,8 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, **model_overri
              ) -> tuple[ml_collections.ConfigDict, Embedder, Tokenizer]:
   """(config, model, tokenizer) of a training run, with the parameters of checkpoint `step`.
 
+  `load_run_and_step` takes the same arguments and also says which step was loaded.
+
   Args:
     workdir: the directory (or gs:// URL) given to ``python -m saejax.train --workdir``.
     step: which checkpoint; default the newest sealed one that passes its digest and reads (a
@@ -85,8 +120,15 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, **model_overri
     model_overrides: ``config.model`` fields to replace before building, e.g.
       ``attention_backend="xla"`` to read a GPU-trained model on a CPU, or ``dtype="float32"``.
   """
+  return load_run_and_step(workdir, step, **model_overrides)[:3]
+
+
+def load_run_and_step(workdir: str | os.PathLike, step: int | None = None, **model_overrides
+                      ) -> tuple[ml_collections.ConfigDict, Embedder, Tokenizer, int]:
+  """`load_run`, and the step of the checkpoint it read: without `step`, an older one than the
+  newest where newer ones are damaged (what an export must name as its provenance)."""
   workdir = paths.resolve(workdir)
-  config = read_config(workdir)
+  config = read_config(workdir, sections=MODEL_SECTIONS)
   if model_overrides:
     config.model.update(model_overrides)
   steps = checkpoint_steps(workdir)
@@ -136,7 +178,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, **model_overri
                     "checked%s", candidate, workdir,
                     "" if step is not None else "; no sealed checkpoint could be read")
   model = nnx.merge(graphdef, state.params)
-  return config, model, tokenizer_for(config, model.encoder.cfg.vocab_size)
+  return config, model, tokenizer_for(config, model.encoder.cfg.vocab_size), candidate
 
 
 def _restore_state(directory: epath.Path, step: int, target):

@@ -22,7 +22,7 @@ Shapes use one legend: B batch, T tokens, D hidden, N heads, H head dim, F MLP i
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ from saejax.errors import ConfigError
 from saejax.models import fused_norm
 from saejax.models.architecture import Architecture, TensorMap
 from saejax.models.attention import Backend, attention
+from saejax.models.bert import ComputeDtype
 from saejax.models.params import (add_layer_norm, gelu, layer_norm, linear, normal, ones, param,
                                   zeros)
 from saejax.sharding import constrain_batch
@@ -64,7 +65,7 @@ class ModernBertConfig:
   tie_word_embeddings: bool = True     # MLM decoder weight = token embeddings; else its own [V, D]
   decoder_bias: bool = True            # the MLM decoder adds a [V] bias
   attention_backend: Backend = "xla"   # saejax runtime choice, not part of config.json
-  dtype: str = "float32"               # compute dtype; parameters stay in their own dtype
+  dtype: ComputeDtype = "float32"      # compute dtype; parameters stay in their own dtype
   remat: bool = False                  # recompute each block in the backward pass (saves memory)
 
   def __post_init__(self):
@@ -80,6 +81,8 @@ class ModernBertConfig:
     bad = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
     if bad:
       raise ConfigError(f"unknown layer_types {bad}; expected full_attention / sliding_attention")
+    if self.dtype not in get_args(ComputeDtype):
+      raise ConfigError(f"dtype {self.dtype!r} is not one of {get_args(ComputeDtype)}")
     if not isinstance(self.local_attention, int) or self.local_attention < 0:
       raise ConfigError(f"local_attention must be a non-negative int (the sliding window's width); "
                         f"got {self.local_attention!r}")
@@ -130,8 +133,10 @@ class ModernBertConfig:
         "rope_theta", d.get("global_rope_theta", 160_000.0))
     local_theta = (rope.get("sliding_attention") or {}).get(
         "rope_theta", d.get("local_rope_theta", 10_000.0))
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in d.items() if k in fields and k != "layer_types" and v is not None}
+    # The compute dtype is a saejax setting (config.model.dtype), never a file's: transformers 5
+    # writes "dtype" into config.json, the dtype its weights are stored in (as BertConfig reads).
+    fields = {f.name for f in dataclasses.fields(cls)} - {"layer_types", "dtype"}
+    kwargs = {k: v for k, v in d.items() if k in fields and v is not None}
     # The MLM head is part of the model when config.json names the MaskedLM task model.
     kwargs.setdefault("mlm_head", "ModernBertForMaskedLM" in (d.get("architectures") or []))
     return cls(**{**kwargs, "num_hidden_layers": n, "layer_types": layer_types,
