@@ -1,5 +1,6 @@
 """The compile check: the real recipe's step compiled for 8 fake devices, and its two refusals."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,31 @@ def test_the_checked_state_is_the_one_training_builds():
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=1))
   _, state, _, _ = aot.abstract_step(config, mesh)
   assert state.bank is not None and state.bank["v"].shape == (16, config.model.hf_config.hidden_size)
+
+
+ON_MESH = """
+import importlib.util, sys
+from saejax import sharding
+from saejax.train import aot
+spec = importlib.util.spec_from_file_location("tiny", sys.argv[1])
+tiny = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tiny)
+config = tiny.get_config()
+mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=1))
+step, state, _, _ = aot.abstract_step(config, mesh)
+batch = aot.abstract_batch(config, mesh, 8)
+print("constraints", step.lower(state, batch, True).as_text().count("sharding_constraint"),
+      step.fn.lower(state, batch, True).as_text().count("sharding_constraint"))
+"""
+
+
+def test_the_train_step_is_traced_under_its_mesh():
+  """Training's step (and the compile check's) sees its mesh while traced: under FSDP each
+  encoder block's activations are pinned to the batch axes (`sharding.constrain_batch`); traced
+  without the ambient mesh, the same jit has none of those constraints."""
+  out = subprocess.run([sys.executable, "-c", ON_MESH, str(REPO / "tests" / "tiny_config.py")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  with_mesh, without = map(int, out.stdout.split("constraints")[1].split())
+  assert with_mesh >= 2 * 2 and without == 0  # two tiny BERT layers, queries and documents

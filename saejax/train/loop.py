@@ -547,15 +547,35 @@ def _stop_if_diverged(streak: int, step: int, limit: int, ckpt: checkpoint.Train
         f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
 
 
-def jit_train_step(graphdef, tx, loss_cfg: step_lib.LossConfig, optim_cfg, state_sh, mesh):
-  """`step_lib.train_step` jitted as training runs it: explicit shardings, the state donated, and
-  ``log`` (whether the step's metrics are read) a traced bool, so one compile serves every step.
-  `saejax.train.aot` compiles this same function."""
-  return jax.jit(
+class OnMesh:
+  """A jitted function traced, lowered and called with ``mesh`` as the ambient mesh
+  (`jax.set_mesh`): the model's activation constraints (`sharding.constrain_batch`) and its
+  per-shard kernels (splash attention, the Triton norms) read the mesh from there, and outside it
+  they are no-ops, leaving GSPMD to shard activations as it likes (on the hidden axis under FSDP,
+  gathering the batch) or, for a TPU kernel, to fail to partition it."""
+
+  def __init__(self, fn, mesh: jax.sharding.Mesh):
+    self.fn, self.mesh = fn, mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.fn(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.fn.lower(*args)
+
+
+def jit_train_step(graphdef, tx, loss_cfg: step_lib.LossConfig, optim_cfg, state_sh,
+                   mesh) -> OnMesh:
+  """`step_lib.train_step` jitted as training runs it: explicit shardings, the state donated,
+  ``log`` (whether the step's metrics are read) a traced bool, so one compile serves every step,
+  and ``mesh`` ambient (`OnMesh`). `saejax.train.aot` compiles this same function."""
+  return OnMesh(jax.jit(
       functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_cfg=loss_cfg,
                         optim_cfg=optim_cfg),
       in_shardings=(state_sh, None, None), out_shardings=(state_sh, sharding.replicated(mesh)),
-      donate_argnums=0, compiler_options=step_lib.compiler_options())
+      donate_argnums=0, compiler_options=step_lib.compiler_options()), mesh)
 
 
 def _state_shardings(abstract: TrainState, param_sh, mesh):
