@@ -133,6 +133,46 @@ def test_splash_gradients_match_xla():
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, err_msg=f"d{name}")
 
 
+SPLASH_ON_AUTO_MESH = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from saejax import sharding
+from saejax.models import attention as attn, splash
+mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=1, tensor=2))
+rng = np.random.default_rng(0)
+q, k, v = (jnp.asarray(rng.normal(size=(4, 128, 2, 32)), jnp.float32) for _ in range(3))
+valid = jnp.arange(128)[None] < jnp.array([[128], [70], [128], [9]])
+f = lambda q, k, v, valid, interpret=None: splash.attention(q, k, v, valid=valid, window=8,
+                                                             interpret=interpret)
+qs = NamedSharding(mesh, P(("data", "fsdp"), None, None, None))
+with jax.set_mesh(mesh):
+  # For a TPU (lowered here, on the CPU): the kernel sits in one shard_map region.
+  text = jax.jit(lambda *x: f(*x, interpret=False)).trace(*(jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=qs)
+                             for x in (q, k, v)),
+                          jax.ShapeDtypeStruct(valid.shape, bool)).lower(
+      lowering_platforms=("tpu",)).as_text()
+  print("tpu", text.count("tpu_custom_call"), text.count("sdy.manual_computation"))
+  sharded = jax.jit(f)(q, k, v, valid)  # interpret mode on the CPU, per shard
+want = attn.attention(q, k, v, valid=valid, window=8, backend="xla")
+err = float(jnp.max(jnp.abs(jnp.where(valid[:, :, None, None], sharded - want, 0))))
+print("error", err)
+"""
+
+
+def test_splash_runs_per_shard_on_an_auto_mesh():
+  """On the meshes saejax builds (Auto axes), the Pallas kernel runs in a shard_map over the
+  batch and heads: lowered for a TPU it compiles (a Mosaic kernel cannot be partitioned by the
+  compiler), and per shard it gives xla's numbers."""
+  out = subprocess.run([sys.executable, "-c", SPLASH_ON_AUTO_MESH], cwd=REPO, capture_output=True,
+                       text=True, timeout=600,
+                       env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+  calls, regions = map(int, lines["tpu"].split())
+  assert calls >= 1 and regions >= 1
+  assert float(lines["error"]) < 1e-4
+
+
 def test_splash_kernel_is_cached_and_reusable_outside_jit():
   splash._kernel.cache_clear()
   q, k, v, valid = make_inputs(5, lengths=(128,), t=128, n=2, h=16)

@@ -14,9 +14,11 @@ so ModernBERT's local layers (Warner et al. 2024, https://arxiv.org/abs/2412.136
     query sees at least itself, so no softmax row is empty (its output is unspecified, as in HF).
   * length: tiles must be multiples of 128 lanes, so T is padded up to a multiple of 128 (the extra
     positions are padding, segment 0) and the output sliced back.
-  * sharding: under a mesh with Explicit axes the kernel runs in `jax.shard_map` over the batch and
-    head shardings of q (a Pallas call cannot be partitioned by the compiler, and fails on Explicit
-    avals). Under Auto axes the compiler replicates the call (correct, but gathers its inputs).
+  * sharding: under a mesh the kernel runs in `jax.shard_map`, per shard of the batch and heads (a
+    Pallas call cannot be partitioned by the compiler: "Mosaic kernels cannot be automatically
+    partitioned", and it fails on Explicit avals). Explicit axes: q's own batch and head shardings.
+    Auto axes (`saejax.sharding.make_mesh`): the batch over the data-parallel axes that divide it
+    (`sharding.batch_split`), the heads over ``tensor`` where it divides them.
 
 Kernels are built on the host from the mask, so they are cached per (T, N, window, block, interpret).
 Off TPU the kernel runs in Pallas interpret mode, which is how the CPU tests check it.
@@ -34,6 +36,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 from jaxtyping import Array, Bool, Float
 
 from saejax.errors import SaejaxError
+from saejax.sharding import batch_split
 
 LANES = 128  # Splash tiles (block_q, block_kv) must be multiples of the TPU lane width.
 MAX_BLOCK = 512  # Largest tile tried: big enough to amortise the per-tile overhead, small enough for VMEM.
@@ -126,13 +129,21 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B T N H"], v: Float[A
     interpret = jax.default_backend() != "tpu"
   local = functools.partial(_local_attention, window=window, interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or AxisType.Explicit not in mesh.axis_types:
-    return local(q, k, v, valid.astype(bool))
-  # Explicit axes: run per shard along q's batch and head shardings; T and H must be whole.
-  spec = tuple(jax.typeof(q).sharding.spec) + (None,) * 4
-  qkv_spec, valid_spec = P(spec[0], None, spec[2], None), P(spec[0], None)
-  q, k, v = (jax.sharding.reshard(x, qkv_spec) for x in (q, k, v))
-  valid = jax.sharding.reshard(valid.astype(bool), valid_spec)
+  valid = valid.astype(bool)
+  if mesh.empty:
+    return local(q, k, v, valid)
+  # Run per shard of the batch and heads; T and H must be whole.
+  if AxisType.Explicit in mesh.axis_types:  # where q already is
+    spec = tuple(jax.typeof(q).sharding.spec) + (None,) * 4
+    batch, heads = spec[0], spec[2]
+  else:  # Auto axes: q's sharding is the compiler's choice; name the split it should have
+    batch = batch_split(q.shape[0]) or None
+    tensor = dict(zip(mesh.axis_names, mesh.axis_sizes)).get("tensor", 1)
+    heads = "tensor" if tensor > 1 and q.shape[2] % tensor == 0 else None
+  qkv_spec, valid_spec = P(batch, None, heads, None), P(batch, None)
+  if AxisType.Explicit in mesh.axis_types:
+    q, k, v = (jax.sharding.reshard(x, qkv_spec) for x in (q, k, v))
+    valid = jax.sharding.reshard(valid, valid_spec)
   # check_vma=False: the Pallas call has no rule saying how its output varies across mesh axes.
   return jax.shard_map(local, in_specs=(qkv_spec, qkv_spec, qkv_spec, valid_spec),
                        out_specs=qkv_spec, check_vma=False)(q, k, v, valid)
