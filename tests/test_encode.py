@@ -102,6 +102,15 @@ def test_dense_matches_unbatched(model, tok):
   assert got.v.shape == (19, 32) and got.stats.num_truncated > 0
 
 
+def test_any_iterable_of_texts_is_encoded_whole(model, tok):
+  """A generator (e.g. texts read from a file) gives the rows a list gives, in its order."""
+  texts = _texts(7, seed=2)
+  from_list = encode.encode_dense(model.encoder, tok, texts, CFG)
+  from_generator = encode.encode_dense(model.encoder, tok, (t for t in texts), CFG)
+  assert from_generator.stats.num_texts == 7
+  np.testing.assert_array_equal(from_generator.v, from_list.v)
+
+
 def test_sparse_codes_match_unbatched_with_own_k(model, tok):
   texts = _texts(11, seed=2)
   reference = nnx.jit(lambda m, ids, valid, k: m(ids, valid, k).code, static_argnums=3)

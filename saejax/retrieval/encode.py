@@ -126,6 +126,7 @@ def tokenize(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, *,
   if isinstance(texts, (str, bytes)):
     raise TypeError(f"texts is a {type(texts).__name__}, not a sequence of texts; to encode one "
                     "text pass [text]")
+  texts = list(texts)  # once: a generator checked below would be empty by the time it is encoded
   if vocab_size is not None:
     check_vocab(tokenizer, vocab_size)
   # The post-processor is what adds [CLS] ... [SEP]; without it the encoder sees bare text.
@@ -140,7 +141,7 @@ def tokenize(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, *,
     except UnicodeEncodeError as e:  # lone surrogates: the tokenizer would raise a bare TypeError
       raise DataError(f"texts[{i}] is not valid Unicode text ({e.reason} at character "
                       f"{e.start}: {t[max(0, e.start - 20):e.start + 1]!r})") from None
-  encodings = truncating_copy(tokenizer, max_len).encode_batch(list(texts))
+  encodings = truncating_copy(tokenizer, max_len).encode_batch(texts)
   # Truncation with stride 0 moves the cut-off tokens into `overflowing`.
   return [e.ids for e in encodings], np.asarray([bool(e.overflowing) for e in encodings], bool)
 
