@@ -23,6 +23,7 @@ local path or to gs:// only, so s3://, az:// and hf:// (which epath opens) are r
 import importlib
 import importlib.util
 import os
+import re
 import time
 
 from etils import epath
@@ -34,6 +35,8 @@ GCS_PACKAGES = (("gcsfs", "gcsfs", "epath's gs:// files (config, logs, digests)"
                 ("google.cloud.storage", "google-cloud-storage",
                  "Orbax's checkpoint listing and TensorBoard's gs:// writer"))
 _EPATH_ONLY = ("s3", "az", "hf")  # epath opens these; Orbax cannot write checkpoints there
+# A known scheme followed by one slash: a URL that lost a slash, not a local path.
+_MANGLED_URL = re.compile(r"(gs|file|s3|az|hf):/(?!/)")
 
 
 def resolve(path: str | os.PathLike, flag: str = "--workdir") -> epath.Path:
@@ -52,6 +55,11 @@ def resolve(path: str | os.PathLike, flag: str = "--workdir") -> epath.Path:
     return path  # already resolved (and checked) once
   text = os.fspath(path)
   if "://" not in text:
+    mangled = _MANGLED_URL.match(text)
+    if mangled:  # "gs:/b/run" (or a pathlib.Path of "gs://b/run") would be a local directory
+      raise ConfigError(f"{flag} {text}: looks like a {mangled.group(1)}:// URL with a slash "
+                        f"lost (pathlib collapses '//'); pass the URL as a string: "
+                        f"{mangled.group(1)}://{text[len(mangled.group(0)):].lstrip('/')}")
     return epath.Path(os.path.abspath(text))
   scheme, rest = text.split("://", 1)
   if scheme == "file":

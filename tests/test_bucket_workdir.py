@@ -262,6 +262,12 @@ def test_workdirs_that_cannot_work_are_refused_at_start(bucket, monkeypatch):
     loop.train(_tiny(), "s3://bucket/run")
   with pytest.raises(ConfigError, match="names no bucket"):
     loop.train(_tiny(), "gs:///run")
+  # A URL that lost a slash (typed, or through pathlib) is not a local directory named "gs:".
+  for mangled in ("gs:/bucket/run", Path("gs://bucket/run")):
+    with pytest.raises(ConfigError, match=r"gs:/bucket/run: looks like a gs:// URL with a slash "
+                                          r"lost .*: gs://bucket/run"):
+      loop.train(_tiny(), mangled)
+  assert paths.resolve("gsx:/local").name == "local"  # only known schemes
   # A missing bucket fails before any compute, and is not created (gcsfs's makedirs would).
   with pytest.raises(CheckpointError, match="gs://no-such-bucket/run is not writable"):
     loop.train(_tiny(), "gs://no-such-bucket/run")
