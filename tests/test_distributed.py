@@ -207,6 +207,27 @@ def test_detect_explicit_flags_win_and_must_be_complete():
     distributed.detect("10.0.0.1", 4, 0, env={})
 
 
+EXPLICIT_UNDER_SLURM = """
+import sys
+import jax
+from saejax.train import distributed
+distributed.initialize(distributed.Launch("explicit", sys.argv[1], 1, 0))
+print("visible", jax.config.values["jax_cuda_visible_devices"])  # set from local_device_ids
+jax.distributed.shutdown()
+"""
+
+
+def test_an_explicit_launch_under_slurm_keeps_every_local_device():
+  """gpu_slurm.sh runs one process per node with explicit flags: JAX (really initialised here,
+  one process, SLURM's variables set) must not read SLURM_LOCALID into one device per process."""
+  env = {**os.environ, **SLURM, "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "3"}
+  out = subprocess.run([sys.executable, "-c", EXPLICIT_UNDER_SLURM, f"127.0.0.1:{_free_port()}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "process 0/1 (explicit)" in out.stdout
+  assert out.stdout.strip().splitlines()[-1] == "visible all"
+
+
 def _codes(rng, *shape):
   return jnp.asarray(np.maximum(rng.normal(size=shape), 0), jnp.float32)  # ReLU'd like SAE codes
 

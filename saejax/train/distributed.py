@@ -115,8 +115,12 @@ def initialize(launch: Launch | None = None) -> str:
     launch = detect(_COORDINATOR.value if parsed else None,
                     _NUM_PROCESSES.value if parsed else None, _PROCESS_ID.value if parsed else None)
   if launch.method != "single" and not jax.distributed.is_initialized():
+    # Explicit flags say everything: without "deactivate" JAX would still read SLURM's variables
+    # and pin this process to GPU number SLURM_LOCALID (local_device_ids), one GPU per process,
+    # when the launch script runs one process per node over all of its GPUs.
+    detection = "deactivate" if launch.method == "explicit" else None
     jax.distributed.initialize(launch.coordinator_address, launch.num_processes,
-                               launch.process_id)
+                               launch.process_id, cluster_detection_method=detection)
   line = (f"process {jax.process_index()}/{jax.process_count()} ({launch.method}): "
           f"{jax.local_device_count()} local of {jax.device_count()} devices, "
           f"platform {jax.devices()[0].platform} ({jax.devices()[0].device_kind})")
