@@ -18,7 +18,8 @@
 #   delete   gcloud compute tpus tpu-vm delete
 #
 # Options: --name TPU --zone ZONE (required) [--project P] [--accelerator v4-32]
-#   [--version tpu-ubuntu2204-base] [--spot] [--run NAME] [--config configs/base.py]
+#   [--version tpu-ubuntu2204-base (v4 and older; v5e: v2-alpha-tpuv5-lite, v5p: v2-alpha-tpuv5)]
+#   [--spot] [--run NAME] [--config configs/base.py]
 #   [--workdir gs://BUCKET/runs/NAME] [--log-worker 0] [--stop-wait 300] [--dry-run]
 #
 # Example (a v4-32: 4 workers x 4 chips):
@@ -98,8 +99,10 @@ for step in "${STEPS[@]}"; do
       run "${GCLOUD[@]}" scp "$archive" "$NAME:saejax.tar.gz" "${WHERE[@]}" --worker=all
       ssh_workers all "rm -rf ~/saejax && mkdir -p ~/saejax && tar xzf ~/saejax.tar.gz -C ~/saejax" ;;
     install)
+      # saejax needs Python >= 3.11; the Ubuntu 22.04 TPU images ship 3.10 (apt has 3.11).
+      python='PY=$(command -v python3.12 || command -v python3.11 || true); if [ -z "$PY" ]; then sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv && PY=python3.11; fi'
       pip='~/saejax-venv/bin/pip install -q'
-      ssh_workers all "python3 -m venv ~/saejax-venv && $pip -U pip && $pip -e ~/saejax'[tpu]'" ;;
+      ssh_workers all "$python; \$PY -m venv ~/saejax-venv && $pip -U pip && $pip -e ~/saejax'[tpu]'" ;;
     run)
       need_run run
       [[ -n "$WORKDIR" ]] ||

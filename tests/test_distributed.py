@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -292,6 +293,32 @@ def _option(argv: list[str], name: str) -> str:
   return next(a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}="))
 
 
+def _install_picks_a_python_saejax_runs_on(command: str):
+  """The worker's install command, run here on a stand-in worker whose python3 is too old and
+  whose only newer Python is python3.11 (what apt adds on the Ubuntu 22.04 TPU images): the venv
+  is made by python3.11, and pip installs into it."""
+  import tempfile
+  with tempfile.TemporaryDirectory() as tmp:
+    home, bin_dir = Path(tmp) / "home", Path(tmp) / "bin"
+    home.mkdir()
+    bin_dir.mkdir()
+    fake_python = ('#!/bin/bash\necho "$(basename "$0") $*" >> "$HOME/log"\n'
+                   'mkdir -p "$3/bin"; printf \'#!/bin/bash\\necho "pip $*" >> "$HOME/log"\\n\' > "$3/bin/pip"\n'
+                   'chmod +x "$3/bin/pip"\n')
+    for name in ("python3", "python3.11"):
+      (bin_dir / name).write_text(fake_python)
+      (bin_dir / name).chmod(0o755)
+    for tool in ("mkdir", "chmod", "basename"):  # nothing else on PATH: no real Python is found
+      (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {"HOME": str(home), "PATH": str(bin_dir)}
+    out = subprocess.run([shutil.which("bash"), "-c", command], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    log = (home / "log").read_text().splitlines()
+    assert log[0] == f"python3.11 -m venv {home}/saejax-venv", log
+    assert log[-1] == f"pip install -q -e {home}/saejax[tpu]", log
+
+
 TRICKY = "--config.model.tokenizer=/data/it's a dir"  # a quote and spaces survive two shells
 
 
@@ -310,6 +337,7 @@ def test_tpu_pod_dry_run_prints_every_step():
   for ssh in (untar, install, run, stop):
     assert ssh[4:6] == ["ssh", "sae-v4"] and "--worker=all" in ssh
   assert "pip install -q -e ~/saejax'[tpu]'" in _option(install, "command")
+  _install_picks_a_python_saejax_runs_on(_option(install, "command"))
   assert logs[-2:] == ["--worker=0", "--command=tail -n 100 -F $HOME/saejax-runs/base1.log"]
   assert delete == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "sae-v4", *where, "--quiet"]
   remote = shlex.split(_option(run, "command"))
@@ -330,6 +358,8 @@ def test_tpu_pod_refuses_missing_settings():
   assert out.returncode == 2 and "step 'run' needs --run NAME" in out.stderr
 
 
+@pytest.mark.skipif(shutil.which("tmux") is None,
+                    reason="tmux is not installed (the TPU workers' session manager)")
 def test_tpu_pod_worker_commands_run_status_and_stop_by_recorded_pid(tmp_path):
   """The `run`, `status` and `stop` commands a worker receives, run here with a real tmux."""
   home = tmp_path / "home"
