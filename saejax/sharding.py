@@ -47,6 +47,11 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
   """A (data, fsdp, tensor) mesh over `devices` (default: all), resolving the -1 axis."""
   devices = jax.devices() if devices is None else devices
   shape = [cfg.data, cfg.fsdp, cfg.tensor]
+  bad = {a: s for a, s in zip(MESH_AXES, shape)
+         if isinstance(s, bool) or not isinstance(s, int) or (s < 1 and s != -1)}
+  if bad:
+    raise ConfigError(f"mesh axis sizes must be positive ints or -1 (the rest of the devices); "
+                      f"got {bad}")
   if shape.count(-1) > 1:
     raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))}: at most one axis may be -1")
   known = math.prod(s for s in shape if s != -1)

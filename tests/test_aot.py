@@ -70,6 +70,9 @@ def test_parse_mesh():
     aot.parse_mesh("data=2,pipeline=2")
   with pytest.raises(ConfigError, match=r"--mesh item 'fsdp=x'"):
     aot.parse_mesh("fsdp=x")
+  for bad, named in (("data=-1,fsdp=0", r"\{'fsdp': 0\}"), ("data=-1,tensor=-2", r"\{'tensor': -2\}")):
+    with pytest.raises(ConfigError, match=rf"mesh axis sizes must be positive ints or -1.*{named}"):
+      sharding.make_mesh(aot.parse_mesh(bad))
 
 
 def test_the_checked_state_is_the_one_training_builds():

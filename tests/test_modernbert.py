@@ -10,7 +10,7 @@ import torch
 import transformers
 from flax import nnx
 
-from saejax.errors import CheckpointError, ConfigError
+from saejax.errors import CheckpointError, ConfigError, DataError
 from saejax.hub import convert
 from saejax.models import modernbert
 
@@ -296,6 +296,22 @@ def test_unsupported_variants_are_refused():
         "full_attention": {"rope_type": "yarn", "rope_theta": 1.0}}})
   with pytest.raises(ConfigError, match="layer_types has 2 entries"):
     modernbert.ModernBertConfig(num_hidden_layers=3, layer_types=("full_attention",) * 2)
+
+
+def test_bad_sizes_and_inputs_are_named():
+  for field, value in (("num_attention_heads", 0), ("vocab_size", 0), ("hidden_size", 64.0)):
+    with pytest.raises(ConfigError, match=rf"sizes must be positive integers; got \{{'{field}'"):
+      modernbert.ModernBertConfig.from_hf_config({**TINY, field: value})
+  model = modernbert.ModernBert(modernbert.ModernBertConfig.from_hf_config(TINY), rngs=nnx.Rngs(0))
+  ids = jnp.ones((2, 10), jnp.int32)
+  with pytest.raises(DataError, match=r"input_ids \(2, 10\) and valid \(2, 9\) must both be"):
+    model(ids, jnp.ones((2, 9), bool))
+  with pytest.raises(DataError, match=r"input_ids \(10,\) and valid \(10,\) must both be"):
+    model(ids[0])
+  # A 0/1 float mask means what the bool mask means (as in BertModel).
+  mask = jnp.arange(10)[None] < jnp.array([[10], [6]])
+  np.testing.assert_array_equal(np.asarray(model(ids, mask.astype(jnp.float32)))[1, :6],
+                                np.asarray(model(ids, mask))[1, :6])
 
 
 def test_missing_directory_and_weights(tmp_path):

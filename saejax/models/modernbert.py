@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from saejax.errors import ConfigError
+from saejax.errors import ConfigError, DataError
 from saejax.models import fused_norm
 from saejax.models.architecture import Architecture, TensorMap
 from saejax.models.attention import Backend, attention
@@ -69,6 +69,12 @@ class ModernBertConfig:
   remat: bool = False                  # recompute each block in the backward pass (saves memory)
 
   def __post_init__(self):
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "max_position_embeddings")
+    bad = {k: getattr(self, k) for k in sizes
+           if not isinstance(getattr(self, k), int) or getattr(self, k) < 1}
+    if bad:
+      raise ConfigError(f"ModernBertConfig sizes must be positive integers; got {bad}")
     if self.hidden_size % self.num_attention_heads:
       raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                         f"{self.num_attention_heads}")
@@ -297,12 +303,15 @@ class ModernBert(nnx.Module):
   def __call__(self, input_ids: Int[Array, "B T"], valid: Bool[Array, "B T"] | None = None
                ) -> Float[Array, "B T D"]:
     """Last hidden state. Rows at padded positions are unspecified (as in HF)."""
+    if valid is None:
+      valid = jnp.ones(input_ids.shape, bool)
+    if input_ids.ndim != 2 or valid.shape != input_ids.shape:
+      raise DataError(f"input_ids {input_ids.shape} and valid {valid.shape} must both be [B, T]")
+    valid = valid.astype(bool)
     t, limit = input_ids.shape[1], self.cfg.max_position_embeddings
     if t > limit:
       raise ConfigError(f"input length {t} exceeds max_position_embeddings {limit}: truncate "
                         f"inputs to at most {limit} tokens")
-    if valid is None:
-      valid = jnp.ones(input_ids.shape, bool)
     # Gather, then cast: casting the whole [V, D] table first costs a pass over it every call, and
     # its gradient would be a dense [V, D] in the compute dtype, summed in bf16 where ids repeat.
     x = self.tok_embeddings[...][input_ids].astype(self.cfg.dtype)
