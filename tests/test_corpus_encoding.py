@@ -178,6 +178,14 @@ values, indices = encode.sparse_code(model, mesh=mesh)(np.full((8, 16), 5, np.in
                                                        np.ones((8, 16), bool))
 print(len(jax.local_devices()), len(values.sharding.device_set),
       [s.data.shape[0] for s in values.addressable_shards])
+# No texts: empty codes of the right width, nothing encoded.
+_, tok = trained.load_run(sys.argv[1])[1:]
+empty = encode.encode_sparse(model, tok, [], config=encode.EncodeConfig(batch_size=8), mesh=mesh)
+print("empty", empty.values.shape)
+try:
+  encode.encode_sparse(model, tok, ["a", "b"], config=encode.EncodeConfig(batch_size=6), mesh=mesh)
+except Exception as e:
+  print("indivisible", type(e).__name__, e)
 """
 
 
@@ -186,7 +194,11 @@ def test_each_device_encodes_its_rows_of_the_batch(tiny_run):
   out = subprocess.run([sys.executable, "-c", SPLIT_CHECK, str(tiny_run)], cwd=REPO, env=_env(8),
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
-  assert out.stdout.split("\n")[-2] == "8 8 [1, 1, 1, 1, 1, 1, 1, 1]", out.stdout
+  lines = out.stdout.splitlines()
+  assert "8 8 [1, 1, 1, 1, 1, 1, 1, 1]" in lines, out.stdout
+  assert "empty (0, 8)" in lines, out.stdout
+  assert lines[-1].startswith("indivisible ConfigError a batch of 6 texts does not split over "
+                              "the 8 data-parallel devices"), out.stdout
 
 
 def test_a_run_without_an_sae_is_one_line(tiny_run, corpus_file, tmp_path, monkeypatch, capsys):

@@ -33,6 +33,7 @@ Shape legend: N texts, B batch rows, T padded length (a bucket), D model width, 
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -183,8 +184,8 @@ def encode(fn: EncodeFn, tokenizer: Tokenizer, texts: Sequence[str],
   """
   ids, truncated = tokenize(tokenizer, texts, config.max_len, vocab_size=vocab_size)
   n, bs, pad = len(ids), config.batch_size, pad_id(tokenizer)
-  if n == 0:  # shapes from an abstract trace: nothing runs
-    probe = jax.ShapeDtypeStruct((1, config.lengths[0]), jnp.int32)
+  if n == 0:  # shapes from an abstract trace of a whole batch (it splits over a mesh): nothing runs
+    probe = jax.ShapeDtypeStruct((bs, config.lengths[0]), jnp.int32)
     abstract = jax.eval_shape(fn, probe, jax.ShapeDtypeStruct(probe.shape, jnp.bool_))
     outs = tuple(np.zeros((0, *a.shape[1:]), a.dtype) for a in _as_tuple(abstract))
     return outs, EncodeStats(0, 0, ())
@@ -262,10 +263,18 @@ def sparse_code(model: Embedder, k: int | None = None, *, mesh: Mesh | None = No
   graphdef, state = nnx.split(model)
   if mesh is None:
     return lambda ids, valid: _sparse_code_forward(graphdef, state, ids, valid, k)
+  if jax.sharding.AxisType.Explicit in mesh.axis_types:
+    raise ConfigError(f"encoding splits batches over a mesh with Auto axes (as "
+                      f"saejax.sharding.make_mesh builds); got axis types {mesh.axis_types}")
   state = jax.device_put(state, sharding.replicated(mesh))
   rows = sharding.batch_sharding(mesh, 2)
+  devices = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape)
 
   def fn(ids, valid):
+    if ids.shape[0] % devices:
+      raise ConfigError(f"a batch of {ids.shape[0]} texts does not split over the {devices} "
+                        f"data-parallel devices of the mesh: set EncodeConfig.batch_size to a "
+                        f"multiple of {devices}")
     return _sparse_code_forward(graphdef, state, jax.device_put(ids, rows),
                                 jax.device_put(valid, rows), k)
   return fn
