@@ -105,7 +105,10 @@ def test_resume_skips_finished_shards_and_redoes_a_damaged_one(tiny_run, corpus_
   damaged = corpus.shard_file(out, 2)
   damaged.write_bytes(damaged.read_bytes()[:100])  # a truncated file, e.g. a disk filled up
 
-  log = _run(_command(tiny_run, corpus_file, out), 2)
+  # The same run and corpus under other paths (symlinks) are the same inputs: shards are kept.
+  (tmp_path / "run-link").symlink_to(tiny_run)
+  (tmp_path / "corpus-link.jsonl").symlink_to(corpus_file)
+  log = _run(_command(tmp_path / "run-link", tmp_path / "corpus-link.jsonl", out), 2)
   assert "shard 0: complete on disk, skipped" in log and "shard 1: complete on disk" in log, log
   assert "shard 0: encoded" not in log and "shard 1: encoded" not in log, log
   assert f"warning: shard 2 ({damaged}) is damaged: unreadable" in log, log

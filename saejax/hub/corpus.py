@@ -274,8 +274,14 @@ def load_index(out: str | Path) -> tuple[SparseIndex, list[str]]:
   return index, ids
 
 
+# Where the inputs were read from, for the record: the same corpus or run under another path (a
+# symlink, a relative path, a copy) is the same input, told by corpus_digest and model_fingerprint.
+_WHERE = ("corpus", "run")
+
+
 def _check_manifest(out: Path, manifest: dict) -> None:
-  """Write ``out/manifest.json``, or check that the one there describes the same inputs."""
+  """Write ``out/manifest.json``, or check that the one there describes the same inputs (by
+  content: digests, fingerprint and settings, not the paths they were read from)."""
   file = out / MANIFEST
   if file.is_file():
     try:
@@ -283,7 +289,7 @@ def _check_manifest(out: Path, manifest: dict) -> None:
     except json.JSONDecodeError:
       old = None
     if old is not None:
-      differ = [key for key in manifest if old.get(key) != manifest[key]]
+      differ = [key for key in manifest if key not in _WHERE and old.get(key) != manifest[key]]
       if differ:
         raise ConfigError(f"{out} holds shards of other inputs ({', '.join(differ)} differ from "
                           f"{file}); give another --out, or delete {out} to start over")
