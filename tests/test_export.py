@@ -153,6 +153,12 @@ def test_round_trip_through_a_saejax_workdir(minilm_st, minilm_st_codes, texts, 
   assert "0.4321" in card and "latent_labels.json" in card and "debian-quickstart" in card
 
   _assert_same_codes(*_dense_to_sparse(_st_encode(out, texts), 16), minilm_st_codes)
+  # The run's own budgets (README's snippet) give the codes the export gives.
+  config, model, tok = trained.load_run(workdir)
+  _, documents = trained.encode_configs(config, progress=False)
+  assert documents.max_len == 64
+  codes = encode_sparse(model, tok, texts, config=documents)
+  _assert_same_codes(codes.values, codes.indices, minilm_st_codes)
   # The backbone at the root is a plain transformers model; --backbone-only writes it alone.
   import transformers
   assert transformers.AutoModel.from_pretrained(out).config.hidden_size == 384

@@ -27,6 +27,7 @@ from saejax.data.tokenizer import Tokenizer, load_tokenizer
 from saejax.errors import CheckpointError, ConfigError
 from saejax.hub import build, checkpoint, convert
 from saejax.hub.state import OptimConfig, init_state, make_optimizer
+from saejax.retrieval import encode
 from saejax.sae.embedder import Embedder
 
 
@@ -86,6 +87,15 @@ def _check_training_config(raw, file: epath.Path, sections: tuple[str, ...]) -> 
     raise CheckpointError(f"{file} is not a saejax training config: it lacks the sections "
                           f"{missing} (a training workdir's config.json has all of "
                           f"{list(MODEL_SECTIONS)})")
+
+
+def encode_configs(config: ml_collections.ConfigDict, **settings
+                   ) -> tuple[encode.EncodeConfig, encode.EncodeConfig]:
+  """(queries, documents): `EncodeConfig`s at the token budgets the run trained with
+  (``data.max_query_len``, ``data.max_doc_len``), as `saejax.eval`, the export and the corpus
+  index read texts; ``settings``: other `EncodeConfig` fields (batch_size, progress)."""
+  return (encode.EncodeConfig(max_len=int(config.data.max_query_len), **settings),
+          encode.EncodeConfig(max_len=int(config.data.max_doc_len), **settings))
 
 
 def tokenizer_for(config: ml_collections.ConfigDict, vocab_size: int) -> Tokenizer:
