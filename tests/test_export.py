@@ -231,6 +231,13 @@ def test_import_lowercases_where_sentence_bert_config_says(data_dir, texts, tmp_
   model, tok, _ = export.load_sparse_encoder(st_dir)
   codes = encode_sparse(model, tok, texts, config=EncodeConfig(max_len=32, progress=False))
   _assert_same_codes(codes.values, codes.indices, lowercased)
+  # A run continued from it trains, evaluates and exports on the lowercased texts too.
+  workdir = export.init_run_from_sparse_encoder(
+      st_dir, tiny_config.quickstart.get_config("runlocal"), tmp_path / "run")
+  config, model, tok = trained.load_run(workdir)
+  _, documents = trained.encode_configs(config, progress=False)
+  codes = encode_sparse(model, tok, texts, config=documents)
+  _assert_same_codes(codes.values, codes.indices, lowercased)
 
 
 def test_export_with_denser_queries_routes_queries_and_documents(tiny_bert_dir, texts, tmp_path):

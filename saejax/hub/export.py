@@ -793,12 +793,15 @@ def init_run_from_sparse_encoder(st_dir: str | Path, config: ml_collections.Conf
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.init_from = info["transformer_dir"]
   config.model.hf_config = ml_collections.ConfigDict()
-  config.model.tokenizer = ""
+  workdir.mkdir(parents=True, exist_ok=True)
+  # The tokenizer as the SparseEncoder applies it (do_lower_case included): training, evaluation
+  # and export of the continued run read texts as the imported model did.
+  tokenizer.save(str(workdir / "tokenizer.json"))
+  config.model.tokenizer = str(workdir / "tokenizer.json")
   for key in ("num_latents", "k", "k_aux", "normalize_codes"):
     config.sae[key] = info[key]
   config.data.max_query_len = min(config.data.max_query_len, info["max_seq_length"])
   config.data.max_doc_len = min(config.data.max_doc_len, info["max_seq_length"])
-  workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   (workdir / "config.py").write_text(_CONFIG_PY)
   _, params = nnx.split(model, nnx.Param)

@@ -408,8 +408,8 @@ def read_jsonl(path: str | os.PathLike, num_latents: int | None = None
         match = _KEY.fullmatch(key)
         if match is None:
           raise DataError(f"{where}: vector key {key!r} is not 'f' followed by a latent id")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(
-            np.float32(weight)):  # as stored: 1e39 is a finite float but no finite float32
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+            abs(weight) <= np.finfo(np.float32).max):  # as stored: 1e39 is no finite float32
           raise DataError(f"{where}: weight of {key} is {weight!r}, not a finite float32 number")
         latent = int(match.group(1))
         limit = np.iinfo(np.int32).max + 1 if num_latents is None else num_latents
