@@ -545,25 +545,6 @@ def test_repeats_beyond_a_batch_of_waiting_records_are_dropped_and_counted(tmp_p
                             shard_count=1).record_batches))
 
 
-def test_texts_are_the_same_when_the_model_reads_the_same_tokens(tmp_path, minilm_tokenizer):
-  """Documents that differ only past max_doc_len tokens, and queries that differ only in case
-  (MiniLM's tokenizer lower-cases), are one text to the model: never two in one global batch."""
-  long = "the quick brown fox jumps over the lazy dog " * 10  # > 64 tokens
-  rows = [{"query": f"Question {i}" if i % 2 else f"question {i - 1}",
-           "positive": long + f"ending {i}" if i % 3 == 0 else f"document {i}"}
-          for i in range(24)]
-  cfg = config(planted(tmp_path, rows), global_batch_size=4, num_epochs=1, shuffle=False)
-  batches, state = run_to_the_end(make_pipeline(cfg, minilm_tokenizer, shard_index=0,
-                                                shard_count=1))
-  for batch in batches:
-    assert sum(r["positive"].startswith(long) for r in batch) <= 1, batch
-    assert len({r["query"].lower() for r in batch}) == len(batch), batch
-  assert len(batches) >= 3 and not repeats(batches[0])  # as strings they never repeated
-  # The keys are tokens after truncation: a difference within the budget keeps texts apart.
-  key = data.TokenKey(minilm_tokenizer, 64, cache_size=8)
-  assert key(long + "a") == key(long + "b") != key("short a") != key("short b")
-
-
 def test_resume_mid_stream_with_waiting_records_is_exact(tmp_path, minilm_tokenizer):
   cfg = config(planted(tmp_path, REPEATED), global_batch_size=8, seed=5)  # repeats forever
   pipeline = make_pipeline(cfg, minilm_tokenizer, shard_index=0, shard_count=1)

@@ -12,9 +12,8 @@ No repeated text in a global batch. InfoNCE scores every query against every doc
 global batch, so a text that appears twice is a false negative: a document that is the positive of
 two records (or one record's positive and another's hard negative), or one query twice with two
 positives. A global batch never holds two records with the same query text, nor a text that is the
-positive of one record and the positive or a (used) hard negative of another. Texts are compared
-as the model reads them, tokens after truncation (`DistinctBatches`' keys): two descriptions that
-share their first max_doc_len tokens are one text. A record that would break this is deferred: it waits, in stream order, and joins the first later batch it fits, ahead
+positive of one record and the positive or a (used) hard negative of another. A record that would
+break this is deferred: it waits, in stream order, and joins the first later batch it fits, ahead
 of unread records. At most `WAITING_BATCHES` global batches' worth of records wait; a repeat beyond
 that (a source that repeats a few texts in most records) is dropped, counted in the iterator state
 ("dropped") and logged. At the end of a finite stream the records of a last, unfilled batch are not yielded (as
@@ -262,47 +261,23 @@ class _Unblocked(grain.MapDataset):
     return self._parent[index // self._size][index % self._size]
 
 
-def _same_text(text: str) -> str:
-  return text
-
-
-class TokenKey:
-  """A text's key as the model reads it: its token ids after truncation to ``max_len`` (so texts
-  that differ only past the cut, or only in what the tokenizer normalises away, share a key).
-  Recent keys are cached: a deferred record is tested again at every batch it waits for."""
-
-  def __init__(self, tokenizer: Tokenizer, max_len: int, cache_size: int):
-    self._tokenizer = truncating_copy(tokenizer, max_len)
-    self._key = functools.lru_cache(maxsize=cache_size)(self._encode)
-
-  def _encode(self, text: str) -> bytes:
-    return np.asarray(self._tokenizer.encode(text).ids, np.int32).tobytes()
-
-  def __call__(self, text: str) -> bytes:
-    return self._key(text)
-
-
 class _BatchTexts:
-  """The texts one global batch already holds; `admits` refuses a record that would repeat one.
-  Texts are compared by ``query_key`` / ``doc_key`` (`TokenKey`; the texts themselves by default)."""
+  """The texts one global batch already holds; `admits` refuses a record that would repeat one."""
 
-  def __init__(self, num_negatives: int, query_key=_same_text, doc_key=_same_text):
+  def __init__(self, num_negatives: int):
     self.num_negatives = num_negatives
-    self.query_key, self.doc_key = query_key, doc_key
-    self.queries: set = set()
-    self.positives: set = set()
-    self.negatives: set = set()
+    self.queries: set[str] = set()
+    self.positives: set[str] = set()
+    self.negatives: set[str] = set()
 
   def admits(self, record: Record) -> bool:
     """True (and the record's texts are now held) when the record repeats no text of the batch."""
-    query, positive = self.query_key(record["query"]), self.doc_key(record["positive"])
-    # Only the first num_negatives reach the batch.
-    negatives = {self.doc_key(n) for n in record["negatives"][:self.num_negatives]}
-    if (query in self.queries or positive in self.positives or positive in self.negatives
-        or not self.positives.isdisjoint(negatives)):
+    negatives = record["negatives"][:self.num_negatives]  # only these reach the batch
+    if (record["query"] in self.queries or record["positive"] in self.positives
+        or record["positive"] in self.negatives or not self.positives.isdisjoint(negatives)):
       return False
-    self.queries.add(query)
-    self.positives.add(positive)
+    self.queries.add(record["query"])
+    self.positives.add(record["positive"])
     self.negatives.update(negatives)
     return True
 
@@ -313,12 +288,10 @@ class DistinctBatches(grain.IterDataset):
 
   def __init__(self, stream: grain.MapDataset, *, global_batch_size: int, num_negatives: int,
                num_records: int, shard_index: int, shard_count: int,
-               read_options: grain.ReadOptions, query_key=_same_text, doc_key=_same_text):
+               read_options: grain.ReadOptions):
     """`num_records`: records in the sources (an epoch); a batch that refuses that many records in
-    a row gives up with a DataError instead of reading a repeated stream forever. `query_key` /
-    `doc_key`: what makes two texts the same (`TokenKey`; default: equal strings)."""
+    a row gives up with a DataError instead of reading a repeated stream forever."""
     super().__init__()
-    self.query_key, self.doc_key = query_key, doc_key
     self.stream, self.global_batch_size = stream, global_batch_size
     self.num_negatives, self.num_records = num_negatives, num_records
     self.shard_index, self.shard_count, self.read_options = shard_index, shard_count, read_options
@@ -359,8 +332,7 @@ class _DistinctBatchIterator(grain.DatasetIterator):
 
   def _next_batch(self) -> list[Record]:
     g = self._ds.global_batch_size
-    texts = _BatchTexts(self._ds.num_negatives, self._ds.query_key, self._ds.doc_key)
-    batch, waiting = [], []
+    texts, batch, waiting = _BatchTexts(self._ds.num_negatives), [], []
     for item in self._deferred:  # the oldest waiting records go first
       (batch if len(batch) < g and texts.admits(item[1]) else waiting).append(item)
     position, dropped, refused = self._next_record, 0, 0
@@ -437,14 +409,6 @@ class Pipeline:
     return counts
 
 
-def text_keys(cfg: DataConfig, tokenizer: Tokenizer) -> dict[str, TokenKey]:
-  """`DistinctBatches`' query_key and doc_key: texts compared as the model reads them."""
-  # A batch's texts and those waiting (WAITING_BATCHES batches of records) stay cached.
-  cache = (WAITING_BATCHES + 2) * cfg.global_batch_size * (2 + cfg.num_hard_negatives)
-  return {"query_key": TokenKey(tokenizer, cfg.max_query_len, cache),
-          "doc_key": TokenKey(tokenizer, cfg.max_doc_len, cache)}
-
-
 def make_pipeline(cfg: DataConfig, tokenizer: Tokenizer, *, shard_index: int | None = None,
                   shard_count: int | None = None) -> Pipeline:
   """Opens the sources (mining BM25 negatives where needed) and builds this process's pipeline.
@@ -487,7 +451,7 @@ def make_pipeline(cfg: DataConfig, tokenizer: Tokenizer, *, shard_index: int | N
                                    num_negatives=cfg.num_hard_negatives,
                                    num_records=sum(len(s) for s in sources),
                                    shard_index=shard_index, shard_count=shard_count,
-                                   read_options=read_options, **text_keys(cfg, tokenizer))
+                                   read_options=read_options)
   batch_fn = BatchTokenizer(tokenizer, max_query_len=cfg.max_query_len,
                             max_doc_len=cfg.max_doc_len, num_negatives=cfg.num_hard_negatives,
                             buckets=cfg.buckets, padding=cfg.padding)
