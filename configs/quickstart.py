@@ -8,7 +8,7 @@ Runtime: 8 min 35 s wall clock on 2 CPU cores, evaluation included (README "Resu
 Expected: after training it prints nDCG@10 / Recall@100 / MRR@10 on the held-aside Debian dev
 split (synopsis -> description) for saejax (k=64 of 4,096 latents) next to BM25, the untouched
 dense MiniLM and random TopK at the same k (the floor); measured with the idf-weighted search:
-0.835 vs 0.868 / 0.870 / 0.778 nDCG@10 (README "Results"; k=32 gave 0.766 against a floor of
+0.839 vs 0.868 / 0.870 / 0.778 nDCG@10 (README "Results"; k=32 gave 0.766 against a floor of
 0.688, plain cosine).
 """
 
