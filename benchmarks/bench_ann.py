@@ -47,8 +47,8 @@ seeded subset), at each thread setting, in every round; p50 and p99 of the round
 p50. With more threads saejax splits a lone query's documents over them (`SparseIndex.search`);
 faiss answers one query on one thread whatever its OpenMP setting (it parallelises over queries),
 and Seismic's `search` has no thread setting, so their two latency columns time the same work. Seismic is timed through its own `batch_search` / `search` with the queries already
-converted to its string tokens (the adapter's Python conversion, ~100 us a query, which
-bench_index.py's timing includes, is left out); saejax and faiss through their public calls.
+converted to its string tokens (the adapter's Python conversion, ~100 us a query, is left out,
+as in bench_index.py); saejax and faiss through their public calls.
 Memory: saejax `nbytes`, Seismic's own count (`print_space_usage_byte`), faiss the size of
 `write_index`'s file; and the process' peak RSS.
 
@@ -83,7 +83,6 @@ from pathlib import Path  # noqa: E402
 import faiss  # noqa: E402
 import ir_measures  # noqa: E402
 import numpy as np  # noqa: E402
-import seismic  # noqa: E402
 from ir_measures import nDCG  # noqa: E402
 
 from saejax.retrieval.index import (  # noqa: E402
@@ -113,6 +112,19 @@ def first_reaching(candidates: Sequence, measure: Callable[[object], float], tar
   return None, measured
 
 
+def least_reaching(fails: int, passes: int, measure: Callable[[int], float], target: float,
+                   measured: dict, resolution: float = 1 / 16) -> int:
+  """The smallest integer between ``fails`` (below target) and ``passes`` (at or above it) that
+  reaches ``target``, to within ``resolution`` of it, by bisection: a coarse grid's first passing
+  value overstates the work HNSW needs (e.g. efSearch 512 where ~410 reaches 0.99 at 1M).
+  Recall is taken as monotone in the value; every measurement lands in ``measured``."""
+  while passes - fails > max(1, int(fails * resolution)):
+    mid = (fails + passes) // 2
+    measured[mid] = measure(mid)
+    fails, passes = (fails, mid) if measured[mid] >= target else (mid, passes)
+  return passes
+
+
 def dense_tie_recall(found: np.ndarray, exact_scores: np.ndarray, exact_ids: np.ndarray,
                      docs: np.ndarray, queries: np.ndarray) -> float:
   """`bench_index.tie_recall` for dense vectors: recall@10 of ``found`` [Q, 10] where a document
@@ -137,7 +149,8 @@ class System:
   build_s: float
   nbytes: float
   recall: float = 1.0
-  knob: object = None  # the tuned value: a --seismic setting or an efSearch
+  knob: object = None  # the tuned value: a --seismic setting, or HNSW's (M, efSearch)
+  one_thread_s: float = 0.0  # HNSW: one untimed-for-the-report pass, to pick the fastest M
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -169,24 +182,12 @@ def saejax_system(index: SparseIndex, q_values, q_indices, build_s: float) -> Sy
                 lambda: index.search(q_values, q_indices, TOP_K), build_s, index.nbytes)
 
 
-def seismic_queries(q_values: np.ndarray, q_indices: np.ndarray) -> tuple[np.ndarray, list, list]:
-  """Queries in Seismic's own form (ids, string tokens, values), as `SeismicAdapter.search`
-  makes them: each query's non-zero latents, ascending (TopK latents are distinct)."""
-  string = seismic.get_seismic_string()
-  comps, vals = [], []
-  for v, i in zip(q_values, q_indices):
-    order = np.argsort(i[v != 0], kind="stable")
-    comps.append(i[v != 0][order].astype(str).astype(string))
-    vals.append(v[v != 0][order].astype(np.float32))
-  return np.array([str(q) for q in range(len(q_values))], dtype=string), comps, vals
-
-
 def seismic_system(adapter: SeismicAdapter, q_values, q_indices, setting: str, build_s: float,
                    nbytes: float, recall_: float) -> System:
   """Seismic at ``setting`` (query_cut:heap_factor), timed through its own calls."""
   cut, heap = setting.split(":")
   params = dict(query_cut=int(cut), heap_factor=float(heap))
-  ids, comps, vals = seismic_queries(q_values, q_indices)
+  ids, comps, vals = bi.seismic_queries(q_values, q_indices)
   found = adapter.search(q_values, q_indices, TOP_K, **params)[1]
   native = adapter.index.batch_search(ids, comps, vals, k=TOP_K, num_threads=1, **params)
   got = sorted(int(doc) for hits in native for _, score, doc in hits if score > 0)
@@ -232,9 +233,14 @@ def build_hnsw(docs: np.ndarray, m: int, ef_construction: int, threads: int):
 
 
 def tune(label: str, candidates: Sequence, measure: Callable[[object], float],
-         target: float, log: bool) -> tuple[object, float]:
-  """(setting, its recall): the first candidate reaching ``target``, else the best one."""
+         target: float, log: bool, refine: bool = False) -> tuple[object, float]:
+  """(setting, its recall): the first candidate reaching ``target``, else the best one; with
+  ``refine`` (integer candidates), the least value between the last failing candidate and that
+  one which reaches it (`least_reaching`)."""
   chosen, measured = first_reaching(candidates, measure, target)
+  below = [c for c in measured if measured[c] < target]
+  if refine and chosen is not None and below:
+    chosen = least_reaching(max(below), chosen, measure, target, measured)
   if log:
     print(f"  {label} sweep, recall@10: " + ", ".join(f"{c} {r:.4f}" for c, r in measured.items()),
           flush=True)
@@ -292,25 +298,42 @@ def build_systems(corpus: bi.Corpus, docs: np.ndarray, queries: np.ndarray,
       q_values=weigh_codes(qv, qi, index.latent_weights))
   adapter, seismic_build = build_seismic(weighted, threads)
   flat, flat_build = bi.timed(lambda: make_flat(docs, threads))
-  hnsw, hnsw_build = bi.timed(lambda: build_hnsw(docs, args.hnsw_m, args.ef_construction,
-                                                 threads))
   if log:
-    print(f"  {index}; Seismic {seismic_build:.1f}s; flat {flat_build:.1f}s; HNSW (M "
-          f"{args.hnsw_m}, efConstruction {args.ef_construction}) {hnsw_build:.1f}s", flush=True)
+    print(f"  {index}; Seismic {seismic_build:.1f}s; flat {flat_build:.1f}s", flush=True)
   seismic_grid, ef_grid = grids
   setting, s_recall = tune("Seismic query_cut:heap_factor vs saejax", seismic_grid,
                            seismic_recall(adapter, weighted, index.search(qv, qi, TOP_K),
                                           threads),
                            args.target, log)
-  ef, h_recall = tune("HNSW efSearch vs flat", ef_grid,
-                      hnsw_recall(hnsw, docs, queries, faiss_search(flat, queries, threads),
-                                  threads), args.target, log)
-  hnsw.hnsw.efSearch = ef
+  exact = faiss_search(flat, queries, threads)
+  hnsw = min((tuned_hnsw(docs, queries, exact, m, args, ef_grid, log) for m in args.hnsw_m),
+             key=lambda system: system.one_thread_s)  # HNSW at its fastest M
+  if log and len(args.hnsw_m) > 1:
+    print(f"  HNSW: the fastest at recall {args.target} is {hnsw.setting}", flush=True)
   return [saejax_system(index, qv, qi, sparse_build),
           seismic_system(adapter, weighted.q_values, qi, setting, seismic_build,
                          bi.seismic_nbytes(adapter), s_recall),
-          faiss_system("flat", flat, queries, "exact", flat_build),
-          faiss_system("hnsw", hnsw, queries, f"efSearch {ef}", hnsw_build, h_recall, ef)]
+          faiss_system("flat", flat, queries, "exact", flat_build), hnsw]
+
+
+def tuned_hnsw(docs: np.ndarray, queries: np.ndarray, exact, m: int, args: argparse.Namespace,
+               ef_grid: Sequence[int], log: bool) -> System:
+  """HNSW with ``m`` links, efSearch the least reaching the target (`least_reaching`), and the
+  one-thread time of a pass over the queries at it (``one_thread_s``: how the M are compared)."""
+  hnsw, build_s = bi.timed(lambda: build_hnsw(docs, m, args.ef_construction, args.threads))
+  if log:
+    print(f"  HNSW (M {m}, efConstruction {args.ef_construction}) {build_s:.1f}s", flush=True)
+  ef, recall_ = tune(f"HNSW M {m} efSearch vs flat", ef_grid,
+                     hnsw_recall(hnsw, docs, queries, exact, args.threads), args.target, log,
+                     refine=True)
+  hnsw.hnsw.efSearch = ef
+  system = faiss_system("hnsw", hnsw, queries, f"M {m}, efSearch {ef}", build_s, recall_,
+                        (m, ef))
+  settle()
+  start = time.perf_counter()
+  system.batch(1)
+  system.one_thread_s = time.perf_counter() - start
+  return system
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,11 +411,12 @@ def result_row(system: System, settings, qps, ratio, latency) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Quality
 
-def quality(arrays: dict, embeddings: dict, chosen: tuple[str, int],
+def quality(arrays: dict, embeddings: dict, chosen: tuple[str, tuple[int, int]],
             args: argparse.Namespace) -> dict:
   """{system: {set: (nDCG@10, recall@10)}} on each labelled set's own documents and queries,
-  Seismic and HNSW at the ``chosen`` (setting, efSearch)."""
-  out = {}
+  Seismic and HNSW at the ``chosen`` (setting, (M, efSearch))."""
+  (m, ef), out = chosen[1], {}
+  args = argparse.Namespace(**{**vars(args), "hnsw_m": [m]})
   for name, split in QUALITY_SETS.items():
     info = json.loads((Path(args.cache) / f"eval_{name}.json").read_text())
     corpus = bi.Corpus(f"real:{name}", arrays[f"{name}_docs_values"],
@@ -400,8 +424,7 @@ def quality(arrays: dict, embeddings: dict, chosen: tuple[str, int],
                        arrays[f"{name}_queries_indices"], int(arrays["num_latents"]), name)
     docs, queries = unit(embeddings[f"{name}_docs"]), unit(embeddings[f"{name}_queries"])
     print(f"  {name} ({split}): {len(docs):,} documents, {len(queries):,} queries", flush=True)
-    for system in build_systems(corpus, docs, queries, args, ([chosen[0]], [chosen[1]]),
-                                log=False):
+    for system in build_systems(corpus, docs, queries, args, ([chosen[0]], [ef]), log=False):
       scores, ids = system.answers()
       run = {qid: {info["doc_ids"][d]: float(s) for d, s in zip(row_ids, row_scores) if d >= 0}
              for qid, row_ids, row_scores in zip(info["query_ids"], ids, scores)}
@@ -450,7 +473,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--threads", type=int, default=os.cpu_count(),
                       help="the all-core setting's threads")
   parser.add_argument("--target", type=float, default=0.99, help="recall@10 the tuning aims at")
-  parser.add_argument("--hnsw-m", type=int, default=32)
+  parser.add_argument("--hnsw-m", type=int, nargs="+", default=[16, 32, 48],
+                      help="HNSW links per node: each is built and tuned, the fastest at the "
+                           "target recall is reported")
   parser.add_argument("--ef-construction", type=int, default=200)
   parser.add_argument("--ef-search", type=int, nargs="+",
                       default=[16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024],

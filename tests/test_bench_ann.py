@@ -96,3 +96,15 @@ def test_sparse_systems_score_as_saejax_searches(bench_ann):
   scores, ids = seismic_.answers()
   np.testing.assert_allclose(scores, np.take_along_axis(reference, ids, 1), rtol=2e-3, atol=1e-4)
   assert seismic_.recall > 0.9
+
+
+def test_hnsw_is_tuned_to_the_least_efsearch_reaching_the_target(bench_ann):
+  """A coarse grid's first passing efSearch is refined by bisection: with recall planted as a
+  step at 410, the grid's 512 becomes ~410 (within 1/16), never below it."""
+  recall = lambda ef: 0.995 if ef >= 410 else 0.98  # noqa: E731
+  ef, got = bench_ann.tune("planted", [64, 128, 256, 384, 512, 768], recall, 0.99, log=False,
+                           refine=True)
+  assert 410 <= ef <= 410 + 384 // 16 and got == 0.995
+  # Without a failing candidate before it there is nothing to refine; unrefined, the grid's value.
+  assert bench_ann.tune("planted", [512, 768], recall, 0.99, log=False, refine=True)[0] == 512
+  assert bench_ann.tune("planted", [384, 512], recall, 0.99, log=False)[0] == 512
