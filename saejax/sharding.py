@@ -153,6 +153,41 @@ def replicated_large_params(state: nnx.State, mesh: Mesh, min_size: int = 1 << 1
   return out
 
 
+def data_devices(mesh: Mesh) -> int:
+  """The data-parallel devices of ``mesh``: the product of its `BATCH_AXES` (a batch splits over
+  them)."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+
+
+class OnMesh:
+  """A jitted function traced, lowered and called with ``mesh`` as the ambient mesh
+  (`jax.set_mesh`): `constrain_batch` and the model's per-shard kernels (splash attention, the
+  Triton norms) read the mesh from there; outside it they are no-ops, leaving GSPMD to shard
+  activations as it likes (on the hidden axis under FSDP, gathering the batch) or, for a TPU
+  kernel, to fail to partition it."""
+
+  def __init__(self, fn, mesh: Mesh):
+    self.fn, self.mesh = fn, mesh
+
+  def _ambient(self):
+    """`jax.set_mesh`, which JAX allows only outside a trace; inside one (an eval_shape of the
+    call), the mesh's abstract form, which is all tracing reads."""
+    try:
+      return jax.set_mesh(self.mesh)
+    except ValueError as e:
+      if "outside of `jax.jit`" not in str(e):
+        raise
+      return jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh)
+
+  def __call__(self, *args):
+    with self._ambient():
+      return self.fn(*args)
+
+  def lower(self, *args):
+    with self._ambient():
+      return self.fn.lower(*args)
+
+
 def constrain_batch(x: jax.Array) -> jax.Array:
   """Pin an activation's leading (batch) axis to the data-parallel mesh axes.
 

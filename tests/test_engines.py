@@ -168,6 +168,12 @@ def test_jsonl_keys_naming_one_latent_add_up(tmp_path):
   file.write_text('{"id": 0, "vector": {"f00001": 0.5, "f1": 0.25, "f00002": 1.0}}\n')
   _, _, values, indices = engines.read_jsonl(file)
   assert dict(zip(indices[0].tolist(), values[0].tolist())) == {1: 0.75, 2: 1.0}
+  file.write_text('{"id": 0, "vector": {"f1": 3e38, "f01": 3e38}}\n')  # each fits, the sum not
+  with pytest.raises(DataError, match=r"same.jsonl:1: .* summed over its keys is not a finite"):
+    engines.read_jsonl(file)
+  file.write_text('{"id": 0, "vector": {"f1": 1' + '0' * 400 + '}}\n')  # an int past any float
+  with pytest.raises(DataError, match=r"same.jsonl:1: weight of f1 .* not a finite float32"):
+    engines.read_jsonl(file)
   file.write_text('{"id": 0, "vector": {"f9999999999": 1.0}}\n')
   with pytest.raises(DataError, match=r"same.jsonl:1: latent 9999999999 .* outside \[0, 2147483648\)"):
     engines.read_jsonl(file)

@@ -461,6 +461,7 @@ def test_damaged_sparse_encoder_files_are_named(tiny_bert_dir, tmp_path):
       (f"{sae}/model.safetensors", None, "is not a readable safetensors file"),
       (f"{sae}/config.json", without("hidden_dim"), "lacks 'hidden_dim'"),
       (f"{sae}/config.json", lambda d: {**d, "k": "four"}, ": 'k' is 'four'; expected an integer"),
+      (f"{sae}/config.json", lambda d: {**d, "k": float("inf")}, ": 'k' is inf; expected an "),
       (f"{sae}/config.json", lambda d: [d], "holds a JSON list, not an object"),
       ("1_Pooling/config.json", lambda d: [d], "holds a JSON list, not an object"),
       ("modules.json", lambda ms: [without("path")(m) for m in ms],

@@ -341,6 +341,10 @@ def test_a_finite_dataset_ends_the_run_with_a_checkpoint_and_a_summary(tmp_path)
   assert summary["latest_checkpoint"] == summary["step"]
   assert (tmp_path / "checkpoints" / str(summary["step"])).is_dir()
   assert json.loads((tmp_path / "summary.json").read_text())["data_ended"]
+  # Skipping stage 1's pairs past the end of the data is said, not a bare StopIteration.
+  with pytest.raises(ConfigError, match=r"fresh_stage2 skips the 64 pairs .* ended after 6 "
+                                        r"global batches"):
+    loop.skip_stage_one_pairs(iter(range(6)), 64, 8)
 
 
 def test_batch_split_is_checked_before_anything_runs(tmp_path):
@@ -351,9 +355,9 @@ def test_batch_split_is_checked_before_anything_runs(tmp_path):
     loop.train(config, tmp_path / "run")
   assert not (tmp_path / "run").exists()  # refused before the workdir was made
   four = types.SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 1})  # 4 data devices
-  loop._check_batch_split(16, 2, four)
+  loop.check_batch_split(16, 2, four)
   with pytest.raises(ConfigError, match=r"micro-batch of 6 records .* over the 4 data-parallel"):
-    loop._check_batch_split(12, 2, four)
+    loop.check_batch_split(12, 2, four)
 
 
 def test_stage_one_heads_train_on_whole_batches():

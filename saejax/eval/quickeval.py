@@ -115,17 +115,23 @@ class EvalConfig:
 
 def _top(scores: Float[np.ndarray, "Q N"], depth: int) -> tuple[np.ndarray, np.ndarray]:
   """Per row, the ``depth`` highest scores and their columns, best first, ties by lower column
-  (the index's rule, `saejax.retrieval.index`): of the columns tied with the depth-th score, the
-  lowest are kept (a partition alone keeps arbitrary ones, and duplicate documents tie exactly)."""
+  (the index's rule, `saejax.retrieval.index`). A partition keeps arbitrary columns of those tied
+  with the depth-th score (duplicate documents tie exactly): rows where such a tie straddles the
+  cut take the lowest of them instead."""
   depth = min(depth, scores.shape[1])
   if depth == 0:
     return np.zeros((len(scores), 0), np.int64), np.zeros((len(scores), 0), scores.dtype)
-  kth = -np.partition(-scores, depth - 1, axis=1)[:, depth - 1:depth]  # [Q, 1]
-  above, tied = scores > kth, scores == kth
-  keep = above | (tied & (np.cumsum(tied, axis=1) <= depth - above.sum(1, keepdims=True)))
-  cols = np.nonzero(keep)[1].reshape(len(scores), depth)  # ascending within each row
+  cols = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
   top = np.take_along_axis(scores, cols, 1)
-  order = np.argsort(-top, axis=1, kind="stable")
+  kth = top.min(axis=1, keepdims=True)
+  straddle = np.flatnonzero((scores == kth).sum(1) > (top == kth).sum(1))
+  if straddle.size:  # few rows: the exact rule over their whole rows
+    rows, cut = scores[straddle], kth[straddle]
+    above, tied = rows > cut, rows == cut
+    keep = above | (tied & (np.cumsum(tied, axis=1) <= depth - above.sum(1, keepdims=True)))
+    cols[straddle] = np.nonzero(keep)[1].reshape(len(straddle), depth)
+    top[straddle] = np.take_along_axis(rows, cols[straddle], 1)
+  order = np.lexsort((cols, -top), axis=1)  # score descending, then column ascending
   return np.take_along_axis(cols, order, 1), np.take_along_axis(top, order, 1)
 
 

@@ -370,7 +370,8 @@ def _config_int(cfg: dict, key: str, file: Path, default: int | None = None) -> 
   if key not in cfg and default is None:
     raise CheckpointError(f"{file} lacks {key!r} (an integer)")
   value = cfg.get(key, default)
-  if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+  if (isinstance(value, bool) or not isinstance(value, int | float)
+      or not math.isfinite(value) or value != int(value)):  # json reads Infinity, NaN, 1e400
     raise CheckpointError(f"{file}: {key!r} is {value!r}; expected an integer")
   return int(value)
 
@@ -802,7 +803,8 @@ def init_run_from_sparse_encoder(st_dir: str | Path, config: ml_collections.Conf
     config.sae[key] = info[key]
   config.data.max_query_len = min(config.data.max_query_len, info["max_seq_length"])
   config.data.max_doc_len = min(config.data.max_doc_len, info["max_seq_length"])
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  paths.write_atomic(paths.resolve(workdir / "config.json"),
+                     config.to_json_best_effort(indent=2) + "\n")
   (workdir / "config.py").write_text(_CONFIG_PY)
   _, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(build.from_section(OptimConfig, config.optim, "optim"), params)

@@ -33,7 +33,6 @@ Shape legend: N texts, B batch rows, T padded length (a bucket), D model width, 
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -268,15 +267,17 @@ def sparse_code(model: Embedder, k: int | None = None, *, mesh: Mesh | None = No
                       f"saejax.sharding.make_mesh builds); got axis types {mesh.axis_types}")
   state = jax.device_put(state, sharding.replicated(mesh))
   rows = sharding.batch_sharding(mesh, 2)
-  devices = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape)
+  devices = sharding.data_devices(mesh)
+  # The mesh ambient while the forward is traced and run: the per-shard kernels read it there
+  # (splash attention on a TPU cannot be partitioned by the compiler otherwise).
+  forward = sharding.OnMesh(functools.partial(_sparse_code_forward, graphdef), mesh)
 
   def fn(ids, valid):
     if ids.shape[0] % devices:
       raise ConfigError(f"a batch of {ids.shape[0]} texts does not split over the {devices} "
                         f"data-parallel devices of the mesh: set EncodeConfig.batch_size to a "
                         f"multiple of {devices}")
-    return _sparse_code_forward(graphdef, state, jax.device_put(ids, rows),
-                                jax.device_put(valid, rows), k)
+    return forward(state, jax.device_put(ids, rows), jax.device_put(valid, rows), k)
   return fn
 
 

@@ -55,22 +55,21 @@ _INSERT_CHUNK = 5000
 _KEY = re.compile(r"f(\d+)")
 # drop_ratio_search = 0: no small query weight is dropped, every posting list is scored (exact).
 _SEARCH_PARAMS = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # a Python float: no float32 cast in comparisons
 # The companion collection of an idf-weighted index (a name Milvus accepts: letters, digits, _).
 _IDF_SUFFIX = "__saejax_idf"
 
 
-def _document_rows(values, indices, doc_ids, num_latents: int,
-                   latent_weights: Float[np.ndarray, "S"] | None
+def _document_rows(values, indices, doc_ids, latent_weights: Float[np.ndarray, "S"] | None
                    ) -> tuple[Int[np.ndarray, "N"], list[dict[int, float]]]:
   """Checked doc ids and the documents' rows as Milvus stores them (weighted when
-  ``latent_weights``).
+  ``latent_weights``), from codes `_check_codes` passed.
 
   Raises:
-    DataError: what `SparseIndex.build` refuses, a negative value (Milvus stores only
+    DataError: bad doc ids, a negative value (Milvus stores only
       non-negative sparse weights), or a document without a non-zero latent (Milvus rejects an
       all-zero vector; such a document can never be a hit).
   """
-  values, indices = _check_codes(values, indices, num_latents, "document")
   doc_ids = _check_doc_ids(doc_ids, values.shape[0])
   if (values < 0).any():
     row, col = np.argwhere(values < 0)[0]
@@ -84,6 +83,17 @@ def _document_rows(values, indices, doc_ids, num_latents: int,
     raise DataError(f"documents {empty[:5]} have no non-zero latent ({len(empty)} such rows); "
                     "drop them before ingesting")
   return doc_ids, rows
+
+
+def _finite_float32(total: float, weight) -> float | None:
+  """``total + weight`` when ``weight`` is a JSON number and the sum a finite float32, else None."""
+  if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+    return None
+  try:
+    total += float(weight)
+  except OverflowError:  # an int beyond any float
+    return None
+  return total if abs(total) <= _FLOAT32_MAX else None
 
 
 def _sparse_rows(values: np.ndarray, indices: np.ndarray) -> list[dict[int, float]]:
@@ -134,7 +144,7 @@ class MilvusIndex:
       weights = latent_idf(np.bincount(codes.indices, minlength=int(num_latents)),
                            codes.shape[0], idf_power)
     # Every check before the first write: a refused build leaves no half-made collection behind.
-    doc_ids, rows = _document_rows(values, indices, doc_ids, int(num_latents), weights)
+    doc_ids, rows = _document_rows(values, indices, doc_ids, weights)
     client = _client(uri)
     if client.has_collection(collection):
       if not overwrite:
@@ -187,8 +197,8 @@ class MilvusIndex:
       values, indices: [N, K] document codes, as `SparseIndex.build`.
       doc_ids: [N] distinct integer ids >= 0 (default 0 .. N-1).
     """
-    self._insert(*_document_rows(values, indices, doc_ids, self.num_latents,
-                                 self.latent_weights))
+    values, indices = _check_codes(values, indices, self.num_latents, "document")
+    self._insert(*_document_rows(values, indices, doc_ids, self.latent_weights))
 
   def _insert(self, doc_ids: Int[np.ndarray, "N"], rows: list[dict[int, float]]) -> None:
     for start in range(0, len(rows), _INSERT_CHUNK):
@@ -408,15 +418,18 @@ def read_jsonl(path: str | os.PathLike, num_latents: int | None = None
         match = _KEY.fullmatch(key)
         if match is None:
           raise DataError(f"{where}: vector key {key!r} is not 'f' followed by a latent id")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
-            abs(weight) <= np.finfo(np.float32).max):  # as stored: 1e39 is no finite float32
-          raise DataError(f"{where}: weight of {key} is {weight!r}, not a finite float32 number")
         latent = int(match.group(1))
         limit = np.iinfo(np.int32).max + 1 if num_latents is None else num_latents
         if latent >= limit:
           raise DataError(f"{where}: latent {latent} ({key}) is outside [0, {limit})")
-        # "f00001" and "f1" name one latent: its weights add up, as repeats in a code do.
-        row[latent] = row.get(latent, 0.0) + float(weight)
+        # "f00001" and "f1" name one latent: its weights add up, as repeats in a code do; the sum
+        # is what is stored, so it must be a finite float32 (1e39 is a finite float, not one).
+        total = _finite_float32(row.get(latent, 0.0), weight)
+        if total is None:
+          raise DataError(f"{where}: weight of {key} is {weight!r}; the latent's weight "
+                          f"{'' if latent not in row else 'summed over its keys '}is not a "
+                          "finite float32 number")
+        row[latent] = total
       ids.append(str(record["id"]))
       contents.append(str(record.get("content", "")))
       rows.append(row)

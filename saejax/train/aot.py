@@ -111,10 +111,7 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                    global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
   """ShapeDtypeStructs of one global batch at the config's maximum lengths, batch-sharded."""
   d = config.data
-  data_devices = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
-  if global_batch % data_devices:
-    raise ConfigError(f"global batch {global_batch} is not divisible by the {data_devices} "
-                      f"data-parallel devices of mesh {dict(mesh.shape)}")
+  loop.check_batch_split(global_batch, config.optim.get("grad_accum", 1), mesh)  # as training
   shapes = {"q_ids": ((global_batch, d.max_query_len), "int32"),
             "q_valid": ((global_batch, d.max_query_len), "bool"),
             "d_ids": ((global_batch, 1 + d.num_hard_negatives, d.max_doc_len), "int32"),

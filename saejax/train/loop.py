@@ -170,8 +170,14 @@ def skip_stage_one_pairs(data_iter, pairs: int, global_batch_size: int) -> int:
   benchmarks/RESULTS.md "Quality", session 25). The position is the iterator's, so it is
   checkpointed with it. Returns the batches skipped."""
   skipped = -(-pairs // global_batch_size)
-  for _ in range(skipped):
-    next(data_iter)
+  for done in range(skipped):
+    try:
+      next(data_iter)
+    except StopIteration:  # a finite config.data.num_epochs
+      raise ConfigError(f"config.warmstart.fresh_stage2 skips the {pairs} pairs stage 1 read, "
+                        f"but the training data ended after {done} global batches of "
+                        f"{global_batch_size}: nothing would be left for stage 2; lower "
+                        "config.warmstart.pairs or raise config.data.num_epochs") from None
   return skipped
 
 
@@ -295,11 +301,11 @@ def _global_batch(batch: dict, mesh) -> dict:
                                                     batch[k]) for k in keys}
 
 
-def _check_batch_split(global_batch_size: int, grad_accum: int, mesh) -> None:
+def check_batch_split(global_batch_size: int, grad_accum: int, mesh) -> None:
   """The global batch must split into ``grad_accum`` micro-batches, each over every data-parallel
   device; said here, before anything runs, not by a reshape inside jit."""
-  devices = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
-  if grad_accum < 1 or global_batch_size % grad_accum:
+  devices = sharding.data_devices(mesh)
+  if global_batch_size % grad_accum:  # grad_accum >= 1: OptimConfig checks it
     raise ConfigError(f"config.data.global_batch_size={global_batch_size} does not split into "
                       f"config.optim.grad_accum={grad_accum} micro-batches")
   micro = global_batch_size // grad_accum
@@ -340,8 +346,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
                       "ring of whole batches)")
   distributed.check_padding(data_cfg.padding)
   mesh = sharding.make_mesh(mesh_cfg)
-  _check_batch_split(data_cfg.global_batch_size, optim_cfg.grad_accum, mesh)
-  if optim_cfg.total_steps != tc.steps:
+  check_batch_split(data_cfg.global_batch_size, optim_cfg.grad_accum, mesh)
+  if optim_cfg.total_steps != tc.steps and jax.process_index() == 0:
     print(f"warning: config.optim.total_steps={optim_cfg.total_steps} (the learning-rate "
           f"schedule's horizon) differs from config.train.steps={tc.steps}: the cosine decay "
           f"ends at step {optim_cfg.total_steps}; set both to change the run's length", flush=True)
@@ -547,31 +553,12 @@ def _stop_if_diverged(streak: int, step: int, limit: int, ckpt: checkpoint.Train
         f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
 
 
-class OnMesh:
-  """A jitted function traced, lowered and called with ``mesh`` as the ambient mesh
-  (`jax.set_mesh`): the model's activation constraints (`sharding.constrain_batch`) and its
-  per-shard kernels (splash attention, the Triton norms) read the mesh from there, and outside it
-  they are no-ops, leaving GSPMD to shard activations as it likes (on the hidden axis under FSDP,
-  gathering the batch) or, for a TPU kernel, to fail to partition it."""
-
-  def __init__(self, fn, mesh: jax.sharding.Mesh):
-    self.fn, self.mesh = fn, mesh
-
-  def __call__(self, *args):
-    with jax.set_mesh(self.mesh):
-      return self.fn(*args)
-
-  def lower(self, *args):
-    with jax.set_mesh(self.mesh):
-      return self.fn.lower(*args)
-
-
 def jit_train_step(graphdef, tx, loss_cfg: step_lib.LossConfig, optim_cfg, state_sh,
-                   mesh) -> OnMesh:
+                   mesh) -> sharding.OnMesh:
   """`step_lib.train_step` jitted as training runs it: explicit shardings, the state donated,
   ``log`` (whether the step's metrics are read) a traced bool, so one compile serves every step,
-  and ``mesh`` ambient (`OnMesh`). `saejax.train.aot` compiles this same function."""
-  return OnMesh(jax.jit(
+  and ``mesh`` ambient (`sharding.OnMesh`). `saejax.train.aot` compiles this same function."""
+  return sharding.OnMesh(jax.jit(
       functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_cfg=loss_cfg,
                         optim_cfg=optim_cfg),
       in_shardings=(state_sh, None, None), out_shardings=(state_sh, sharding.replicated(mesh)),
