@@ -137,7 +137,7 @@ def test_steer_query_with_latent_weights_by_hand():
   np.testing.assert_allclose(v, [[0.0, 1.0, 0.375, -3.0]])
   with pytest.raises(steer.DataError, match="latent_weights"):
     steer.steer_query(q_v, q_i, steer.Steering.by_id(boost=[7]), S, np.zeros(S))
-  with pytest.raises(steer.DataError, match=r"indices must be integers in \[0, 32\)"):
+  with pytest.raises(steer.DataError, match=r"query indices\[0, 1\] = 40 is outside \[0, 32\)"):
     steer.steer_query(q_v, np.array([[3, 40]]), steer.Steering.by_id(boost=[7]), S)
 
 

@@ -375,7 +375,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
       "format": FORMAT, "version": FORMAT_VERSION,
       "corpus": str(Path(args.corpus).absolute()), "corpus_digest": _digest(ids + texts),
       "num_docs": plan.num_docs, "run": str(run),
-      "model_fingerprint": model_fingerprint(model), "k": k, "max_len": max_len,
+      "model_fingerprint": model_fingerprint(model),
+      # the weights do not say how texts become ids (a re-imported model may lowercase)
+      "tokenizer_digest": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+      "k": k, "max_len": max_len,
       "num_latents": model.sae.config.num_latents, "shard_size": plan.shard_size,
       "num_shards": plan.num_shards})
   job = Job(out, ids, texts, plan, model, tokenizer, k,

@@ -10,16 +10,16 @@ dot product of codes, so concept-level control is arithmetic on the query plus a
   activation a_j loses ``strength * scale * a_j``; since a score is at most ``scale`` times the
   document's largest activation, a document whose strongest latent is j drops out entirely at
   strength 1. Soft: a document that activates j only weakly can stay.
+* ``exclude`` j: drop j from the query and remove every result whose activation of j exceeds
+  ``threshold`` (hard post-filter).
+* ``only`` j: boost j and keep only results whose activation of j exceeds ``threshold``.
 
 An idf-weighted index (`SparseIndex.build(..., idf_power=a)`, as saejax searches) scores codes whose
 latents it has weighted, queries and documents alike; steering then acts in that space, where the
 scores are: ``scale`` is the sum of the query's weighted positive weights and a steered latent's
-weight is divided by its own idf weight before the index weighs it again, so the two statements
-above hold for the activations as the index weighs them. `SteeredSearch` reads the weights from
-the index (``latent_weights``); unweighted, the two spaces are the same.
-* ``exclude`` j: drop j from the query and remove every result whose activation of j exceeds
-  ``threshold`` (hard post-filter).
-* ``only`` j: boost j and keep only results whose activation of j exceeds ``threshold``.
+weight is divided by its own idf weight before the index weighs it again, so the boost and
+suppress statements hold for the activations as the index weighs them. `SteeredSearch` reads the
+weights from the index (``latent_weights``); unweighted, the two spaces are the same.
 
 Post-filters read the documents' own codes (`DocActivations`), not the index, so steering works
 with any index object that has ``search(q_values, q_indices, top_k) -> (scores, doc_ids)``: the
@@ -47,7 +47,7 @@ from jaxtyping import Float, Int
 
 from saejax.errors import ConfigError, DataError
 from saejax.interpret import labels as labels_lib, latents as latents_lib
-from saejax.retrieval.index import sparse_matrix
+from saejax.retrieval.index import _check_codes, sparse_matrix
 
 OpKind = Literal["boost", "suppress", "exclude", "only"]
 KINDS: tuple[str, ...] = ("boost", "suppress", "exclude", "only")
@@ -215,16 +215,8 @@ def steer_query(q_values: Float[np.ndarray, "Q R"], q_indices: Int[np.ndarray, "
   (an idf-weighted index's ``latent_weights``); the steering weights are set so that they hold
   after that weighting (module docstring). None: an unweighted index.
   """
-  q_values = np.asarray(q_values, np.float32)
-  q_indices = np.asarray(q_indices)
-  if q_values.ndim != 2 or q_values.shape != q_indices.shape:
-    raise DataError(f"query codes must be values [Q, R] and indices [Q, R]; got "
-                    f"{q_values.shape} and {q_indices.shape}")
   steering.check(num_latents)
-  if q_indices.size and not (np.issubdtype(q_indices.dtype, np.integer)
-                             and 0 <= q_indices.min() and q_indices.max() < num_latents):
-    raise DataError(f"query code indices must be integers in [0, {num_latents}); got dtype "
-                    f"{q_indices.dtype}, range [{q_indices.min()}, {q_indices.max()}]")
+  q_values, q_indices = _check_codes(q_values, q_indices, num_latents, "query")
   if latent_weights is None:
     latent_weights = np.ones(num_latents, np.float32)
   latent_weights = np.asarray(latent_weights, np.float64)

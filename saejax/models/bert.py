@@ -23,7 +23,7 @@ Shapes use one legend: B batch, T tokens, D hidden, N heads, H head dim (D / N),
 import dataclasses
 import functools
 import math
-from typing import Literal, get_args
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,8 @@ from jaxtyping import Array, Bool, Float, Int
 from saejax.errors import ConfigError, DataError
 from saejax.models.architecture import Architecture, TensorMap
 from saejax.models.attention import BACKENDS, Backend, attention
-from saejax.models.params import Axes, gelu, layer_norm, linear, normal, ones, param, zeros
+from saejax.models.params import (Axes, ComputeDtype, check_config, check_inputs, gelu,
+                                   layer_norm, linear, normal, ones, param, zeros)
 from saejax.sharding import constrain_batch
 
 Activation = Literal["gelu", "gelu_python", "gelu_new", "gelu_pytorch_tanh"]
@@ -45,7 +46,6 @@ ACTIVATIONS = {
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
 }
-ComputeDtype = Literal["float32", "bfloat16"]
 
 # config.json keys without a safe default: a file missing one is broken, not "bert-base".
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -70,22 +70,13 @@ class BertConfig:
   dtype: ComputeDtype = "float32"     # compute dtype; parameters stay in their own dtype
 
   def __post_init__(self):
-    sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-             "intermediate_size", "max_position_embeddings", "type_vocab_size")
-    bad = {k: getattr(self, k) for k in sizes
-           if not isinstance(getattr(self, k), int) or getattr(self, k) < 1}
-    if bad:
-      raise ConfigError(f"BertConfig sizes must be positive integers; got {bad}")
-    if self.hidden_size % self.num_attention_heads:
-      raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                        f"{self.num_attention_heads}")
+    check_config(self, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                        "intermediate_size", "max_position_embeddings", "type_vocab_size"))
     if self.hidden_act not in ACTIVATIONS:
       raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: "
                         f"{sorted(ACTIVATIONS)}")
     if self.attention_backend not in BACKENDS:
       raise ConfigError(f"attention_backend {self.attention_backend!r} is not one of {BACKENDS}")
-    if self.dtype not in get_args(ComputeDtype):
-      raise ConfigError(f"dtype {self.dtype!r} is not one of {get_args(ComputeDtype)}")
     if not self.layer_norm_eps > 0:
       raise ConfigError(f"layer_norm_eps must be positive; got {self.layer_norm_eps}")
 
@@ -259,8 +250,7 @@ class BertModel(nnx.Module):
         positions are unspecified (as in HF): pool over `valid` only.
       token_type_ids: segment ids (0 everywhere when None, as in HF).
     """
-    if input_ids.ndim != 2 or valid.shape != input_ids.shape:
-      raise DataError(f"input_ids {input_ids.shape} and valid {valid.shape} must both be [B, T]")
+    valid = check_inputs(input_ids, valid)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     elif token_type_ids.shape != input_ids.shape:
@@ -270,7 +260,6 @@ class BertModel(nnx.Module):
     if t > limit:
       raise ConfigError(f"input length {t} exceeds max_position_embeddings {limit}: truncate "
                         f"inputs to at most {limit} tokens")
-    valid = valid.astype(bool)
     x = self.embeddings(input_ids, token_type_ids)
     for layer in self.layers:
       x = constrain_batch(layer(x, valid))  # keep activations batch-sharded under FSDP

@@ -22,20 +22,19 @@ Shapes use one legend: B batch, T tokens, D hidden, N heads, H head dim, F MLP i
 
 import dataclasses
 import math
-from typing import Literal, get_args
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from saejax.errors import ConfigError, DataError
+from saejax.errors import ConfigError
 from saejax.models import fused_norm
 from saejax.models.architecture import Architecture, TensorMap
 from saejax.models.attention import Backend, attention
-from saejax.models.bert import ComputeDtype
-from saejax.models.params import (add_layer_norm, gelu, layer_norm, linear, normal, ones, param,
-                                  zeros)
+from saejax.models.params import (ComputeDtype, add_layer_norm, check_config, check_inputs, gelu,
+                                  layer_norm, linear, normal, ones, param, zeros)
 from saejax.sharding import constrain_batch
 
 LayerType = Literal["full_attention", "sliding_attention"]
@@ -69,15 +68,8 @@ class ModernBertConfig:
   remat: bool = False                  # recompute each block in the backward pass (saves memory)
 
   def __post_init__(self):
-    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-             "num_attention_heads", "max_position_embeddings")
-    bad = {k: getattr(self, k) for k in sizes
-           if not isinstance(getattr(self, k), int) or getattr(self, k) < 1}
-    if bad:
-      raise ConfigError(f"ModernBertConfig sizes must be positive integers; got {bad}")
-    if self.hidden_size % self.num_attention_heads:
-      raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                        f"{self.num_attention_heads}")
+    check_config(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                        "num_attention_heads", "max_position_embeddings"))
     if (self.hidden_size // self.num_attention_heads) % 2:
       raise ConfigError("RoPE needs an even head dim; got "
                         f"{self.hidden_size // self.num_attention_heads}")
@@ -87,8 +79,6 @@ class ModernBertConfig:
     bad = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
     if bad:
       raise ConfigError(f"unknown layer_types {bad}; expected full_attention / sliding_attention")
-    if self.dtype not in get_args(ComputeDtype):
-      raise ConfigError(f"dtype {self.dtype!r} is not one of {get_args(ComputeDtype)}")
     if not isinstance(self.local_attention, int) or self.local_attention < 0:
       raise ConfigError(f"local_attention must be a non-negative int (the sliding window's width); "
                         f"got {self.local_attention!r}")
@@ -305,9 +295,7 @@ class ModernBert(nnx.Module):
     """Last hidden state. Rows at padded positions are unspecified (as in HF)."""
     if valid is None:
       valid = jnp.ones(input_ids.shape, bool)
-    if input_ids.ndim != 2 or valid.shape != input_ids.shape:
-      raise DataError(f"input_ids {input_ids.shape} and valid {valid.shape} must both be [B, T]")
-    valid = valid.astype(bool)
+    valid = check_inputs(input_ids, valid)
     t, limit = input_ids.shape[1], self.cfg.max_position_embeddings
     if t > limit:
       raise ConfigError(f"input length {t} exceeds max_position_embeddings {limit}: truncate "

@@ -7,13 +7,38 @@ source of truth and a parameter without axes is an error there, never silently r
 
 import functools
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from saejax.errors import ConfigError, DataError
+
 Axes = tuple[str | None, ...]
+ComputeDtype = Literal["float32", "bfloat16"]
+
+
+def check_config(cfg, sizes: tuple[str, ...]) -> None:
+  """An encoder config's shared checks: ``sizes`` positive ints, the compute dtype known, the
+  hidden size split evenly over the heads (ConfigError naming the fields)."""
+  bad = {k: getattr(cfg, k) for k in sizes
+         if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < 1}
+  if bad:
+    raise ConfigError(f"{type(cfg).__name__} sizes must be positive integers; got {bad}")
+  if cfg.hidden_size % cfg.num_attention_heads:
+    raise ConfigError(f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
+                      f"{cfg.num_attention_heads}")
+  if cfg.dtype not in get_args(ComputeDtype):
+    raise ConfigError(f"dtype {cfg.dtype!r} is not one of {get_args(ComputeDtype)}")
+
+
+def check_inputs(input_ids, valid):
+  """``valid`` as bool, or a DataError unless ids and mask are both [B, T]."""
+  if input_ids.ndim != 2 or valid.shape != input_ids.shape:
+    raise DataError(f"input_ids {input_ids.shape} and valid {valid.shape} must both be [B, T]")
+  return valid.astype(bool)
 
 
 def param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], axes: Axes,

@@ -33,7 +33,7 @@ Shape legend: N texts, B batch rows, T padded length (a bucket), D model width, 
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import jax
@@ -111,13 +111,13 @@ class SparseCodes(NamedTuple):
 
 
 
-def tokenize(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, *,
+def tokenize(tokenizer: Tokenizer, texts: Iterable[str], max_len: int, *,
              vocab_size: int | None = None) -> tuple[list[list[int]], Bool[np.ndarray, "N"]]:
   """Token ids of each text, truncated to ``max_len``, and which texts were truncated.
 
   Args:
     tokenizer: the model's tokenizer; its post-processor must add the special tokens.
-    texts: the texts, a sequence of str (an empty str is one text: [CLS] [SEP]).
+    texts: the texts, any iterable of str, read once (an empty str is one text: [CLS] [SEP]).
     max_len: token budget per text, special tokens included.
     vocab_size: the model's embedding rows; a tokenizer that can emit ids at or past it is
       refused (JAX would clamp those ids silently). None skips the check.
@@ -162,7 +162,7 @@ def _pad(rows: list[list[int]], batch_size: int, width: int,
   return ids, valid
 
 
-def encode(fn: EncodeFn, tokenizer: Tokenizer, texts: Sequence[str],
+def encode(fn: EncodeFn, tokenizer: Tokenizer, texts: Iterable[str],
            config: EncodeConfig = EncodeConfig(), *, desc: str = "encode",
            vocab_size: int | None = None) -> tuple[tuple[np.ndarray, ...], EncodeStats]:
   """Run ``fn`` over all texts in length-sorted, bucket-padded batches.
@@ -281,7 +281,7 @@ def sparse_code(model: Embedder, k: int | None = None, *, mesh: Mesh | None = No
   return fn
 
 
-def encode_dense(encoder: nnx.Module, tokenizer: Tokenizer, texts: Sequence[str],
+def encode_dense(encoder: nnx.Module, tokenizer: Tokenizer, texts: Iterable[str],
                  config: EncodeConfig = EncodeConfig(), *, desc: str = "encode") -> DenseEmbeddings:
   """Mean-pooled vectors of ``texts`` from any encoder module (not normalised).
 
@@ -297,7 +297,7 @@ def encode_dense(encoder: nnx.Module, tokenizer: Tokenizer, texts: Sequence[str]
   return DenseEmbeddings(v, stats)
 
 
-def encode_sparse(model: Embedder, tokenizer: Tokenizer, texts: Sequence[str], k: int | None = None,
+def encode_sparse(model: Embedder, tokenizer: Tokenizer, texts: Iterable[str], k: int | None = None,
                   config: EncodeConfig = EncodeConfig(), *, desc: str = "encode",
                   mesh: Mesh | None = None) -> SparseCodes:
   """TopK SAE codes of ``texts``.

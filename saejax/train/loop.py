@@ -426,8 +426,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   fingerprints = (paths.LineLog(workdir / f"batches.process{jax.process_index()}.jsonl")
                   if tc.get("log_batch_fingerprints") else None)
   last, window_tokens, window_start = {}, 0, time.time()
-  # Texts the token budgets cut (the pipeline flags each), this process's share: per log window
-  # as fractions, over this invocation in summary.json.
+  # Texts the token budgets cut (the pipeline flags each), this process's rows: per log window
+  # as fractions, every step of this invocation in summary.json.
   cut = {"queries": 0, "documents": 0}
   seen = {"queries": 0, "documents": 0}
   window_cut = dict(cut)
@@ -464,6 +464,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
       for kind, flags in (("queries", local["q_truncated"]), ("documents", local["d_truncated"])):
         window_cut[kind] += int(flags.sum())
         window_seen[kind] += int(flags.size)
+        cut[kind] += int(flags.sum())
+        seen[kind] += int(flags.size)
       if step % tc.log_every == 0 or step == tc.steps:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.time() - window_start
@@ -474,8 +476,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
         metrics["data/dropped_repeats"] = int(data_iter.get_state().get("dropped", 0))
         for kind in cut:
           metrics[f"data/truncated_{kind}"] = window_cut[kind] / max(window_seen[kind], 1)
-          cut[kind] += window_cut[kind]
-          seen[kind] += window_seen[kind]
           window_cut[kind] = window_seen[kind] = 0
         if peak:
           flops = step_lib.flops_per_step(n_encoder, window_tokens, texts * tc.log_every,
@@ -524,7 +524,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
              "wall_s": time.time() - start,
              "checkpoints": str(ckpt.directory), "latest_checkpoint": ckpt.latest_step(),
              "last_metrics": last, "best_metrics": writer.best,
-             # over the logged windows of this invocation, process 0's batches
+             # every step of this invocation, this process's rows (process 0 writes it)
              "truncated": {kind: {"texts": cut[kind], "of": seen[kind]} for kind in cut},
              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}  # the host allocator's setting
   if jax.process_index() == 0:
