@@ -826,19 +826,26 @@ def _dropped_repeats(rows: list[dict], global_batch: int, waiting_batches: int,
   return after
 
 
+def _planted(tmp_path: Path, rows: list[dict], steps: int):
+  """The tiny config reading ``rows`` (query, document) in file order, batches of 4, a log line
+  every 2 steps."""
+  path = tmp_path / "planted.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  config = _tiny(steps=steps)
+  config.data.sources = [dict(kind="jsonl", path=str(path), query_field="query",
+                              positive_field="document")]
+  config.data.global_batch_size, config.data.shuffle = 4, False
+  config.train.log_every = 2
+  return config
+
+
 def test_records_dropped_as_repeats_are_logged(tmp_path, capsys):
   """Planted data where 30 of 40 records share one document (a batch of 4 holds one of them): the
   run logs, on every logging step, exactly the records dropped so far as data/dropped_repeats."""
   from saejax.data import pipeline as data
   rows = [{"query": f"question {i}", "document": "the same document" if i % 4 else f"document {i}"}
           for i in range(40)]
-  path = tmp_path / "planted.jsonl"
-  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  config = _tiny(steps=8)
-  config.data.sources = [dict(kind="jsonl", path=str(path), query_field="query",
-                              positive_field="document")]
-  config.data.global_batch_size, config.data.shuffle = 4, False
-  config.train.log_every = 2
+  config = _planted(tmp_path, rows, steps=8)
   loop.train(config, tmp_path / "run")
   expected = _dropped_repeats(rows, 4, data.WAITING_BATCHES, 8)
   assert 0 < expected[3] < expected[-1]  # the planted data drops records, more as it runs
@@ -855,14 +862,8 @@ def test_truncated_texts_are_counted(tmp_path):
   rows = [{"query": f"question {i} " + ("why " * 60 if i % 5 == 0 else ""),
            "document": f"document {i} " + ("text " * 100 if i % 3 == 0 else "")}
           for i in range(16)]
-  path = tmp_path / "planted.jsonl"
-  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  config = _tiny(steps=4)
-  config.data.sources = [dict(kind="jsonl", path=str(path), query_field="query",
-                              positive_field="document")]
-  config.data.global_batch_size, config.data.shuffle = 4, False
+  config = _planted(tmp_path, rows, steps=4)
   config.warmstart.steps = 0
-  config.train.log_every = 2
   summary, _, _ = loop.train(config, tmp_path / "run")
   logged = {r["step"]: r for r in map(
       json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
