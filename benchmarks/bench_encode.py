@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from saejax.hub.demo import minilm_dir
+from machine import like_for_like  # benchmarks/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "debian-descriptions" / "train.jsonl"
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{best[name] * real / len(texts):,.0f} | {best['saejax'] / best[name]:.2f}x |")
   fastest = max((n for n in results if n.startswith("pytorch")), key=best.get)
   print(f"\nsaejax / fastest PyTorch ({fastest}): {best['saejax'] / best[fastest]:.2f}x "
-        f"(target, issue #15: >= 1.0x); compile excluded")
+        f"(target, issue #15: >= 1.0x); compile excluded{like_for_like(args.threads)}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from machine import like_for_like  # benchmarks/machine.py, beside this script
 
 TOL = 1e-4        # last hidden state, max abs, fp32 (as in tests/test_modernbert.py)
 GRAD_RTOL = 1e-3  # per parameter: max |g_jax - g_torch| / max |g_torch|
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{best['saejax'][0] / tok_s:.2f}x |")
   fastest = max((n for n in results if n != "saejax"), key=lambda n: best[n][0])
   print(f"\nsaejax / fastest PyTorch ({fastest}): {best['saejax'][0] / best[fastest][0]:.2f}x; "
-        f"saejax compile {compile_s:.1f} s (excluded)")
+        f"saejax compile {compile_s:.1f} s (excluded){like_for_like(args.threads)}")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ import numpy as np
 from saejax import hostmem
 from saejax.hub.demo import minilm_dir
 from saejax.hub.state import OptimConfig, init_state, make_optimizer
+from machine import like_for_like  # benchmarks/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "debian-descriptions" / "train.jsonl"
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
   fastest_pt = max((n for n in results if n != "saejax"), key=lambda n: best[n]["tok_s"])
   print(f"\nsaejax / fastest PyTorch ({fastest_pt}): "
         f"{best['saejax']['tok_s'] / best[fastest_pt]['tok_s']:.2f}x; "
-        f"saejax compile {sx.compile_s:.1f} s (excluded)")
+        f"saejax compile {sx.compile_s:.1f} s (excluded){like_for_like(args.threads)}")
 
 if __name__ == "__main__":
   hostmem.reexec_with_tunables()

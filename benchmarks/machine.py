@@ -1,7 +1,9 @@
 """What the benchmark scripts print about the machine they ran on (RESULTS.md asks for it)."""
 
+import os
 import platform
 import subprocess
+from collections.abc import Sequence
 
 
 def cpu_model() -> str:
@@ -13,3 +15,14 @@ def cpu_model() -> str:
   except OSError:
     pass
   return platform.processor() or "unknown"
+
+
+def like_for_like(threads: Sequence[int]) -> str:
+  """"" when this process sees no more cores than the most PyTorch threads timed, else a warning
+  for the saejax / PyTorch ratio: XLA:CPU uses every core it sees, so the two sides did not run
+  on the same cores (the withdrawn headlines of RESULTS.md were such ratios)."""
+  cores, most = len(os.sched_getaffinity(0)), max(threads)
+  if cores <= most:
+    return ""
+  return (f" -- NOT like for like: XLA sees {cores} cores, PyTorch ran at most {most} threads; "
+          f"pin the process (taskset -c 0-{most - 1}) for a ratio")
