@@ -165,13 +165,31 @@ def query_k_means(results: dict) -> dict[int, dict[str, float]]:
 
 def evaluate_group(name: str, argv: list[str], out: Path) -> dict:
   """`python -m saejax.eval` for one group of systems into OUT/eval/NAME (kept: a rerun reuses it,
-  so each arm can be evaluated as soon as it is trained)."""
+  so each arm can be evaluated as soon as it is trained, unless what it evaluated changed: other
+  arguments, or a model trained further since, e.g. a rerun with more --steps)."""
   from saejax.eval import __main__ as eval_cli
   group_dir = out / "eval" / name
+  inputs, record = _group_inputs(argv), group_dir / "evaluated.json"
   if (group_dir / "results.json").is_file():
-    print(f"{name}: evaluated already in {group_dir}", flush=True)
-    return json.loads((group_dir / "results.json").read_text())
-  return eval_cli.main([*SUITE.args(), *argv, f"--out={group_dir}"])  # argv overrides the suite
+    if record.is_file() and json.loads(record.read_text()) == inputs:
+      print(f"{name}: evaluated already in {group_dir}", flush=True)
+      return json.loads((group_dir / "results.json").read_text())
+    print(f"{name}: {group_dir} evaluated other inputs than these ({inputs}); evaluating again",
+          flush=True)
+  results = eval_cli.main([*SUITE.args(), *argv, f"--out={group_dir}"])  # argv overrides the suite
+  record.write_text(json.dumps(inputs, indent=2) + "\n")
+  return results
+
+
+def _group_inputs(argv: list[str]) -> dict:
+  """What a group's results depend on besides the suite: its arguments and the step each training
+  run among them stands at (`trained_to`)."""
+  runs = {}
+  for arg in argv:
+    path = Path(arg.split("=")[-1])
+    if (path / "checkpoints").is_dir():
+      runs[str(path)] = trained_to(path)
+  return {"argv": list(argv), "trained_to": runs}
 
 
 def merge(groups: list[dict]) -> dict:

@@ -152,3 +152,30 @@ def test_quality_query_k_means_hand_computed():
   got = quality.query_k_means(results)
   assert got[64] == pytest.approx({"sparse": 0.6})
   assert got[256] == pytest.approx({"random-topk": 0.4})
+
+
+def test_an_evaluation_is_reused_only_for_the_same_inputs(tmp_path, monkeypatch):
+  """eval/quality.py keeps each group's evaluation for a rerun, but not once the arm it scored has
+  trained further (a rerun with more --steps) or the group's arguments changed. The evaluation
+  itself is stood in for by a counter (what is tested is the reuse decision)."""
+  quality = _load("quality")
+  calls = []
+
+  def evaluation(argv):
+    calls.append(argv)
+    out = Path(argv[-1].split("=", 1)[1])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"evaluation": len(calls)}))
+    return {"evaluation": len(calls)}
+
+  monkeypatch.setattr(eval_cli, "main", evaluation)
+  run = tmp_path / "sparse"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "summary.json").write_text(json.dumps({"step": 150}))
+  argv = [f"--model=sparse={run}"]
+  assert quality.evaluate_group("sparse", argv, tmp_path) == {"evaluation": 1}
+  assert quality.evaluate_group("sparse", argv, tmp_path) == {"evaluation": 1}  # reused
+  (run / "summary.json").write_text(json.dumps({"step": 600}))  # the arm trained further
+  assert quality.evaluate_group("sparse", argv, tmp_path) == {"evaluation": 2}
+  assert quality.evaluate_group("sparse", [*argv, "--k-doc=32"], tmp_path) == {"evaluation": 3}
+  assert len(calls) == 3
