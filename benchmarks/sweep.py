@@ -308,8 +308,9 @@ def main(argv=None):
     dense = {name: dense_ndcg(data, q, d) for name, (data, q, d) in evals.items()}
     dense["mean"] = float(np.mean([dense[n] for n in EVAL_SETS]))
     report({"arm": "dense (ceiling)", "k64": dense})
-    sae = random_topk(d_model, 16384, args.seed)
-    report({"arm": "random TopK S=16384 (floor)",
+    s = BASE["sae.num_latents"]  # the floor at the arms' S (with --set, theirs)
+    sae = random_topk(d_model, s, args.seed)
+    report({"arm": f"random TopK S={s} (floor)",
             **evaluate(sae, evals, health_v, idf_power=args.idf_power)})
   for workdir in args.run:
     report({"arm": f"run {workdir}", **evaluate(run_sae(workdir, cache), evals, health_v,
