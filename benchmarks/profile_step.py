@@ -162,6 +162,13 @@ def main(argv: list[str] | None = None) -> None:
         f"(pytorch / saejax {gemm_pt / gemm_sx:.2f}x); the rest of the wall time: saejax "
         f"{rest_sx:.0f}, pytorch {rest_pt:.0f} ({rest_pt / rest_sx:.2f}x); whole step "
         f"{wall_pt / wall_sx:.2f}x")
+  # Not the same work: saejax pads every batch to the fixed lengths (one shape to profile),
+  # PyTorch to each batch's longest text; per padded token the ratios are these times the factor.
+  padded_sx = sum(int(b["q_ids"].size + b["d_ids"].size) for b in sx_timed)
+  padded_pt = sum(int(q["input_ids"].numel() + d["input_ids"].numel()) for q, d in pt_timed)
+  print(f"padded tokens per step: saejax {padded_sx / args.steps:.0f}, pytorch "
+        f"{padded_pt / args.steps:.0f}: per padded token multiply each ratio by "
+        f"{padded_sx / padded_pt:.3f}")
 
 
 if __name__ == "__main__":
