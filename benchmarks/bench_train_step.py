@@ -38,7 +38,10 @@ What is timed and what is not:
     several times slower than 1 thread; the 1-thread row shows how much of a gap is that.
   * The process starts as `saejax.train` does, with `saejax.hostmem`'s malloc tunable (large blocks
     on huge pages), which both sides then share; ``SAEJAX_MALLOC=system`` runs with glibc's
-    defaults (RESULTS.md "Host memory" has both sides under both settings).
+    defaults (RESULTS.md "Host memory" has both sides under both settings). The setting is each
+    side's to choose: PyTorch was faster with glibc's defaults there (1,139 against 1,026 tok/s),
+    so a ratio quotes PyTorch's better run of the two settings: run the script once more with
+    ``SAEJAX_MALLOC=system`` and divide saejax's best by PyTorch's best of both.
 
 Throughput counts real (non-pad) tokens of queries + documents: tokens/s = real tokens of the timed
 steps / their total wall time; steps/s = steps / total time; fp32 on both sides. The summary takes
