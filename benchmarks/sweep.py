@@ -235,7 +235,11 @@ def main(argv=None):
   p.add_argument("--cache", default="runs/cache")
   p.add_argument("--arms", default="base")
   p.add_argument("--out", default="runs/sweep/results.jsonl")
-  p.add_argument("--baselines", action="store_true", help="also score random TopK and dense")
+  p.add_argument("--no-baselines", dest="baselines", action="store_false",
+                 help="skip the floor (random TopK at the arms' S) and the ceiling (the dense "
+                      "embeddings), which every report carries by default")
+  p.add_argument("--baselines", dest="baselines", action="store_true", default=True,
+                 help="the default (kept: commands recorded in RESULTS.md pass it)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--run", action="append", default=[], metavar="WORKDIR",
                  help="also score the SAE of a trained run on the cache: a frozen-encoder run "
