@@ -198,6 +198,10 @@ def test_build_rejects_bad_settings():
     index.search(values, indices, top_k=0)
   with pytest.raises(DataError, match=r"query indices\[2, 1\] = 4 is outside \[0, 4\)"):
     index.search(values, indices + 1)
+  with pytest.raises(DataError, match=r"query codes must be rectangular \[rows, k\] arrays"):
+    index.search([[1.0, 2.0], [1.0]], [[0, 1], [0]])
+  with pytest.raises(DataError, match=r"doc_ids must fit int64 .* got 9223372036854775813"):
+    SparseIndex.build(values, indices, 4, doc_ids=np.array([1, 2, 2**63 + 5], np.uint64))
 
 
 def test_idf_weighting_by_hand():

@@ -589,7 +589,10 @@ def _check_num_threads(num_threads) -> int:
 def _check_codes(values, indices, num_latents: int, what: str
                  ) -> tuple[Float[np.ndarray, "N K"], Int[np.ndarray, "N K"]]:
   """(values float32, indices int32) of [rows, k] codes, or a DataError naming the problem."""
-  values, indices = np.asarray(values), np.asarray(indices)
+  try:
+    values, indices = np.asarray(values), np.asarray(indices)
+  except ValueError as e:  # ragged nested lists
+    raise DataError(f"{what} codes must be rectangular [rows, k] arrays ({e})") from None
   if values.ndim != 2 or values.shape != indices.shape:
     raise DataError(f"{what} values {values.shape} and indices {indices.shape} must both be "
                     f"[rows, k] with the same shape (one query: add a leading axis, x[None])")
@@ -620,6 +623,8 @@ def _check_doc_ids(doc_ids, n: int) -> Int[np.ndarray, "N"]:
     raise DataError(f"doc_ids has shape {doc_ids.shape}; expected ({n},), one per document row")
   if n and not np.issubdtype(doc_ids.dtype, np.integer):
     raise DataError(f"doc_ids must be integers, got dtype {doc_ids.dtype}")
+  if n and doc_ids.dtype == np.uint64 and doc_ids.max() > np.iinfo(np.int64).max:
+    raise DataError(f"doc_ids must fit int64 (the index stores them so); got {doc_ids.max()}")
   doc_ids = doc_ids.astype(np.int64)
   if n and doc_ids.min() < 0:
     raise DataError(f"doc_ids must be >= 0 (-1 marks a missing result); got {doc_ids.min()}")
