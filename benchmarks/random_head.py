@@ -34,7 +34,7 @@ def main(argv=None):
   system = harness.SparseSystem("random-head", Embedder(model.encoder, sae), tokenizer,
                                 source=f"{args.run} encoder + random TopK head")
   specs = [harness.BeirSpec.parse(b) for b in SUITE.beir]
-  query_len, doc_len = harness.trained_lens(config)
+  query_len, doc_len = trained.trained_lens(config)
   cfg = harness.HarnessConfig(max_query_len=query_len, max_doc_len=SUITE.max_doc_len or doc_len,
                               k_sweep=(c.k,),
                               k_query_sweep=tuple(int(k) for k in SUITE.k_query_sweep.split(",") if k))

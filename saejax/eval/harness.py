@@ -549,7 +549,7 @@ def load_system(path: str | Path, name: str | None = None) -> SparseSystem | Den
     raise CheckpointError(f"{path / 'config.json'} is not a saejax training config (it has no "
                           f"'model' and 'sae' sections); is this a Hugging Face directory?")
   config, model, tokenizer = trained.load_run(path)  # CheckpointError: another model, bad bytes
-  lens = trained_lens(config)
+  lens = trained.trained_lens(config)
   if model.sae is None:
     return DenseSystem(name, model.encoder, tokenizer, source=str(path), trained_lens=lens)
   return SparseSystem(name, model, tokenizer, source=str(path),
@@ -587,14 +587,6 @@ def model_kind(path: str | Path) -> Literal["run", "export"]:
 def _model_path(path: str | os.PathLike) -> Path | epath.Path:
   """A local model directory as a `Path`; a run in a bucket (gs://) as a checked epath."""
   return Path(path) if paths.is_local(path) else paths.resolve(path, "--model")
-
-
-def trained_lens(config) -> tuple[int, int] | None:
-  """(data.max_query_len, data.max_doc_len) of a training config; None if it lacks them."""
-  data = config.get("data") or {}
-  if "max_query_len" not in data or "max_doc_len" not in data:
-    return None
-  return int(data["max_query_len"]), int(data["max_doc_len"])
 
 
 def random_sae(d_model: int, num_latents: int, k: int, seed: int = 0) -> SAE:

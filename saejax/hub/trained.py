@@ -89,13 +89,23 @@ def _check_training_config(raw, file: epath.Path, sections: tuple[str, ...]) -> 
                           f"{list(MODEL_SECTIONS)})")
 
 
+def trained_lens(config) -> tuple[int, int] | None:
+  """(data.max_query_len, data.max_doc_len) of a training config; None if it lacks them."""
+  data = config.get("data") or {}
+  if "max_query_len" not in data or "max_doc_len" not in data:
+    return None
+  return int(data["max_query_len"]), int(data["max_doc_len"])
+
+
 def encode_configs(config: ml_collections.ConfigDict, **settings
                    ) -> tuple[encode.EncodeConfig, encode.EncodeConfig]:
   """(queries, documents): `EncodeConfig`s at the token budgets the run trained with
-  (``data.max_query_len``, ``data.max_doc_len``), as `saejax.eval`, the export and the corpus
-  index read texts; ``settings``: other `EncodeConfig` fields (batch_size, progress)."""
-  return (encode.EncodeConfig(max_len=int(config.data.max_query_len), **settings),
-          encode.EncodeConfig(max_len=int(config.data.max_doc_len), **settings))
+  (`trained_lens`), as `saejax.eval`, the export and the corpus index read texts; ``settings``:
+  other `EncodeConfig` fields (batch_size, progress)."""
+  lens = trained_lens(config)
+  if lens is None:
+    raise ConfigError("the run's config has no data.max_query_len / data.max_doc_len")
+  return tuple(encode.EncodeConfig(max_len=n, **settings) for n in lens)
 
 
 def tokenizer_for(config: ml_collections.ConfigDict, vocab_size: int) -> Tokenizer:

@@ -135,15 +135,14 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B T N H"], v: Float[A
   # Run per shard of the batch and heads; T and H must be whole.
   if AxisType.Explicit in mesh.axis_types:  # where q already is
     spec = tuple(jax.typeof(q).sharding.spec) + (None,) * 4
-    batch, heads = spec[0], spec[2]
+    qkv_spec, valid_spec = P(spec[0], None, spec[2], None), P(spec[0], None)
+    q, k, v = (jax.sharding.reshard(x, qkv_spec) for x in (q, k, v))
+    valid = jax.sharding.reshard(valid, valid_spec)
   else:  # Auto axes: q's sharding is the compiler's choice; name the split it should have
     batch = batch_split(q.shape[0]) or None
     tensor = dict(zip(mesh.axis_names, mesh.axis_sizes)).get("tensor", 1)
     heads = "tensor" if tensor > 1 and q.shape[2] % tensor == 0 else None
-  qkv_spec, valid_spec = P(batch, None, heads, None), P(batch, None)
-  if AxisType.Explicit in mesh.axis_types:
-    q, k, v = (jax.sharding.reshard(x, qkv_spec) for x in (q, k, v))
-    valid = jax.sharding.reshard(valid, valid_spec)
+    qkv_spec, valid_spec = P(batch, None, heads, None), P(batch, None)
   # check_vma=False: the Pallas call has no rule saying how its output varies across mesh axes.
   return jax.shard_map(local, in_specs=(qkv_spec, qkv_spec, qkv_spec, valid_spec),
                        out_specs=qkv_spec, check_vma=False)(q, k, v, valid)

@@ -236,9 +236,9 @@ class MilvusIndex:
     # Milvus accepts only non-negative weights: queries with a negative (suppressing) weight are
     # answered by `_search_signed`; an empty query has no hit and Milvus refuses it.
     plain = [q for q, r in enumerate(rows) if r and min(r.values()) > 0]
-    # Milvus returns whichever documents tied at the cut it meets first: fetch past the cut, and
-    # further for a query whose tie runs to the end of what was fetched (duplicates tie exactly).
-    limit = min(2 * top_k, _MAX_LIMIT)
+    # Milvus returns whichever documents tied at the cut it meets first: fetch one past the cut,
+    # and further for a query whose tie runs to the end of what was fetched (duplicates tie).
+    limit = min(top_k + 1, _MAX_LIMIT)
     for start in range(0, len(plain), _QUERY_CHUNK):
       chunk = plain[start:start + _QUERY_CHUNK]
       results = self.client.search(
