@@ -29,7 +29,9 @@ The settings are tuned on the timed queries themselves (optimistic for the appro
 every candidate's recall is printed. Recall is tie-aware as in bench_index.py: a returned document
 counts when its true score reaches the exact 10th score (rtol 1e-5), so any of the copies of a
 tiled text is a correct answer. Caveat: above T the corpus holds exact duplicates, which HNSW's
-graph (and Seismic's clustering) handle worse than distinct texts would.
+graph (and Seismic's clustering) handle worse than distinct texts would; ``--jitter-cosine C``
+moves every repeat to cosine C of its original embedding (code: the model's code of the moved
+vector; `jitter_repeats`), a corpus without exact copies to check how much of a result they make.
 
 Threads: NUMBA/OMP/MKL/OpenBLAS threads are pinned to 1 before anything is imported (as in
 bench_index.py). The all-core setting (``--threads``, default all cores) is raised at run time:
@@ -60,7 +62,7 @@ what the model and the encoder give.
 
     .venv/bin/python benchmarks/bench_ann.py --cache runs/cache_full --docs 100000
     .venv/bin/python benchmarks/bench_ann.py --cache runs/cache_full --docs 1000000 \\
-        --queries 1000 --latency-queries 200 --rounds 2
+        --queries 1000 --latency-queries 200 --rounds 2 [--jitter-cosine 0.9]
     .venv/bin/python benchmarks/bench_ann.py --docs 10000 --queries 200 --rounds 1  # smoke
 """
 
@@ -133,6 +135,39 @@ def dense_tie_recall(found: np.ndarray, exact_scores: np.ndarray, exact_ids: np.
   true = np.einsum("qkd,qd->qk", docs[safe].astype(np.float64), queries.astype(np.float64))
   true[found < 0] = -np.inf
   return bi.recall_at_scores(found, true, exact_scores, exact_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus
+
+def jitter_repeats(corpus: bi.Corpus, raw: np.ndarray, cosine: float,
+                   codes: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+                   ) -> tuple[bi.Corpus, np.ndarray]:
+  """(corpus, embeddings) with every repeat of a tiled text moved off its original.
+
+  The first occurrence of each text (in ``corpus.rows``) is kept; each later one's embedding v
+  becomes |v| (``cosine`` u + sqrt(1 - ``cosine``^2) g), u = v / |v| and g a random unit
+  direction orthogonal to u, so it lies at exactly ``cosine`` to its original (and about
+  ``cosine``^2 to the text's other repeats), and its code is ``codes`` of that vector (the
+  model's code of it). A sensitivity check, not real text: exact copies degrade HNSW's graph and
+  cost exact search nothing; near-copies do neither.
+  """
+  if not 0 < cosine < 1:
+    raise SystemExit(f"--jitter-cosine {cosine}: must lie strictly between 0 and 1")
+  repeat = np.ones(len(corpus.rows), bool)
+  repeat[np.unique(corpus.rows, return_index=True)[1]] = False
+  u = unit(raw[repeat])
+  g = np.random.default_rng(7).standard_normal(u.shape).astype(np.float32)
+  g = unit(g - np.sum(g * u, axis=1, keepdims=True) * u)
+  moved = np.linalg.norm(raw[repeat], axis=1, keepdims=True) * (
+      cosine * u + np.sqrt(1 - cosine ** 2) * g)
+  values, indices = codes(moved)
+  raw, d_values, d_indices = raw.copy(), corpus.values.copy(), corpus.indices.copy()
+  raw[repeat], d_values[repeat], d_indices[repeat] = moved, values, indices
+  about = (f"{corpus.about}; each repeat ({int(repeat.sum()):,} documents) moved to cosine "
+           f"{cosine} of its original (--jitter-cosine: a random direction, code = the model's "
+           f"code of the moved embedding): no exact copies")
+  return dataclasses.replace(corpus, values=d_values, indices=d_indices, about=about), raw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,6 +521,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--idf-power", type=float, default=IDF_POWER,
                       help="the sparse systems' idf weighting (default: what saejax searches "
                            "with; 0: plain dot products of the codes)")
+  parser.add_argument("--jitter-cosine", type=float, default=None,
+                      help="move each repeat of a tiled text to this cosine of its original "
+                           "(a sensitivity check: no exact copies; see jitter_repeats)")
   parser.add_argument("--no-quality", action="store_true", help="skip the nDCG@10 section")
   return parser.parse_args(argv)
 
@@ -500,7 +538,12 @@ def main(argv=None):
   arrays, about = bi.real_codes(args, args.k)
   corpus = bi.real_corpus("real:1m", args.docs, args, arrays, about)
   embeddings = bi.cached_embeddings(Path(args.cache))
-  docs = unit(np.concatenate([embeddings[x] for x in bi.TILED_SOURCES]))[corpus.rows]
+  raw = np.concatenate([embeddings[x] for x in bi.TILED_SOURCES])[corpus.rows]
+  if args.jitter_cosine is not None:
+    corpus, raw = jitter_repeats(corpus, raw, args.jitter_cosine,
+                                 lambda v: bi.codes_of(args.model, v, args.k))
+  docs = unit(raw)
+  del raw
   queries = unit(np.concatenate([embeddings[f"{e}_queries"] for e in bi.EVAL_SETS]))[
       corpus.q_rows]
   num_q = len(queries)

@@ -87,6 +87,7 @@ import resource  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numba  # noqa: E402
@@ -206,17 +207,7 @@ def make_real_codes(workdir: str, cache: str, k: int) -> tuple[str, str]:
     return str(path), about + f"; read from {path}"
 
   start = time.perf_counter()
-  graphdef, state = nnx.split(model.sae)
-  embed = jax.jit(lambda state, v: nnx.merge(graphdef, state).embed(v, k))
-
-  def codes(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    out_v, out_i = [], []
-    for begin in range(0, len(v), 1024):
-      values, indices = embed(state, jax.numpy.asarray(v[begin:begin + 1024]))
-      out_v.append(np.asarray(values, np.float32))
-      out_i.append(np.asarray(indices, np.int32))
-    return np.concatenate(out_v), np.concatenate(out_i)
-
+  codes = sae_codes(model, k)
   arrays = {"num_latents": np.int64(s)}
   embeddings = cached_embeddings(cache)
   for name, v in embeddings.items():
@@ -243,6 +234,51 @@ def make_real_codes(workdir: str, cache: str, k: int) -> tuple[str, str]:
   np.savez(partial, **arrays)
   os.replace(partial, path)
   return str(path), about + f"; computed, cached in {path}"
+
+
+def sae_codes(model, k: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+  """[n, D] embeddings -> (values, indices) [n, k] of ``model``'s SAE (`sae.embed`, jitted, in
+  chunks of 1,024). Only in a child process (it needs JAX)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  graphdef, state = nnx.split(model.sae)
+  embed = jax.jit(lambda state, v: nnx.merge(graphdef, state).embed(v, k))
+
+  def codes(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    out_v, out_i = [], []
+    for begin in range(0, len(v), 1024):
+      values, indices = embed(state, jax.numpy.asarray(v[begin:begin + 1024]))
+      out_v.append(np.asarray(values, np.float32))
+      out_i.append(np.asarray(indices, np.int32))
+    return np.concatenate(out_v), np.concatenate(out_i)
+
+  return codes
+
+
+def _codes_file(workdir: str, vectors: str, k: int) -> str:
+  """Run in a child process: the codes at ``k`` of the vectors in the .npy file ``vectors`` by
+  ``workdir``'s SAE, saved beside it; returns that file's path."""
+  from saejax.hub import trained  # pylint: disable=import-outside-toplevel
+
+  _, model, _ = trained.load_run(Path(workdir))
+  values, indices = sae_codes(model, k)(np.load(vectors))
+  out = Path(vectors).with_suffix(".codes.npz")
+  np.savez(out, values=values, indices=indices)
+  return str(out)
+
+
+def codes_of(workdir: str, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """(values, indices) [n, k]: ``workdir``'s SAE codes of ``vectors`` [n, D] (frozen-encoder
+  embeddings, as in the cache), computed in a child process (this one keeps JAX out)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "vectors.npy")
+    np.save(path, np.asarray(vectors, np.float32))
+    with concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn")) as pool:
+      out = pool.submit(_codes_file, workdir, path, k).result()
+    with np.load(out) as data:
+      return data["values"], data["indices"]
 
 
 def cached_embeddings(cache: Path) -> dict[str, np.ndarray]:

@@ -108,3 +108,36 @@ def test_hnsw_is_tuned_to_the_least_efsearch_reaching_the_target(bench_ann):
   # Without a failing candidate before it there is nothing to refine; unrefined, the grid's value.
   assert bench_ann.tune("planted", [512, 768], recall, 0.99, log=False, refine=True)[0] == 512
   assert bench_ann.tune("planted", [384, 512], recall, 0.99, log=False)[0] == 512
+
+
+def test_jitter_repeats_moves_each_repeat_to_the_cosine_and_recodes_it(bench_ann):
+  """Every occurrence of a tiled text after its first lies at exactly the cosine of its original
+  (norm kept), carries the code of its moved vector, and the first occurrences are untouched."""
+  rng = np.random.default_rng(2)
+  texts, d, k = 30, 16, 4
+  base = rng.standard_normal((texts, d)).astype(np.float32) * 3
+  rows = rng.permutation(np.arange(100) % texts)  # each text 3-4 times, shuffled
+
+  def codes(v):  # a NumPy TopK of the raw vector: a code that changes when the vector moves
+    idx = np.argsort(-v, axis=1, kind="stable")[:, :k].astype(np.int32)
+    return np.take_along_axis(v, idx, 1), idx
+
+  values, indices = codes(base[rows])
+  corpus = bench_ann.bi.Corpus("real:1m", values, indices, values[:2], indices[:2], d, "x",
+                               rows, np.arange(2))
+  moved_corpus, moved = bench_ann.jitter_repeats(corpus, base[rows], 0.9, codes)
+  first = np.zeros(len(rows), bool)
+  first[[int(np.flatnonzero(rows == t)[0]) for t in range(texts)]] = True
+  np.testing.assert_array_equal(moved[first], base[rows][first])
+  np.testing.assert_array_equal(moved_corpus.indices[first], indices[first])
+  original = base[rows][~first]
+  cos = np.sum(bench_ann.unit(moved[~first]) * bench_ann.unit(original), axis=1)
+  np.testing.assert_allclose(cos, 0.9, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(moved[~first], axis=1),
+                             np.linalg.norm(original, axis=1), rtol=1e-5)
+  want_v, want_i = codes(moved[~first])
+  np.testing.assert_array_equal(moved_corpus.indices[~first], want_i)
+  np.testing.assert_array_equal(moved_corpus.values[~first], want_v)
+  assert len({tuple(r) for r in moved.round(4)}) == len(rows)  # no two documents equal
+  with pytest.raises(SystemExit, match="jitter-cosine"):
+    bench_ann.jitter_repeats(corpus, base[rows], 1.0, codes)
