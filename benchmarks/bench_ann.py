@@ -149,8 +149,8 @@ def jitter_repeats(corpus: bi.Corpus, raw: np.ndarray, cosine: float,
   becomes |v| (``cosine`` u + sqrt(1 - ``cosine``^2) g), u = v / |v| and g a random unit
   direction orthogonal to u, so it lies at exactly ``cosine`` to its original (and about
   ``cosine``^2 to the text's other repeats), and its code is ``codes`` of that vector (the
-  model's code of it). A sensitivity check, not real text: exact copies degrade HNSW's graph and
-  cost exact search nothing; near-copies do neither.
+  model's code of it). A sensitivity check, not real text: exact copies (zero-distance ties)
+  degrade HNSW's graph and cost exact search nothing; near-copies leave the graph sound.
   """
   if not 0 < cosine < 1:
     raise SystemExit(f"--jitter-cosine {cosine}: must lie strictly between 0 and 1")
