@@ -569,6 +569,11 @@ def markdown_profiles(profiles: list[dict]) -> str:
 
 
 def main(argv=None):
+  # Seismic's batch_search runs on rayon's global pool whatever its num_threads (on 2 cores its
+  # num_threads=1 used 1.9 cores of CPU); the pool reads this when first used, so the one-thread
+  # comparison holds only with it set here (bench_ann.py, which imports this module, keeps its
+  # all-core Seismic setting).
+  os.environ["RAYON_NUM_THREADS"] = "1"
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--codes", nargs="+", default=["zipf"], choices=CODES,
                       help="code distributions / corpora (see the module docstring)")
