@@ -156,11 +156,15 @@ def jitter_repeats(corpus: bi.Corpus, raw: np.ndarray, cosine: float,
     raise SystemExit(f"--jitter-cosine {cosine}: must lie strictly between 0 and 1")
   repeat = np.ones(len(corpus.rows), bool)
   repeat[np.unique(corpus.rows, return_index=True)[1]] = False
-  u = unit(raw[repeat])
+  if not repeat.any():
+    raise SystemExit(f"--jitter-cosine: the corpus of {len(corpus.rows):,} documents repeats no "
+                     f"text (it moves repeats; --docs above the distinct texts makes some)")
+  v = raw[repeat]
+  u = unit(v)
   g = np.random.default_rng(7).standard_normal(u.shape).astype(np.float32)
   g = unit(g - np.sum(g * u, axis=1, keepdims=True) * u)
-  moved = np.linalg.norm(raw[repeat], axis=1, keepdims=True) * (
-      cosine * u + np.sqrt(1 - cosine ** 2) * g)
+  moved = np.linalg.norm(v, axis=1, keepdims=True) * (cosine * u + np.sqrt(1 - cosine ** 2) * g)
+  del v
   values, indices = codes(moved)
   raw, d_values, d_indices = raw.copy(), corpus.values.copy(), corpus.indices.copy()
   raw[repeat], d_values[repeat], d_indices[repeat] = moved, values, indices

@@ -1,6 +1,7 @@
 """benchmarks/bench_ann.py's own logic: the tuning sweep, the tie-aware dense recall and the
 sparse systems' scoring."""
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -141,3 +142,7 @@ def test_jitter_repeats_moves_each_repeat_to_the_cosine_and_recodes_it(bench_ann
   assert len({tuple(r) for r in moved.round(4)}) == len(rows)  # no two documents equal
   with pytest.raises(SystemExit, match="jitter-cosine"):
     bench_ann.jitter_repeats(corpus, base[rows], 1.0, codes)
+  distinct = dataclasses.replace(corpus, rows=np.arange(texts), values=values[:texts],
+                                 indices=indices[:texts])
+  with pytest.raises(SystemExit, match="repeats no text"):  # nothing to move: said, not a crash
+    bench_ann.jitter_repeats(distinct, base, 0.9, codes)
