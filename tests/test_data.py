@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -129,6 +130,46 @@ def test_triplet_negative_fields_are_read_in_order(tmp_path):
     open_source(cfg, num_negatives=3)
 
 
+def test_a_row_whose_hard_negative_is_its_positive_is_dropped_and_counted(tmp_path, caplog):
+  # Trained on, the positive would be scored as its own negative (a false negative). Mined
+  # triplets hold such rows (one passage under two ids), so they are dropped, not refused.
+  need(DEBIAN)
+  rows = jsonl_rows(DEBIAN, 4)
+  lines = [json.dumps({"query": r["query"], "positive": r["document"],
+                       "hard": [rows[(i + 1) % 4]["document"],
+                                r["document"] if i == 2 else rows[(i + 2) % 4]["document"]]})
+           for i, r in enumerate(rows)]
+  path = write_lines(tmp_path / "triplets.jsonl", lines)
+  cfg = SourceConfig("jsonl", str(path), negative_fields=("hard",))
+  with caplog.at_level(logging.WARNING, logger="saejax.data.sources"):
+    source = open_source(cfg, num_negatives=2)
+  assert [source[i]["query"] for i in range(len(source))] == [rows[i]["query"] for i in (0, 1, 3)]
+  assert source.num_false_negatives == 1 and source.num_skipped == 0
+  assert f"{path} line 3: a hard negative repeats the positive" in caplog.text
+  unused = open_source(cfg, num_negatives=1)  # the repeat is past the negatives a batch reads
+  assert len(unused) == 4 and unused.num_false_negatives == 0
+
+
+def test_beir_source_refuses_duplicate_ids_as_evaluation_does(tmp_path):
+  need(SCIFACT)
+  folder = tmp_path / "beir"
+  (folder / "qrels").mkdir(parents=True)
+  (folder / "queries.jsonl").write_text((SCIFACT / "queries.jsonl").read_text())
+  corpus = (SCIFACT / "corpus.jsonl").read_text()
+  # A second row with the id of line 1 and another text: which one a pair meant is unknowable.
+  first = json.loads(corpus.splitlines()[0])
+  (folder / "corpus.jsonl").write_text(
+      corpus + json.dumps({**first, "text": "another abstract under the same id"}) + "\n")
+  (folder / "qrels" / "train.tsv").write_text(f"query-id\tcorpus-id\tscore\n0\t{first['_id']}\t1\n"
+                                              "0\t31715818\t1\n")
+  with pytest.raises(DataError, match=re.escape(f"{folder / 'corpus.jsonl'} line 5184: duplicate "
+                                                f"_id '{first['_id']}' (first on line 1)")):
+    open_source(SourceConfig("beir", str(folder)))
+  skipping = open_source(SourceConfig("beir", str(folder)), on_bad_record="skip")
+  assert skipping.num_skipped == 1 and "duplicate _id" in skipping.skipped[0]
+  assert skipping[0]["positive"] == f"{first['title']} {first['text']}"  # the first row kept
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -167,7 +208,7 @@ def test_skip_mode_drops_and_counts_bad_records(bad_file, modernbert_tokenizer):
                                   on_bad_record="skip"), modernbert_tokenizer,
                            shard_index=0, shard_count=1)
   assert pipeline.record_counts() == {f"jsonl:{bad_file}": {"records": 2, "skipped": 5,
-                                                            "filtered": 0}}
+                                                            "filtered": 0, "false_negatives": 0}}
 
 
 def test_missing_files_and_folders_are_named(tmp_path):

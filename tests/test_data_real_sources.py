@@ -3,7 +3,8 @@
 `datasets.load_dataset` / `tfds.data_source` calls a hub id or a prepared TFDS name takes).
 
 Rows are real sentence pairs from ../shared/data (STS-B for the score filter, MRPC for the
-label filter); each row gets hard negatives taken from the positives of the next rows.
+label filter); each row gets hard negatives taken from the positives of the next rows that differ
+from its own (STS-B repeats sentences: its own positive as a negative is a bad record).
 """
 
 import importlib.util
@@ -37,11 +38,13 @@ def rows_of(dataset: str) -> list[dict]:
     pytest.skip(f"real data {path} is absent (../shared/data is laid beside the checkout)")
   extra = DATASETS[dataset][0]
   with open(path) as f:
-    pairs = [json.loads(line) for _, line in zip(range(NUM_ROWS + 3), f)]
-  return [{"query": p["sentence1"], "positive": p["sentence2"],
-           "negative": pairs[i + 1]["sentence2"],
-           "negatives": [pairs[i + 2]["sentence2"], pairs[i + 3]["sentence2"]],
-           extra: p[extra]} for i, p in enumerate(pairs[:NUM_ROWS])]
+    pairs = [json.loads(line) for _, line in zip(range(NUM_ROWS + 10), f)]
+  rows = []
+  for i, p in enumerate(pairs[:NUM_ROWS]):
+    later = [q["sentence2"] for q in pairs[i + 1:] if q["sentence2"] != p["sentence2"]]
+    rows.append({"query": p["sentence1"], "positive": p["sentence2"], "negative": later[0],
+                 "negatives": later[1:3], extra: p[extra]})
+  return rows
 
 
 def expected_records(rows: list[dict], keep=lambda row: True) -> list[dict]:

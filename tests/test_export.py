@@ -240,6 +240,47 @@ def test_import_lowercases_where_sentence_bert_config_says(data_dir, texts, tmp_
   _assert_same_codes(codes.values, codes.indices, lowercased)
 
 
+def test_import_reads_max_active_dims_and_names_prompts(tiny_bert_dir, texts, tmp_path):
+  """config_sentence_transformers.json's ``max_active_dims`` is the k SparseEncoder encodes with
+  (in place of the SparseAutoEncoder's own k), so the import takes it as k; its prompts, which
+  sentence-transformers prepends to queries, saejax does not apply: the import warns, naming them,
+  and prepending info["prompts"]["query"] gives encode_query's codes."""
+  torch.manual_seed(0)
+  transformer = Transformer(str(tiny_bert_dir), max_seq_length=32)
+  sae = SparseAutoEncoder(input_dim=32, hidden_dim=64, k=8, k_aux=16)
+  with torch.no_grad():
+    sae.latent_bias.normal_(0, 0.02)
+  st_dir = tmp_path / "csr"
+  SparseEncoder(modules=[transformer, Pooling(32, pooling_mode="mean"), sae], max_active_dims=3,
+                prompts={"query": "query: ", "document": ""}).save(str(st_dir))
+  st_model = SparseEncoder(str(st_dir))
+  documents = st_model.encode_document(texts, convert_to_tensor=True).to_dense().numpy()
+  queries = st_model.encode_query(texts, convert_to_tensor=True).to_dense().numpy()
+  assert (documents != 0).sum(1).max() == 3 and not np.allclose(queries, documents)
+  with pytest.warns(UserWarning, match=r"prompts \{'query': 'query: '\}"):
+    model, tok, info = export.load_sparse_encoder(st_dir)
+  assert (info["k"], info["query_k"], model.sae.config.k) == (3, 3, 3)
+  assert info["prompts"] == {"query": "query: "}
+  codes = encode_sparse(model, tok, texts, config=EncodeConfig(max_len=32, progress=False))
+  _assert_same_codes(codes.values, codes.indices, documents)
+  prompted = encode_sparse(model, tok, ["query: " + t for t in texts],
+                           config=EncodeConfig(max_len=32, progress=False))
+  _assert_same_codes(prompted.values, prompted.indices, queries)
+
+
+def test_import_caps_the_tokenizer_length_as_sentence_transformers_does(tiny_bert_dir, tmp_path):
+  """Saved without max_seq_length in sentence_bert_config.json, a Transformer module reads the
+  tokenizer's model_max_length capped at the backbone's max_position_embeddings (128 here): a
+  budget of 256 saved by a user reads back as 128 in sentence-transformers, and in the import."""
+  transformer = Transformer(str(tiny_bert_dir), max_seq_length=256)
+  st_dir = tmp_path / "csr"
+  SparseEncoder(modules=[transformer, Pooling(32, pooling_mode="mean"),
+                         SparseAutoEncoder(input_dim=32, hidden_dim=64, k=4)]).save(str(st_dir))
+  assert json.loads((st_dir / "tokenizer_config.json").read_text())["model_max_length"] == 256
+  assert SparseEncoder(str(st_dir)).max_seq_length == 128
+  assert export.load_sparse_encoder(st_dir)[2]["max_seq_length"] == 128
+
+
 def test_export_with_denser_queries_routes_queries_and_documents(tiny_bert_dir, texts, tmp_path):
   """`--query-k`: sentence-transformers' encode_query gives saejax's code at the query k and
   encode_document (and plain encode) at the document k, from one set of SAE weights; the import

@@ -110,3 +110,14 @@ def test_a_model_directory_is_not_a_training_workdir(tmp_path, capsys):
   (odd / "config.json").write_text("[]")
   with pytest.raises(CheckpointError, match=r"odd/config.json holds a JSON list"):
     trained.read_config(odd)
+
+
+def test_load_run_refuses_a_model_override_it_would_ignore(tmp_path):
+  """``load_run(workdir, dtyp="float32")``: ConfigDict.update would add the misspelt key and the
+  model would be built at the run's dtype; the override is refused by name instead."""
+  (tmp_path / "config.json").write_text(tiny_config.get_config().to_json_best_effort())
+  with pytest.raises(ConfigError, match=r"model_overrides \['dtyp'\] are not config.model fields"):
+    trained.load_run(tmp_path, dtyp="float32")
+  # Real fields (remat: one a run's config.json may predate) pass on to the checkpoint lookup.
+  with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
+    trained.load_run(tmp_path, dtype="float32", attention_backend="xla", remat=True)

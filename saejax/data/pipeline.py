@@ -386,7 +386,7 @@ class Pipeline:
   record_batches: DistinctBatches
   # The same batches tokenised: `Batch`es of `batch_size` rows.
   batches: grain.IterDataset
-  # The opened sources, in config order (num_skipped / num_filtered: the bad-record counts).
+  # The opened sources, in config order (`record_counts`: what each kept and dropped).
   sources: tuple[RecordSource | Bm25NegativesSource, ...]
   batch_size: int
   shard_index: int
@@ -400,12 +400,14 @@ class Pipeline:
         self.batches, prefetch_buffer_size=self.prefetch_batches))
 
   def record_counts(self) -> dict[str, dict[str, int]]:
-    """Per source: records kept, bad records skipped, rows refused by the filter."""
+    """Per source: records kept, bad records skipped, rows refused by the filter, rows dropped
+    because a hard negative they would train with is their positive."""
     counts = {}
     for source in self.sources:
       base = source.base if isinstance(source, Bm25NegativesSource) else source
       counts[base.name] = {"records": len(base), "skipped": base.num_skipped,
-                           "filtered": base.num_filtered}
+                           "filtered": base.num_filtered,
+                           "false_negatives": base.num_false_negatives}
     return counts
 
 

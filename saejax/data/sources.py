@@ -197,8 +197,9 @@ def read_beir_texts(path: Path, wanted: set[str] | None, text_of, on_bad_record:
   Args:
     id_fields: the fields a row's id may be in, first present wins (("_id", "id") for a corpus
       that is BEIR or plain JSONL).
-    unique: an id seen twice is a DataError naming it and both lines (else the later row wins).
-    on_bad_record: "skip" describes bad lines in `problems` and skips them instead of raising.
+    unique: an id seen twice is a bad line naming it and both lines (else the later row wins).
+    on_bad_record: "skip" describes bad lines in `problems` and skips them instead of raising
+      (of a repeated id, the first row is kept).
   """
   if not path.is_file():
     raise DataError(f"BEIR file {path} does not exist")
@@ -221,8 +222,13 @@ def read_beir_texts(path: Path, wanted: set[str] | None, text_of, on_bad_record:
         continue
       if unique:
         if key in first:
-          raise DataError(f"{path} line {number}: duplicate {field} {key!r} (first on line "
-                          f"{first[key]})")
+          message = (f"{path} line {number}: duplicate {field} {key!r} (first on line "
+                     f"{first[key]})")
+          if on_bad_record == "raise":
+            raise DataError(message)
+          if problems is not None:
+            problems.append(message)
+          continue  # the first row keeps the id
         first[key] = number
       if wanted is None or key in wanted:
         texts[key] = text_of(row)
@@ -238,7 +244,9 @@ def beir_document(row: Mapping[str, Any]) -> str:
 class BeirTable:
   """A BEIR folder as rows {"query", "positive", "score"}: one row per qrels judgement.
 
-  Only the queries and documents that the qrels split references are held in memory.
+  Only the queries and documents that the qrels split references are held in memory. An ``_id``
+  that appears twice in corpus.jsonl or queries.jsonl is a bad line, as in evaluation
+  (`saejax.data.beir.load_beir`): which of the two texts a judgement meant is unknowable.
   """
 
   def __init__(self, folder: str | os.PathLike, split: str, on_bad_record: OnBadRecord):
@@ -269,9 +277,9 @@ class BeirTable:
     doc_ids = {fields[1] for _, fields in self._lines if len(fields) > 1}
     self._queries = read_beir_texts(self.folder / "queries.jsonl", query_ids,
                                       lambda r: str(r.get("text") or "").strip(),
-                                      on_bad_record, self.load_problems)
+                                      on_bad_record, self.load_problems, unique=True)
     self._docs = read_beir_texts(self.folder / "corpus.jsonl", doc_ids, beir_document,
-                                   on_bad_record, self.load_problems)
+                                   on_bad_record, self.load_problems, unique=True)
 
   def __len__(self) -> int:
     return len(self._lines)
@@ -422,6 +430,9 @@ class RecordSource(RandomAccessDataSource[Record]):
   Attributes:
     num_skipped: rows dropped as bad under on_bad_record="skip" (0 under "raise").
     num_filtered: good rows refused by the score / label filter.
+    num_false_negatives: good rows dropped because one of the hard negatives a batch reads is
+      the positive's own text (mined triplets hold such rows: MS MARCO keeps one passage under
+      several ids); trained on, the positive would be scored as its own negative.
     skipped: the first few skip messages (file and line, and why).
   """
 
@@ -431,7 +442,7 @@ class RecordSource(RandomAccessDataSource[Record]):
     self.name = name or type(table).__name__
     self.num_skipped = len(table.load_problems)
     self.skipped = list(table.load_problems[:_KEPT_SKIP_MESSAGES])
-    self.num_filtered = 0
+    self.num_filtered = self.num_false_negatives = 0
     self._rows = self._scan(on_bad_record, max_records)
     if not len(self._rows):
       raise DataError(f"source {self.name}: no usable records ({self.num_skipped} skipped as bad, "
@@ -451,7 +462,13 @@ class RecordSource(RandomAccessDataSource[Record]):
         if not self._passes_filter(row, where):
           self.num_filtered += 1
           continue
-        self._record(row, where)  # validates the text fields
+        record = self._record(row, where)  # validates the text fields
+        if record["positive"] in record["negatives"][:self._min_negatives]:
+          if not self.num_false_negatives:
+            log.warning("source %s: %s: a hard negative repeats the positive; such rows are "
+                        "dropped (count in record_counts)", self.name, where)
+          self.num_false_negatives += 1
+          continue
       except DataError as e:
         if on_bad_record == "raise":
           raise

@@ -58,6 +58,7 @@ import math
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -628,13 +629,17 @@ def _check_pooling(pool_dir: Path) -> None:
                           "Embedder pools by the mean over valid tokens only")
 
 
-def _max_seq_length(transformer_dir: Path, fallback: int) -> int:
+def _max_seq_length(transformer_dir: Path, max_position_embeddings: int) -> int:
+  """The token budget sentence-transformers' Transformer module reads texts at: its
+  sentence_bert_config.json's ``max_seq_length`` as written, else the tokenizer's
+  ``model_max_length`` capped at the backbone's ``max_position_embeddings`` (as the module caps
+  it), else ``max_position_embeddings``."""
   for file, key in (("sentence_bert_config.json", "max_seq_length"),
                     ("tokenizer_config.json", "model_max_length")):
     value = (_read_object(transformer_dir / file) or {}).get(key)
     if isinstance(value, int) and 0 < value < 1_000_000:  # HF's "no limit" is a huge int
-      return value
-  return fallback
+      return value if key == "max_seq_length" else min(value, max_position_embeddings)
+  return max_position_embeddings
 
 
 def _st_tokenizer(transformer_dir: Path, vocab_size: int) -> Tokenizer:
@@ -681,6 +686,28 @@ def _read_head(sae_dir: Path, normalize_dir: Path | None, transformer_dir: Path,
   return st_cfg, tensors, name
 
 
+def _model_settings(path: Path, num_latents: int) -> tuple[int | None, dict[str, str]]:
+  """(max_active_dims, non-empty prompts) of config_sentence_transformers.json.
+
+  ``max_active_dims``, where set, is the k sentence-transformers encodes with: `SparseEncoder`
+  passes it to every SparseAutoEncoder (inside a Router too) in place of the module's own k, then
+  keeps that many values. Prompts are prepended to the texts by ``encode_query`` /
+  ``encode_document`` (and by ``encode`` with a ``default_prompt_name``).
+  """
+  file = path / "config_sentence_transformers.json"
+  cfg = _read_object(file) or {}
+  max_active = None
+  if cfg.get("max_active_dims") is not None:
+    max_active = _config_int(cfg, "max_active_dims", file)
+    if not 1 <= max_active <= num_latents:
+      raise CheckpointError(f"{file}: max_active_dims={max_active} must be in [1, {num_latents}] "
+                            "(the SparseAutoEncoder's hidden_dim)")
+  prompts = cfg.get("prompts") or {}
+  if not isinstance(prompts, dict):
+    raise CheckpointError(f"{file}: 'prompts' is {prompts!r}; expected an object name -> text")
+  return max_active, {name: text for name, text in prompts.items() if text}
+
+
 def load_sparse_encoder(path: str | Path, *, dead_after_tokens: int = 1_000_000
                         ) -> tuple[Embedder, Tokenizer, dict]:
   """Load a sentence-transformers CSR SparseEncoder directory into saejax.
@@ -698,8 +725,12 @@ def load_sparse_encoder(path: str | Path, *, dead_after_tokens: int = 1_000_000
 
   Returns:
     (model, tokenizer, info): info holds ``max_seq_length``, ``k``, ``query_k`` (= k without a
-    Router), ``k_aux``, ``num_latents``, ``normalize_codes``, ``dead_threshold``, ``backbone``
-    (model_type), ``transformer_dir``, ``decoder`` (how w_dec was made) and
+    Router; both are config_sentence_transformers.json's ``max_active_dims`` where it is set, as
+    sentence-transformers encodes with it in place of each SparseAutoEncoder's k), ``k_aux``,
+    ``num_latents``, ``normalize_codes``, ``dead_threshold``, ``backbone``
+    (model_type), ``transformer_dir``, ``prompts`` (the non-empty prompts of
+    config_sentence_transformers.json, which sentence-transformers prepends to texts and saejax
+    does not: a warning names them), ``decoder`` (how w_dec was made) and
     ``decoder_row_norms`` (min, max of the tied rows before normalising).
 
   Raises:
@@ -733,6 +764,14 @@ def load_sparse_encoder(path: str | Path, *, dead_after_tokens: int = 1_000_000
   k_aux = _config_int(st_cfg, "k_aux", sae_cfg_file, 512)
   query_k = (_config_int(read["query"][0], "k", heads["query"][0] / "config.json", k)
              if "query" in read else k)
+  max_active, prompts = _model_settings(path, s)
+  if max_active is not None:  # what SparseEncoder encodes with, on every route
+    k = query_k = max_active
+  if prompts:
+    warnings.warn(f"{path}: sentence-transformers prepends the prompts {prompts} to the texts "
+                  "(encode_query / encode_document); saejax's import does not: prepend "
+                  "info['prompts'][name] to each text to encode as sentence-transformers does",
+                  stacklevel=2)
   cfg = sae_lib.SAEConfig(d_model=d, num_latents=s, k=k, k_aux=min(k_aux, s),
                           dead_after_tokens=dead_after_tokens,
                           normalize_codes=heads["document"][1] is not None)
@@ -745,7 +784,7 @@ def load_sparse_encoder(path: str | Path, *, dead_after_tokens: int = 1_000_000
   info = {"path": str(path), "transformer_dir": str(transformer_dir),
           "backbone": enc_cfg.to_hf_config()["model_type"],
           "max_seq_length": _max_seq_length(transformer_dir, enc_cfg.max_position_embeddings),
-          "k": k, "query_k": query_k,
+          "k": k, "query_k": query_k, "prompts": prompts,
           "k_aux": cfg.k_aux, "num_latents": s, "normalize_codes": cfg.normalize_codes,
           "dead_threshold": _config_int(st_cfg, "dead_threshold", sae_cfg_file, 30),
           "stats_last_nonzero": tensors.get("stats_last_nonzero"),

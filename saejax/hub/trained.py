@@ -150,6 +150,10 @@ def load_run_and_step(workdir: str | os.PathLike, step: int | None = None, **mod
   workdir = paths.resolve(workdir)
   config = read_config(workdir, sections=MODEL_SECTIONS)
   if model_overrides:
+    unknown = sorted(set(model_overrides) - set(config.model) - set(build._RUNTIME_FIELDS))
+    if unknown:  # ConfigDict.update would add them, and the build would never read them
+      raise ConfigError(f"model_overrides {unknown} are not config.model fields; it has "
+                        f"{sorted(set(config.model) | set(build._RUNTIME_FIELDS))}")
     config.model.update(model_overrides)
   steps = checkpoint_steps(workdir)
   if not steps:
