@@ -227,3 +227,63 @@ def test_jsonl_bad_lines_name_the_line(tmp_path, line, message):
   file.write_text('{"id": 0, "content": "ok", "vector": {"f00001": 0.5}}\n' + line + "\n")
   with pytest.raises(DataError, match=rf"bad.jsonl:2: .*{message}"):
     engines.read_jsonl(file, num_latents=4096)
+
+
+def _as_anserini_reads(file) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """(ids, values, indices) as Anserini's JsonVectorCollection indexes a file: each weight read
+  with Jackson's ``asInt`` (a float truncated toward zero) as the latent's term frequency."""
+  ids, rows = [], []
+  for line in open(file, encoding="utf-8"):
+    record = json.loads(line)
+    ids.append(record["id"])
+    rows.append({int(key[1:]): int(w) for key, w in record["vector"].items() if int(w) > 0})
+  k = max(1, max(len(r) for r in rows))
+  values, indices = np.zeros((len(rows), k), np.float32), np.zeros((len(rows), k), np.int32)
+  for i, row in enumerate(rows):
+    values[i, :len(row)], indices[i, :len(row)] = list(row.values()), list(row.keys())
+  return ids, values, indices
+
+
+def test_jsonl_for_anserini_has_integer_weights_that_rank_as_the_codes(scifact_codes, tmp_path):
+  """Anserini reads every weight as an int: the float weights of unit-norm codes (all below 1)
+  index as nothing; written with ``quantize`` they are round(w * q) and the file ranks, read as
+  Anserini reads it, as the exact index does (but for near-ties)."""
+  doc_ids, contents, d, q = scifact_codes
+  floats = engines.write_jsonl(tmp_path / "f.jsonl", doc_ids, contents, d.values, d.indices,
+                               NUM_LATENTS)
+  assert not _as_anserini_reads(floats)[1].any()  # why a file for Anserini needs quantize
+  file = engines.write_jsonl(tmp_path / "a.jsonl", doc_ids, contents, d.values, d.indices,
+                             NUM_LATENTS, quantize=100)
+  ids, values, indices = _as_anserini_reads(file)
+  assert ids == [str(i) for i in doc_ids]
+  for row in range(len(ids)):
+    want = {int(t): 100 * float(v) for t, v in zip(d.indices[row], d.values[row])
+            if round(100 * float(v))}
+    got = {int(t): float(v) for t, v in zip(indices[row], values[row]) if v}
+    assert set(got) == set(want) and all(abs(got[t] - want[t]) <= 0.5 for t in got)
+  want_ids = SparseIndex.build(d.values, d.indices, NUM_LATENTS, doc_ids).search(
+      q.values, q.indices, top_k=10)[1]
+  got_ids = SparseIndex.build(values, indices, NUM_LATENTS, np.asarray(ids, int)).search(
+      q.values, q.indices, top_k=10)[1]
+  overlap = np.mean([len(set(a[a >= 0]) & set(b)) / max(1, (a >= 0).sum())
+                     for a, b in zip(want_ids, got_ids)])
+  assert overlap >= 0.9, overlap
+  with pytest.raises(ConfigError, match="quantize=0 must be None"):
+    engines.write_jsonl(tmp_path / "x.jsonl", doc_ids, None, d.values, d.indices, NUM_LATENTS,
+                        quantize=0)
+
+
+def test_milvus_open_refuses_another_dictionary_size(tmp_path):
+  """An idf-weighted collection knows its dictionary (a weight per latent): reopening it with a
+  larger or smaller num_latents is refused, not searched with weight 1 for latents it never had."""
+  pytest.importorskip("milvus_lite")
+  uri = tmp_path / "s.db"
+  values, indices = np.full((3, 2), 0.5, np.float32), np.array([[0, 1], [1, 2], [2, 7]])
+  engines.MilvusIndex.build(values, indices, 8, uri=uri, idf_power=0.5).close()
+  for num_latents in (4, 16):
+    with pytest.raises(ConfigError, match=rf"cover 8 latents, not num_latents={num_latents}"):
+      engines.MilvusIndex.open(uri, "saejax", num_latents)
+  reopened = engines.MilvusIndex.open(uri, "saejax", 8)
+  np.testing.assert_allclose(reopened.latent_weights,
+                             SparseIndex.build(values, indices, 8, idf_power=0.5).latent_weights)
+  reopened.close()

@@ -235,3 +235,47 @@ def test_hostile_documents_in_headless_chromium(tmp_path):
   assert scores == ["1.000"] * len(HOSTILE)  # every document holds latent 1 at 1.0, as the query
   assert "Example config: &lt;!-- &lt;script&gt; here" in dom
   assert "&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+
+
+def test_evidence_spans_count_as_javascript_does():
+  """The page slices a document with JavaScript's string offsets (UTF-16 code units); the
+  tokenizer's offsets count code points. Before an emoji or a math letter (two units in
+  JavaScript) they differ: the span of "audio" must still cut "audio" out as the page cuts it."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from saejax.data.tokenizer import load_tokenizer
+  from saejax.hub.demo import minilm_dir
+  from saejax.sae import topk as sae_lib
+
+  class BagOfEmbeddings(nnx.Module):
+    """Token states are table rows: latent 3 reads the "audio" row alone."""
+
+    def __init__(self, table):
+      self.table = nnx.Param(jnp.asarray(table))
+
+    def __call__(self, ids, valid):
+      return self.table[...][ids]
+
+  tok = load_tokenizer(minilm_dir(), vocab_size=30522)
+  table = np.zeros((30522, 4), np.float32)
+  table[tok.token_to_id("audio"), 0] = table[tok.token_to_id("video"), 1] = 1.0
+  sae = sae_lib.SAE(sae_lib.SAEConfig(d_model=4, num_latents=8, k=2, k_aux=2,
+                                      dead_after_tokens=10), rngs=nnx.Rngs(0))
+  w = np.zeros((4, 8), np.float32)
+  w[0, 3] = w[1, 5] = 1.0
+  sae.w_enc.set_value(jnp.asarray(w))
+  model = Embedder(BagOfEmbeddings(table), sae)
+  docs = ["\U0001F3B5\U0001F3B5 music \U0001D465 audio player", "video and audio tools",
+          "plain audio mixer", "video editor"]
+  payload = explorer.collect(model, tok, docs, ["audio"],
+                             config=explorer.ExplorerConfig(latents=8, top_docs=4,
+                                                            evidence_latents=8, evidence_docs=4,
+                                                            max_doc_len=32, batch_size=4))
+  [audio] = [latent for latent in payload["latents"] if latent["id"] == 3]
+  checked = 0
+  for top in audio["top"]:
+    units = payload["docs"][top["doc"]].encode("utf-16-le")  # the page's string
+    best = max(top["spans"], key=lambda span: span[2])
+    assert units[2 * best[0]:2 * best[1]].decode("utf-16-le") == "audio", (top, best)
+    checked += top["doc"] == 0
+  assert checked == 1  # the document with the emoji was among them

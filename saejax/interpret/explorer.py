@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from jaxtyping import Int
 from tokenizers import Tokenizer
 
 from saejax import cli
@@ -99,6 +100,14 @@ def _histogram_svg(frequency: np.ndarray, num_dead: int, width: int = 380,
   return "".join(parts)
 
 
+def _js_offsets(text: str) -> Int[np.ndarray, "C+1"]:
+  """Where each character offset of ``text`` (what the tokenizer's offsets count: code points)
+  lies in JavaScript's string (UTF-16 code units, what the page's ``slice`` counts): a character
+  beyond U+FFFF (an emoji, a math letter) is two units there, so later offsets shift by one."""
+  wide = np.fromiter((ord(c) > 0xFFFF for c in text), bool, len(text))
+  return np.arange(len(text) + 1) + np.concatenate([[0], np.cumsum(wide)])
+
+
 def collect(model: Embedder, tokenizer: Tokenizer, docs: Sequence[str], queries: Sequence[str], *,
             codes: latents_lib.StoredCodes | None = None,
             labels: labels_lib.LatentLabels | None = None,
@@ -155,12 +164,13 @@ def collect(model: Embedder, tokenizer: Tokenizer, docs: Sequence[str], queries:
                                         [wanted[r] for r in doc_rows],
                                         max_len=config.max_doc_len)
   for r, ev in zip(doc_rows, evidence):
+    js = _js_offsets(docs[r])
     for col, j in enumerate(ev.latents):
       score = ev.scores[:, col]
       peak = score.max()
       if peak <= 0:
         continue
-      spans[(j, r)] = [[int(a), int(b), round(float(w / peak), 3)]
+      spans[(j, r)] = [[int(js[a]), int(js[b]), round(float(w / peak), 3)]
                        for (a, b), w in zip(ev.offsets, score)
                        if w > 0 and b > a and b <= config.doc_chars]
 

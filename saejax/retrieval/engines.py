@@ -31,6 +31,10 @@ top k (`MilvusIndex._search_signed`).
 (Bruch et al., SIGIR 2024, Seismic's JSON input; Anserini's JsonVectorCollection), the files that
 engines ingesting from disk read. Latent keys are fixed width, ``f`` then the zero-padded latent id
 (at least 5 digits, more when the dictionary needs them), so they sort in latent order as strings.
+Seismic reads the weights as floats; Anserini's JsonVectorCollection reads each as an int
+(Jackson's ``asInt``, truncating: a unit-norm code's weights, all below 1, would index as
+nothing), so files for Anserini are written with ``quantize`` (integer weights
+``round(w * quantize)``, as SPLADE's are quantized for it).
 
 Shape letters: N documents, K latents per document code, Q queries, R latents per query code.
 """
@@ -182,9 +186,12 @@ class MilvusIndex:
     client.load_collection(collection + _IDF_SUFFIX)
     row, = client.query(collection + _IDF_SUFFIX, ids=[0], output_fields=["vector", "power"])
     stored = {int(t): w for t, w in row["vector"].items()}
-    if max(stored) >= num_latents:
+    # `build` stores a weight (> 0) for every latent of its dictionary: another num_latents is
+    # another dictionary (a larger one would give its extra latents weight 1 without a word).
+    if max(stored) + 1 != num_latents:
       raise ConfigError(f"the idf weights of Milvus collection {collection!r} cover "
-                        f"{max(stored) + 1} latents, more than num_latents={num_latents}")
+                        f"{max(stored) + 1} latents, not num_latents={num_latents}: open it with "
+                        f"the dictionary size it was built with")
     weights = np.ones(int(num_latents), np.float32)
     weights[list(stored)] = list(stored.values())
     return cls(client, collection, num_latents, float(row["power"]), weights)
@@ -339,7 +346,8 @@ def key_width(num_latents: int) -> int:
 
 def write_jsonl(path: str | os.PathLike, ids, contents, values: Float[np.ndarray, "N K"],
                 indices: Int[np.ndarray, "N K"], num_latents: int,
-                latent_weights: Float[np.ndarray, "S"] | None = None) -> Path:
+                latent_weights: Float[np.ndarray, "S"] | None = None, *,
+                quantize: int | None = None) -> Path:
   """Write document codes as Seismic / Anserini JSONL (see the module docstring).
 
   An engine reading the file scores the plain inner product of what is written. To have it rank
@@ -357,12 +365,19 @@ def write_jsonl(path: str | os.PathLike, ids, contents, values: Float[np.ndarray
     latent_weights: [S] positive per-latent weights or None; the documents are written as
       `weigh_codes` weighs them (values times their latents' weights, each code rescaled to its
       own norm).
+    quantize: None writes float weights (Seismic); an int q writes ``round(w * q)`` as ints,
+      weights that round to 0 left out: what Anserini's JsonVectorCollection needs (it reads
+      every weight as an int, truncating), e.g. 100 as for SPLADE. Scores are then q times the
+      float ones up to rounding, so rankings agree but for near-ties.
 
   Raises:
-    ConfigError: latent_weights not S finite positive numbers.
+    ConfigError: latent_weights not S finite positive numbers, or quantize not a positive int.
     DataError: bad codes, or ids/contents not one per code.
   """
   width = key_width(num_latents)
+  if quantize is not None and (isinstance(quantize, bool) or not isinstance(
+      quantize, (int, np.integer)) or quantize < 1):
+    raise ConfigError(f"quantize={quantize!r} must be None (float weights) or a positive int")
   values, indices = _check_codes(values, indices, int(num_latents), "document")
   if latent_weights is not None:
     weights = np.asarray(latent_weights, np.float32)
@@ -380,6 +395,8 @@ def write_jsonl(path: str | os.PathLike, ids, contents, values: Float[np.ndarray
   tmp = path.with_name(path.name + ".tmp")
   with open(tmp, "w", encoding="utf-8") as f:
     for i, row in enumerate(_sparse_rows(values, indices)):
+      if quantize is not None:
+        row = {t: q for t, w in row.items() if (q := int(round(w * int(quantize))))}
       record = {"id": str(ids[i]), "content": "" if contents is None else str(contents[i]),
                 "vector": {f"f{t:0{width}d}": w for t, w in row.items()}}
       f.write(json.dumps(record, ensure_ascii=False) + "\n")
