@@ -884,3 +884,90 @@ def test_gpu_compile_options_are_ones_this_xla_knows():
   jax.jit(lambda a: a @ a).lower(x).compile(compiler_options=options)
   with pytest.raises(Exception, match="No such compile option"):
     jax.jit(lambda a: a @ a).lower(x).compile(compiler_options={"xla_gpu_no_such_flag": 0})
+
+
+def test_logged_firing_rates_are_the_rates_not_a_zero_started_average():
+  """``hot_fraction`` and ``freq_*`` report each latent's firing rate per text: with the same codes
+  every step the logged rates are those rates from the first logged step on (an exponential
+  average started at 0 and left uncorrected reads (1 - 0.99^n) of them, 5% after 5 steps, so a
+  dictionary going hot early in a run showed as healthy). A skipped (non-finite) step adds no
+  observation."""
+  d, s, k = 8, 16, 2
+  rng = np.random.default_rng(0)
+  sae = sae_lib.SAE(sae_lib.SAEConfig(d_model=d, num_latents=s, k=k, k_aux=4), rngs=nnx.Rngs(0))
+  sae.w_enc.set_value(sae.w_enc[...].at[:, 0].set(10.0 * jnp.eye(d)[0]))
+  from saejax.sae.embedder import Embedder
+  from saejax.train import headtrain
+  model = Embedder(None, sae)
+  graphdef, params = nnx.split(model, nnx.Param)
+  optim = OptimConfig(lr_sae=0.0, warmup_steps=0, total_steps=10, freeze_encoder=True)
+  tx = make_optimizer(optim, params)
+  state = init_state(model, tx)
+  v = rng.normal(size=(22, d)).astype(np.float32)  # rates in 1/22: none at HOT_RATE exactly
+  v[:, 0] = np.where(np.arange(22) % 5 == 0, 5.0, -5.0)  # latent 0 fires on 5 of the 22 texts
+  batch = {"q_v": v[:11], "d_v": v[11:, None]}
+  pre = (v - np.asarray(sae.b_pre[...])) @ np.asarray(sae.w_enc[...]) + np.asarray(sae.b_lat[...])
+  top = np.argsort(-pre, 1)[:, :k]
+  fired = np.take_along_axis(pre, top, 1) > 0
+  rates = np.bincount(top[fired], minlength=s) / len(v)  # the same codes every step (lr 0)
+  assert rates[0] == pytest.approx(5 / 22) and 0 < np.mean(rates > step_lib.HOT_RATE) < 1
+  assert np.all(np.abs(rates - step_lib.HOT_RATE) > 1e-3)
+
+  def step(loss_cfg):
+    return jax.jit(lambda st, b: step_lib.train_step(
+        st, b, graphdef=graphdef, tx=tx, loss_cfg=loss_cfg, optim_cfg=optim,
+        loss_fn=headtrain.head_loss))
+
+  good, bad = step(step_lib.LossConfig()), step(step_lib.LossConfig(temperature=float("nan")))
+  for fn in (good, good, bad, good, good, good):  # 5 finite steps, one skipped
+    state, metrics = fn(state, batch)
+  assert int(state.skipped) == 1
+  np.testing.assert_allclose(float(metrics["hot_fraction"]), np.mean(rates > step_lib.HOT_RATE))
+  np.testing.assert_allclose(float(metrics["freq_max"]), rates.max(), rtol=1e-4)
+  np.testing.assert_allclose(float(metrics["freq_median"]), np.median(rates), rtol=1e-4, atol=1e-7)
+
+
+def test_mfu_counts_non_embedding_flops_of_the_window_it_timed(tmp_path, monkeypatch):
+  """MFU = model FLOPs / time / peak, with Kaplan et al.'s 6 N per real token, N the encoder's
+  non-embedding parameters (a token's row of the embedding table is a lookup, not a matmul: with
+  the tables counted, MiniLM's MFU read 2x, ModernBERT-base's 1.35x), plus the SAE's 6 D S per
+  text, over the steps of the window it timed (the last window of a run, or the first after a
+  resume, is shorter than log_every)."""
+  from saejax.data import pipeline as data
+  from saejax.data.tokenizer import load_tokenizer
+  rows = [{"query": f"question {i} " + "why " * (i % 3), "document": f"document {i} " + "x " * i}
+          for i in range(24)]
+  config = _planted(tmp_path, rows, steps=6)
+  config.warmstart.steps = 0
+  config.train.log_every = 4  # windows of 4 steps, then the last 2
+  monkeypatch.setattr(step_lib, "peak_flops", lambda device: 1e12)
+  loop.train(config, tmp_path / "run")
+  logged = {r["step"]: r for r in map(
+      json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
+  assert sorted(logged) == [4, 6]
+  hf = config.model.hf_config
+  h, f, layers = hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers
+  s = config.sae.num_latents
+  per_layer = 4 * (h * h + h) + (h * f + f) + (f * h + h) + 2 * 2 * h  # q k v o, MLP, 2 LayerNorms
+  n_non_embedding = layers * per_layer + 2 * h  # + the embeddings' LayerNorm
+  tokenizer = load_tokenizer(config.model.tokenizer, vocab_size=hf.vocab_size)
+  batches = data.make_iterator(build.data_config(config), tokenizer, shard_index=0, shard_count=1)
+  steps = [next(batches) for _ in range(6)]
+  for end, window in ((4, steps[:4]), (6, steps[4:])):
+    tokens = sum(int(b["q_valid"].sum() + b["d_valid"].sum()) for b in window)
+    texts = sum(b["q_ids"].shape[0] * (1 + b["d_ids"].shape[1]) for b in window)
+    flops = 6 * n_non_embedding * tokens + 6 * h * s * texts
+    # tokens_per_s = tokens / elapsed, mfu = flops / elapsed / (peak * devices)
+    got = logged[end]["mfu"] * 1e12 * jax.device_count() / logged[end]["tokens_per_s"]
+    np.testing.assert_allclose(got, flops / tokens, rtol=1e-6, err_msg=f"window ending {end}")
+
+
+def test_peak_flops_knows_each_device_kind_by_its_longest_name():
+  """A Cloud TPU VM's v5p calls itself "TPU v5" (Levanter and vLLM's TPU code key it so), a v5e
+  "TPU v5 lite": each gets its own peak, however the table is ordered; an unknown kind gets none
+  (no MFU rather than a wrong one)."""
+  kinds = {"TPU v5": 459e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v6 lite": 918e12,
+           "TPU v4": 275e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
+           "NVIDIA H100 NVL": 835e12, "cpu": None, "TPU v7x": None}
+  for kind, peak in kinds.items():
+    assert step_lib.peak_flops(types.SimpleNamespace(device_kind=kind)) == peak, kind

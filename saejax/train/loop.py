@@ -417,7 +417,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   train_step = jit_train_step(graphdef, tx, loss_cfg, optim_cfg, state_sh, mesh)
 
   n_latents = config.sae.num_latents if config.sae.get("enabled", True) else 0
-  n_encoder = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params["encoder"]))
+  n_encoder = step_lib.non_embedding_params(abstract.params["encoder"])
   peak = step_lib.peak_flops(jax.devices()[0])
   writer = MetricWriter(workdir, tc.steps)
   preempt = distributed.Preemption()
@@ -425,7 +425,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   compiled = False
   fingerprints = (paths.LineLog(workdir / f"batches.process{jax.process_index()}.jsonl")
                   if tc.get("log_batch_fingerprints") else None)
-  last, window_tokens, window_start = {}, 0, time.time()
+  # The steps, real tokens and seconds since the last log line (a run's last window, and the first
+  # after a resume, is shorter than log_every).
+  last, window_steps, window_tokens, window_start = {}, 0, 0, time.time()
   # Texts the token budgets cut (the pipeline flags each), this process's rows: per log window
   # as fractions, every step of this invocation in summary.json.
   cut = {"queries": 0, "documents": 0}
@@ -460,6 +462,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
         _stop_if_diverged(int(streak), step - 1, tc.max_consecutive_skips, ckpt)
       streak = metrics["consecutive_skips"]
       preempt.update(step)  # several processes: stop at the same step
+      window_steps += 1
       window_tokens += int(local["q_valid"].sum() + local["d_valid"].sum()) * jax.process_count()
       for kind, flags in (("queries", local["q_truncated"]), ("documents", local["d_truncated"])):
         window_cut[kind] += int(flags.sum())
@@ -478,11 +481,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
           metrics[f"data/truncated_{kind}"] = window_cut[kind] / max(window_seen[kind], 1)
           window_cut[kind] = window_seen[kind] = 0
         if peak:
-          flops = step_lib.flops_per_step(n_encoder, window_tokens, texts * tc.log_every,
+          flops = step_lib.flops_per_step(n_encoder, window_tokens, texts * window_steps,
                                           enc_cfg.hidden_size, n_latents)
           metrics["mfu"] = flops / elapsed / (peak * jax.device_count())
-        writer.write(step, metrics, elapsed / tc.log_every)
-        last, window_tokens, window_start = metrics, 0, time.time()
+        writer.write(step, metrics, elapsed / window_steps)
+        last, window_steps, window_tokens, window_start = metrics, 0, 0, time.time()
         _stop_if_diverged(int(metrics["consecutive_skips"]), step, tc.max_consecutive_skips, ckpt)
       if step == tc.steps and model.sae is not None and config.warmstart.get("refit", False):
         # Before the last checkpoint, so the run's model is the refit one; a run killed during the

@@ -29,6 +29,7 @@ loss or gradients are not finite leaves parameters and optimiser state untouched
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -354,9 +355,14 @@ def train_step(state: TrainState, batch: dict, log: bool | jax.Array = True, *,
     fire_rate = jnp.where(finite, fire_rate_decay * fire_rate
                           + (1 - fire_rate_decay) * hits / n_texts, fire_rate)
     k = nnx.merge(graphdef, params).sae.config.k
+    # The average starts at 0: after n finite steps it holds (1 - decay^n) of the rates (Adam's
+    # bias correction undoes that), or hot% read 0 for the first ~100 steps of a collapse.
+    n_seen = (state.step + 1 - state.skipped - (~finite)).astype(jnp.float32)
+    seen = 1 - jnp.power(jnp.float32(fire_rate_decay), n_seen)
+    rates = jnp.where(n_seen > 0, fire_rate / jnp.maximum(seen, 1e-12), fire_rate)
     sparse_metrics = {"l0": jnp.sum(values > 0).astype(jnp.float32) / n_texts,
                       **_when(log, functools.partial(latent_health, k=k), params["sae"],
-                              since_fired, fire_rate)}
+                              since_fired, rates)}
   bank = state.bank
   if bank is not None:  # this batch's positives replace the oldest entries (a skipped step: none)
     bank = keep(memory.push(bank, entries, state.step), bank)
@@ -384,9 +390,9 @@ def latent_health(sae_params, since_fired: jax.Array, fire_rate: jax.Array, k: i
 
   ``dead_fraction_window``: latents silent for ``DEAD_WINDOW_FIRINGS * S / k`` texts (10 firings
   expected of a uniformly used latent, so rare-but-alive latents rarely count; independent of the
-  AuxK threshold). ``hot_fraction``: EMA firing rate above ``HOT_RATE``. Median and max firing
-  rates, and percentiles of the encoder's column norms and latent biases, whose drift (a few
-  columns growing, biases rising) precedes a collapse.
+  AuxK threshold). ``hot_fraction``: EMA firing rate (``fire_rate``, bias-corrected by the
+  caller) above ``HOT_RATE``. Median and max firing rates, and percentiles of the encoder's column
+  norms and latent biases, whose drift (a few columns growing, biases rising) precedes a collapse.
   """
   w_enc, b_lat = sae_params["w_enc"].get_value(), sae_params["b_lat"].get_value()
   window = DEAD_WINDOW_FIRINGS * fire_rate.shape[0] // k
@@ -404,18 +410,34 @@ def latent_health(sae_params, since_fired: jax.Array, fire_rate: jax.Array, k: i
 
 def flops_per_step(n_encoder_params: int, tokens: int, texts: int, d_model: int,
                    num_latents: int) -> float:
-  """Training FLOPs of one step: 6 N per token for the encoder (Kaplan et al. 2020), plus the SAE
-  encoder matmul (6 D S per text); attention's T^2 term is left out (small at T <= 512)."""
+  """Training FLOPs of one step: 6 N per token for the encoder (Kaplan et al. 2020; N its
+  non-embedding parameters, `non_embedding_params`), plus the SAE encoder matmul (6 D S per text);
+  attention's T^2 term is left out (small at T <= 512)."""
   return 6.0 * n_encoder_params * tokens + 6.0 * d_model * num_latents * texts
+
+
+def non_embedding_params(encoder_params) -> int:
+  """Kaplan et al.'s N: the encoder's parameters less its embedding tables (token, position and
+  token-type rows are looked up, not multiplied: counted, they made MiniLM's MFU read 2x and
+  ModernBERT-base's 1.35x). Works on abstract (`jax.eval_shape`) parameters."""
+  def is_table(path, leaf):
+    return len(leaf.shape) >= 2 and "embedding" in jax.tree_util.keystr(path).lower()
+  return sum(int(math.prod(leaf.shape)) for path, leaf in
+             jax.tree_util.tree_flatten_with_path(encoder_params)[0] if not is_table(path, leaf))
 
 
 PEAK_FLOPS = {  # dense bf16 peak per device, for the MFU estimate
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # a v5p on a Cloud TPU VM calls itself "TPU v5"
     "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+    "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,  # the SXM card's 989 would read low
 }
 
 
 def peak_flops(device: jax.Device) -> float | None:
+  """The peak of ``device``'s kind: the longest name in `PEAK_FLOPS` it starts with ("TPU v5 lite"
+  is a v5e, not the v5p that "TPU v5" names), None for a kind not in it."""
   kind = getattr(device, "device_kind", "")
-  return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+  names = [k for k in PEAK_FLOPS if kind.startswith(k)]
+  return PEAK_FLOPS[max(names, key=len)] if names else None
 
