@@ -89,6 +89,8 @@ IDF_POWER = 0.5
 MIN_SHARE_NS = 150_000
 # Elements of the [queries, documents, latents] gather that `search_jax` holds at once.
 _JAX_GATHER_BUDGET = 1 << 26
+# Postings `_weigh_rows` weighs at once (float64 temporaries of a few MiB, whatever the corpus).
+_WEIGH_CHUNK = 1 << 18
 
 
 def sparse_matrix(values: Float[np.ndarray, "N K"], indices: Int[np.ndarray, "N K"],
@@ -286,15 +288,24 @@ class SparseIndex:
     Returns:
       (scores float32 [Q, top_k], doc ids int64 [Q, top_k]) under the module's result rule:
       scores > 0 descending, ties by lower doc id, padding -inf / -1.
+
+    Raises:
+      DataError: query codes of the wrong shape, out-of-range latents, non-finite values.
+      ConfigError: a bad top_k or num_threads, or [Q, top_k] results larger than the machine's
+        memory.
     """
     top_k, num_threads = _check_top_k(top_k), _check_num_threads(num_threads)
     q_values, q_indices = self._queries(q_values, q_indices)
     num_q, num_blocks = len(q_values), self._skips.shape[1] - 1
+    self._check_result_size(num_q, top_k)
+    # No query has more hits than documents: the kernel ranks at that depth (its heaps hold depth
+    # entries a query) and `_ranked` pads to top_k.
+    depth = min(top_k, max(1, self.num_docs))
 
     def ranked(lo: int, hi: int, block_lo: int = 0, block_hi: int = num_blocks):
       return kernels.search_kernel(
           self._skips, self.docs, self._kernel_weights, kernels.HALF_TO_FLOAT, self._dense_slot,
-          self._dense_cols, self.num_docs, self._block, q_indices[lo:hi], q_values[lo:hi], top_k,
+          self._dense_cols, self.num_docs, self._block, q_indices[lo:hi], q_values[lo:hi], depth,
           kernels.QUERY_BATCH, block_lo, block_hi)
 
     query_shares = min(num_threads, max(1, num_q // kernels.QUERY_BATCH))
@@ -302,7 +313,7 @@ class SparseIndex:
       bounds = _shares(num_q, query_shares)
       parts = _in_threads(ranked, [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])])
       return self._ranked(np.concatenate([p[0] for p in parts]),
-                          np.concatenate([p[1] for p in parts]))
+                          np.concatenate([p[1] for p in parts]), top_k)
     row_shares = 1 if num_threads == 1 else min(num_threads, num_blocks, int(
         kernels.search_cost_ns(self.offsets, self._dense_slot, q_indices, q_values, self.num_docs)
         // MIN_SHARE_NS))
@@ -310,8 +321,8 @@ class SparseIndex:
       bounds = _shares(num_blocks, row_shares)
       parts = _in_threads(ranked, [(0, num_q, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])])
       return self._ranked(*kernels.merge_ranked(np.stack([p[0] for p in parts]),
-                                                np.stack([p[1] for p in parts])))
-    return self._ranked(*ranked(0, num_q))
+                                                np.stack([p[1] for p in parts])), top_k)
+    return self._ranked(*ranked(0, num_q), top_k)
 
   def search_jax(self, q_values: Float[np.ndarray, "Q R"], q_indices: Int[np.ndarray, "Q R"],
                  top_k: int = 10, *, query_chunk: int = 0
@@ -330,7 +341,7 @@ class SparseIndex:
       query_chunk: queries scored per device call (0: as many as keep the [chunk, N, K] gather
         under 2^26 elements). Every call has the same shape, so one compilation serves all.
 
-    Returns:
+    Returns, Raises:
       As `search`.
     """
     top_k = _check_top_k(top_k)
@@ -338,11 +349,12 @@ class SparseIndex:
     if not isinstance(query_chunk, int) or query_chunk < 0:
       raise ConfigError(f"query_chunk={query_chunk!r} must be an int >= 0")
     num_q = q_values.shape[0]
+    self._check_result_size(num_q, top_k)
     depth = min(top_k, self.num_docs)
-    top_s = np.full((num_q, top_k), -np.inf, dtype=np.float32)
-    top_r = np.full((num_q, top_k), -1, dtype=np.int32)
+    top_s = np.full((num_q, depth), -np.inf, dtype=np.float32)
+    top_r = np.full((num_q, depth), -1, dtype=np.int32)
     if num_q == 0 or depth == 0:
-      return self._ranked(top_s, top_r)
+      return self._ranked(top_s, top_r, top_k)
     fwd_latents, fwd_weights = self._device_forward()
     chunk = query_chunk or max(1, _JAX_GATHER_BUDGET // max(1, fwd_latents.size))
     chunk = min(chunk, num_q)
@@ -353,11 +365,11 @@ class SparseIndex:
       qi = np.pad(q_indices[start:stop], ((0, pad), (0, 0)))
       s, r = _jax_top(fwd_latents, fwd_weights, jnp.asarray(qi), jnp.asarray(qv),
                       num_latents=self.num_latents, depth=depth)
-      top_s[start:stop, :depth] = np.asarray(s)[:stop - start]
-      top_r[start:stop, :depth] = np.asarray(r)[:stop - start]
+      top_s[start:stop] = np.asarray(s)[:stop - start]
+      top_r[start:stop] = np.asarray(r)[:stop - start]
     miss = ~(top_s > 0)  # sorted descending: the misses trail
     top_s[miss], top_r[miss] = -np.inf, -1
-    return self._ranked(top_s, top_r)
+    return self._ranked(top_s, top_r, top_k)
 
   def _queries(self, q_values, q_indices) -> tuple[Float[np.ndarray, "Q R"], Int[np.ndarray, "Q R"]]:
     """Checked query codes, weighted as the documents are (``idf_power`` > 0)."""
@@ -381,13 +393,31 @@ class SparseIndex:
       self._jax_forward = (jnp.asarray(latents), jnp.asarray(weights))
     return self._jax_forward
 
-  def _ranked(self, scores: np.ndarray, rows: np.ndarray
-              ) -> tuple[Float[np.ndarray, "Q top_k"], Int[np.ndarray, "Q top_k"]]:
+  def _ranked(self, scores: Float[np.ndarray, "Q depth"], rows: Int[np.ndarray, "Q depth"],
+              top_k: int) -> tuple[Float[np.ndarray, "Q top_k"], Int[np.ndarray, "Q top_k"]]:
     """Ranked rows (best first, padding -1 at the end: the kernel's and `jax.lax.top_k`'s order)
-    as doc ids."""
-    if self.num_docs == 0:
-      return scores, np.full(rows.shape, -1, dtype=np.int64)
-    return scores, np.where(rows >= 0, self.doc_ids[rows], -1)
+    as doc ids, padded with (-inf, -1) from depth to ``top_k`` columns."""
+    num_q, depth = rows.shape
+    ids = (np.where(rows >= 0, self.doc_ids[rows], -1) if self.num_docs
+           else np.full(rows.shape, -1, dtype=np.int64))
+    if depth == top_k:
+      return scores, ids
+    out_s = np.full((num_q, top_k), -np.inf, dtype=np.float32)
+    out_ids = np.full((num_q, top_k), -1, dtype=np.int64)
+    out_s[:, :depth], out_ids[:, :depth] = scores, ids
+    return out_s, out_ids
+
+  def _check_result_size(self, num_q: int, top_k: int) -> None:
+    """ConfigError when [Q, top_k] results (float32 scores, int64 doc ids) exceed this machine's
+    memory: allocating them would fail inside NumPy, or be granted and filled until the OS kills
+    the process."""
+    need = num_q * top_k * 12
+    memory = _physical_memory()
+    if memory and need > memory:
+      raise ConfigError(f"top_k={top_k:,} for {num_q:,} queries needs {need / 2**30:,.0f} GiB of "
+                        f"results (float32 score + int64 doc id each), more than this machine's "
+                        f"{memory / 2**30:,.1f} GiB of memory; the index holds {self.num_docs:,} "
+                        f"documents, so a top_k above that only adds padding")
 
   # -------------------------------------------------------------------------------------------
   # Files
@@ -466,9 +496,13 @@ class SparseIndex:
         raise CheckpointError(f"{path / (name + '.npy')} holds {arrays[name].dtype} "
                               f"{arrays[name].shape}; the header {path / HEADER} implies "
                               f"{np.dtype(dtype)} {shape}")
+    if dense_fraction is None:
+      dense_fraction = header["dense_fraction"]
+      if not dense_fraction > 0:
+        raise CheckpointError(f"{path / HEADER}: field 'dense_fraction' is {dense_fraction!r}, "
+                              f"not > 0 (pass dense_fraction= to load it anyway)")
     try:
-      return cls(**arrays, dense_fraction=header["dense_fraction"] if dense_fraction is None
-                 else dense_fraction, idf_power=header.get("idf_power", 0.0))
+      return cls(**arrays, dense_fraction=dense_fraction, idf_power=header.get("idf_power", 0.0))
     except IndexArraysError as e:
       raise CheckpointError(f"{path / (e.array + '.npy')}: {e.message}") from None
 
@@ -528,23 +562,27 @@ def _weigh_rows(values: Float[np.ndarray, "nnz"], latents: Int[np.ndarray, "nnz"
   """Each row's values (rows stored one after another) times their latents' weights, rescaled to
   the row's own L2 norm (a unit code stays a unit code). In place when ``values`` is float32 (the
   index's CSR data, replaced by the result anyway): a million 64-latent documents are merged into
-  one index with this, and one nnz-long float32 temporary at a time keeps the build's peak near
-  the unweighted one (benchmarks/bench_memory.py)."""
+  one index with this, so the rows are weighed `_WEIGH_CHUNK` postings at a time, which keeps the
+  build's peak near the unweighted one (benchmarks/bench_memory.py). Norms are taken in float64:
+  float32 squares underflow to 0 for a code of values below ~1e-22 (the document then scored 0
+  everywhere, never found) and overflow above ~1e19."""
   weighted = np.asarray(values, np.float32)
-  starts = np.concatenate([[0], np.cumsum(row_lengths)[:-1]]).astype(np.int64)
-  filled = np.asarray(row_lengths) > 0
-
-  def row_norms(x):  # reduceat over empty rows would read the next row's first element
-    out = np.zeros(len(row_lengths), np.float32)
-    if x.size:
-      out[filled] = np.sqrt(np.add.reduceat(x * x, starts[filled]))
-    return out
-
-  before = row_norms(weighted)
-  weighted *= latent_weights[latents]
-  after = row_norms(weighted)
-  scale = np.divide(before, after, out=np.zeros_like(before), where=after > 0)
-  weighted *= np.repeat(scale, row_lengths)
+  row_lengths = np.asarray(row_lengths, np.int64)
+  ends = np.cumsum(row_lengths)
+  r0 = 0
+  while r0 < len(row_lengths):
+    a = int(ends[r0] - row_lengths[r0])
+    r1 = max(r0 + 1, int(np.searchsorted(ends, a + _WEIGH_CHUNK, side="right")))
+    b = int(ends[r1 - 1])
+    row = np.repeat(np.arange(r1 - r0), row_lengths[r0:r1])
+    x = weighted[a:b].astype(np.float64)
+    before = np.bincount(row, x * x, minlength=r1 - r0)
+    x *= latent_weights[latents[a:b]]
+    after = np.bincount(row, x * x, minlength=r1 - r0)
+    scale = np.sqrt(np.divide(before, after, out=np.zeros(r1 - r0), where=after > 0))
+    x *= scale[row]
+    weighted[a:b] = x
+    r0 = r1
   return weighted
 
 
@@ -577,6 +615,15 @@ def _check_top_k(top_k) -> int:
   if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
     raise ConfigError(f"top_k={top_k!r} must be an int >= 1")
   return int(top_k)
+
+
+@functools.lru_cache(maxsize=None)
+def _physical_memory() -> int:
+  """Bytes of RAM on this machine, 0 where sysconf cannot tell (Windows)."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (AttributeError, ValueError, OSError):
+    return 0
 
 
 def _check_num_threads(num_threads) -> int:
@@ -662,6 +709,11 @@ def _read_header(file: Path) -> dict:
       raise CheckpointError(f"{file}: field {key!r} is missing or not a {kind}")
   if header["dtype"] not in ("float32", "float16"):
     raise CheckpointError(f"{file}: dtype {header['dtype']!r} is not float32 or float16")
+  try:
+    check_idf_power(header.get("idf_power", 0.0))  # absent in indexes saved before idf weighting
+  except ConfigError:
+    raise CheckpointError(f"{file}: field 'idf_power' is {header['idf_power']!r}, not a finite "
+                          f"number >= 0") from None
   return header
 
 
