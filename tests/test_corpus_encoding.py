@@ -214,3 +214,57 @@ def test_a_run_without_an_sae_is_one_line(tiny_run, corpus_file, tmp_path, monke
   err = capsys.readouterr().err
   assert e.value.code == 2 and err.startswith("error: run ") and "has no SAE" in err, err
   assert err.count("\n") == 1 and not (tmp_path / "out").exists(), err
+
+
+@pytest.mark.parametrize("flag", ["--out", "--corpus"])
+def test_a_bucket_url_for_out_or_corpus_is_refused(tiny_run, corpus_file, tmp_path, monkeypatch,
+                                                   capsys, flag):
+  """The shards, manifest and index are written with local file calls: --out gs://b/x used to
+  become a local directory ./gs:/b/x (on several hosts, one per host, never merged)."""
+  monkeypatch.chdir(tmp_path)
+  given = {"--run": str(tiny_run), "--corpus": str(corpus_file), "--out": str(tmp_path / "out"),
+           flag: "gs://bucket/index"}
+  with pytest.raises(SystemExit) as e:
+    cli.run(corpus.main, [f"{k}={v}" for k, v in given.items()])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.startswith(f"error: {flag} gs://bucket/index") and (
+      "local" in err), err
+  assert err.count("\n") == 1 and not (tmp_path / "gs:").exists(), err
+
+
+def test_a_line_without_text_or_title_is_refused(tmp_path):
+  """A Pyserini/Anserini JSONL ({"id", "contents"}) used to be read as empty texts: every document
+  got the same code, with no warning."""
+  file = tmp_path / "pyserini.jsonl"
+  file.write_text('{"id": "a", "contents": "free software"}\n{"id": "b", "contents": "audio"}\n')
+  with pytest.raises(corpus.DataError, match=r"pyserini.jsonl: document 'a' has no text or title "
+                     r"field \(its fields: contents, id\)"):
+    corpus.read_corpus(file)
+  # An empty text, or a title alone, is a document (BEIR corpora hold some).
+  ok = tmp_path / "ok.jsonl"
+  ok.write_text('{"_id": "a", "title": "t", "text": ""}\n{"_id": "b", "title": "only"}\n')
+  assert corpus.read_corpus(ok) == (["a", "b"], ["t", "only"])
+
+
+def test_processes_that_start_together_agree_on_one_manifest(tmp_path, monkeypatch):
+  """Two processes find no manifest; the other one writes its own (another checkpoint: training
+  still saving while the hosts loaded the newest) before this one does. This one must compare
+  with it, not overwrite it and go on encoding shards of other settings into the same --out."""
+  out = tmp_path / "out"
+  theirs = {"format": corpus.FORMAT, "model_fingerprint": "step1500", "k": 8, "max_len": 64}
+  mine = {**theirs, "model_fingerprint": "step2000"}
+  manifest, is_file = out / corpus.MANIFEST, corpus.Path.is_file
+  first = []
+
+  def racing_is_file(self):
+    if self == manifest and not first:  # checked before the other process wrote its manifest
+      first.append(True)
+      corpus._write_atomic(manifest, lambda f: f.write(json.dumps(theirs).encode()))
+      return False
+    return is_file(self)
+
+  monkeypatch.setattr(corpus.Path, "is_file", racing_is_file)
+  with pytest.raises(corpus.ConfigError, match="model_fingerprint differ"):
+    corpus._check_manifest(out, mine)
+  assert json.loads(manifest.read_text()) == theirs
+  assert [p.name for p in out.iterdir()] == [corpus.MANIFEST]  # no temporary file left

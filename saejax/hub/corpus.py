@@ -80,14 +80,24 @@ def read_corpus(path: str | Path) -> tuple[list[str], list[str]]:
       ``corpus.jsonl``.
 
   Raises:
-    DataError: a missing file, a line that is not such an object, a repeated id, no documents.
+    DataError: a missing file, a line that is not such an object or has neither text nor title, a
+      repeated id, no documents.
   """
   path = Path(path)
   file = path / "corpus.jsonl" if path.is_dir() else path
   if not file.is_file():
     raise DataError(f"corpus {path} does not exist" if not path.exists() else
                     f"corpus folder {path} has no corpus.jsonl")
-  texts = read_beir_texts(file, None, beir_document, id_fields=("_id", "id"), unique=True)
+  def text_of(row: dict) -> str:
+    # Another JSONL layout (Pyserini's "contents", a "body") would otherwise read as empty texts,
+    # every document then getting the same code.
+    if "text" not in row and "title" not in row:
+      key = row.get("_id", row.get("id"))
+      raise DataError(f"{file}: document {str(key)!r} has no text or title field (its fields: "
+                      f"{', '.join(sorted(row))}); each line needs text (and an optional title)")
+    return beir_document(row)
+
+  texts = read_beir_texts(file, None, text_of, id_fields=("_id", "id"), unique=True)
   ids = list(texts)
   if not ids:
     raise DataError(f"corpus {file} holds no documents")
@@ -155,8 +165,11 @@ def read_shard(file: Path) -> tuple[np.ndarray, np.ndarray]:
     return z["values"], z["indices"]
 
 
-def _write_atomic(file: Path, write) -> None:
-  """``write(f)`` to a temporary sibling of ``file``, fsync, rename: ``file`` is whole or absent."""
+def _write_atomic(file: Path, write, *, exclusive: bool = False) -> None:
+  """``write(f)`` to a temporary sibling of ``file``, fsync, rename: ``file`` is whole or absent.
+
+  ``exclusive``: a hard link instead of the rename, so a ``file`` that another process created in
+  the meantime is kept (and this write dropped) rather than replaced."""
   file.parent.mkdir(parents=True, exist_ok=True)
   tmp = file.parent / f".{file.name}.tmp-{uuid.uuid4().hex}"
   try:
@@ -164,7 +177,13 @@ def _write_atomic(file: Path, write) -> None:
       write(f)
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp, file)
+    if not exclusive:
+      os.replace(tmp, file)
+    else:
+      try:
+        os.link(tmp, file)
+      except FileExistsError:
+        pass  # the other process's file stands
   finally:
     if tmp.exists():
       tmp.unlink()
@@ -283,23 +302,39 @@ def _check_manifest(out: Path, manifest: dict) -> None:
   """Write ``out/manifest.json``, or check that the one there describes the same inputs (by
   content: digests, fingerprint and settings, not the paths they were read from)."""
   file = out / MANIFEST
-  if file.is_file():
-    try:
-      old = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-      old = None
-    if old is not None:
-      differ = [key for key in manifest if key not in _WHERE and old.get(key) != manifest[key]]
-      if differ:
-        raise ConfigError(f"{out} holds shards of other inputs ({', '.join(differ)} differ from "
-                          f"{file}); give another --out, or delete {out} to start over")
-      return
-  # Every process may write it: the content is the same, and the rename is atomic.
-  _write_atomic(file, lambda f: f.write((json.dumps(manifest, indent=2) + "\n").encode()))
+  body = (json.dumps(manifest, indent=2) + "\n").encode()
+  if not file.is_file():
+    # Processes started together may all find none: the first one written stands and every
+    # process compares with it (were the last one to win, shards of two settings would mix).
+    _write_atomic(file, lambda f: f.write(body), exclusive=True)
+  try:
+    old = json.loads(file.read_text(encoding="utf-8"))
+  except json.JSONDecodeError:
+    old = None
+  if old is None:
+    _write_atomic(file, lambda f: f.write(body))
+    return
+  differ = [key for key in manifest if key not in _WHERE and old.get(key) != manifest[key]]
+  if differ:
+    raise ConfigError(f"{out} holds shards of other inputs ({', '.join(differ)} differ from "
+                      f"{file}); give another --out, or delete {out} to start over")
 
 
 # ---------------------------------------------------------------------------------------------
 # The command
+
+def _local_path(value: str, flag: str) -> Path:
+  """``value`` as an absolute local path (``file://`` included); a bucket URL is a `ConfigError`:
+  shards, manifest and index are written with file calls (temporary file, fsync, rename), and
+  ``Path("gs://b/x")`` would silently be the local directory ``gs:/b/x``."""
+  if value.startswith("file://"):
+    return Path(paths.resolve(value, flag))
+  if not paths.is_local(value):
+    raise ConfigError(f"{flag} {value}: only a local path is supported here (the corpus is read "
+                      "and the shards written with local file calls); copy it or mount it on a "
+                      "filesystem every process sees")
+  return Path(value).absolute()
+
 
 def _initialize(args) -> None:
   """Join the other processes. A process that finishes its shards early waits at JAX's shutdown
@@ -352,9 +387,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
   for name in ("shard_size", "batch_size"):
     if getattr(args, name) < 1:
       raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+  out, corpus_path = _local_path(args.out, "--out"), _local_path(args.corpus, "--corpus")
 
   _initialize(args)  # before any device is touched
-  ids, texts = read_corpus(args.corpus)
+  ids, texts = read_corpus(corpus_path)
   run = paths.resolve(args.run, "--run")  # a local workdir or a gs:// one
   if not run.is_dir():
     raise CheckpointError(f"--run {args.run} is not a directory")
@@ -369,11 +405,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
   devices = jax.local_devices()
   batch = -(-args.batch_size // len(devices)) * len(devices)
   mesh = sharding.make_mesh(sharding.MeshConfig(data=-1), devices)
-  out = Path(args.out)
   plan = Plan(len(ids), args.shard_size)
   _check_manifest(out, {
       "format": FORMAT, "version": FORMAT_VERSION,
-      "corpus": str(Path(args.corpus).absolute()), "corpus_digest": _digest(ids + texts),
+      "corpus": str(corpus_path), "corpus_digest": _digest(ids + texts),
       "num_docs": plan.num_docs, "run": str(run),
       "model_fingerprint": model_fingerprint(model),
       # the weights do not say how texts become ids (a re-imported model may lowercase)
