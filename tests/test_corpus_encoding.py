@@ -152,6 +152,10 @@ def test_user_errors_are_one_line(tiny_run, corpus_file, tmp_path, capsys):
       ([f"--run={tiny_run}", f"--corpus={bad}"], "bad.jsonl line 2: not a JSON object"),
       ([f"--run={tiny_run}", f"--corpus={dup}"], "line 2: duplicate id 'a' (first on line 1)"),
       ([f"--run={tmp_path}", f"--corpus={corpus_file}"], "has no config.json"),
+      # Refused before the manifest pins them: the merge-only case after them finds none.
+      ([f"--run={tiny_run}", f"--corpus={corpus_file}", "--max-len=1"], "must be an int >= 2"),
+      ([f"--run={tiny_run}", f"--corpus={corpus_file}", "--max-len=100000"],
+       "--max-len 100000 exceeds the encoder's position table"),
       ([f"--run={tiny_run}", f"--corpus={corpus_file}", "--merge-only"], "shard 0"),
   ]
   for argv, expected in cases:

@@ -56,6 +56,7 @@ from saejax import cli, paths, sharding
 from saejax.data.sources import beir_document, read_beir_texts
 from saejax.errors import CheckpointError, ConfigError, DataError
 from saejax.hub import trained
+from saejax.models.bert import BertModel
 from saejax.retrieval import encode as encode_lib
 from saejax.retrieval.index import IDF_POWER, SparseIndex
 from saejax.sae.embedder import model_fingerprint
@@ -404,6 +405,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
   max_len = int(config.data.max_doc_len) if args.max_len is None else args.max_len
   devices = jax.local_devices()
   batch = -(-args.batch_size // len(devices)) * len(devices)
+  # Settings are checked before the manifest pins them (a refused one would block the rerun).
+  encode_cfg = encode_lib.EncodeConfig(max_len=max_len, batch_size=batch, progress=False)
+  if isinstance(model.encoder, BertModel) and max_len > model.encoder.cfg.max_position_embeddings:
+    raise ConfigError(f"--max-len {max_len} exceeds the encoder's position table "
+                      f"({model.encoder.cfg.max_position_embeddings} positions); the first text "
+                      "that long would fail mid-run")
   mesh = sharding.make_mesh(sharding.MeshConfig(data=-1), devices)
   plan = Plan(len(ids), args.shard_size)
   _check_manifest(out, {
@@ -416,9 +423,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
       "k": k, "max_len": max_len,
       "num_latents": model.sae.config.num_latents, "shard_size": plan.shard_size,
       "num_shards": plan.num_shards})
-  job = Job(out, ids, texts, plan, model, tokenizer, k,
-            encode_lib.EncodeConfig(max_len=max_len, batch_size=batch, progress=False), mesh,
-            jax.process_index(), jax.process_count(), args.idf_power)
+  job = Job(out, ids, texts, plan, model, tokenizer, k, encode_cfg, mesh, jax.process_index(),
+            jax.process_count(), args.idf_power)
   mine = plan.mine(job.process, job.processes)
   job.log(f"{plan.num_docs} documents in {plan.num_shards} shards of {plan.shard_size}; "
           f"{len(mine)} shards here, batch {batch} over {len(devices)} local devices")
