@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from saejax.interpret import explorer, latents as interpret
 from saejax.sae.embedder import Embedder
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from test_eval import _make_run  # noqa: E402  (a step-0 training workdir, SAE or dense)
 BEIR = REPO / "data/debian-quickstart/beir-dev"
 ARGS = ["--beir", str(BEIR), "--split", "dev", "--max-docs", "40", "--max-queries", "20",
         "--evidence-latents", "4"]
@@ -178,16 +181,16 @@ def test_refuses_another_models_codes(run_dir, report, tmp_path):
   assert not (tmp_path / "x.html").exists()
 
 
-def test_refuses_a_run_without_sae_and_negative_max_queries(run_dir, tmp_path, monkeypatch):
+def test_refuses_a_run_without_sae_and_negative_max_queries(run_dir, tmp_path):
   out = tmp_path / "x.html"
   with pytest.raises(ConfigError, match=r"--max-queries=-1 must be >= 0"):
     explorer.main(["--run", str(run_dir), "--out", str(out), *ARGS, "--max-queries", "-1"])
-  # The dense ablation (sae.enabled=False) loads as an Embedder whose sae is None.
-  config, model, tokenizer = trained.load_run(run_dir)
-  monkeypatch.setattr(trained, "load_run",
-                      lambda run: (config, Embedder(model.encoder, None), tokenizer))
-  with pytest.raises(ConfigError, match=f"--run {re.escape(str(run_dir))} has no SAE"):
-    explorer.main(["--run", str(run_dir), "--out", str(out), *ARGS])
+  # A real dense ablation's workdir (sae.enabled=False, written as `saejax.train` writes one): it
+  # loads as an Embedder whose sae is None, and the explorer refuses it by name.
+  dense = _make_run(tmp_path / "dense_ablation", sae=False)
+  assert trained.load_run(dense)[1].sae is None
+  with pytest.raises(ConfigError, match=f"--run {re.escape(str(dense))} has no SAE"):
+    explorer.main(["--run", str(dense), "--out", str(out), *ARGS])
   assert not out.exists()
 
 

@@ -303,15 +303,33 @@ def test_workdir_under_a_file_fails_at_start(tmp_path):
   assert proc.returncode == 2 and "is not writable (NotADirectoryError" in err, out + err
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod 0o500, so the "
-                    "permission check cannot fail; the a-file-as-parent test covers the path")
 def test_read_only_workdir_fails_at_start(tmp_path):
+  """A workdir its user may not write (chmod 0o500) fails at start, naming the PermissionError.
+  Root writes through the mode bits (CAP_DAC_OVERRIDE): as root, the run is started without the
+  two capabilities that bypass them (util-linux's setpriv), so the mode bits bind it as a user."""
   workdir = tmp_path / "ro"
   workdir.mkdir()
   workdir.chmod(0o500)
   try:
-    with pytest.raises(CheckpointError, match=r"is not writable \(PermissionError"):
-      loop.train(_tiny(), workdir)
+    if os.geteuid() != 0:
+      with pytest.raises(CheckpointError, match=r"is not writable \(PermissionError"):
+        loop.train(_tiny(), workdir)
+    else:
+      drop = [shutil.which("setpriv") or "setpriv",
+              "--bounding-set=-dac_override,-dac_read_search"]
+      try:  # a container may forbid dropping capabilities (no CAP_SETPCAP)
+        able = subprocess.run([*drop, "true"], capture_output=True).returncode == 0
+      except FileNotFoundError:
+        able = False
+      if not able:
+        pytest.skip("running as root, and util-linux's setpriv cannot drop CAP_DAC_OVERRIDE here")
+      out = subprocess.run([*drop, sys.executable, "-m", "saejax.train", f"--config={TINY}:6",
+                            f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+      assert out.returncode == 2, out.stdout + out.stderr
+      assert out.stderr.strip().splitlines()[-1].startswith(
+          f"error: {workdir} is not writable (PermissionError: Permission denied)"), out.stderr
+    assert not any(workdir.iterdir())  # nothing was written before the refusal
   finally:
     workdir.chmod(0o700)
 
