@@ -175,6 +175,43 @@ def test_old_config_dialect_reads_the_same():
   assert (a.global_rope_theta, a.local_rope_theta) == (80_000.0, 5_000.0)
 
 
+def _edit_config(model_dir, **keys):
+  file = model_dir / "config.json"
+  file.write_text(json.dumps({**json.loads(file.read_text()), **keys}))
+
+
+def test_sliding_window_key_sets_the_window_as_transformers_does(tmp_path):
+  """A config.json carrying `sliding_window` (the half-window) next to `local_attention`:
+  transformers 5 sets its window from `sliding_window` (a property whose setter rewrites
+  local_attention = 2 * sliding_window), so saejax must too, not silently keep local_attention."""
+  _hf_model(tmp_path, mlm=False, seed=9)
+  _edit_config(tmp_path, sliding_window=2)  # local_attention stays 8 (half-window 4)
+  hf = transformers.ModernBertModel.from_pretrained(tmp_path).eval()
+  assert hf.config.sliding_window == 2
+  cfg, model = convert.load_hf(tmp_path)
+  assert cfg.window == 2
+  _compare(hf, model, *_inputs(length=30, seed=9))
+  agreeing = {"model_type": "modernbert", **TINY, "local_attention": 15, "sliding_window": 7}
+  assert modernbert.ModernBertConfig.from_hf_config(agreeing).local_attention == 15
+
+
+def test_legacy_rope_scaling_is_refused(tmp_path):
+  """Older config.json files may carry `rope_scaling`; transformers 5 applies it to both layer
+  types' RoPE, so a scaled one must be refused by name (as a scaled rope_parameters is), never
+  read as plain RoPE. A null or default one is plain RoPE."""
+  old = {"model_type": "modernbert", **TINY, "global_rope_theta": 1_000.0,
+         "local_rope_theta": 50.0}
+  scaling = {"rope_type": "linear", "factor": 4.0}
+  hc = transformers.ModernBertConfig(**{**old, "rope_scaling": scaling})
+  assert hc.rope_parameters["full_attention"]["rope_type"] == "linear"  # transformers uses it
+  for legacy in (scaling, {"type": "linear", "factor": 4.0}):
+    with pytest.raises(ConfigError, match="rope_scaling.*'linear' is not supported"):
+      modernbert.ModernBertConfig.from_hf_config({**old, "rope_scaling": legacy})
+  plain = modernbert.ModernBertConfig.from_hf_config(old)
+  for harmless in (None, {"rope_type": "default"}):
+    assert modernbert.ModernBertConfig.from_hf_config({**old, "rope_scaling": harmless}) == plain
+
+
 @pytest.mark.parametrize("stored", ["bfloat16", "float16"])
 def test_stored_dtype_is_not_the_compute_dtype(tmp_path, stored):
   """transformers 5 writes the dtype its weights are stored in into config.json ("dtype"); saejax

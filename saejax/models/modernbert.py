@@ -125,6 +125,13 @@ class ModernBertConfig:
       if params and params.get("rope_type", "default") != "default":
         raise ConfigError(f"rope_parameters[{kind!r}] rope_type {params['rope_type']!r} is not "
                           "supported (only 'default')")
+    # Older files' `rope_scaling` (rope_type, or its older name "type"): transformers 5 merges it
+    # into both layer types' rope_parameters, so a scaled one changes every layer's RoPE.
+    scaling = d.get("rope_scaling") or {}
+    scaling_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if scaling_type != "default":
+      raise ConfigError(f"rope_scaling rope_type {scaling_type!r} is not supported (only "
+                        "'default'): transformers applies it to every layer's RoPE")
     global_theta = (rope.get("full_attention") or {}).get(
         "rope_theta", d.get("global_rope_theta", 160_000.0))
     local_theta = (rope.get("sliding_attention") or {}).get(
@@ -133,6 +140,12 @@ class ModernBertConfig:
     # writes "dtype" into config.json, the dtype its weights are stored in (as BertConfig reads).
     fields = {f.name for f in dataclasses.fields(cls)} - {"layer_types", "dtype"}
     kwargs = {k: v for k, v in d.items() if k in fields and v is not None}
+    # transformers 5's `sliding_window` is a property whose setter rewrites local_attention to
+    # twice it, so a file carrying one takes its window from there (only rewritten where the two
+    # disagree: an odd local_attention of 15 and sliding_window 7 are the same window).
+    half = d.get("sliding_window")
+    if half is not None and half != kwargs.get("local_attention", cls.local_attention) // 2:
+      kwargs["local_attention"] = 2 * half
     # The MLM head is part of the model when config.json names the MaskedLM task model.
     kwargs.setdefault("mlm_head", "ModernBertForMaskedLM" in (d.get("architectures") or []))
     return cls(**{**kwargs, "num_hidden_layers": n, "layer_types": layer_types,
