@@ -21,8 +21,8 @@ from saejax.errors import ConfigError
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes. FSDP shards the model dimension of every matrix; tensor parallelism
-# splits attention heads, the MLP and the SAE latents; the SAE latent axis also takes fsdp so the
-# 16k x D matrices are spread over every device that holds a model shard.
+# splits attention heads, the MLP and the SAE latents; the SAE's 16k x D matrices take fsdp through
+# their model ("embed") axis and tensor through their latent axis.
 RULES: dict[str, tuple[str, ...] | None] = {
     "vocab": ("tensor",),
     "embed": ("fsdp",),
@@ -151,6 +151,23 @@ def replicated_large_params(state: nnx.State, mesh: Mesh, min_size: int = 1 << 1
     if np.prod(value.shape) >= min_size and all(s is None for s in spec.get_value()):
       out.append(f"{'.'.join(map(str, path))} {tuple(value.shape)}")
   return out
+
+
+def unsharded_warning(state: nnx.State, mesh: Mesh) -> str | None:
+  """A warning when ``mesh`` shards parameters (fsdp or tensor > 1) yet large ones stay whole on
+  every device: a mesh axis is used only where its size divides the dimension (fsdp = 5 on a
+  768-wide model replicates 89 of ModernBERT-base's matrices), and the memory that costs shows up
+  only as an out-of-memory error on a pod. None on a data-parallel mesh, which replicates by
+  design."""
+  if all(mesh.shape.get(a, 1) == 1 for a in ("fsdp", "tensor")):
+    return None
+  whole = replicated_large_params(state, mesh)
+  if not whole:
+    return None
+  return (f"{len(whole)} parameters stay whole on every device although mesh {dict(mesh.shape)} "
+          f"shards parameters (fsdp/tensor sizes that do not divide their dimensions): "
+          f"{', '.join(whole[:4])}{' ...' if len(whole) > 4 else ''}; pick mesh sizes that divide "
+          f"the model's dimensions")
 
 
 def data_devices(mesh: Mesh) -> int:

@@ -3,12 +3,16 @@
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+from flax import nnx
 
+import tiny_config  # tests/ is on sys.path (pytest rootdir-relative import)
 from saejax import sharding
 from saejax.errors import ConfigError
+from saejax.hub import build
 from saejax.train import aot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,3 +118,23 @@ def test_the_train_step_is_traced_under_its_mesh():
   assert out.returncode == 0, out.stderr[-3000:]
   with_mesh, without = map(int, out.stdout.split("constraints")[1].split())
   assert with_mesh >= 2 * 2 and without == 0  # two tiny BERT layers, queries and documents
+
+
+def test_training_warns_when_mesh_sizes_leave_large_params_whole():
+  """A mesh axis is used only where its size divides the dimension: fsdp = 3 on the tiny model's
+  32-wide embedding table leaves it whole on every device, which the trainer says at start (it
+  would otherwise show only as an out-of-memory error on a pod). fsdp = 2 divides it; a
+  data-parallel mesh replicates by design."""
+  config = tiny_config.get_config()
+  model = nnx.eval_shape(lambda: build.build_model(config, nnx.Rngs(0), load_weights=False)[1])
+  _, params = nnx.split(model, nnx.Param)
+
+  def warning(**shape):
+    return sharding.unsharded_warning(params, types.SimpleNamespace(
+        shape={"data": 1, "fsdp": 1, "tensor": 1, **shape}))
+
+  message = warning(fsdp=3)
+  assert message.startswith("1 parameters stay whole on every device although mesh "
+                            "{'data': 1, 'fsdp': 3, 'tensor': 1}"), message
+  assert "word (30522, 32)" in message, message
+  assert warning(fsdp=2) is None and warning(data=8) is None

@@ -397,6 +397,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   graphdef, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(optim_cfg, params)
   param_sh = sharding.shardings(sharding.param_specs(params, mesh), mesh)
+  if (unsharded := sharding.unsharded_warning(params, mesh)) and jax.process_index() == 0:
+    logging.warning(unsharded)
   abstract = jax.eval_shape(lambda: init_state(model, tx, loss_cfg.bank_size))
   state_sh = _state_shardings(abstract, param_sh, mesh)
 
