@@ -272,3 +272,25 @@ def test_processes_that_start_together_agree_on_one_manifest(tmp_path, monkeypat
     corpus._check_manifest(out, mine)
   assert json.loads(manifest.read_text()) == theirs
   assert [p.name for p in out.iterdir()] == [corpus.MANIFEST]  # no temporary file left
+
+
+def test_shards_without_a_readable_manifest_are_not_reused(tmp_path):
+  """A shard holds its codes and ids, not the model or settings that made them: with the
+  manifest gone or damaged, shards on disk are refused (reusing them could merge two models'
+  codes into one index), while a damaged manifest with no shards behind it is simply replaced."""
+  out = tmp_path / "out"
+  settings = {"format": corpus.FORMAT, "model_fingerprint": "step2000", "k": 8, "max_len": 64}
+  corpus._check_manifest(out, settings)
+  (out / corpus.MANIFEST).write_text('{"format": ')  # damaged, no shards yet
+  corpus._check_manifest(out, settings)
+  assert json.loads((out / corpus.MANIFEST).read_text()) == settings
+  (out / corpus.SHARDS).mkdir()
+  (out / corpus.SHARDS / "shard-00000.npz").write_bytes(b"codes of some model")
+  for damage in ('{"format": ', None):
+    if damage is None:
+      (out / corpus.MANIFEST).unlink()
+    else:
+      (out / corpus.MANIFEST).write_text(damage)
+    with pytest.raises(corpus.ConfigError, match="holds shards but .*manifest.json is missing or "
+                                                 "unreadable"):
+      corpus._check_manifest(out, settings)

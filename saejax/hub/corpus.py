@@ -299,22 +299,30 @@ def load_index(out: str | Path) -> tuple[SparseIndex, list[str]]:
 _WHERE = ("corpus", "run")
 
 
+def _read_manifest(file: Path) -> dict | None:
+  try:
+    return json.loads(file.read_text(encoding="utf-8"))
+  except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+    return None
+
+
 def _check_manifest(out: Path, manifest: dict) -> None:
   """Write ``out/manifest.json``, or check that the one there describes the same inputs (by
   content: digests, fingerprint and settings, not the paths they were read from)."""
   file = out / MANIFEST
-  body = (json.dumps(manifest, indent=2) + "\n").encode()
-  if not file.is_file():
-    # Processes started together may all find none: the first one written stands and every
-    # process compares with it (were the last one to win, shards of two settings would mix).
-    _write_atomic(file, lambda f: f.write(body), exclusive=True)
-  try:
-    old = json.loads(file.read_text(encoding="utf-8"))
-  except json.JSONDecodeError:
-    old = None
+  old = _read_manifest(file)
   if old is None:
-    _write_atomic(file, lambda f: f.write(body))
-    return
+    if any((out / SHARDS).glob("shard-*.npz")):
+      # The manifest is written before any shard, and a shard holds only its codes and ids:
+      # shards without a readable manifest are of a model and settings nothing records.
+      raise ConfigError(f"{out / SHARDS} holds shards but {file} is missing or unreadable: "
+                        f"their model and settings are unknown; delete {out} to start over")
+    # Processes started together may all find none: the first one written stands (exclusive)
+    # and every process compares with it (were the last one to win, shards of two settings
+    # would mix); a damaged one with no shards behind it is replaced.
+    body = (json.dumps(manifest, indent=2) + "\n").encode()
+    _write_atomic(file, lambda f: f.write(body), exclusive=not file.is_file())
+    old = _read_manifest(file)
   differ = [key for key in manifest if key not in _WHERE and old.get(key) != manifest[key]]
   if differ:
     raise ConfigError(f"{out} holds shards of other inputs ({', '.join(differ)} differ from "
