@@ -619,8 +619,7 @@ class SaejaxTrain:
                                         w_auxk=1 / 32)
     optim_cfg = OptimConfig(lr_encoder=2e-5, lr_sae=1e-3, warmup_steps=20, total_steps=1000)
     graphdef, params = nnx.split(model, nnx.Param)
-    self.n_params = {jax.tree_util.keystr(p): int(x.size) for p, x in
-                     jax.tree_util.tree_flatten_with_path(params["encoder"])[0]}
+    self.n_nonembed = step_lib.non_embedding_params(params["encoder"])  # Kaplan's N
     tx = make_optimizer(optim_cfg, params)
     self.state = init_state(model, tx)
     jitted = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
@@ -755,7 +754,7 @@ def train_speed(model_dir: Path, args, budget_end: float):
     try:
       with model_as(patches):
         runner = SaejaxTrain(model_dir, backend, args, records)
-        n_nonembed = sum(v for k, v in runner.n_params.items() if "tok_embeddings" not in k)
+        n_nonembed = runner.n_nonembed
         compile_s = runner.compile(batch, options)
       loss0 = float(runner.step(batch))
     except Exception as e:  # noqa: BLE001 - keep the other rows
